@@ -1,0 +1,154 @@
+"""Tokens -> fixed-length windows -> batches -> global jax.Arrays sharded over the batch axes.
+
+Batch i of a run is a pure function of (seed, i), so the iterator's whole state is the
+number of batches drawn. That number is saved in checkpoints; a resumed run rebuilds
+exactly the batches an uninterrupted run would have seen. Each process builds only
+the rows that its own devices hold (`local_rows`), then `to_global` assembles them.
+
+Every batch is a dict of [B, T] numpy arrays:
+  inputs, targets  int32   tokens and next tokens
+  weights          float32 1 where the target counts in the loss (0 across documents / padding)
+  segment_ids      int32   (multi-document corpora only) document index within the row, from 1
+  positions        int32   (multi-document corpora only) position within the document
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Sequence
+
+import jax
+import numpy as np
+
+SAMPLINGS = ('random', 'sequential')
+
+
+@dataclasses.dataclass
+class TokenStream:
+  """A corpus split as one token array; doc_ids marks document boundaries (None = one doc)."""
+  tokens: np.ndarray
+  doc_ids: np.ndarray | None = None
+
+  def __len__(self):
+    return len(self.tokens)
+
+
+def tokenize_docs(docs: Sequence[str], tokenizer) -> TokenStream:
+  parts = [tokenizer.encode(d) for d in docs if d]
+  tokens = np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+  if len(parts) <= 1:
+    return TokenStream(tokens)
+  doc_ids = np.concatenate([np.full(len(p), i, np.int32) for i, p in enumerate(parts)])
+  return TokenStream(tokens, doc_ids)
+
+
+def windows(stream: TokenStream, starts: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+  """Rows of seq_len inputs and their next-token targets, starting at `starts`."""
+  idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
+  toks = stream.tokens[idx]
+  batch = {'inputs': toks[:, :-1], 'targets': toks[:, 1:],
+           'weights': np.ones((len(starts), seq_len), np.float32)}
+  if stream.doc_ids is not None:
+    docs = stream.doc_ids[idx]
+    batch['weights'] = (docs[:, 1:] == docs[:, :-1]).astype(np.float32)  # no cross-doc targets
+    d = docs[:, :-1]
+    batch['segment_ids'] = (d - d[:, :1] + 1).astype(np.int32)
+    t = np.arange(seq_len)[None, :]
+    new = np.concatenate([np.ones((len(d), 1), bool), d[:, 1:] != d[:, :-1]], axis=1)
+    batch['positions'] = (t - np.maximum.accumulate(np.where(new, t, 0), axis=1)).astype(np.int32)
+  return batch
+
+
+class BatchIterator:
+  """Global batch i: `random` windows (nanoGPT) or `sequential` non-overlapping windows,
+  visited in a fresh permutation every epoch. `rows` restricts it to this process's rows."""
+
+  def __init__(self, stream: TokenStream, seq_len: int, global_batch: int, seed: int,
+               sampling: str = 'random', rows: tuple[int, int] | None = None, start: int = 0):
+    if sampling not in SAMPLINGS:
+      raise ValueError(f'data.sampling={sampling!r} is not supported; choose one of {SAMPLINGS}.')
+    if len(stream) < seq_len + 1:
+      raise ValueError(f'The split has {len(stream)} tokens, fewer than seq_len + 1 = {seq_len + 1}; '
+                       'use a shorter data.seq_len or more text.')
+    self.stream, self.seq_len, self.global_batch = stream, seq_len, global_batch
+    self.seed, self.sampling = seed, sampling
+    self.rows = rows or (0, global_batch)
+    self.batches_drawn = start
+    self._perm_epoch, self._perm = -1, None
+
+  def state(self) -> dict:
+    return {'batches_drawn': self.batches_drawn}
+
+  def restore(self, state: dict) -> None:
+    self.batches_drawn = int(state['batches_drawn'])
+
+  def starts(self, i: int) -> np.ndarray:
+    """Window start offsets of every row of global batch i."""
+    if self.sampling == 'random':
+      rng = np.random.default_rng([self.seed, i])
+      return rng.integers(0, len(self.stream) - self.seq_len, size=self.global_batch)
+    n = (len(self.stream) - 1) // self.seq_len
+    g = i * self.global_batch + np.arange(self.global_batch)
+    out = np.empty(self.global_batch, np.int64)
+    for epoch in np.unique(g // n):
+      sel = g // n == epoch
+      out[sel] = self._permutation(int(epoch), n)[g[sel] % n] * self.seq_len
+    return out
+
+  def _permutation(self, epoch: int, n: int) -> np.ndarray:
+    if epoch != self._perm_epoch:
+      self._perm_epoch, self._perm = epoch, np.random.default_rng([self.seed, 1 << 20, epoch]).permutation(n)
+    return self._perm
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    lo, hi = self.rows
+    batch = windows(self.stream, self.starts(self.batches_drawn)[lo:hi], self.seq_len)
+    self.batches_drawn += 1
+    return batch
+
+
+def eval_batches(stream: TokenStream, seq_len: int, batch_size: int,
+                 max_batches: int = 0) -> list[dict[str, np.ndarray]]:
+  """The whole split as non-overlapping windows (or the first max_batches batches).
+
+  The last batch is padded with zero-weight rows so every batch has the same shape.
+  """
+  n = (len(stream) - 1) // seq_len
+  if n == 0:
+    raise ValueError(f'The validation split has {len(stream)} tokens, fewer than seq_len + 1; '
+                     'lower data.seq_len or data.val_fraction, or set train.eval_every=0.')
+  starts = np.arange(n) * seq_len
+  out = []
+  for i in range(0, n, batch_size):
+    s = starts[i:i + batch_size]
+    pad = batch_size - len(s)
+    b = windows(stream, np.concatenate([s, np.zeros(pad, s.dtype)]), seq_len)
+    if pad:
+      b['weights'][len(s):] = 0
+    out.append(b)
+    if max_batches and len(out) >= max_batches:
+      break
+  return out
+
+
+# Global arrays ---------------------------------------------------------------------------
+def local_rows(sharding: jax.sharding.Sharding, global_batch: int, seq_len: int) -> tuple[int, int]:
+  """The contiguous range of batch rows held by this process's devices."""
+  idx = sharding.addressable_devices_indices_map((global_batch, seq_len))
+  lo = min((s[0].start or 0) for s in idx.values())
+  hi = max((s[0].stop if s[0].stop is not None else global_batch) for s in idx.values())
+  return lo, hi
+
+
+def to_global(local: dict[str, np.ndarray], shardings: dict, global_batch: int) -> dict[str, jax.Array]:
+  """Assemble each process's rows into global arrays sharded along the batch axes."""
+  return {k: jax.make_array_from_process_local_data(shardings[k], v, (global_batch, *v.shape[1:]))
+          for k, v in local.items()}
+
+
+def batch_spec(stream: TokenStream, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Keys and per-row shapes of the batches built from this stream."""
+  b = windows(stream, np.zeros(1, np.int64), seq_len)
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in b.items()}

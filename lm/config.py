@@ -1,0 +1,147 @@
+"""ModelConfig: the sizes and variant switches of a decoder, its parameter count and FLOPs.
+
+A ModelConfig is built from the `model` section of an experiment's ConfigDict
+(`ModelConfig.from_dict(config.model)`). Every variant is an orthogonal switch
+(norm, activation, positions, biases, tying), so "GPT-2" and "LLaMA" are just
+presets: see `PRESETS` at the bottom.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+NORMS = ('layernorm', 'rmsnorm')
+ACTIVATIONS = ('gelu', 'gelu_tanh', 'relu', 'swiglu', 'geglu')
+POSITIONS = ('learned', 'rope', 'none')
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
+REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+class ConfigError(ValueError):
+  """A bad configuration value; the message says what is wrong and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 256          # tokens the tokenizer can produce
+  d_model: int = 128
+  n_layers: int = 4
+  n_heads: int = 4
+  n_kv_heads: int = 0            # 0 means = n_heads (multi-head); 1 is multi-query
+  d_ff: int = 0                  # 0 means 4 * d_model
+  max_seq_len: int = 256         # context length; also the size of learned positions
+  norm: str = 'layernorm'
+  norm_eps: float = 1e-5
+  activation: str = 'gelu'
+  positions: str = 'learned'
+  rope_theta: float = 10000.0
+  use_bias: bool = True
+  tie_embeddings: bool = True
+  init_std: float = 0.02
+  vocab_multiple: int = 128      # pad the embedding table so it shards evenly
+  dtype: str = 'float32'         # compute dtype (bfloat16 on accelerators)
+  param_dtype: str = 'float32'
+  attention_impl: str = 'auto'
+  remat: str = 'none'
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> 'ModelConfig':
+    d = dict(d)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ConfigError(f'Unknown model config key(s) {unknown}; valid keys are {sorted(names)}.')
+    return cls(**d)
+
+  def __post_init__(self):
+    def check(ok, msg):
+      if not ok:
+        raise ConfigError(msg)
+    for name, allowed in (('norm', NORMS), ('activation', ACTIVATIONS), ('positions', POSITIONS),
+                          ('attention_impl', ATTENTION_IMPLS), ('remat', REMAT_POLICIES),
+                          ('dtype', DTYPES), ('param_dtype', DTYPES)):
+      value = getattr(self, name)
+      check(value in allowed, f'model.{name}={value!r} is not supported; choose one of {allowed}.')
+    for name in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'max_seq_len', 'vocab_multiple'):
+      check(getattr(self, name) > 0, f'model.{name} must be positive, got {getattr(self, name)}.')
+    check(self.d_model % self.n_heads == 0,
+          f'model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; '
+          'pick sizes so that d_model = n_heads * head_dim.')
+    check(self.kv_heads <= self.n_heads and self.n_heads % self.kv_heads == 0,
+          f'model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.kv_heads}; '
+          'grouped-query attention needs n_kv_heads to divide n_heads.')
+    check(self.positions != 'rope' or self.head_dim % 2 == 0,
+          f'RoPE needs an even head_dim, got {self.head_dim}; change d_model or n_heads.')
+
+  # Derived sizes -------------------------------------------------------------
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def ff_dim(self) -> int:
+    return self.d_ff or 4 * self.d_model
+
+  @property
+  def gated(self) -> bool:
+    return self.activation in ('swiglu', 'geglu')
+
+  @property
+  def padded_vocab(self) -> int:
+    m = self.vocab_multiple
+    return (self.vocab_size + m - 1) // m * m
+
+  # Counting ------------------------------------------------------------------
+  def param_counts(self) -> dict[str, int]:
+    """Parameters by group, counted analytically (the real vocab, not the padded one)."""
+    d, f, h, kv, hd = self.d_model, self.ff_dim, self.n_heads, self.kv_heads, self.head_dim
+    norm = d * (2 if self.norm == 'layernorm' else 1)
+    attn = d * h * hd + 2 * d * kv * hd + h * hd * d
+    mlp = d * f * (3 if self.gated else 2)
+    if self.use_bias:
+      attn += h * hd + 2 * kv * hd + d
+      mlp += f * (2 if self.gated else 1) + d
+    per_layer = attn + mlp + 2 * norm
+    embed = self.vocab_size * d
+    counts = {
+        'embedding': embed,
+        'positions': self.max_seq_len * d if self.positions == 'learned' else 0,
+        'layers': self.n_layers * per_layer,
+        'final_norm': norm,
+        'lm_head': 0 if self.tie_embeddings else embed,
+    }
+    counts['total'] = sum(counts.values())
+    # Kaplan et al.'s N: everything except embeddings and positions.
+    counts['non_embedding'] = counts['layers'] + counts['final_norm']
+    return counts
+
+  def num_params(self, non_embedding: bool = False) -> int:
+    c = self.param_counts()
+    return c['non_embedding'] if non_embedding else c['total']
+
+  def flops_per_token(self, seq_len: int | None = None) -> float:
+    """Training FLOPs per token: 6 * (matmul params) + attention scores and values.
+
+    The 6N term counts forward (2) and backward (4) matmul FLOPs of every weight a token
+    touches, the output projection included even when tied. The attention term is
+    6 * n_layers * seq_len * d_model (QK^T and AV, forward + backward, causal masking not
+    discounted: PaLM's convention, so MFU is comparable across codebases).
+    """
+    t = seq_len or self.max_seq_len
+    c = self.param_counts()
+    matmul_params = c['layers'] + self.vocab_size * self.d_model
+    return 6.0 * matmul_params + 6.0 * self.n_layers * t * self.n_heads * self.head_dim
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Block families; sizes come from the experiment config.
+    'gpt2': dict(norm='layernorm', activation='gelu_tanh', positions='learned', use_bias=True,
+                 tie_embeddings=True),
+    'llama': dict(norm='rmsnorm', activation='swiglu', positions='rope', use_bias=False,
+                  tie_embeddings=False, norm_eps=1e-6),
+}

@@ -1,0 +1,214 @@
+"""Transformer layers as pure functions of (params, x).
+
+Each layer has two halves: `*_specs(cfg)` describes its parameters (shape, logical
+axis names, initialiser) and `*(params, x, ...)` applies it. The specs are the single
+source of truth from which `lm.model` builds real params, abstract shapes and the
+logical-axis tree that `lm.sharding` turns into shardings.
+
+Precision: params are stored in `cfg.param_dtype` and cast to `cfg.dtype` where they
+are used; norms, softmax and logits are computed in float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from lm import sharding
+from lm.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """One parameter: its shape, a logical name per dimension, and how to initialise it."""
+  shape: tuple[int, ...]
+  axes: tuple[str | None, ...]
+  init: str = 'normal'           # 'normal' | 'zeros' | 'ones'
+  std: float = 0.02
+
+  def stacked(self, n: int, axis_name: str = 'layers') -> 'Spec':
+    return dataclasses.replace(self, shape=(n, *self.shape), axes=(axis_name, *self.axes))
+
+
+def dtype_of(name: str):
+  return jnp.dtype(name)
+
+
+def dense(x: jax.Array, w: jax.Array, spec: str, dtype) -> jax.Array:
+  """An einsum with the weight cast to the compute dtype (params may be float32)."""
+  return jnp.einsum(spec, x.astype(dtype), w.astype(dtype))
+
+
+# Norms ------------------------------------------------------------------------
+def norm_specs(cfg: ModelConfig) -> dict[str, Spec]:
+  specs = {'scale': Spec((cfg.d_model,), ('embed',), 'ones')}
+  if cfg.norm == 'layernorm':
+    specs['bias'] = Spec((cfg.d_model,), ('embed',), 'zeros')
+  return specs
+
+
+def norm(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """LayerNorm or RMSNorm, computed in float32 for stability, returned in x's dtype."""
+  h = x.astype(jnp.float32)
+  if cfg.norm == 'layernorm':
+    h = h - h.mean(-1, keepdims=True)
+  h = h * jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + cfg.norm_eps)
+  h = h * p['scale'].astype(jnp.float32)
+  if 'bias' in p:
+    h = h + p['bias'].astype(jnp.float32)
+  return h.astype(x.dtype)
+
+
+# MLP --------------------------------------------------------------------------
+def _activation(name: str, x: jax.Array) -> jax.Array:
+  if name in ('gelu', 'geglu'):
+    return jax.nn.gelu(x, approximate=False)
+  if name == 'gelu_tanh':
+    return jax.nn.gelu(x, approximate=True)
+  if name == 'relu':
+    return jax.nn.relu(x)
+  if name == 'swiglu':
+    return jax.nn.silu(x)
+  raise ValueError(f'unknown activation {name}')
+
+
+def mlp_specs(cfg: ModelConfig, out_std: float) -> dict[str, Spec]:
+  d, f = cfg.d_model, cfg.ff_dim
+  specs = {'wi': Spec((d, f), ('embed', 'mlp'), std=cfg.init_std),
+           'wo': Spec((f, d), ('mlp', 'embed'), std=out_std)}
+  if cfg.gated:
+    specs['wg'] = Spec((d, f), ('embed', 'mlp'), std=cfg.init_std)
+  if cfg.use_bias:
+    specs['bi'] = Spec((f,), ('mlp',), 'zeros')
+    specs['bo'] = Spec((d,), ('embed',), 'zeros')
+    if cfg.gated:
+      specs['bg'] = Spec((f,), ('mlp',), 'zeros')
+  return specs
+
+
+def mlp(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+  dt = dtype_of(cfg.dtype)
+  h = dense(x, p['wi'], 'btd,df->btf', dt)
+  if 'bi' in p:
+    h = h + p['bi'].astype(dt)
+  if cfg.gated:  # act(x W_g) * (x W_i), Shazeer 2020
+    g = dense(x, p['wg'], 'btd,df->btf', dt)
+    if 'bg' in p:
+      g = g + p['bg'].astype(dt)
+    h = _activation(cfg.activation, g) * h
+  else:
+    h = _activation(cfg.activation, h)
+  h = sharding.constrain(h, ('batch', 'length', 'mlp'))
+  out = dense(h, p['wo'], 'btf,fd->btd', dt)
+  if 'bo' in p:
+    out = out + p['bo'].astype(dt)
+  return out
+
+
+# Rotary position embedding ------------------------------------------------------
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding (Su et al. 2021) in the rotate-half layout used by LLaMA/HF.
+
+  x: [B, T, heads, head_dim]; positions: [B, T] integer positions.
+  """
+  half = x.shape[-1] // 2
+  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions[..., None].astype(jnp.float32) * freqs        # [B, T, half]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+# Attention ----------------------------------------------------------------------
+def attention_specs(cfg: ModelConfig, out_std: float) -> dict[str, Spec]:
+  d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+  specs = {'wq': Spec((d, h, hd), ('embed', 'heads', 'head_dim'), std=cfg.init_std),
+           'wk': Spec((d, kv, hd), ('embed', 'kv_heads', 'head_dim'), std=cfg.init_std),
+           'wv': Spec((d, kv, hd), ('embed', 'kv_heads', 'head_dim'), std=cfg.init_std),
+           'wo': Spec((h, hd, d), ('heads', 'head_dim', 'embed'), std=out_std)}
+  if cfg.use_bias:
+    specs['bq'] = Spec((h, hd), ('heads', 'head_dim'), 'zeros')
+    specs['bk'] = Spec((kv, hd), ('kv_heads', 'head_dim'), 'zeros')
+    specs['bv'] = Spec((kv, hd), ('kv_heads', 'head_dim'), 'zeros')
+    specs['bo'] = Spec((d,), ('embed',), 'zeros')
+  return specs
+
+
+def attention_mask(q_pos, kv_pos, q_seg=None, kv_seg=None, causal: bool = True) -> jax.Array:
+  """Boolean [B, T, S] mask: True where query t may attend to key s.
+
+  Causality is decided by positions, so the same rule covers training (S == T) and a
+  KV cache (keys are cache slots whose position is their index). Segment ids keep
+  packed documents from attending to each other; segment 0 marks padding.
+  """
+  mask = jnp.ones((q_pos.shape[0], q_pos.shape[1], kv_pos.shape[1]), bool)
+  if causal:
+    mask = kv_pos[:, None, :] <= q_pos[:, :, None]
+  if q_seg is not None and kv_seg is not None:
+    mask = mask & (q_seg[:, :, None] == kv_seg[:, None, :])
+  return mask
+
+
+def _xla_attention(q, k, v, mask):
+  """Plain softmax(QK^T/sqrt(d))V with grouped-query heads; softmax in float32."""
+  b, t, h, hd = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, t, kv, h // kv, hd)
+  scores = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)
+  scores = scores / math.sqrt(hd)
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
+  return out.reshape(b, t, h, hd)
+
+
+def _use_fused(cfg: ModelConfig) -> bool:
+  if cfg.attention_impl == 'cudnn':
+    return True
+  return (cfg.attention_impl == 'auto' and jax.default_backend() == 'gpu'
+          and cfg.dtype in ('bfloat16', 'float16'))
+
+
+def attention(p: dict, x: jax.Array, cfg: ModelConfig, positions: jax.Array,
+              segment_ids: jax.Array | None = None, cache: dict | None = None,
+              cache_index: jax.Array | None = None):
+  """Multi-head / grouped-query / multi-query self-attention.
+
+  Without a cache, keys are the T inputs themselves. With a cache ({'k','v'} of shape
+  [B, S, kv_heads, head_dim}), the new keys are written at `cache_index` and queries
+  attend over all S slots (masked by position). Returns (output, updated cache).
+  """
+  dt = dtype_of(cfg.dtype)
+  q = dense(x, p['wq'], 'btd,dhk->bthk', dt)
+  k = dense(x, p['wk'], 'btd,dhk->bthk', dt)
+  v = dense(x, p['wv'], 'btd,dhk->bthk', dt)
+  if 'bq' in p:
+    q, k, v = q + p['bq'].astype(dt), k + p['bk'].astype(dt), v + p['bv'].astype(dt)
+  if cfg.positions == 'rope':
+    q = rope(q, positions, cfg.rope_theta)
+    k = rope(k, positions, cfg.rope_theta)
+  q = sharding.constrain(q, ('batch', 'length', 'heads', 'head_dim'))
+
+  if cache is None:
+    kv_pos, kv_seg = positions, segment_ids
+  else:
+    k = jax.lax.dynamic_update_slice_in_dim(cache['k'], k.astype(cache['k'].dtype), cache_index, 1)
+    v = jax.lax.dynamic_update_slice_in_dim(cache['v'], v.astype(cache['v'].dtype), cache_index, 1)
+    cache = {'k': k, 'v': v}
+    slots = jnp.arange(k.shape[1])[None, :]
+    kv_pos = jnp.broadcast_to(slots, (x.shape[0], k.shape[1]))
+    kv_seg = None
+  mask = attention_mask(positions, kv_pos, segment_ids if cache is None else None, kv_seg)
+
+  if _use_fused(cfg) and cache is None:
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=None)
+  else:
+    out = _xla_attention(q, k.astype(dt), v.astype(dt), mask)
+  y = dense(out, p['wo'], 'bthk,hkd->btd', dt)
+  if 'bo' in p:
+    y = y + p['bo'].astype(dt)
+  return y, cache

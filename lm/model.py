@@ -1,0 +1,137 @@
+"""The decoder-only transformer as pure functions over a nested dict of params.
+
+  params = init(cfg, key)                  # plain dict of arrays
+  axes   = logical_axes(cfg)               # same tree, a tuple of logical names per leaf
+  logits, _ = forward(params, tokens, cfg) # [B, T, padded_vocab] float32
+
+Layers are stacked on a leading 'layers' axis and run with `lax.scan`, so compile
+time does not grow with depth and remat applies per layer.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from lm import layers, sharding
+from lm.config import ModelConfig
+from lm.layers import Spec
+
+REMAT_POLICIES = {
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+# Parameters ---------------------------------------------------------------------------
+def layer_specs(cfg: ModelConfig) -> dict:
+  # GPT-2's scaled init of the residual projections: std / sqrt(2 * n_layers).
+  out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+  return {'ln1': layers.norm_specs(cfg),
+          'attn': layers.attention_specs(cfg, out_std),
+          'ln2': layers.norm_specs(cfg),
+          'mlp': layers.mlp_specs(cfg, out_std)}
+
+
+def param_specs(cfg: ModelConfig) -> dict:
+  specs = {
+      'embed': Spec((cfg.padded_vocab, cfg.d_model), ('vocab', 'embed'), std=cfg.init_std),
+      'layers': jax.tree.map(lambda s: s.stacked(cfg.n_layers), layer_specs(cfg),
+                             is_leaf=lambda x: isinstance(x, Spec)),
+      'final_norm': layers.norm_specs(cfg),
+  }
+  if cfg.positions == 'learned':
+    specs['pos_embed'] = Spec((cfg.max_seq_len, cfg.d_model), (None, 'embed'), std=cfg.init_std)
+  if not cfg.tie_embeddings:
+    specs['lm_head'] = Spec((cfg.d_model, cfg.padded_vocab), ('embed', 'vocab'), std=cfg.init_std)
+  return specs
+
+
+def _is_spec(x):
+  return isinstance(x, Spec)
+
+
+def logical_axes(cfg: ModelConfig) -> dict:
+  return jax.tree.map(lambda s: s.axes, param_specs(cfg), is_leaf=_is_spec)
+
+
+def init_from_specs(specs, key: jax.Array, param_dtype) -> dict:
+  """Materialise a tree of Specs; leaf i gets fold_in(key, i), so init is deterministic."""
+  leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+  out = []
+  for i, s in enumerate(leaves):
+    if s.init == 'zeros':
+      out.append(jnp.zeros(s.shape, param_dtype))
+    elif s.init == 'ones':
+      out.append(jnp.ones(s.shape, param_dtype))
+    else:
+      k = jax.random.fold_in(key, i)
+      out.append((s.std * jax.random.normal(k, s.shape, jnp.float32)).astype(param_dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
+def init(cfg: ModelConfig, key: jax.Array) -> dict:
+  return init_from_specs(param_specs(cfg), key, jnp.dtype(cfg.param_dtype))
+
+
+# Forward ------------------------------------------------------------------------------
+def embed(params: dict, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+  x = params['embed'].astype(cfg.dtype)[tokens]
+  if cfg.positions == 'learned':
+    x = x + params['pos_embed'].astype(cfg.dtype)[positions]
+  return sharding.constrain(x, ('batch', 'length', 'embed'))
+
+
+def block(p: dict, x: jax.Array, cfg: ModelConfig, positions, segment_ids, cache, cache_index):
+  """One pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  h, cache = layers.attention(p['attn'], layers.norm(p['ln1'], x, cfg), cfg, positions,
+                              segment_ids, cache, cache_index)
+  x = x + h
+  x = x + layers.mlp(p['mlp'], layers.norm(p['ln2'], x, cfg), cfg)
+  return sharding.constrain(x, ('batch', 'length', 'embed')), cache
+
+
+def hidden_states(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
+                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                  cache: dict | None = None, cache_index: jax.Array | None = None):
+  """Final-normed hidden states [B, T, d_model] (and the updated KV cache, if given).
+
+  positions default to 0..T-1 (offset by cache_index when decoding); segment_ids, if
+  given, keep packed documents from attending across each other.
+  """
+  b, t = tokens.shape
+  if positions is None:
+    start = 0 if cache_index is None else cache_index
+    positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+  x = embed(params, tokens, positions, cfg)
+
+  def body(x, layer):
+    p, c = layer
+    return block(p, x, cfg, positions, segment_ids, c, cache_index)
+
+  if cfg.remat != 'none':
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+  x, cache = jax.lax.scan(body, x, (params['layers'], cache))
+  return layers.norm(params['final_norm'], x, cfg), cache
+
+
+def logits_from_hidden(params: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Output logits in float32; padded vocabulary entries are masked to -inf-ish."""
+  dt = jnp.dtype(cfg.dtype)
+  if cfg.tie_embeddings:
+    logits = layers.dense(h, params['embed'], 'btd,vd->btv', dt)
+  else:
+    logits = layers.dense(h, params['lm_head'], 'btd,dv->btv', dt)
+  logits = logits.astype(jnp.float32)
+  if cfg.padded_vocab != cfg.vocab_size:
+    valid = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
+    logits = jnp.where(valid, logits, jnp.finfo(jnp.float32).min)
+  return logits
+
+
+def forward(params: dict, tokens: jax.Array, cfg: ModelConfig, **kwargs):
+  """tokens [B, T] -> (logits [B, T, padded_vocab] float32, cache)."""
+  h, cache = hidden_states(params, tokens, cfg, **kwargs)
+  return logits_from_hidden(params, h, cfg), cache
