@@ -78,7 +78,10 @@ def init(cfg: ModelConfig, key: jax.Array) -> dict:
 
 # Forward ------------------------------------------------------------------------------
 def embed(params: dict, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
-  x = params['embed'].astype(cfg.dtype)[tokens]
+  # Gather from a table split only along 'embed' (vocab all-gathered): XLA cannot gather
+  # efficiently from a vocab-split table.
+  table = sharding.constrain(params['embed'], (None, 'embed'))
+  x = table.astype(cfg.dtype)[tokens]
   if cfg.positions == 'learned':
     x = x + params['pos_embed'].astype(cfg.dtype)[positions]
   return sharding.constrain(x, ('batch', 'length', 'embed'))

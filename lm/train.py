@@ -151,7 +151,7 @@ def make_train_step(loss_fn: LossFn, tx, mesh: Mesh, shardings: TrainState, batc
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': loss_sum / denom, 'grad_norm': optax.global_norm(grads), 'tokens': weight}
+    metrics = {'loss': loss_sum / denom, 'grad_norm': optax.tree.norm(grads), 'tokens': weight}
     metrics.update({k: v / denom for k, v in aux.items()})
     if schedule is not None:
       metrics['lr'] = schedule(state.step)
