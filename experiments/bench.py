@@ -1,0 +1,95 @@
+"""Steady-state train-step throughput: tokens/s, ms/step and MFU per model, as a table.
+
+Each model trains on random tokens (throughput does not depend on the data) with the
+real optimizer, shardings and jitted step; compile and warm-up steps are excluded.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+
+from experiments import trainer
+from experiments.configs import base
+from lm import mfu as mfu_lib
+from lm import model, objectives, sharding, train as train_lib
+from lm.config import ModelConfig
+
+
+def bench_one(name: str, spec: ConfigDict, config: ConfigDict) -> dict:
+  m = base.model().to_dict()
+  m.update(spec.model.to_dict())
+  cfg = ModelConfig.from_dict(m)
+  b, t = spec.batch_size, spec.seq_len
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  run_cfg = ConfigDict({'train': {'batch_size': b, 'grad_accum': 1}})
+  trainer.check_batch(run_cfg, mesh)
+  axes = model.logical_axes(cfg)
+  tx, schedule = train_lib.make_optimizer(config.optim.to_dict(), axes, 1000)
+  state, shardings = train_lib.init_train_state(functools.partial(model.init, cfg), axes, tx, mesh,
+                                                jax.random.key(0))
+  spec_b = {k: jax.ShapeDtypeStruct((b, t), d) for k, d in
+            (('inputs', jnp.int32), ('targets', jnp.int32), ('weights', jnp.float32))}
+  bsh = train_lib.batch_shardings(mesh, spec_b)
+  step = train_lib.make_train_step(functools.partial(objectives.next_token_loss, cfg=cfg), tx, mesh,
+                                   shardings, bsh, schedule=schedule)
+  rng = np.random.default_rng(0)
+  toks = rng.integers(0, cfg.vocab_size, (b, t + 1)).astype(np.int32)
+  batch = {'inputs': toks[:, :-1], 'targets': toks[:, 1:], 'weights': np.ones((b, t), np.float32)}
+  batch = {k: jax.device_put(v, bsh[k]) for k, v in batch.items()}
+  t0 = time.perf_counter()
+  state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - t0
+  for _ in range(config.warmup_steps):
+    state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(config.repeats):  # best of several timed windows: robust to noisy neighbours
+    t0 = time.perf_counter()
+    for _ in range(spec.steps):
+      state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    times.append((time.perf_counter() - t0) / spec.steps)
+  dt = min(times)
+  tps = b * t / dt
+  util = mfu_lib.mfu(tps, cfg.flops_per_token(t), jax.device_count(), mfu_lib.peak_flops())
+  return {'model': name, 'params': cfg.num_params(), 'd_model': cfg.d_model, 'layers': cfg.n_layers,
+          'batch': b, 'seq_len': t, 'ms_per_step': 1000 * dt, 'median_ms_per_step': 1000 * float(np.median(times)),
+          'tokens_per_sec': tps, 'mfu': util, 'compile_s': compile_s,
+          'flops_per_token': cfg.flops_per_token(t)}
+
+
+def format_table(rows: list[dict]) -> str:
+  head = f"{'model':<18}{'params':>12}{'batch x seq':>13}{'ms/step':>10}{'tokens/s':>12}{'MFU':>8}{'compile s':>11}"
+  lines = [head, '-' * len(head)]
+  for r in rows:
+    mfu = 'n/a' if r['mfu'] is None else f"{100 * r['mfu']:.1f}%"
+    lines.append(f"{r['model']:<18}{r['params']:>12,}{r['batch']:>6} x {r['seq_len']:<4}"
+                 f"{r['ms_per_step']:>10.1f}{r['tokens_per_sec']:>12,.0f}{mfu:>8}{r['compile_s']:>11.1f}")
+  return '\n'.join(lines)
+
+
+def run(config: ConfigDict, workdir: str):
+  os.makedirs(workdir, exist_ok=True)
+  device = jax.devices()[0]
+  peak = mfu_lib.peak_flops()
+  print(f'devices: {jax.device_count()} x {device.device_kind}; peak per device: '
+        + ('n/a' if peak is None else f'{peak / 1e9:,.0f} GFLOP/s'
+           + (' (measured fp32 matmul)' if device.platform == 'cpu' else '')))
+  rows = [bench_one(name, spec, config) for name, spec in config.models.items()]
+  table = format_table(rows)
+  print(table)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'bench.json'), 'w') as f:
+      json.dump({'device': device.device_kind, 'n_devices': jax.device_count(),
+                 'peak_flops_per_device': peak, 'rows': rows}, f, indent=2)
+    with open(os.path.join(workdir, 'bench.txt'), 'w') as f:
+      f.write(table + '\n')
+  return rows
