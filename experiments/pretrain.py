@@ -24,7 +24,8 @@ def load_corpus(config: ConfigDict, workdir: str):
   """Prepared splits and the tokenizer (built from the corpus once, then reused from workdir)."""
   d = config.data
   data_dir = d.data_dir or os.path.join(workdir, 'data')
-  splits = sources.prepare_text(d.path, data_dir, d.val_fraction)
+  prepare = lambda: sources.prepare_text(d.path, data_dir, d.val_fraction)
+  splits = trainer.process_zero_first(prepare, 'prepare corpus')
   tok_path = os.path.join(workdir, 'tokenizer.json')
   if d.tokenizer != 'char':
     raise ConfigError(f"data.tokenizer={d.tokenizer!r} is not supported here; use 'char'.")

@@ -38,6 +38,16 @@ def check_batch(config: ConfigDict, mesh) -> None:
                       f'use a batch size that is a multiple of {div * k}.')
 
 
+def process_zero_first(fn: Callable, name: str):
+  """Run fn on process 0, then on the others: a shared data directory is written once."""
+  if jax.process_count() == 1:
+    return fn()
+  from jax.experimental import multihost_utils
+  out = fn() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices(name)
+  return out if jax.process_index() == 0 else fn()
+
+
 def write_config(config: ConfigDict, workdir: str, extra: dict | None = None) -> None:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
