@@ -8,6 +8,8 @@ from typing import Callable
 EXPERIMENTS: dict[str, str] = {
     'pretrain': 'experiments.pretrain:run',
     'bench_train': 'experiments.bench:run',
+    'scaling_sweep': 'experiments.sweep:run',
+    'scaling_fit': 'experiments.fit:run',
 }
 
 
