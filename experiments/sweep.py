@@ -46,8 +46,9 @@ def plan(config: ConfigDict) -> list[dict]:
   return runs
 
 
-def run_config(config: ConfigDict, r: dict) -> ConfigDict:
+def run_config(config: ConfigDict, r: dict, workdir: str) -> ConfigDict:
   c = copy.deepcopy(config.run)
+  c.data.data_dir = c.data.data_dir or os.path.join(workdir, 'data')  # prepare the corpus once
   c.model.update(n_layers=r['n_layers'], d_model=r['d_model'], n_heads=r['n_heads'])
   c.train.update(steps=r['steps'], eval_every=r['steps'], checkpoint_every=config.sweep.checkpoint_every,
                  samples=0)
@@ -67,7 +68,7 @@ def run(config: ConfigDict, workdir: str):
     sub = os.path.join(workdir, 'runs', r['name'])
     done = os.path.join(sub, 'result.json')
     if not os.path.exists(done):
-      pretrain.run(run_config(config, r), sub)
+      pretrain.run(run_config(config, r, workdir), sub)
       rows = metrics_lib.read(os.path.join(sub, 'metrics.jsonl'))
       val = [x['val_loss'] for x in rows if x.get('val_loss') is not None]
       with open(done, 'w') as f:
