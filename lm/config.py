@@ -30,6 +30,7 @@ class ModelConfig:
   n_heads: int = 4
   n_kv_heads: int = 0            # 0 means = n_heads (multi-head); 1 is multi-query
   d_ff: int = 0                  # 0 means 4 * d_model
+  d_head: int = 0                # 0 means d_model // n_heads (PaLM 540B decouples them)
   max_seq_len: int = 256         # context length; also the size of learned positions
   norm: str = 'layernorm'
   norm_eps: float = 1e-5
@@ -65,9 +66,9 @@ class ModelConfig:
       check(value in allowed, f'model.{name}={value!r} is not supported; choose one of {allowed}.')
     for name in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'max_seq_len', 'vocab_multiple'):
       check(getattr(self, name) > 0, f'model.{name} must be positive, got {getattr(self, name)}.')
-    check(self.d_model % self.n_heads == 0,
+    check(self.d_head > 0 or self.d_model % self.n_heads == 0,
           f'model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; '
-          'pick sizes so that d_model = n_heads * head_dim.')
+          'pick sizes so that d_model = n_heads * head_dim, or set model.d_head.')
     check(self.kv_heads <= self.n_heads and self.n_heads % self.kv_heads == 0,
           f'model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.kv_heads}; '
           'grouped-query attention needs n_kv_heads to divide n_heads.')
@@ -77,7 +78,7 @@ class ModelConfig:
   # Derived sizes -------------------------------------------------------------
   @property
   def head_dim(self) -> int:
-    return self.d_model // self.n_heads
+    return self.d_head or self.d_model // self.n_heads
 
   @property
   def kv_heads(self) -> int:
@@ -129,7 +130,7 @@ class ModelConfig:
 
     The 6N term counts forward (2) and backward (4) matmul FLOPs of every weight a token
     touches, the output projection included even when tied. The attention term is
-    6 * n_layers * seq_len * d_model (QK^T and AV, forward + backward, causal masking not
+    6 * n_layers * seq_len * n_heads * head_dim (QK^T and AV, forward + backward, causal masking not
     discounted: PaLM's convention, so MFU is comparable across codebases).
     """
     t = seq_len or self.max_seq_len

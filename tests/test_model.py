@@ -14,6 +14,7 @@ VARIANTS = {
     'mqa_relu_rmsnorm': dict(norm='rmsnorm', activation='relu', positions='learned', n_kv_heads=1,
                              use_bias=True, tie_embeddings=False),
     'geglu_rope_bias': dict(norm='layernorm', activation='geglu', positions='rope', use_bias=True),
+    'decoupled_head_dim': dict(PRESETS['llama'], n_kv_heads=2, d_head=16),   # H * d_head != d_model
 }
 
 
