@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -64,7 +65,9 @@ def bootstrap(fit_fn: Callable[..., dict], arrays: tuple[np.ndarray, ...], n_boo
     if len(np.unique(idx)) < 3:
       continue
     try:
-      p = fit_fn(*(a[idx] for a in arrays))
+      with warnings.catch_warnings():  # resamples with repeated points are often ill-conditioned
+        warnings.simplefilter('ignore')
+        p = fit_fn(*(a[idx] for a in arrays))
     except (ValueError, np.linalg.LinAlgError, RuntimeError):
       continue  # a degenerate resample (e.g. one budget only); skip it
     for k, v in p.items():
@@ -189,7 +192,10 @@ def fit_chinchilla_isoflop(n, c, loss, n_boot: int = 200, seed: int = 0) -> Fit:
   for _ in range(n_boot):
     idx = np.concatenate([rng.choice(g, len(g)) for g in groups])
     try:
-      for k, v in _approach2(n[idx], c[idx], loss[idx]).items():
+      with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        fitted = _approach2(n[idx], c[idx], loss[idx])
+      for k, v in fitted.items():
         samples.setdefault(k, []).append(v)
     except (ValueError, np.linalg.LinAlgError):
       continue
