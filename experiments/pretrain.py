@@ -27,15 +27,18 @@ def load_corpus(config: ConfigDict, workdir: str):
   prepare = lambda: sources.prepare_text(d.path, data_dir, d.val_fraction)
   splits = trainer.process_zero_first(prepare, 'prepare corpus')
   tok_path = os.path.join(workdir, 'tokenizer.json')
-  if d.tokenizer != 'char':
-    raise ConfigError(f"data.tokenizer={d.tokenizer!r} is not supported here; use 'char'.")
-  if os.path.exists(tok_path):
-    tok = tokenizers.load(tok_path)
-  else:
-    tok = tokenizers.CharTokenizer.from_texts(splits['train'] + splits['validation'])
-    if jax.process_index() == 0:
-      tok.save(tok_path)
-  return splits, tok
+
+  def make_tokenizer():
+    if os.path.exists(tok_path):  # a resumed run (or another host) keeps this vocabulary
+      return tokenizers.load(tok_path)
+    if d.tokenizer == 'char':  # nanoGPT's convention: every character of the corpus
+      tok = tokenizers.build('char', splits['train'] + splits['validation'], 0, '')
+    else:  # subwords are learned from the training split only
+      tok = tokenizers.build(d.tokenizer, splits['train'], d.vocab_size,
+                             os.path.join(workdir, 'tokenizer'))
+    tok.save(tok_path)
+    return tok
+  return splits, trainer.process_zero_first(make_tokenizer, 'build tokenizer')
 
 
 def model_config(config: ConfigDict, vocab_size: int) -> ModelConfig:
