@@ -51,6 +51,12 @@ def model_config(config: ConfigDict, vocab_size: int) -> ModelConfig:
   return ModelConfig.from_dict(m)
 
 
+def check_objective(cfg: ModelConfig) -> None:
+  if not cfg.causal:
+    raise ConfigError('Next-token pretraining needs model.causal=True: a bidirectional model would '
+                      'see the tokens it predicts.')
+
+
 def seq_len_of(config: ConfigDict, cfg: ModelConfig) -> int:
   t = config.data.seq_len or cfg.max_seq_len
   if t > cfg.max_seq_len:
@@ -65,6 +71,7 @@ def run(config: ConfigDict, workdir: str):
   # 1. Data and model config, validated.
   splits, tok = load_corpus(config, workdir)
   cfg = model_config(config, tok.vocab_size)
+  check_objective(cfg)
   seq_len = seq_len_of(config, cfg)
   train_stream = pipeline.tokenize_docs(splits['train'], tok)
   val_stream = pipeline.tokenize_docs(splits['validation'], tok)

@@ -12,7 +12,8 @@ from typing import Any, Mapping
 
 NORMS = ('layernorm', 'rmsnorm')
 ACTIVATIONS = ('gelu', 'gelu_tanh', 'relu', 'swiglu', 'geglu')
-POSITIONS = ('learned', 'rope', 'none')
+POSITIONS = ('learned', 'sinusoidal', 'rope', 'alibi', 'none')
+NORM_POSITIONS = ('pre', 'post', 'sandwich', 'deepnorm')
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -34,6 +35,10 @@ class ModelConfig:
   max_seq_len: int = 256         # context length; also the size of learned positions
   norm: str = 'layernorm'
   norm_eps: float = 1e-5
+  norm_position: str = 'pre'     # pre-LN, post-LN, sandwich-LN (CogView), DeepNorm (post-LN, scaled)
+  embed_norm: bool = False       # a norm right after the embedding (BLOOM)
+  parallel_block: bool = False   # x + attn(norm(x)) + mlp(norm(x)) (GPT-J, PaLM)
+  causal: bool = True            # False: bidirectional (encoder) attention
   activation: str = 'gelu'
   positions: str = 'learned'
   rope_theta: float = 10000.0
@@ -60,6 +65,7 @@ class ModelConfig:
       if not ok:
         raise ConfigError(msg)
     for name, allowed in (('norm', NORMS), ('activation', ACTIVATIONS), ('positions', POSITIONS),
+                          ('norm_position', NORM_POSITIONS),
                           ('attention_impl', ATTENTION_IMPLS), ('remat', REMAT_POLICIES),
                           ('dtype', DTYPES), ('param_dtype', DTYPES)):
       value = getattr(self, name)
@@ -74,6 +80,10 @@ class ModelConfig:
           'grouped-query attention needs n_kv_heads to divide n_heads.')
     check(self.positions != 'rope' or self.head_dim % 2 == 0,
           f'RoPE needs an even head_dim, got {self.head_dim}; change d_model or n_heads.')
+    check(self.positions != 'sinusoidal' or self.d_model % 2 == 0,
+          f'Sinusoidal positions need an even d_model, got {self.d_model}.')
+    check(not (self.parallel_block and self.norm_position != 'pre'),
+          f'model.parallel_block needs norm_position="pre", got {self.norm_position!r}.')
 
   # Derived sizes -------------------------------------------------------------
   @property
@@ -93,6 +103,16 @@ class ModelConfig:
     return self.activation in ('swiglu', 'geglu')
 
   @property
+  def has_final_norm(self) -> bool:
+    # Post-LN blocks already end in a norm.
+    return self.norm_position in ('pre', 'sandwich')
+
+  @property
+  def deepnorm_alpha(self) -> float:
+    # DeepNet (Wang et al. 2022), decoder-only: residual x * (2N)^(1/4); init scale (8N)^(-1/4).
+    return (2 * self.n_layers) ** 0.25
+
+  @property
   def padded_vocab(self) -> int:
     m = self.vocab_multiple
     return (self.vocab_size + m - 1) // m * m
@@ -107,13 +127,16 @@ class ModelConfig:
     if self.use_bias:
       attn += h * hd + 2 * kv * hd + d
       mlp += f * (2 if self.gated else 1) + d
-    per_layer = attn + mlp + 2 * norm
+    norms_per_layer = {'pre': 2, 'post': 2, 'deepnorm': 2, 'sandwich': 4}[self.norm_position]
+    if self.parallel_block:
+      norms_per_layer = 1
+    per_layer = attn + mlp + norms_per_layer * norm
     embed = self.vocab_size * d
     counts = {
-        'embedding': embed,
+        'embedding': embed + (norm if self.embed_norm else 0),
         'positions': self.max_seq_len * d if self.positions == 'learned' else 0,
         'layers': self.n_layers * per_layer,
-        'final_norm': norm,
+        'final_norm': norm if self.has_final_norm else 0,
         'lm_head': 0 if self.tie_embeddings else embed,
     }
     counts['total'] = sum(counts.values())

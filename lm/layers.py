@@ -123,6 +123,29 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return out.astype(x.dtype)
 
 
+def sinusoidal(positions: jax.Array, d: int) -> jax.Array:
+  """Fixed sine/cosine positions (Vaswani et al. 2017): even dims sin, odd dims cos."""
+  i = jnp.arange(d // 2, dtype=jnp.float32)
+  angles = positions[..., None].astype(jnp.float32) / (10000.0 ** (2 * i / d))
+  return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*positions.shape, d)
+
+
+def alibi_slopes(n_heads: int) -> jax.Array:
+  """Per-head ALiBi slopes (Press et al. 2022): a geometric sequence starting at 2^(-8/n).
+
+  For a head count that is not a power of two, the paper's recipe: the slopes of the
+  closest smaller power of two, then every other slope of the next power of two.
+  """
+  def pow2(n):
+    start = 2.0 ** (-8.0 / n)
+    return [start ** (i + 1) for i in range(n)]
+  p = 2 ** math.floor(math.log2(n_heads))
+  slopes = pow2(p)
+  if p < n_heads:
+    slopes += pow2(2 * p)[0::2][:n_heads - p]
+  return jnp.asarray(slopes, jnp.float32)
+
+
 # Attention ----------------------------------------------------------------------
 def attention_specs(cfg: ModelConfig, out_std: float) -> dict[str, Spec]:
   d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
@@ -138,28 +161,34 @@ def attention_specs(cfg: ModelConfig, out_std: float) -> dict[str, Spec]:
   return specs
 
 
-def attention_mask(q_pos, kv_pos, q_seg=None, kv_seg=None, causal: bool = True) -> jax.Array:
+def attention_mask(q_pos, kv_pos, q_seg=None, kv_seg=None, causal: bool = True,
+                   prefix_len: jax.Array | None = None) -> jax.Array:
   """Boolean [B, T, S] mask: True where query t may attend to key s.
 
   Causality is decided by positions, so the same rule covers training (S == T) and a
-  KV cache (keys are cache slots whose position is their index). Segment ids keep
-  packed documents from attending to each other; segment 0 marks padding.
+  KV cache (keys are cache slots whose position is their index). `prefix_len` [B]
+  makes a prefix LM: keys inside the prefix are visible to every query (bidirectional
+  over the prefix, causal after it). Segment ids keep packed documents apart.
   """
   mask = jnp.ones((q_pos.shape[0], q_pos.shape[1], kv_pos.shape[1]), bool)
   if causal:
     mask = kv_pos[:, None, :] <= q_pos[:, :, None]
+    if prefix_len is not None:
+      mask = mask | (kv_pos[:, None, :] < prefix_len[:, None, None])
   if q_seg is not None and kv_seg is not None:
     mask = mask & (q_seg[:, :, None] == kv_seg[:, None, :])
   return mask
 
 
-def _xla_attention(q, k, v, mask):
-  """Plain softmax(QK^T/sqrt(d))V with grouped-query heads; softmax in float32."""
+def _xla_attention(q, k, v, mask, bias=None):
+  """Plain softmax(QK^T/sqrt(d) + bias)V with grouped-query heads; softmax in float32."""
   b, t, h, hd = q.shape
   kv = k.shape[2]
   q = q.reshape(b, t, kv, h // kv, hd)
   scores = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)
   scores = scores / math.sqrt(hd)
+  if bias is not None:  # [B, H, T, S] -> grouped like the scores
+    scores = scores + bias.reshape(b, kv, h // kv, t, -1)
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
@@ -175,7 +204,7 @@ def _use_fused(cfg: ModelConfig) -> bool:
 
 def attention(p: dict, x: jax.Array, cfg: ModelConfig, positions: jax.Array,
               segment_ids: jax.Array | None = None, cache: dict | None = None,
-              cache_index: jax.Array | None = None):
+              cache_index: jax.Array | None = None, prefix_len: jax.Array | None = None):
   """Multi-head / grouped-query / multi-query self-attention.
 
   Without a cache, keys are the T inputs themselves. With a cache ({'k','v'} of shape
@@ -202,12 +231,18 @@ def attention(p: dict, x: jax.Array, cfg: ModelConfig, positions: jax.Array,
     slots = jnp.arange(k.shape[1])[None, :]
     kv_pos = jnp.broadcast_to(slots, (x.shape[0], k.shape[1]))
     kv_seg = None
-  mask = attention_mask(positions, kv_pos, segment_ids if cache is None else None, kv_seg)
+  mask = attention_mask(positions, kv_pos, segment_ids if cache is None else None, kv_seg,
+                        cfg.causal, prefix_len)
+  bias = None
+  if cfg.positions == 'alibi':  # -slope_h * distance, added to the scores
+    dist = jnp.abs(positions[:, :, None] - kv_pos[:, None, :]).astype(jnp.float32)
+    bias = -alibi_slopes(cfg.n_heads)[None, :, None, None] * dist[:, None]
 
   if _use_fused(cfg) and cache is None:
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=None)
+    out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(dt),
+                                       mask=mask[:, None], implementation=None)
   else:
-    out = _xla_attention(q, k.astype(dt), v.astype(dt), mask)
+    out = _xla_attention(q, k.astype(dt), v.astype(dt), mask, bias)
   y = dense(out, p['wo'], 'bthk,hkd->btd', dt)
   if 'bo' in p:
     y = y + p['bo'].astype(dt)

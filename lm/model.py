@@ -9,6 +9,8 @@ time does not grow with depth and remat applies per layer.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import jax
@@ -29,10 +31,23 @@ REMAT_POLICIES = {
 def layer_specs(cfg: ModelConfig) -> dict:
   # GPT-2's scaled init of the residual projections: std / sqrt(2 * n_layers).
   out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-  return {'ln1': layers.norm_specs(cfg),
-          'attn': layers.attention_specs(cfg, out_std),
-          'ln2': layers.norm_specs(cfg),
-          'mlp': layers.mlp_specs(cfg, out_std)}
+  specs = {'ln1': layers.norm_specs(cfg),
+           'attn': layers.attention_specs(cfg, out_std),
+           'ln2': layers.norm_specs(cfg),
+           'mlp': layers.mlp_specs(cfg, out_std)}
+  if cfg.parallel_block:
+    del specs['ln2']          # one norm feeds both branches
+  if cfg.norm_position == 'sandwich':
+    specs['ln1_out'] = layers.norm_specs(cfg)
+    specs['ln2_out'] = layers.norm_specs(cfg)
+  if cfg.norm_position == 'deepnorm':
+    # DeepNet init: the value, output and MLP weights scaled by beta = (8N)^(-1/4).
+    beta = (8 * cfg.n_layers) ** -0.25
+    for group, names in (('attn', ('wv', 'wo')), ('mlp', ('wi', 'wg', 'wo'))):
+      for n in names:
+        if n in specs[group]:
+          specs[group][n] = dataclasses.replace(specs[group][n], std=cfg.init_std * beta)
+  return specs
 
 
 def param_specs(cfg: ModelConfig) -> dict:
@@ -40,8 +55,11 @@ def param_specs(cfg: ModelConfig) -> dict:
       'embed': Spec((cfg.padded_vocab, cfg.d_model), ('vocab', 'embed'), std=cfg.init_std),
       'layers': jax.tree.map(lambda s: s.stacked(cfg.n_layers), layer_specs(cfg),
                              is_leaf=lambda x: isinstance(x, Spec)),
-      'final_norm': layers.norm_specs(cfg),
   }
+  if cfg.has_final_norm:
+    specs['final_norm'] = layers.norm_specs(cfg)
+  if cfg.embed_norm:
+    specs['embed_norm'] = layers.norm_specs(cfg)
   if cfg.positions == 'learned':
     specs['pos_embed'] = Spec((cfg.max_seq_len, cfg.d_model), (None, 'embed'), std=cfg.init_std)
   if not cfg.tie_embeddings:
@@ -84,21 +102,49 @@ def embed(params: dict, tokens: jax.Array, positions: jax.Array, cfg: ModelConfi
   x = table.astype(cfg.dtype)[tokens]
   if cfg.positions == 'learned':
     x = x + params['pos_embed'].astype(cfg.dtype)[positions]
+  elif cfg.positions == 'sinusoidal':
+    x = x + layers.sinusoidal(positions, cfg.d_model).astype(cfg.dtype)
+  if cfg.embed_norm:
+    x = layers.norm(params['embed_norm'], x, cfg)
   return sharding.constrain(x, ('batch', 'length', 'embed'))
 
 
-def block(p: dict, x: jax.Array, cfg: ModelConfig, positions, segment_ids, cache, cache_index):
-  """One pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
-  h, cache = layers.attention(p['attn'], layers.norm(p['ln1'], x, cfg), cfg, positions,
-                              segment_ids, cache, cache_index)
-  x = x + h
-  x = x + layers.mlp(p['mlp'], layers.norm(p['ln2'], x, cfg), cfg)
+def block(p: dict, x: jax.Array, cfg: ModelConfig, positions, segment_ids, cache, cache_index,
+          prefix_len=None):
+  """One residual block; where the norms sit is cfg.norm_position:
+
+    pre       x + f(norm(x))                 (GPT-2, LLaMA)
+    post      norm(x + f(x))                 (original Transformer, BERT)
+    sandwich  x + norm_out(f(norm(x)))       (CogView)
+    deepnorm  norm(alpha * x + f(x))         (DeepNet; alpha = (2N)^(1/4))
+  and with cfg.parallel_block: x + attn(norm(x)) + mlp(norm(x)) (GPT-J, PaLM).
+  """
+  norm = functools.partial(layers.norm, cfg=cfg)
+  attn = lambda h: layers.attention(p['attn'], h, cfg, positions, segment_ids, cache, cache_index,
+                                    prefix_len)
+  mlp = lambda h: layers.mlp(p['mlp'], h, cfg)
+  where = cfg.norm_position
+  if cfg.parallel_block:
+    h = norm(p['ln1'], x)
+    a, cache = attn(h)
+    x = x + a + mlp(h)
+  elif where in ('pre', 'sandwich'):
+    a, cache = attn(norm(p['ln1'], x))
+    x = x + (norm(p['ln1_out'], a) if where == 'sandwich' else a)
+    m = mlp(norm(p['ln2'], x))
+    x = x + (norm(p['ln2_out'], m) if where == 'sandwich' else m)
+  else:  # post / deepnorm
+    alpha = cfg.deepnorm_alpha if where == 'deepnorm' else 1.0
+    a, cache = attn(x)
+    x = norm(p['ln1'], alpha * x + a)
+    x = norm(p['ln2'], alpha * x + mlp(x))
   return sharding.constrain(x, ('batch', 'length', 'embed')), cache
 
 
 def hidden_states(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
                   positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                  cache: dict | None = None, cache_index: jax.Array | None = None):
+                  cache: dict | None = None, cache_index: jax.Array | None = None,
+                  prefix_len: jax.Array | None = None):
   """Final-normed hidden states [B, T, d_model] (and the updated KV cache, if given).
 
   positions default to 0..T-1 (offset by cache_index when decoding); segment_ids, if
@@ -112,12 +158,14 @@ def hidden_states(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
 
   def body(x, layer):
     p, c = layer
-    return block(p, x, cfg, positions, segment_ids, c, cache_index)
+    return block(p, x, cfg, positions, segment_ids, c, cache_index, prefix_len)
 
   if cfg.remat != 'none':
     body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
   x, cache = jax.lax.scan(body, x, (params['layers'], cache))
-  return layers.norm(params['final_norm'], x, cfg), cache
+  if cfg.has_final_norm:
+    x = layers.norm(params['final_norm'], x, cfg)
+  return x, cache
 
 
 def logits_from_hidden(params: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:

@@ -41,7 +41,15 @@ def rope_one(v, pos, theta):
   return out
 
 
-def forward(params, tokens, cfg, segment_ids=None):
+def alibi_slopes(n):
+  """Press et al. 2022, written out for powers of two and the interleaving rule otherwise."""
+  def pow2(m):
+    return [2 ** (-8 * (i + 1) / m) for i in range(m)]
+  p = 2 ** int(math.floor(math.log2(n)))
+  return pow2(p) + pow2(2 * p)[0::2][:n - p]
+
+
+def forward(params, tokens, cfg, segment_ids=None, prefix_len=None):
   """tokens [B, T] -> logits [B, T, vocab_size] (unpadded)."""
   P = {k: (np.asarray(v, np.float64) if not isinstance(v, dict) else v) for k, v in params.items()}
   to64 = lambda t: {k: (to64(v) if isinstance(v, dict) else np.asarray(v, np.float64)) for k, v in t.items()}
@@ -57,9 +65,21 @@ def forward(params, tokens, cfg, segment_ids=None):
   x = P['embed'][tokens]
   if cfg.positions == 'learned':
     x = x + P['pos_embed'][pos]
+  if cfg.positions == 'sinusoidal':
+    pe = np.zeros((B, T, cfg.d_model))
+    for b in range(B):
+      for t in range(T):
+        for i in range(cfg.d_model // 2):
+          pe[b, t, 2 * i] = math.sin(pos[b, t] / 10000 ** (2 * i / cfg.d_model))
+          pe[b, t, 2 * i + 1] = math.cos(pos[b, t] / 10000 ** (2 * i / cfg.d_model))
+    x = x + pe
+  if cfg.embed_norm:
+    x = norm(P['embed_norm'], x, cfg.norm, cfg.norm_eps)
+  slopes = alibi_slopes(H)
+  alpha = (2 * cfg.n_layers) ** 0.25 if cfg.norm_position == 'deepnorm' else 1.0
   for l in range(cfg.n_layers):
     L = {k: {n: v[l] for n, v in d.items()} for k, d in P['layers'].items()}
-    h = norm(L['ln1'], x, cfg.norm, cfg.norm_eps)
+    h = norm(L['ln1'], x, cfg.norm, cfg.norm_eps) if cfg.norm_position in ('pre', 'sandwich') else x
     a = L['attn']
     q = np.einsum('btd,dhk->bthk', h, a['wq']) + (a['bq'] if 'bq' in a else 0)
     k = np.einsum('btd,dhk->bthk', h, a['wk']) + (a['bk'] if 'bk' in a else 0)
@@ -72,23 +92,42 @@ def forward(params, tokens, cfg, segment_ids=None):
           qv = q[b, t, head]
           if cfg.positions == 'rope':
             qv = rope_one(qv, pos[b, t], cfg.rope_theta)
-          allowed = [s for s in range(t + 1) if seg[b, s] == seg[b, t]]
+          visible = range(T) if not cfg.causal else [
+              s for s in range(T) if s <= t or (prefix_len is not None and s < prefix_len[b])]
+          allowed = [s for s in visible if seg[b, s] == seg[b, t]]
           keys = [k[b, s, kvh] if cfg.positions != 'rope' else rope_one(k[b, s, kvh], pos[b, s], cfg.rope_theta)
                   for s in allowed]
           scores = np.array([qv @ kk for kk in keys]) / math.sqrt(hd)
+          if cfg.positions == 'alibi':
+            scores = scores - slopes[head] * np.array([abs(pos[b, t] - pos[b, s]) for s in allowed])
           w = np.exp(scores - scores.max())
           w /= w.sum()
           out[b, t, head] = sum(wi * v[b, s, kvh] for wi, s in zip(w, allowed))
-    x = x + np.einsum('bthk,hkd->btd', out, a['wo']) + (a['bo'] if 'bo' in a else 0)
-    h = norm(L['ln2'], x, cfg.norm, cfg.norm_eps)
+    attn_out = np.einsum('bthk,hkd->btd', out, a['wo']) + (a['bo'] if 'bo' in a else 0)
     m = L['mlp']
-    u = h @ m['wi'] + (m['bi'] if 'bi' in m else 0)
-    if 'wg' in m:
-      g = h @ m['wg'] + (m['bg'] if 'bg' in m else 0)
-      u = act(cfg.activation, g) * u
-    else:
-      u = act(cfg.activation, u)
-    x = x + u @ m['wo'] + (m['bo'] if 'bo' in m else 0)
-  x = norm(P['final_norm'], x, cfg.norm, cfg.norm_eps)
+
+    def mlp(h):
+      u = h @ m['wi'] + (m['bi'] if 'bi' in m else 0)
+      if 'wg' in m:
+        g = h @ m['wg'] + (m['bg'] if 'bg' in m else 0)
+        u = act(cfg.activation, g) * u
+      else:
+        u = act(cfg.activation, u)
+      return u @ m['wo'] + (m['bo'] if 'bo' in m else 0)
+
+    n = lambda key, v: norm(L[key], v, cfg.norm, cfg.norm_eps)
+    if cfg.parallel_block:
+      x = x + attn_out + mlp(h)
+    elif cfg.norm_position == 'pre':
+      x = x + attn_out
+      x = x + mlp(n('ln2', x))
+    elif cfg.norm_position == 'sandwich':
+      x = x + n('ln1_out', attn_out)
+      x = x + n('ln2_out', mlp(n('ln2', x)))
+    else:  # post-LN and DeepNorm
+      x = n('ln1', alpha * x + attn_out)
+      x = n('ln2', alpha * x + mlp(x))
+  if 'final_norm' in P:
+    x = norm(P['final_norm'], x, cfg.norm, cfg.norm_eps)
   W = P['embed'].T if cfg.tie_embeddings else P['lm_head']
   return (x @ W)[..., :cfg.vocab_size]

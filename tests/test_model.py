@@ -15,6 +15,12 @@ VARIANTS = {
                              use_bias=True, tie_embeddings=False),
     'geglu_rope_bias': dict(norm='layernorm', activation='geglu', positions='rope', use_bias=True),
     'decoupled_head_dim': dict(PRESETS['llama'], n_kv_heads=2, d_head=16),   # H * d_head != d_model
+    'post_ln_sinusoidal': dict(norm_position='post', positions='sinusoidal'),
+    'sandwich_alibi_embed_norm': dict(norm_position='sandwich', positions='alibi', embed_norm=True,
+                                      n_heads=2),
+    'alibi_6_heads_parallel': dict(positions='alibi', parallel_block=True, d_model=48, n_heads=6),
+    'deepnorm_rmsnorm': dict(norm_position='deepnorm', norm='rmsnorm', activation='relu'),
+    'bidirectional_encoder': dict(causal=False, positions='sinusoidal'),
 }
 
 
@@ -64,7 +70,25 @@ def test_causality_future_tokens_do_not_change_past_logits():
   assert not np.allclose(la[:, 4:], lb[:, 4:])
 
 
-@pytest.mark.parametrize('name', ['gpt2', 'llama_gqa'])
+def test_prefix_lm_mask_matches_naive_and_sees_the_whole_prefix():
+  cfg = small(**VARIANTS['llama_gqa'])
+  params = model.init(cfg, jax.random.key(0))
+  tokens = np.asarray(jax.random.randint(jax.random.key(4), (2, 8), 0, cfg.vocab_size))
+  prefix = np.array([3, 5])
+  logits, _ = model.forward(params, jnp.asarray(tokens), cfg, prefix_len=jnp.asarray(prefix))
+  ref = naive.forward(jax.device_get(params), tokens, cfg, prefix_len=prefix)
+  np.testing.assert_allclose(np.asarray(logits)[..., :50], ref, atol=2e-4, rtol=2e-4)
+  # position 0 now depends on token 2 (inside the prefix) but not on token 5 (after it)
+  changed_in, changed_out = tokens.copy(), tokens.copy()
+  changed_in[0, 2] = (tokens[0, 2] + 1) % 50
+  changed_out[0, 5] = (tokens[0, 5] + 1) % 50
+  la, _ = model.forward(params, jnp.asarray(changed_in), cfg, prefix_len=jnp.asarray(prefix))
+  lb, _ = model.forward(params, jnp.asarray(changed_out), cfg, prefix_len=jnp.asarray(prefix))
+  assert not np.allclose(la[0, 0], logits[0, 0])
+  np.testing.assert_allclose(lb[0, :5], logits[0, :5], atol=1e-6)
+
+
+@pytest.mark.parametrize('name', sorted(VARIANTS))
 def test_param_count_matches_leaves(name):
   cfg = small(**VARIANTS[name])
   params = model.init(cfg, jax.random.key(0))

@@ -96,6 +96,32 @@ def test_bad_input_fails_at_startup(tiny_corpus, tmp_path, change, error, match)
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints' / '1')
 
 
+ARCHITECTURES = {
+    'llama': dict(norm='rmsnorm', activation='swiglu', positions='rope', use_bias=False,
+                  tie_embeddings=False, n_kv_heads=1),
+    'post_ln_sinusoidal': dict(norm_position='post', positions='sinusoidal'),
+    'sandwich_alibi_bloom': dict(norm_position='sandwich', positions='alibi', embed_norm=True),
+    'parallel_geglu': dict(parallel_block=True, activation='geglu', positions='rope'),
+    'deepnorm_relu': dict(norm_position='deepnorm', activation='relu'),
+}
+
+
+@pytest.mark.parametrize('name', sorted(ARCHITECTURES))
+def test_each_architecture_trains_from_the_launcher(tiny_corpus, tmp_path, name):
+  c = tiny_config(tiny_corpus, steps=2, eval_every=2, samples=0, checkpoint_every=2)
+  c.model.update(ARCHITECTURES[name])
+  pretrain.run(c, str(tmp_path / name))
+  rows = losses(str(tmp_path / name))[1]
+  assert [r['step'] for r in rows] == [1, 2] and np.isfinite(rows[-1]['val_loss'])
+
+
+def test_bidirectional_model_is_refused_for_next_token_loss(tiny_corpus, tmp_path):
+  c = tiny_config(tiny_corpus)
+  c.model.causal = False
+  with pytest.raises(ConfigError, match='causal'):
+    pretrain.run(c, str(tmp_path / 'run'))
+
+
 def _cli(*args):
   env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
   return subprocess.run([sys.executable, '-m', 'experiments.run',
