@@ -51,9 +51,17 @@ def model_config(config: ConfigDict, vocab_size: int) -> ModelConfig:
   return ModelConfig.from_dict(m)
 
 
-def check_objective(cfg: ModelConfig) -> None:
-  if not cfg.causal:
-    raise ConfigError('Next-token pretraining needs model.causal=True: a bidirectional model would '
+def check_objective(config: ConfigDict, cfg: ModelConfig) -> None:
+  name = config.train.objective
+  if name not in objectives.OBJECTIVES:
+    raise ConfigError(f'train.objective={name!r} is not supported; choose one of {sorted(objectives.OBJECTIVES)}.')
+  if name == 'masked_lm':
+    if cfg.causal:
+      raise ConfigError('train.objective=masked_lm needs a bidirectional model: set model.causal=False.')
+    if cfg.padded_vocab == cfg.vocab_size:
+      raise ConfigError('masked_lm needs a spare id for [MASK]; make model.vocab_multiple leave a padding row.')
+  elif not cfg.causal:
+    raise ConfigError(f'train.objective={name} needs model.causal=True: a bidirectional model would '
                       'see the tokens it predicts.')
 
 
@@ -71,7 +79,7 @@ def run(config: ConfigDict, workdir: str):
   # 1. Data and model config, validated.
   splits, tok = load_corpus(config, workdir)
   cfg = model_config(config, tok.vocab_size)
-  check_objective(cfg)
+  check_objective(config, cfg)
   seq_len = seq_len_of(config, cfg)
   train_stream = pipeline.tokenize_docs(splits['train'], tok)
   val_stream = pipeline.tokenize_docs(splits['validation'], tok)
@@ -107,7 +115,7 @@ def run(config: ConfigDict, workdir: str):
         f'mesh {dict(mesh.shape)}; ' + (f'resuming at step {start}' if start else 'starting fresh'))
 
   # 4. Steps.
-  loss_fn = functools.partial(objectives.next_token_loss, cfg=cfg)
+  loss_fn = functools.partial(objectives.OBJECTIVES[t.objective], cfg=cfg)
   step_fn = train_lib.make_train_step(loss_fn, tx, mesh, shardings, batch_sh,
                                       grad_accum=t.grad_accum, seed=config.seed, schedule=schedule)
   to_global = functools.partial(pipeline.to_global, shardings=batch_sh, global_batch=t.batch_size)
@@ -131,7 +139,7 @@ def run(config: ConfigDict, workdir: str):
   checkpointer.close()
 
   # 5. Samples from the trained model.
-  if t.samples and int(state.step) >= t.steps:
+  if t.samples and int(state.step) >= t.steps and cfg.causal:
     write_samples(state.params, cfg, tok, prompt, config, workdir)
   return state
 

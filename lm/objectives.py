@@ -33,3 +33,56 @@ def next_token_loss(params: dict, batch: dict, rng: jax.Array, cfg: ModelConfig)
   w = batch['weights'].astype(jnp.float32)
   correct = (jnp.argmax(logits, -1) == batch['targets']).astype(jnp.float32)
   return jnp.sum(nll * w), jnp.sum(w), {'accuracy': jnp.sum(correct * w)}
+
+
+def prefix_lm_loss(params: dict, batch: dict, rng: jax.Array, cfg: ModelConfig):
+  """Prefix LM (Raffel et al. 2020; UniLM): each row gets a random prefix length p in
+  [1, T-1]; attention is bidirectional over the prefix and causal after it, and only
+  tokens after the prefix are predicted. The prefix is drawn from the step's rng, so
+  any next-token batch serves.
+  """
+  b, t = batch['inputs'].shape
+  prefix_len = jax.random.randint(rng, (b,), 1, t)
+  logits, _ = model.forward(params, batch['inputs'], cfg, positions=batch.get('positions'),
+                            segment_ids=batch.get('segment_ids'), prefix_len=prefix_len)
+  # input position i predicts token i+1; tokens 1..p-1 are inside the prefix (seen), so
+  # the first predicted token is p, from position p-1.
+  after = jnp.arange(t)[None, :] >= prefix_len[:, None] - 1
+  w = batch['weights'].astype(jnp.float32) * after
+  nll = token_nll(logits, batch['targets'])
+  correct = (jnp.argmax(logits, -1) == batch['targets']).astype(jnp.float32)
+  return jnp.sum(nll * w), jnp.sum(w), {'accuracy': jnp.sum(correct * w)}
+
+
+def bert_masking(rng: jax.Array, tokens: jax.Array, vocab_size: int, mask_id: int,
+                 rate: float = 0.15, weights: jax.Array | None = None):
+  """BERT's recipe (Devlin et al. 2019): choose `rate` of the tokens; of those, 80% become
+  [MASK], 10% a random token, 10% stay. Returns (corrupted tokens, chosen mask)."""
+  k1, k2, k3 = jax.random.split(rng, 3)
+  chosen = jax.random.uniform(k1, tokens.shape) < rate
+  if weights is not None:
+    chosen = chosen & (weights > 0)
+  action = jax.random.uniform(k2, tokens.shape)
+  random_tokens = jax.random.randint(k3, tokens.shape, 0, vocab_size)
+  corrupted = jnp.where(chosen & (action < 0.8), mask_id, tokens)
+  corrupted = jnp.where(chosen & (action >= 0.8) & (action < 0.9), random_tokens, corrupted)
+  return corrupted.astype(tokens.dtype), chosen
+
+
+def masked_lm_loss(params: dict, batch: dict, rng: jax.Array, cfg: ModelConfig, rate: float = 0.15):
+  """Masked LM on a bidirectional model: predict the original tokens at the chosen positions.
+
+  [MASK] is the first id past the tokenizer's vocabulary (a padding row of the embedding,
+  never predicted: padded logits are masked).
+  """
+  tokens = batch['inputs']
+  corrupted, chosen = bert_masking(rng, tokens, cfg.vocab_size, cfg.vocab_size, rate, batch['weights'])
+  logits, _ = model.forward(params, corrupted, cfg, positions=batch.get('positions'),
+                            segment_ids=batch.get('segment_ids'))
+  w = chosen.astype(jnp.float32)
+  nll = token_nll(logits, tokens)
+  correct = (jnp.argmax(logits, -1) == tokens).astype(jnp.float32)
+  return jnp.sum(nll * w), jnp.sum(w), {'accuracy': jnp.sum(correct * w)}
+
+
+OBJECTIVES = {'next_token': next_token_loss, 'prefix_lm': prefix_lm_loss, 'masked_lm': masked_lm_loss}

@@ -1,0 +1,85 @@
+"""Objectives: BERT masking rates, no loss where there should be none, and launcher smoke runs."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import pretrain
+from lm import model, objectives
+from lm.config import ConfigError, ModelConfig
+from tests.test_pretrain import losses, tiny_config
+
+
+def test_bert_masking_rates():
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 1000, (400, 512)))
+  weights = jnp.ones(tokens.shape).at[:, 500:].set(0)
+  corrupted, chosen = objectives.bert_masking(jax.random.key(0), tokens, 1000, 1000, 0.15, weights)
+  chosen, corrupted, tokens = map(np.asarray, (chosen, corrupted, tokens))
+  assert not chosen[:, 500:].any()                               # padding is never chosen
+  assert chosen[:, :500].mean() == pytest.approx(0.15, abs=0.003)
+  c = chosen
+  masked = (corrupted == 1000)[c].mean()
+  unchanged = (corrupted == tokens)[c].mean()
+  randomised = ((corrupted != 1000) & (corrupted != tokens))[c].mean()
+  assert masked == pytest.approx(0.8, abs=0.01)
+  assert unchanged == pytest.approx(0.1 + 0.1 / 1000, abs=0.01)  # kept, or random that hit itself
+  assert randomised == pytest.approx(0.1, abs=0.01)
+  assert (corrupted[~c] == tokens[~c]).all()
+
+
+CFG = ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, max_seq_len=16)
+
+
+def _batch(seed=0):
+  toks = np.random.default_rng(seed).integers(0, 50, (4, 17)).astype(np.int32)
+  return {'inputs': jnp.asarray(toks[:, :-1]), 'targets': jnp.asarray(toks[:, 1:]),
+          'weights': jnp.ones((4, 16), jnp.float32)}
+
+
+def test_prefix_lm_takes_no_loss_inside_the_prefix():
+  params = model.init(CFG, jax.random.key(0))
+  rng = jax.random.key(7)
+  b = _batch()
+  loss, weight, _ = objectives.prefix_lm_loss(params, b, rng, CFG)
+  prefix = np.asarray(jax.random.randint(rng, (4,), 1, 16))
+  assert float(weight) == sum(16 - (p - 1) for p in prefix)
+  # a target inside the prefix does not move the loss; one after it does
+  row = 0
+  inside = dict(b, targets=b['targets'].at[row, prefix[row] - 2].set((b['targets'][row, prefix[row] - 2] + 1) % 50)) \
+      if prefix[row] >= 2 else None
+  after = dict(b, targets=b['targets'].at[row, 15].set((b['targets'][row, 15] + 1) % 50))
+  if inside is not None:
+    assert float(objectives.prefix_lm_loss(params, inside, rng, CFG)[0]) == pytest.approx(float(loss), rel=1e-6)
+  assert float(objectives.prefix_lm_loss(params, after, rng, CFG)[0]) != pytest.approx(float(loss), rel=1e-6)
+
+
+def test_masked_lm_scores_only_the_chosen_tokens():
+  cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, max_seq_len=16, causal=False)
+  params = model.init(cfg, jax.random.key(0))
+  rng = jax.random.key(3)
+  b = _batch(1)
+  loss, weight, _ = objectives.masked_lm_loss(params, b, rng, cfg)
+  corrupted, chosen = objectives.bert_masking(rng, b['inputs'], 50, 50, 0.15, b['weights'])
+  logits, _ = model.forward(params, corrupted, cfg)
+  logp = np.asarray(jax.nn.log_softmax(logits, -1))
+  ref = -sum(logp[i, j, int(b['inputs'][i, j])] for i, j in zip(*np.nonzero(np.asarray(chosen))))
+  assert float(weight) == float(np.asarray(chosen).sum()) > 0
+  assert float(loss) == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.parametrize('objective,causal', [('prefix_lm', True), ('masked_lm', False)])
+def test_objectives_train_from_the_launcher(tiny_corpus, tmp_path, objective, causal):
+  c = tiny_config(tiny_corpus, steps=2, eval_every=2, checkpoint_every=2, objective=objective)
+  c.model.causal = causal
+  pretrain.run(c, str(tmp_path / objective))
+  rows = losses(str(tmp_path / objective))[1]
+  assert np.isfinite(rows[-1]['loss']) and np.isfinite(rows[-1]['val_loss'])
+
+
+def test_mismatched_objective_and_mask_fail_at_startup(tiny_corpus, tmp_path):
+  c = tiny_config(tiny_corpus, objective='masked_lm')
+  with pytest.raises(ConfigError, match='causal=False'):
+    pretrain.run(c, str(tmp_path / 'a'))
+  c = tiny_config(tiny_corpus, objective='span_corruption')
+  with pytest.raises(ConfigError, match='not supported'):
+    pretrain.run(c, str(tmp_path / 'b'))
