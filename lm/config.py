@@ -39,6 +39,11 @@ class ModelConfig:
   embed_norm: bool = False       # a norm right after the embedding (BLOOM)
   parallel_block: bool = False   # x + attn(norm(x)) + mlp(norm(x)) (GPT-J, PaLM)
   causal: bool = True            # False: bidirectional (encoder) attention
+  moe_experts: int = 0           # > 0: every MLP is a mixture of this many experts
+  moe_top_k: int = 2
+  moe_capacity_factor: float = 1.25
+  moe_balance_weight: float = 0.01   # Switch load-balancing loss
+  moe_z_weight: float = 1e-3         # router z-loss
   activation: str = 'gelu'
   positions: str = 'learned'
   rope_theta: float = 10000.0
@@ -82,6 +87,8 @@ class ModelConfig:
           f'RoPE needs an even head_dim, got {self.head_dim}; change d_model or n_heads.')
     check(self.positions != 'sinusoidal' or self.d_model % 2 == 0,
           f'Sinusoidal positions need an even d_model, got {self.d_model}.')
+    check(self.moe_experts == 0 or 1 <= self.moe_top_k <= self.moe_experts,
+          f'model.moe_top_k={self.moe_top_k} must be between 1 and model.moe_experts={self.moe_experts}.')
     check(not (self.parallel_block and self.norm_position != 'pre'),
           f'model.parallel_block needs norm_position="pre", got {self.norm_position!r}.')
 
@@ -127,6 +134,8 @@ class ModelConfig:
     if self.use_bias:
       attn += h * hd + 2 * kv * hd + d
       mlp += f * (2 if self.gated else 1) + d
+    if self.moe_experts:  # experts carry no biases; the router is d x E
+      mlp = self.moe_experts * d * f * (3 if self.gated else 2) + d * self.moe_experts
     norms_per_layer = {'pre': 2, 'post': 2, 'deepnorm': 2, 'sandwich': 4}[self.norm_position]
     if self.parallel_block:
       norms_per_layer = 1

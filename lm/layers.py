@@ -62,7 +62,7 @@ def norm(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 # MLP --------------------------------------------------------------------------
-def _activation(name: str, x: jax.Array) -> jax.Array:
+def activation(name: str, x: jax.Array) -> jax.Array:
   if name in ('gelu', 'geglu'):
     return jax.nn.gelu(x, approximate=False)
   if name == 'gelu_tanh':
@@ -97,9 +97,9 @@ def mlp(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     g = dense(x, p['wg'], 'btd,df->btf', dt)
     if 'bg' in p:
       g = g + p['bg'].astype(dt)
-    h = _activation(cfg.activation, g) * h
+    h = activation(cfg.activation, g) * h
   else:
-    h = _activation(cfg.activation, h)
+    h = activation(cfg.activation, h)
   h = sharding.constrain(h, ('batch', 'length', 'mlp'))
   out = dense(h, p['wo'], 'btf,fd->btd', dt)
   if 'bo' in p:

@@ -16,7 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lm import layers, sharding
+from lm import layers, moe, sharding
 from lm.config import ModelConfig
 from lm.layers import Spec
 
@@ -34,7 +34,7 @@ def layer_specs(cfg: ModelConfig) -> dict:
   specs = {'ln1': layers.norm_specs(cfg),
            'attn': layers.attention_specs(cfg, out_std),
            'ln2': layers.norm_specs(cfg),
-           'mlp': layers.mlp_specs(cfg, out_std)}
+           'mlp': moe.moe_specs(cfg, out_std) if cfg.moe_experts else layers.mlp_specs(cfg, out_std)}
   if cfg.parallel_block:
     del specs['ln2']          # one norm feeds both branches
   if cfg.norm_position == 'sandwich':
@@ -122,7 +122,15 @@ def block(p: dict, x: jax.Array, cfg: ModelConfig, positions, segment_ids, cache
   norm = functools.partial(layers.norm, cfg=cfg)
   attn = lambda h: layers.attention(p['attn'], h, cfg, positions, segment_ids, cache, cache_index,
                                     prefix_len)
-  mlp = lambda h: layers.mlp(p['mlp'], h, cfg)
+  aux = {}
+
+  def mlp(h):
+    nonlocal aux
+    if cfg.moe_experts:
+      y, aux = moe.moe_mlp(p['mlp'], h, cfg)
+      return y
+    return layers.mlp(p['mlp'], h, cfg)
+
   where = cfg.norm_position
   if cfg.parallel_block:
     h = norm(p['ln1'], x)
@@ -138,13 +146,13 @@ def block(p: dict, x: jax.Array, cfg: ModelConfig, positions, segment_ids, cache
     a, cache = attn(x)
     x = norm(p['ln1'], alpha * x + a)
     x = norm(p['ln2'], alpha * x + mlp(x))
-  return sharding.constrain(x, ('batch', 'length', 'embed')), cache
+  return sharding.constrain(x, ('batch', 'length', 'embed')), cache, aux
 
 
 def hidden_states(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
                   positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
                   cache: dict | None = None, cache_index: jax.Array | None = None,
-                  prefix_len: jax.Array | None = None):
+                  prefix_len: jax.Array | None = None, return_aux: bool = False):
   """Final-normed hidden states [B, T, d_model] (and the updated KV cache, if given).
 
   positions default to 0..T-1 (offset by cache_index when decoding); segment_ids, if
@@ -156,15 +164,22 @@ def hidden_states(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
     positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
   x = embed(params, tokens, positions, cfg)
 
-  def body(x, layer):
+  def body(carry, layer):
+    x, aux_sum = carry
     p, c = layer
-    return block(p, x, cfg, positions, segment_ids, c, cache_index, prefix_len)
+    x, c, aux = block(p, x, cfg, positions, segment_ids, c, cache_index, prefix_len)
+    return (x, jax.tree.map(jnp.add, aux_sum, aux)), c
 
   if cfg.remat != 'none':
     body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-  x, cache = jax.lax.scan(body, x, (params['layers'], cache))
+  # MoE layers report auxiliary losses; they are summed over layers in the scan carry.
+  zero_aux = ({k: jnp.zeros((), jnp.float32) for k in
+               ('moe_balance_loss', 'moe_z_loss', 'moe_dropped_fraction')} if cfg.moe_experts else {})
+  (x, aux), cache = jax.lax.scan(body, (x, zero_aux), (params['layers'], cache))
   if cfg.has_final_norm:
     x = layers.norm(params['final_norm'], x, cfg)
+  if return_aux:
+    return x, cache, {k: v / cfg.n_layers for k, v in aux.items()}
   return x, cache
 
 
@@ -183,6 +198,6 @@ def logits_from_hidden(params: dict, h: jax.Array, cfg: ModelConfig) -> jax.Arra
 
 
 def forward(params: dict, tokens: jax.Array, cfg: ModelConfig, **kwargs):
-  """tokens [B, T] -> (logits [B, T, padded_vocab] float32, cache)."""
-  h, cache = hidden_states(params, tokens, cfg, **kwargs)
-  return logits_from_hidden(params, h, cfg), cache
+  """tokens [B, T] -> (logits [B, T, padded_vocab] float32, cache[, aux if return_aux])."""
+  h, *rest = hidden_states(params, tokens, cfg, **kwargs)
+  return (logits_from_hidden(params, h, cfg), *rest)

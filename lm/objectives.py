@@ -20,6 +20,25 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
+def _forward(params, tokens, batch, cfg, **kw):
+  """Logits plus the auxiliary loss (MoE balance and z-losses; 0 for dense models)."""
+  logits, _, aux = model.forward(params, tokens, cfg, positions=batch.get('positions'),
+                                 segment_ids=batch.get('segment_ids'), return_aux=True, **kw)
+  extra = 0.0
+  if aux:
+    extra = cfg.moe_balance_weight * aux['moe_balance_loss'] + cfg.moe_z_weight * aux['moe_z_loss']
+  return logits, extra, aux
+
+
+def _sums(nll, logits, targets, w, extra, aux):
+  """(loss sum, weight, metric sums); per-batch aux terms are scaled by the weight so that
+  dividing by the total weight (lm.train) gives their mean."""
+  total = jnp.sum(w)
+  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  metrics = {'accuracy': jnp.sum(correct * w), **{k: v * total for k, v in aux.items()}}
+  return jnp.sum(nll * w) + extra * total, total, metrics
+
+
 def next_token_loss(params: dict, batch: dict, rng: jax.Array, cfg: ModelConfig):
   """Causal language modelling: predict batch['targets'] from batch['inputs'].
 
@@ -27,12 +46,9 @@ def next_token_loss(params: dict, batch: dict, rng: jax.Array, cfg: ModelConfig)
   optional segment_ids / positions [B, T] for packed sequences.
   """
   del rng  # deterministic objective (no dropout)
-  logits, _ = model.forward(params, batch['inputs'], cfg, positions=batch.get('positions'),
-                            segment_ids=batch.get('segment_ids'))
+  logits, extra, aux = _forward(params, batch['inputs'], batch, cfg)
   nll = token_nll(logits, batch['targets'])
-  w = batch['weights'].astype(jnp.float32)
-  correct = (jnp.argmax(logits, -1) == batch['targets']).astype(jnp.float32)
-  return jnp.sum(nll * w), jnp.sum(w), {'accuracy': jnp.sum(correct * w)}
+  return _sums(nll, logits, batch['targets'], batch['weights'].astype(jnp.float32), extra, aux)
 
 
 def prefix_lm_loss(params: dict, batch: dict, rng: jax.Array, cfg: ModelConfig):
@@ -43,15 +59,13 @@ def prefix_lm_loss(params: dict, batch: dict, rng: jax.Array, cfg: ModelConfig):
   """
   b, t = batch['inputs'].shape
   prefix_len = jax.random.randint(rng, (b,), 1, t)
-  logits, _ = model.forward(params, batch['inputs'], cfg, positions=batch.get('positions'),
-                            segment_ids=batch.get('segment_ids'), prefix_len=prefix_len)
+  logits, extra, aux = _forward(params, batch['inputs'], batch, cfg, prefix_len=prefix_len)
   # input position i predicts token i+1; tokens 1..p-1 are inside the prefix (seen), so
   # the first predicted token is p, from position p-1.
   after = jnp.arange(t)[None, :] >= prefix_len[:, None] - 1
   w = batch['weights'].astype(jnp.float32) * after
   nll = token_nll(logits, batch['targets'])
-  correct = (jnp.argmax(logits, -1) == batch['targets']).astype(jnp.float32)
-  return jnp.sum(nll * w), jnp.sum(w), {'accuracy': jnp.sum(correct * w)}
+  return _sums(nll, logits, batch['targets'], w, extra, aux)
 
 
 def bert_masking(rng: jax.Array, tokens: jax.Array, vocab_size: int, mask_id: int,
@@ -77,12 +91,9 @@ def masked_lm_loss(params: dict, batch: dict, rng: jax.Array, cfg: ModelConfig, 
   """
   tokens = batch['inputs']
   corrupted, chosen = bert_masking(rng, tokens, cfg.vocab_size, cfg.vocab_size, rate, batch['weights'])
-  logits, _ = model.forward(params, corrupted, cfg, positions=batch.get('positions'),
-                            segment_ids=batch.get('segment_ids'))
-  w = chosen.astype(jnp.float32)
+  logits, extra, aux = _forward(params, corrupted, batch, cfg)
   nll = token_nll(logits, tokens)
-  correct = (jnp.argmax(logits, -1) == tokens).astype(jnp.float32)
-  return jnp.sum(nll * w), jnp.sum(w), {'accuracy': jnp.sum(correct * w)}
+  return _sums(nll, logits, tokens, chosen.astype(jnp.float32), extra, aux)
 
 
 OBJECTIVES = {'next_token': next_token_loss, 'prefix_lm': prefix_lm_loss, 'masked_lm': masked_lm_loss}

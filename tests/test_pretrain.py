@@ -103,6 +103,7 @@ ARCHITECTURES = {
     'sandwich_alibi_bloom': dict(norm_position='sandwich', positions='alibi', embed_norm=True),
     'parallel_geglu': dict(parallel_block=True, activation='geglu', positions='rope'),
     'deepnorm_relu': dict(norm_position='deepnorm', activation='relu'),
+    'moe_top2': dict(moe_experts=4, moe_top_k=2),
 }
 
 
