@@ -77,7 +77,10 @@ def bootstrap(fit_fn: Callable[..., dict], arrays: tuple[np.ndarray, ...], n_boo
 
 def _power_law(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
   """log y = intercept + slope * log x, least squares."""
-  slope, intercept = np.polyfit(np.log(x), np.log(y), 1)
+  lx, ly = np.log(x), np.log(y)
+  if not (np.isfinite(lx).all() and np.isfinite(ly).all()):
+    raise ValueError('power-law fit needs finite, positive values')
+  slope, intercept = np.polyfit(lx, ly, 1)
   return slope, intercept
 
 
