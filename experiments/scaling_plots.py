@@ -50,7 +50,8 @@ def isoflop(pts: dict, fit: scaling.Fit, path: str) -> str:
     ax.scatter(pts['N'][sel], pts['loss'][sel], color=col, s=18, label=f'C = {b:.1e}')
     if b in minima:
       m = minima[b]
-      xs = np.linspace(np.log(pts['N'][sel].min()) - 0.3, np.log(pts['N'][sel].max()) + 0.3, 100)
+      fitted = np.log(m.get('fitted_N', pts['N'][sel]))
+      xs = np.linspace(fitted.min() - 0.2, fitted.max() + 0.2, 100)
       ax.plot(np.exp(xs), np.polyval(m['coeffs'], xs), color=col, lw=1)
       ax.plot(m['N_opt'], m['loss_opt'], '*', color=col, ms=12, mec='k')
   ax.set(xscale='log', xlabel='non-embedding parameters N', ylabel='validation loss',
@@ -60,13 +61,14 @@ def isoflop(pts: dict, fit: scaling.Fit, path: str) -> str:
   return _save(fig, path)
 
 
-def loss_vs_flops(pts: dict, env: scaling.Fit, path: str) -> str:
-  """Every run's loss vs its FLOPs, with the lower envelope (Chinchilla approach 1)."""
+def loss_vs_flops(pts: dict, env: scaling.Fit, path: str, ylabel: str = 'loss') -> str:
+  """Loss vs FLOPs for every point (final points, or points along each run's loss curve),
+  with the lower envelope (Chinchilla approach 1)."""
   fig, ax = plt.subplots(figsize=(6, 4))
   sc = ax.scatter(pts['C'], pts['loss'], c=np.log10(pts['N']), cmap='plasma', s=18)
   fig.colorbar(sc, ax=ax, label='log10 N')
   ax.plot(env.extra['envelope_flops'], env.extra['envelope_loss'], 'k-', lw=1, label='lower envelope')
-  ax.set(xscale='log', yscale='log', xlabel='training FLOPs C = 6ND', ylabel='validation loss')
+  ax.set(xscale='log', yscale='log', xlabel='training FLOPs C = 6ND', ylabel=ylabel)
   ax.legend(fontsize=7)
   ax.grid(alpha=0.3, which='both')
   return _save(fig, path)

@@ -80,8 +80,24 @@ def run(config: ConfigDict, workdir: str):
   print(format_table(results))
   if config.sweep.fit:
     from experiments import fit
-    fit.fit_and_plot(results, workdir)
+    fit.fit_and_plot(results, workdir, curves=loss_curves(results, workdir))
   return results
+
+
+def loss_curves(results: list[dict], workdir: str, smooth: int = 5) -> list[dict]:
+  """Each run's training-loss curve as (N, D so far, C so far, smoothed loss) points:
+  the data of Chinchilla's approach 1 (the envelope over all runs' curves)."""
+  points = []
+  for r in results:
+    rows = [x for x in metrics_lib.read(os.path.join(workdir, 'runs', r['name'], 'metrics.jsonl'))
+            if x.get('loss') is not None]
+    tokens_per_step = r['D'] / r['steps']
+    for i in range(smooth - 1, len(rows)):
+      window = rows[i - smooth + 1:i + 1]
+      d = rows[i]['step'] * tokens_per_step
+      points.append({'N': r['N'], 'D': d, 'C': 6.0 * r['N'] * d,
+                     'loss': sum(x['loss'] for x in window) / smooth})
+  return points
 
 
 def format_table(results: list[dict]) -> str:

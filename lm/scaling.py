@@ -124,13 +124,21 @@ def fit_km_joint(n, d, loss, n_boot: int = 100, seed: int = 0) -> Fit:
              {'law': 'L(N,D) = [(N_c/N)^(alpha_N/alpha_D) + D_c/D]^alpha_D'})
 
 
-def _approach1(n, d, c, loss, n_bins=None):
+def _envelope(c, loss) -> np.ndarray:
+  """Indices (in increasing C) of points whose loss is lower than every point with less compute."""
+  order = np.argsort(c, kind='stable')
+  best, keep = np.inf, []
+  for i in order:
+    if loss[i] < best:
+      best = loss[i]
+      keep.append(i)
+  return np.array(keep, int)
+
+
+def _approach1(n, d, c, loss):
   """Lower envelope of loss vs FLOPs, then N_opt ∝ C^a and D_opt ∝ C^b on the envelope."""
-  order = np.argsort(c)
-  n, d, c, loss = n[order], d[order], c[order], loss[order]
-  # For each point, is it the best loss among all runs with at most its compute?
-  keep = np.array([loss[i] <= loss[c <= c[i]].min() + 1e-12 for i in range(len(c))])
-  if keep.sum() < 2 or np.ptp(np.log(c[keep])) == 0:
+  keep = _envelope(c, loss)
+  if len(keep) < 2 or np.ptp(np.log(c[keep])) == 0:
     raise ValueError('the loss-vs-FLOPs envelope has fewer than two distinct points')
   a, ia = _power_law(c[keep], n[keep])
   b, ib = _power_law(c[keep], d[keep])
@@ -144,32 +152,40 @@ def fit_chinchilla_envelope(n, d, c, loss, n_boot: int = 200, seed: int = 0) -> 
   """
   arrays = tuple(np.asarray(x, float) for x in (n, d, c, loss))
   p = _approach1(*arrays)
-  order = np.argsort(arrays[2])
-  c_s, l_s = arrays[2][order], arrays[3][order]
-  env = [i for i in range(len(c_s)) if l_s[i] <= l_s[:i + 1].min() + 1e-12]
+  env = _envelope(arrays[2], arrays[3])
   return Fit(p, bootstrap(_approach1, arrays, n_boot, seed),
-             {'envelope_flops': c_s[env].tolist(), 'envelope_loss': l_s[env].tolist()})
+             {'envelope_flops': arrays[2][env].tolist(), 'envelope_loss': arrays[3][env].tolist()})
 
 
-def isoflop_minima(n, c, loss) -> list[dict]:
-  """For each FLOP budget: a parabola of loss in log N, and its minimum (Chinchilla approach 2)."""
+def isoflop_minima(n, c, loss, window: int = 2) -> list[dict]:
+  """For each FLOP budget: a parabola of loss in log N around the profile's lowest point,
+  and the parabola's minimum (Chinchilla approach 2).
+
+  Only the lowest run and up to `window` neighbours on each side are fitted: far from
+  the optimum a profile is not parabolic. A budget whose lowest run is the smallest or
+  largest model has no bracketed minimum and is skipped.
+  """
   out = []
   for budget in np.unique(c):
-    sel = c == budget
-    if sel.sum() < 3:
+    sel = np.flatnonzero(c == budget)
+    sel = sel[np.argsort(n[sel])]
+    if len(sel) < 3:
       continue
-    x, y = np.log(n[sel]), loss[sel]
+    best = int(np.argmin(loss[sel]))
+    if best in (0, len(sel) - 1):
+      continue
+    near = sel[max(0, best - window):best + window + 1]
+    x, y = np.log(n[near]), loss[near]
     m = x.mean()  # centre log N so the quadratic fit is well conditioned
     c2, u1, u0 = np.polyfit(x - m, y, 2)
-    c1, c0 = u1 - 2 * c2 * m, c2 * m * m - u1 * m + u0
     if c2 <= 0:
-      continue  # no interior minimum: the budget's sizes do not bracket the optimum
+      continue
+    c1, c0 = u1 - 2 * c2 * m, c2 * m * m - u1 * m + u0
     log_n_opt = -c1 / (2 * c2)
-    if not x.min() - 1 <= log_n_opt <= x.max() + 1:
-      continue  # the vertex is far outside the sizes tried: an extrapolation, not a minimum
     out.append({'flops': float(budget), 'N_opt': float(np.exp(log_n_opt)),
                 'D_opt': float(budget / (6 * np.exp(log_n_opt))),
-                'loss_opt': float(c0 - c1 ** 2 / (4 * c2)), 'coeffs': [float(c2), float(c1), float(c0)]})
+                'loss_opt': float(c0 - c1 ** 2 / (4 * c2)), 'coeffs': [float(c2), float(c1), float(c0)],
+                'fitted_N': n[near].tolist()})
   return out
 
 
