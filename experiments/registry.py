@@ -10,6 +10,7 @@ EXPERIMENTS: dict[str, str] = {
     'bench_train': 'experiments.bench:run',
     'scaling_sweep': 'experiments.sweep:run',
     'scaling_fit': 'experiments.fit:run',
+    'ablate_arch': 'experiments.ablate:run',
 }
 
 
