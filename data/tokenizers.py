@@ -1,17 +1,29 @@
 """Tokenizers: text <-> integer ids. Every tokenizer has encode, decode, vocab_size, save/load.
 
-`build(kind, texts, vocab_size, prefix)` makes one from a corpus: 'char', or SentencePiece
-'bpe' / 'unigram'; `load(path)` restores any of them.
+Three kinds, one interface (`kind`, `vocab_size`, `special_ids`, `eos_id`, `encode(text) ->
+int32 array`, `decode(ids) -> str`, `save(path)`):
 
-The character tokenizer reproduces nanoGPT's shakespeare_char setup: the vocabulary is
-the sorted set of characters in the corpus (65 for tinyshakespeare).
+  CharTokenizer           nanoGPT's shakespeare_char: the sorted set of corpus characters
+                          (65 for tinyshakespeare).
+  SentencePieceTokenizer  BPE or unigram subwords with byte fallback, trained here
+                          (`build_tokenizer('bpe' | 'unigram', texts, vocab_size, prefix)`) or
+                          any existing `.model` file (e.g. LLaMA's).
+  HFTokenizer             a Hugging Face `tokenizer.json` (the `tokenizers` library), so public
+                          checkpoints keep their own vocabulary.
+
+`save(path)` writes a small JSON file naming the kind (plus the model file beside it);
+`load(path)` restores any of them, and also accepts a bare `.model` or `tokenizer.json`.
+The embedding table is padded to `padded_vocab_size(n)` rows for even sharding; those
+extra ids are never produced by `encode` and are masked out when sampling.
 """
 from __future__ import annotations
 
+import importlib
+import itertools
 import json
 import os
 import shutil
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -22,6 +34,7 @@ class TokenizerError(ValueError):
 
 class CharTokenizer:
   kind = 'char'
+  special_ids: dict = {}  # no pad/bos/eos: nanoGPT's character models have none
 
   def __init__(self, chars: Iterable[str]):
     self.chars = sorted(set(chars))
@@ -63,10 +76,48 @@ class CharTokenizer:
       json.dump({'kind': self.kind, 'chars': ''.join(self.chars)}, f, ensure_ascii=False)
 
 
-# Special tokens, declared once. Their ids are fixed in every SentencePiece vocabulary.
-SPECIAL_IDS = {'pad': 0, 'bos': 1, 'eos': 2, 'unk': 3}
-# Markers for instruction tuning, reserved now so vocabularies stay compatible later.
-USER_SYMBOLS = ('<|instruction|>', '<|response|>', '<|end|>', '\n')
+# Special tokens, declared once, in id order: every vocabulary trained here has exactly these
+# ids. pad/bos/eos/unk are SentencePiece's own meta pieces; the markers for instruction
+# tuning are reserved now so that later stages keep the same vocabulary. All are control
+# symbols: `encode` never produces them from text (a user typing '<|response|>' gets ordinary
+# pieces, not the marker); code that needs one inserts its id.
+SPECIAL_TOKENS = {
+    'pad': '<pad>',
+    'bos': '<s>',
+    'eos': '</s>',
+    'unk': '<unk>',   # unused thanks to byte fallback, but SentencePiece requires one
+    'instruction': '<|instruction|>',
+    'response': '<|response|>',
+    'end': '<|end|>',
+}
+SPECIAL_IDS = {name: i for i, name in enumerate(SPECIAL_TOKENS)}
+_MARKERS = [p for n, p in SPECIAL_TOKENS.items() if n not in ('pad', 'bos', 'eos', 'unk')]
+# Ordinary text pieces that must stay atomic: a newline is its own piece, so a text can be
+# encoded line by line (in parallel) and give the same ids as encoding it whole.
+USER_SYMBOLS = ('\n',)
+MIN_SUBWORD_VOCAB = 300   # 256 byte pieces + specials + room for a few merges
+
+
+def padded_vocab_size(n: int, multiple: int = 128) -> int:
+  """n rounded up to a multiple (of 128, or the tensor-axis size) so the embedding shards evenly."""
+  if n <= 0 or multiple <= 0:
+    raise TokenizerError(f'padded_vocab_size needs positive sizes, got n={n}, multiple={multiple}.')
+  return -(-n // multiple) * multiple
+
+
+def sampling_mask(tokenizer, padded_size: int | None = None) -> np.ndarray:
+  """bool[padded_size]: the ids a model may generate.
+
+  Padding rows beyond the vocabulary, <pad>, <s> and <unk> are excluded; eos and the
+  instruction markers stay (a model must be able to end a response)."""
+  n = tokenizer.vocab_size
+  mask = np.zeros(padded_size or n, bool)
+  mask[:n] = True
+  ids = tokenizer.special_ids
+  for name in ('pad', 'bos', 'unk'):
+    if ids.get(name) is not None and ids[name] >= 0:
+      mask[ids[name]] = False
+  return mask
 
 
 class SentencePieceTokenizer:
@@ -74,40 +125,60 @@ class SentencePieceTokenizer:
 
   Trained with identity normalisation, no dummy prefix and whitespace kept as is, so
   decode(encode(text)) == text for any Unicode string: characters the training corpus
-  never contained become UTF-8 byte tokens instead of <unk>.
+  never contained become UTF-8 byte tokens instead of <unk>. Also wraps any existing
+  `.model` file; its special ids are then read from the model, not from SPECIAL_IDS.
   """
   kind = 'sentencepiece'
 
   def __init__(self, model_path: str):
     import sentencepiece as spm
-    if not os.path.exists(model_path):
+    if not os.path.isfile(model_path):
       raise TokenizerError(f'SentencePiece model {model_path} does not exist.')
     self.model_path = model_path
-    self.sp = spm.SentencePieceProcessor(model_file=model_path)
-    self._special = {i for i in range(self.sp.get_piece_size()) if self.sp.is_control(i)}
+    self.sp = spm.SentencePieceProcessor()
+    try:
+      self.sp.load(model_path)
+    except (OSError, RuntimeError) as e:
+      raise TokenizerError(f'{model_path} is not a readable SentencePiece model ({e}).') from None
+    self._control = np.array([self.sp.is_control(i) for i in range(self.vocab_size)], bool)
+    self._newline = self.sp.piece_to_id('\n')
+    # Line-parallel encoding is exact only when '\n' is an atomic piece (our vocabularies).
+    self._split_lines = self.sp.id_to_piece(self._newline) == '\n' and not self.sp.is_unknown(self._newline)
+    self._threads = min(8, os.cpu_count() or 1)
 
   @classmethod
   def train(cls, texts: Iterable[str], prefix: str, vocab_size: int, model_type: str = 'bpe',
-            max_lines: int = 2_000_000) -> 'SentencePieceTokenizer':
-    """Train on the lines of `texts`; writes PREFIX.model and PREFIX.vocab."""
+            max_lines: int = 2_000_000, character_coverage: float = 0.9995,
+            seed: int = 0) -> 'SentencePieceTokenizer':
+    """Train on the non-blank lines of `texts`; writes PREFIX.model and PREFIX.vocab.
+
+    At most `max_lines` lines, sampled uniformly (with `seed`) when the corpus has more."""
     import sentencepiece as spm
     if model_type not in ('bpe', 'unigram'):
       raise TokenizerError(f"SentencePiece model_type must be 'bpe' or 'unigram', got {model_type!r}.")
 
     def lines():
-      n = 0
       for t in texts:
         for line in t.split('\n'):
-          if line.strip() and n < max_lines:
-            n += 1
+          if line.strip():  # blank lines teach nothing; '\n' itself is a user symbol
             yield line
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=lines(), model_prefix=prefix, vocab_size=vocab_size, model_type=model_type,
-        byte_fallback=True, character_coverage=0.9995, normalization_rule_name='identity',
-        add_dummy_prefix=False, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-        split_digits=True, user_defined_symbols=list(USER_SYMBOLS),
-        pad_id=SPECIAL_IDS['pad'], bos_id=SPECIAL_IDS['bos'], eos_id=SPECIAL_IDS['eos'],
-        unk_id=SPECIAL_IDS['unk'], minloglevel=2, num_threads=2)
+    spm.set_random_generator_seed(seed)
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    try:
+      spm.SentencePieceTrainer.train(
+          sentence_iterator=lines(), model_prefix=prefix, vocab_size=vocab_size,
+          model_type=model_type, byte_fallback=True, character_coverage=character_coverage,
+          # Exact round trip: no NFKC, no dummy '▁' prefix, spaces kept as they are.
+          normalization_rule_name='identity', add_dummy_prefix=False,
+          remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
+          max_sentence_length=1 << 16, input_sentence_size=max_lines, shuffle_input_sentence=True,
+          control_symbols=_MARKERS, user_defined_symbols=list(USER_SYMBOLS),
+          pad_id=SPECIAL_IDS['pad'], bos_id=SPECIAL_IDS['bos'], eos_id=SPECIAL_IDS['eos'],
+          unk_id=SPECIAL_IDS['unk'], minloglevel=2, num_threads=min(16, os.cpu_count() or 1))
+    except RuntimeError as e:
+      # e.g. "Vocabulary size is too high (8000). Please set it to a value <= 1234."
+      raise TokenizerError(f'SentencePiece could not train a {vocab_size}-token {model_type} '
+                           f'vocabulary on this corpus: {str(e).splitlines()[-1]}') from None
     return cls(prefix + '.model')
 
   @property
@@ -115,21 +186,49 @@ class SentencePieceTokenizer:
     return self.sp.get_piece_size()
 
   @property
-  def eos_id(self) -> int:
-    return SPECIAL_IDS['eos']
+  def special_ids(self) -> dict[str, int]:
+    """Name -> id for the special tokens this model has (ours: exactly SPECIAL_IDS)."""
+    out = {'pad': self.sp.pad_id(), 'bos': self.sp.bos_id(), 'eos': self.sp.eos_id(),
+           'unk': self.sp.unk_id()}
+    for name, piece in SPECIAL_TOKENS.items():
+      if name not in out:
+        i = self.sp.piece_to_id(piece)
+        out[name] = i if self.sp.id_to_piece(i) == piece else -1
+    return {k: v for k, v in out.items() if v >= 0}
+
+  @property
+  def eos_id(self) -> int | None:
+    return self.special_ids.get('eos')
 
   def encode(self, text: str) -> np.ndarray:
+    """Ids of `text`; never a control id (pad/bos/eos/markers) and never an id >= vocab_size."""
+    if not text:
+      return np.zeros(0, np.int32)
+    if not self._split_lines:
+      return np.asarray(self.sp.encode(text), np.int32)
     # '\n' is an atomic piece, so encoding line by line (in parallel) gives the same ids
     # as encoding the whole text, several times faster.
-    lines = text.split('\n')
-    nl = self.sp.piece_to_id('\n')
-    parts = self.sp.encode(lines, num_threads=2)
-    out = [np.asarray(p + [nl], np.int32) for p in parts]
-    return np.concatenate(out)[:-1] if out else np.zeros(0, np.int32)
+    parts = self.sp.encode(text.split('\n'), num_threads=self._threads)
+    nl = [self._newline]
+    n = sum(map(len, parts)) + len(parts) - 1
+    ids = itertools.chain.from_iterable(p + nl for p in parts)  # lines joined by '\n' ids
+    return np.fromiter(ids, np.int32, count=n)  # count= stops before the trailing '\n'
 
-  def decode(self, ids: Iterable[int]) -> str:
-    ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size and int(i) not in self._special]
-    return self.sp.decode(ids)
+  def decode(self, ids: Iterable[int], keep_special: bool = False) -> str:
+    """Text of `ids`. Control ids (pad/bos/eos/markers) and ids outside the vocabulary are
+    dropped, or rendered as their piece (e.g. '<|response|>') with keep_special=True."""
+    ids = [int(i) for i in ids]
+    ids = [i for i in ids if 0 <= i < self.vocab_size]
+    if not keep_special:
+      return self.sp.decode([i for i in ids if not self._control[i]])
+    out, run = [], []
+    for i in ids:  # decode runs of ordinary ids; spell control ids out between them
+      if self._control[i]:
+        out += [self.sp.decode(run), self.sp.id_to_piece(i)]
+        run = []
+      else:
+        run.append(i)
+    return ''.join(out + [self.sp.decode(run)])
 
   def save(self, path: str) -> None:
     """A JSON pointer next to a copy of the .model file, so `load(path)` restores it."""
@@ -140,26 +239,135 @@ class SentencePieceTokenizer:
       json.dump({'kind': self.kind, 'model': os.path.basename(target)}, f)
 
 
-def build(kind: str, texts: list[str], vocab_size: int, prefix: str):
-  """A tokenizer of `kind` ('char', 'bpe' or 'unigram') built from the training texts."""
+# Names under which public tokenizer.json files spell the specials we use.
+_HF_SPECIAL_NAMES = {
+    'pad': ('<pad>', '<|pad|>', '[PAD]'),
+    'bos': ('<s>', '<|begin_of_text|>', '<bos>', '[CLS]'),
+    'eos': ('</s>', '<|endoftext|>', '<|end_of_text|>', '<eos>', '[SEP]'),
+    'unk': ('<unk>', '[UNK]'),
+}
+
+
+class HFTokenizer:
+  """A Hugging Face `tokenizer.json` (through the `tokenizers` library), e.g. GPT-2's or LLaMA's.
+
+  Exactness of the round trip is whatever that tokenizer gives (byte-level BPE is exact)."""
+  kind = 'hf'
+
+  def __init__(self, path: str, special_tokens: dict[str, str] | None = None):
+    if not os.path.isfile(path):
+      raise TokenizerError(f'Hugging Face tokenizer {path} does not exist.')
+    # importlib: this module is itself called `tokenizers`; we want the installed library.
+    hf = importlib.import_module('tokenizers')
+    try:
+      self.tk = hf.Tokenizer.from_file(path)
+    except Exception as e:  # the library raises a bare Exception for malformed files
+      raise TokenizerError(f'{path} is not a readable Hugging Face tokenizer.json ({e}).') from None
+    self.path = path
+    vocab = self.tk.get_vocab(with_added_tokens=True)
+    names = {k: (v,) for k, v in (special_tokens or {}).items()}
+    self._special = {}
+    for name, pieces in {**_HF_SPECIAL_NAMES, **names}.items():
+      hit = next((vocab[p] for p in pieces if p in vocab), None)
+      if hit is not None:
+        self._special[name] = hit
+
+  @property
+  def vocab_size(self) -> int:
+    return self.tk.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def special_ids(self) -> dict[str, int]:
+    return dict(self._special)
+
+  @property
+  def eos_id(self) -> int | None:
+    return self._special.get('eos')
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self.tk.encode(text, add_special_tokens=False).ids, np.int32)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self.tk.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size],
+                          skip_special_tokens=True)
+
+  def save(self, path: str) -> None:
+    """A JSON pointer next to a copy of the tokenizer.json (as STEM.hf.json)."""
+    target = os.path.splitext(path)[0] + '.hf.json'
+    if os.path.abspath(target) != os.path.abspath(self.path):
+      shutil.copyfile(self.path, target)
+    with open(path, 'w', encoding='utf-8') as f:
+      json.dump({'kind': self.kind, 'model': os.path.basename(target),
+                 'special_tokens': {k: self.tk.id_to_token(v) for k, v in self._special.items()}}, f)
+
+
+TOKENIZER_KINDS = ('char', 'bpe', 'unigram')
+
+
+def build_tokenizer(kind: str, texts: Sequence[str], vocab_size: int, prefix: str = '', **options):
+  """A tokenizer of `kind` ('char', 'bpe' or 'unigram') built from the training texts.
+
+  Subword kinds write PREFIX.model; `options` go to SentencePieceTokenizer.train
+  (max_lines, character_coverage, seed)."""
   if kind == 'char':
     return CharTokenizer.from_texts(texts)
   if kind in ('bpe', 'unigram'):
-    if vocab_size < 300:
+    if vocab_size < MIN_SUBWORD_VOCAB:
       raise TokenizerError(f'data.vocab_size={vocab_size} is too small for {kind}: byte fallback alone '
-                           'needs 256 ids plus specials; use at least 300.')
-    return SentencePieceTokenizer.train(texts, prefix, vocab_size, kind)
-  raise TokenizerError(f"data.tokenizer={kind!r} is not supported; choose 'char', 'bpe' or 'unigram'.")
+                           f'needs 256 ids plus specials; use at least {MIN_SUBWORD_VOCAB}.')
+    if not prefix:
+      raise TokenizerError(f'A {kind} tokenizer needs a file prefix to write its .model to.')
+    if not any(t.strip() for t in texts):
+      raise TokenizerError(f'A {kind} tokenizer needs non-blank training text.')
+    return SentencePieceTokenizer.train(texts, prefix, vocab_size, kind, **options)
+  raise TokenizerError(f"data.tokenizer={kind!r} is not supported; choose one of {TOKENIZER_KINDS}.")
+
+
+build = build_tokenizer  # the name the pretraining driver uses
 
 
 def load(path: str):
-  """Load a tokenizer saved by `save` (the kind is recorded in the file)."""
+  """Any tokenizer from disk: a pointer written by `save`, a SentencePiece `.model`, or a
+  Hugging Face `tokenizer.json`."""
+  path = os.fspath(path)
   if not os.path.exists(path):
     raise TokenizerError(f'Tokenizer file {path} does not exist; prepare the data first.')
-  with open(path, encoding='utf-8') as f:
-    meta = json.load(f)
-  if meta.get('kind') == 'char':
+  if path.endswith('.model'):
+    return SentencePieceTokenizer(path)
+  try:
+    with open(path, encoding='utf-8') as f:
+      meta = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError):
+    raise TokenizerError(f'Tokenizer file {path} is neither JSON nor a SentencePiece .model.') from None
+  if not isinstance(meta, dict):
+    raise TokenizerError(f'Tokenizer file {path} is JSON but not a tokenizer description.')
+  kind = meta.get('kind')
+  here = os.path.dirname(os.path.abspath(path))
+  if kind == 'char':
     return CharTokenizer(meta['chars'])
-  if meta.get('kind') == 'sentencepiece':
-    return SentencePieceTokenizer(os.path.join(os.path.dirname(os.path.abspath(path)), meta['model']))
-  raise TokenizerError(f'Tokenizer file {path} has unknown kind {meta.get("kind")!r}.')
+  if kind == 'sentencepiece':
+    return SentencePieceTokenizer(os.path.join(here, meta['model']))
+  if kind == 'hf':
+    return HFTokenizer(os.path.join(here, meta['model']), meta.get('special_tokens'))
+  if kind is None and isinstance(meta.get('model'), dict):  # a Hugging Face tokenizer.json itself
+    return HFTokenizer(path)
+  raise TokenizerError(f'Tokenizer file {path} has unknown kind {kind!r}.')
+
+
+def check_vocab(tokenizer, model_vocab_size: int, multiple: int = 128) -> None:
+  """Raise TokenizerError unless a model with `model_vocab_size` rows fits this tokenizer:
+  exactly its vocabulary, or that padded up to `multiple`."""
+  n = tokenizer.vocab_size
+  if model_vocab_size not in (n, padded_vocab_size(n, multiple)):
+    raise TokenizerError(
+        f'The tokenizer has {n} tokens but the model expects {model_vocab_size}; use the tokenizer '
+        f'the model was trained with, or set model.vocab_size={n}.')
+
+
+def bytes_per_token(tokenizer, texts: Iterable[str]) -> float:
+  """UTF-8 bytes per token over `texts`: the compression that makes subwords worth it."""
+  n_bytes = n_tokens = 0
+  for t in texts:
+    n_bytes += len(t.encode('utf-8'))
+    n_tokens += len(tokenizer.encode(t))
+  return n_bytes / max(n_tokens, 1)
