@@ -217,10 +217,11 @@ class SentencePieceTokenizer:
   def decode(self, ids: Iterable[int], keep_special: bool = False) -> str:
     """Text of `ids`. Control ids (pad/bos/eos/markers) and ids outside the vocabulary are
     dropped, or rendered as their piece (e.g. '<|response|>') with keep_special=True."""
-    ids = [int(i) for i in ids]
-    ids = [i for i in ids if 0 <= i < self.vocab_size]
+    ids = np.asarray(ids if hasattr(ids, '__len__') else list(ids), np.int64).ravel()
+    ids = ids[(ids >= 0) & (ids < self.vocab_size)]
     if not keep_special:
-      return self.sp.decode([i for i in ids if not self._control[i]])
+      return self.sp.decode(ids[~self._control[ids]].tolist())
+    ids = ids.tolist()
     out, run = [], []
     for i in ids:  # decode runs of ordinary ids; spell control ids out between them
       if self._control[i]:
