@@ -55,6 +55,7 @@ class ModelConfig:
   param_dtype: str = 'float32'
   attention_impl: str = 'auto'
   remat: str = 'none'
+  scan_unroll: int = 0           # layers per layer-scan iteration; 0 = all (fastest step; 1 = fastest compile)
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> 'ModelConfig':
@@ -87,6 +88,8 @@ class ModelConfig:
           f'RoPE needs an even head_dim, got {self.head_dim}; change d_model or n_heads.')
     check(self.positions != 'sinusoidal' or self.d_model % 2 == 0,
           f'Sinusoidal positions need an even d_model, got {self.d_model}.')
+    check(self.scan_unroll >= 0,
+          f'model.scan_unroll must be >= 0 (0 unrolls every layer), got {self.scan_unroll}.')
     check(self.moe_experts == 0 or 1 <= self.moe_top_k <= self.moe_experts,
           f'model.moe_top_k={self.moe_top_k} must be between 1 and model.moe_experts={self.moe_experts}.')
     check(not (self.parallel_block and self.norm_position != 'pre'),

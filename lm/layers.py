@@ -37,8 +37,28 @@ def dtype_of(name: str):
 
 
 def dense(x: jax.Array, w: jax.Array, spec: str, dtype) -> jax.Array:
-  """An einsum with the weight cast to the compute dtype (params may be float32)."""
-  return jnp.einsum(spec, x.astype(dtype), w.astype(dtype))
+  """An einsum with the weight cast to the compute dtype (params may be float32).
+
+  When x's contracted dims are its trailing ones (every projection here), it runs as one
+  2D matmul [tokens, in] @ [in, out]: XLA:CPU then picks row-major layouts for the
+  backward matmuls instead of transposing activations to feed them.
+  """
+  x, w = x.astype(dtype), w.astype(dtype)
+  ins, out = spec.split('->')
+  xs, ws = ins.split(',')
+  contracted = ''.join(a for a in xs if a in ws)   # e.g. 'd' or 'hk'
+  n, kept = len(contracted), ws.replace(contracted, '')
+  if n and xs.endswith(contracted) and out == xs[:-n] + kept:
+    k = math.prod(x.shape[-n:])
+    if ws.startswith(contracted):    # w: [in..., out...]
+      w2 = w.reshape(k, -1)
+    elif ws.endswith(contracted):    # w: [out..., in...] (tied embedding)
+      w2 = w.reshape(-1, k).T
+    else:
+      return jnp.einsum(spec, x, w)
+    y = x.reshape(-1, k) @ w2
+    return y.reshape(*x.shape[:-n], *(w.shape[ws.index(a)] for a in kept))
+  return jnp.einsum(spec, x, w)
 
 
 # Norms ------------------------------------------------------------------------
