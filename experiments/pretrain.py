@@ -41,13 +41,25 @@ def load_corpus(config: ConfigDict, workdir: str):
   return splits, trainer.process_zero_first(make_tokenizer, 'build tokenizer')
 
 
+def special_ids(config: ConfigDict) -> int:
+  """Ids the objective needs past the tokenizer's vocabulary (span corruption's sentinels)."""
+  if config.train.objective != 'span_corruption':
+    return 0
+  window = config.data.seq_len or config.model.max_seq_len
+  if config.model.arch != 'encoder_decoder':
+    window = objectives.decoder_span_length(window)
+  return objectives.num_special_ids(window)
+
+
 def model_config(config: ConfigDict, vocab_size: int) -> ModelConfig:
   m = config.model.to_dict()
+  want = vocab_size + special_ids(config)
   if m['vocab_size'] == 0:
-    m['vocab_size'] = vocab_size
-  elif m['vocab_size'] != vocab_size:
+    m['vocab_size'] = want
+  elif m['vocab_size'] != want:
     raise ConfigError(f'model.vocab_size={m["vocab_size"]} does not match the tokenizer\'s '
-                      f'{vocab_size} tokens; set --config.model.vocab_size=0 to take it from the tokenizer.')
+                      f'{vocab_size} tokens (+{want - vocab_size} objective ids); set '
+                      '--config.model.vocab_size=0 to take it from the tokenizer.')
   return ModelConfig.from_dict(m)
 
 
@@ -55,6 +67,9 @@ def check_objective(config: ConfigDict, cfg: ModelConfig) -> None:
   name = config.train.objective
   if name not in objectives.OBJECTIVES:
     raise ConfigError(f'train.objective={name!r} is not supported; choose one of {sorted(objectives.OBJECTIVES)}.')
+  if cfg.arch == 'encoder_decoder' and name != 'span_corruption':
+    raise ConfigError(f'train.objective={name} is for decoder-only models; the encoder-decoder '
+                      'trains with train.objective=span_corruption.')
   if name == 'masked_lm':
     if cfg.causal:
       raise ConfigError('train.objective=masked_lm needs a bidirectional model: set model.causal=False.')
@@ -84,7 +99,8 @@ def run(config: ConfigDict, workdir: str):
   train_stream = pipeline.tokenize_docs(splits['train'], tok)
   val_stream = pipeline.tokenize_docs(splits['validation'], tok)
   prompt = tok.encode(t.sample_prompt) if t.samples else None
-  if t.samples:
+  can_sample = cfg.causal and cfg.arch == 'decoder' and t.objective != 'span_corruption'
+  if t.samples and can_sample:
     decode.check_length(cfg, len(prompt), t.sample_tokens)
   # 2. Mesh, shardings and optimizer, all abstract so far.
   mesh = sharding.make_mesh(config.mesh.to_dict())
@@ -139,8 +155,12 @@ def run(config: ConfigDict, workdir: str):
   checkpointer.close()
 
   # 5. Samples from the trained model.
-  if t.samples and int(state.step) >= t.steps and cfg.causal:
-    write_samples(state.params, cfg, tok, prompt, config, workdir)
+  if t.samples and int(state.step) >= t.steps:
+    if can_sample:
+      write_samples(state.params, cfg, tok, prompt, config, workdir)
+    else:
+      print(f'(no free-running samples: the {t.objective} objective on a {cfg.arch} model '
+            'does not train a left-to-right generator over the tokenizer\'s vocabulary)')
   return state
 
 

@@ -12,7 +12,8 @@ from typing import Any, Mapping
 
 NORMS = ('layernorm', 'rmsnorm')
 ACTIVATIONS = ('gelu', 'gelu_tanh', 'relu', 'swiglu', 'geglu')
-POSITIONS = ('learned', 'sinusoidal', 'rope', 'alibi', 'none')
+POSITIONS = ('learned', 'sinusoidal', 'rope', 'alibi', 'relative', 'none')  # relative: T5's bucketed bias
+ARCHS = ('decoder', 'encoder_decoder')
 NORM_POSITIONS = ('pre', 'post', 'sandwich', 'deepnorm')
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
@@ -26,6 +27,8 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int = 256          # tokens the tokenizer can produce
+  arch: str = 'decoder'          # 'encoder_decoder': T5-style, n_encoder_layers + n_layers (lm/encdec.py)
+  n_encoder_layers: int = 0      # encoder depth of an encoder-decoder; 0 means = n_layers
   d_model: int = 128
   n_layers: int = 4
   n_heads: int = 4
@@ -47,6 +50,9 @@ class ModelConfig:
   activation: str = 'gelu'
   positions: str = 'learned'
   rope_theta: float = 10000.0
+  rel_buckets: int = 32          # T5 relative-position buckets (half exact, half log-spaced)
+  rel_max_distance: int = 128    # distances beyond this share the last bucket
+  scale_attention: bool = True   # scores / sqrt(head_dim); T5 folds the scale into its init instead
   use_bias: bool = True
   tie_embeddings: bool = True
   init_std: float = 0.02
@@ -70,7 +76,7 @@ class ModelConfig:
     def check(ok, msg):
       if not ok:
         raise ConfigError(msg)
-    for name, allowed in (('norm', NORMS), ('activation', ACTIVATIONS), ('positions', POSITIONS),
+    for name, allowed in (('arch', ARCHS), ('norm', NORMS), ('activation', ACTIVATIONS), ('positions', POSITIONS),
                           ('norm_position', NORM_POSITIONS),
                           ('attention_impl', ATTENTION_IMPLS), ('remat', REMAT_POLICIES),
                           ('dtype', DTYPES), ('param_dtype', DTYPES)):
@@ -94,6 +100,19 @@ class ModelConfig:
           f'model.moe_top_k={self.moe_top_k} must be between 1 and model.moe_experts={self.moe_experts}.')
     check(not (self.parallel_block and self.norm_position != 'pre'),
           f'model.parallel_block needs norm_position="pre", got {self.norm_position!r}.')
+    check(self.n_encoder_layers >= 0, f'model.n_encoder_layers must be >= 0, got {self.n_encoder_layers}.')
+    if self.arch == 'encoder_decoder':
+      check(self.positions in ('relative', 'learned', 'sinusoidal', 'none'),
+            f'model.positions={self.positions!r} does not combine with the encoder-decoder: it uses '
+            "T5's relative position bias (positions='relative') or absolute positions "
+            "('learned', 'sinusoidal'); ALiBi and RoPE are decoder-only here.")
+      check(self.norm_position in ('pre', 'post', 'sandwich'),
+            f'model.norm_position={self.norm_position!r} is not supported by the encoder-decoder '
+            "(DeepNorm's encoder/decoder constants differ); use 'pre', 'post' or 'sandwich'.")
+      check(not self.parallel_block, 'model.parallel_block is decoder-only; set it False for the encoder-decoder.')
+      check(self.moe_experts == 0, 'model.moe_experts is decoder-only here; set it to 0 for the encoder-decoder.')
+      check(self.causal, 'model.causal must stay True for the encoder-decoder: its encoder is always '
+            'bidirectional and its decoder always causal.')
 
   # Derived sizes -------------------------------------------------------------
   @property
@@ -111,6 +130,10 @@ class ModelConfig:
   @property
   def gated(self) -> bool:
     return self.activation in ('swiglu', 'geglu')
+
+  @property
+  def encoder_layers(self) -> int:
+    return (self.n_encoder_layers or self.n_layers) if self.arch == 'encoder_decoder' else 0
 
   @property
   def has_final_norm(self) -> bool:
@@ -139,21 +162,29 @@ class ModelConfig:
       mlp += f * (2 if self.gated else 1) + d
     if self.moe_experts:  # experts carry no biases; the router is d x E
       mlp = self.moe_experts * d * f * (3 if self.gated else 2) + d * self.moe_experts
-    norms_per_layer = {'pre': 2, 'post': 2, 'deepnorm': 2, 'sandwich': 4}[self.norm_position]
+    norms_per_sublayer = 2 if self.norm_position == 'sandwich' else 1
+    norms_per_layer = 2 * norms_per_sublayer
     if self.parallel_block:
       norms_per_layer = 1
     per_layer = attn + mlp + norms_per_layer * norm
     embed = self.vocab_size * d
+    final_norm = norm if self.has_final_norm else 0
+    stacks = 2 if self.arch == 'encoder_decoder' else 1
     counts = {
         'embedding': embed + (norm if self.embed_norm else 0),
-        'positions': self.max_seq_len * d if self.positions == 'learned' else 0,
+        'positions': (self.max_seq_len * d if self.positions == 'learned' else 0)
+                     + (stacks * self.rel_buckets * h if self.positions == 'relative' else 0),
         'layers': self.n_layers * per_layer,
-        'final_norm': norm if self.has_final_norm else 0,
+        'final_norm': final_norm,
         'lm_head': 0 if self.tie_embeddings else embed,
     }
+    if self.arch == 'encoder_decoder':
+      # every decoder layer adds cross-attention and its norm(s); the encoder has its own final norm
+      counts['layers'] += self.n_layers * (attn + norms_per_sublayer * norm)
+      counts['encoder'] = self.encoder_layers * per_layer + final_norm
     counts['total'] = sum(counts.values())
     # Kaplan et al.'s N: everything except embeddings and positions.
-    counts['non_embedding'] = counts['layers'] + counts['final_norm']
+    counts['non_embedding'] = counts['layers'] + counts['final_norm'] + counts.get('encoder', 0)
     return counts
 
   def num_params(self, non_embedding: bool = False) -> int:
@@ -170,8 +201,11 @@ class ModelConfig:
     """
     t = seq_len or self.max_seq_len
     c = self.param_counts()
-    matmul_params = c['layers'] + self.vocab_size * self.d_model
-    return 6.0 * matmul_params + 6.0 * self.n_layers * t * self.n_heads * self.head_dim
+    # An encoder-decoder is counted as if each token went through both stacks (an upper
+    # bound: span corruption shortens both sides).
+    matmul_params = c['layers'] + c.get('encoder', 0) + self.vocab_size * self.d_model
+    attn_layers = self.n_layers * (2 if self.arch == 'encoder_decoder' else 1) + self.encoder_layers
+    return 6.0 * matmul_params + 6.0 * attn_layers * t * self.n_heads * self.head_dim
 
 
 PRESETS: dict[str, dict[str, Any]] = {

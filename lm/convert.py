@@ -1,4 +1,5 @@
-"""Import and export Hugging Face GPT-2 and LLaMA checkpoints (safetensors) to our params.
+"""Import and export Hugging Face GPT-2 and LLaMA checkpoints (safetensors) to our params;
+import T5 (v1.0: ReLU MLP) encoder-decoder checkpoints.
 
 Import streams the checkpoint tensor by tensor into preallocated stacked arrays, so
 memory holds our params plus one tensor, never two copies of the model (the complaint
@@ -44,8 +45,20 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
       raise ConfigError('This LLaMA checkpoint uses rope_scaling, which lm.layers.rope does not implement.')
     if hf.get('head_dim') not in (None, c['d_model'] // c['n_heads']):
       raise ConfigError('This LLaMA checkpoint has head_dim != hidden_size / heads, which is not supported.')
+  elif kind == 't5':
+    if hf.get('feed_forward_proj', 'relu') != 'relu':
+      raise ConfigError(f'This T5 checkpoint uses feed_forward_proj={hf["feed_forward_proj"]!r}; '
+                        'only T5 v1.0 (relu) checkpoints can be imported.')
+    c = dict(arch='encoder_decoder', vocab_size=hf['vocab_size'], d_model=hf['d_model'],
+             d_head=hf['d_kv'], d_ff=hf['d_ff'], n_encoder_layers=hf['num_layers'],
+             n_layers=hf.get('num_decoder_layers') or hf['num_layers'], n_heads=hf['num_heads'],
+             max_seq_len=hf.get('n_positions', 512), norm='rmsnorm',
+             norm_eps=hf.get('layer_norm_epsilon', 1e-6), activation='relu', positions='relative',
+             rel_buckets=hf.get('relative_attention_num_buckets', 32),
+             rel_max_distance=hf.get('relative_attention_max_distance', 128), use_bias=False,
+             scale_attention=False, tie_embeddings=bool(hf.get('tie_word_embeddings', True)))
   else:
-    raise ConfigError(f'Unsupported model_type {kind!r}; lm.convert handles gpt2 and llama.')
+    raise ConfigError(f'Unsupported model_type {kind!r}; lm.convert handles gpt2, llama and t5.')
   c.update(overrides)
   return ModelConfig(**c)
 
@@ -119,8 +132,40 @@ def _llama_map(cfg: ModelConfig) -> dict[str, tuple]:
   return m
 
 
+def _t5_map(cfg: ModelConfig) -> dict[str, tuple]:
+  d, h, hd = cfg.d_model, cfg.n_heads, cfg.head_dim
+  qkv = lambda w: w.T.reshape(d, h, hd)         # Linear [h*hd, d] -> [d, h, hd]
+  out = lambda w: w.T.reshape(h, hd, d)
+  same, t = (lambda w: w), (lambda w: w.T)
+  m = {'shared.weight': (('embed',), None, same),
+       'encoder.final_layer_norm.weight': (('encoder', 'final_norm', 'scale'), None, same),
+       'decoder.final_layer_norm.weight': (('decoder', 'final_norm', 'scale'), None, same),
+       'encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight':
+           (('encoder', 'rel_bias'), None, same),
+       'decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight':
+           (('decoder', 'rel_bias'), None, same)}
+  if not cfg.tie_embeddings:
+    m['lm_head.weight'] = (('lm_head',), None, t)
+  for stack, n in (('encoder', cfg.encoder_layers), ('decoder', cfg.n_layers)):
+    # (HF sublayer, its attention module or None for the MLP, our attention group, our norm)
+    subs = [(0, 'SelfAttention', 'attn', 'ln1')]
+    subs += [(1, 'EncDecAttention', 'cross', 'ln_cross'), (2, None, 'mlp', 'ln2')] if stack == 'decoder' \
+        else [(1, None, 'mlp', 'ln2')]
+    for i in range(n):
+      for j, module, ours, ln in subs:
+        p = f'{stack}.block.{i}.layer.{j}.'
+        m[p + 'layer_norm.weight'] = ((stack, 'layers', ln, 'scale'), i, same)
+        if module:
+          for x, fn in (('q', qkv), ('k', qkv), ('v', qkv), ('o', out)):
+            m[p + f'{module}.{x}.weight'] = ((stack, 'layers', ours, 'w' + x), i, fn)
+        else:
+          m[p + 'DenseReluDense.wi.weight'] = ((stack, 'layers', 'mlp', 'wi'), i, t)
+          m[p + 'DenseReluDense.wo.weight'] = ((stack, 'layers', 'mlp', 'wo'), i, t)
+  return m
+
+
 def _name_map(cfg: ModelConfig, kind: str) -> dict:
-  return _gpt2_map(cfg) if kind == 'gpt2' else _llama_map(cfg)
+  return {'gpt2': _gpt2_map, 'llama': _llama_map, 't5': _t5_map}[kind](cfg)
 
 
 # Import ----------------------------------------------------------------------------------------------
@@ -161,7 +206,7 @@ def _set(tree: dict, path: tuple, layer, value: np.ndarray) -> None:
 
 
 def import_hf(path: str, dtype=np.float32, **overrides) -> tuple[dict, ModelConfig]:
-  """Load a Hugging Face GPT-2 / LLaMA directory (config.json + safetensors) as (params, cfg)."""
+  """Load a Hugging Face GPT-2 / LLaMA / T5 directory (config.json + safetensors) as (params, cfg)."""
   with open(os.path.join(path, 'config.json')) as f:
     hf = json.load(f)
   cfg = config_from_hf(hf, **overrides)
@@ -176,8 +221,9 @@ def import_hf(path: str, dtype=np.float32, **overrides) -> tuple[dict, ModelConf
   for name, tensor in _iter_tensors(_safetensor_files(path)):
     targets = fused.get(name) or ([names[name]] if name in names else [])
     if not targets:
-      if name.endswith(('attn.bias', 'attn.masked_bias', 'rotary_emb.inv_freq')) or name == 'lm_head.weight':
-        continue  # buffers, or the tied output layer that shares the embedding
+      if (name.endswith(('attn.bias', 'attn.masked_bias', 'rotary_emb.inv_freq', 'embed_tokens.weight'))
+          or name == 'lm_head.weight'):
+        continue  # buffers, or copies of the (tied) embedding
       raise ConfigError(f'Unexpected tensor {name!r} in {path}; is it a {hf["model_type"]} checkpoint?')
     for tree_path, layer, fn in targets:
       _set(params, tree_path, layer, np.asarray(fn(tensor.astype(np.float32)), dtype))

@@ -32,6 +32,22 @@ class Spec:
     return dataclasses.replace(self, shape=(n, *self.shape), axes=(axis_name, *self.axes))
 
 
+def init_from_specs(specs, key: jax.Array, param_dtype) -> dict:
+  """Materialise a tree of Specs; leaf i gets fold_in(key, i), so init is deterministic."""
+  is_spec = lambda x: isinstance(x, Spec)
+  leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
+  out = []
+  for i, s in enumerate(leaves):
+    if s.init == 'zeros':
+      out.append(jnp.zeros(s.shape, param_dtype))
+    elif s.init == 'ones':
+      out.append(jnp.ones(s.shape, param_dtype))
+    else:
+      k = jax.random.fold_in(key, i)
+      out.append((s.std * jax.random.normal(k, s.shape, jnp.float32)).astype(param_dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
 def dtype_of(name: str):
   return jnp.dtype(name)
 
@@ -190,6 +206,68 @@ def alibi_slopes(n_heads: int) -> jax.Array:
   return jnp.asarray(slopes, jnp.float32)
 
 
+def relative_bucket(rel: jax.Array, bidirectional: bool, num_buckets: int,
+                    max_distance: int) -> jax.Array:
+  """T5's bucket of a relative position rel = key_pos - query_pos (Raffel et al. 2020).
+
+  Half the buckets hold exact small distances, the other half log-spaced distances up to
+  max_distance (beyond it, the last bucket). Bidirectional attention spends half the
+  buckets on keys after the query; causal attention sees only keys at or before it.
+  """
+  out = jnp.zeros_like(rel)
+  if bidirectional:
+    num_buckets //= 2
+    out = out + (rel > 0).astype(rel.dtype) * num_buckets
+    n = jnp.abs(rel)
+  else:
+    n = jnp.maximum(-rel, 0)
+  exact = num_buckets // 2
+  # log-spaced buckets; the max() only guards log(0) in lanes that take the exact branch
+  far = exact + (jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / exact)
+                 / math.log(max_distance / exact) * (num_buckets - exact)).astype(rel.dtype)
+  far = jnp.minimum(far, num_buckets - 1)
+  return out + jnp.where(n < exact, n, far)
+
+
+def relative_bias(table: jax.Array, q_pos: jax.Array, kv_pos: jax.Array, bidirectional: bool,
+                  cfg: ModelConfig) -> jax.Array:
+  """[B, heads, T, S] additive attention bias from a [buckets, heads] table."""
+  rel = kv_pos[:, None, :] - q_pos[:, :, None]
+  buckets = relative_bucket(rel, bidirectional, cfg.rel_buckets, cfg.rel_max_distance)
+  return jnp.moveaxis(jnp.asarray(table, jnp.float32)[buckets], -1, 1)
+
+
+def relative_bias_spec(cfg: ModelConfig) -> Spec:
+  return Spec((cfg.rel_buckets, cfg.n_heads), (None, 'heads'), std=cfg.init_std)
+
+
+# Residual sublayers ---------------------------------------------------------------
+def residual(p: dict, name: str, x: jax.Array, f, cfg: ModelConfig) -> jax.Array:
+  """x combined with sublayer f, with the norm(s) where cfg.norm_position puts them:
+
+    pre       x + f(norm(x))                 (GPT-2, LLaMA, T5)
+    post      norm(x + f(x))                 (original Transformer, BERT)
+    sandwich  x + norm_out(f(norm(x)))       (CogView)
+    deepnorm  norm(alpha * x + f(x))         (DeepNet; alpha = (2N)^(1/4))
+
+  p[name] is the sublayer's norm, p[name + '_out'] the sandwich's second norm.
+  """
+  where = cfg.norm_position
+  if where == 'pre':
+    return x + f(norm(p[name], x, cfg))
+  if where == 'sandwich':
+    return x + norm(p[name + '_out'], f(norm(p[name], x, cfg)), cfg)
+  alpha = cfg.deepnorm_alpha if where == 'deepnorm' else 1.0
+  return norm(p[name], alpha * x + f(x), cfg)
+
+
+def sublayer_norm_specs(cfg: ModelConfig, name: str) -> dict[str, dict]:
+  specs = {name: norm_specs(cfg)}
+  if cfg.norm_position == 'sandwich':
+    specs[name + '_out'] = norm_specs(cfg)
+  return specs
+
+
 # Attention ----------------------------------------------------------------------
 def attention_specs(cfg: ModelConfig, out_std: float) -> dict[str, Spec]:
   d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
@@ -224,13 +302,14 @@ def attention_mask(q_pos, kv_pos, q_seg=None, kv_seg=None, causal: bool = True,
   return mask
 
 
-def _xla_attention(q, k, v, mask, bias=None):
+def _xla_attention(q, k, v, mask, bias=None, scale=True):
   """Plain softmax(QK^T/sqrt(d) + bias)V with grouped-query heads; softmax in float32."""
   b, t, h, hd = q.shape
   kv = k.shape[2]
   q = q.reshape(b, t, kv, h // kv, hd)
   scores = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)
-  scores = scores / math.sqrt(hd)
+  if scale:
+    scores = scores / math.sqrt(hd)
   if bias is not None:  # [B, H, T, S] -> grouped like the scores
     scores = scores + bias.reshape(b, kv, h // kv, t, -1)
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
@@ -248,19 +327,37 @@ def _use_fused(cfg: ModelConfig) -> bool:
 
 def attention(p: dict, x: jax.Array, cfg: ModelConfig, positions: jax.Array,
               segment_ids: jax.Array | None = None, cache: dict | None = None,
-              cache_index: jax.Array | None = None, prefix_len: jax.Array | None = None):
-  """Multi-head / grouped-query / multi-query self-attention.
+              cache_index: jax.Array | None = None, prefix_len: jax.Array | None = None, *,
+              causal: bool | None = None, rel_table: jax.Array | None = None,
+              memory: jax.Array | None = None, memory_segment_ids: jax.Array | None = None):
+  """Multi-head / grouped-query / multi-query attention.
 
   Without a cache, keys are the T inputs themselves. With a cache ({'k','v'} of shape
   [B, S, kv_heads, head_dim}), the new keys are written at `cache_index` and queries
   attend over all S slots (masked by position). Returns (output, updated cache).
+
+  `causal` overrides cfg.causal (an encoder-decoder's encoder is bidirectional);
+  `rel_table` is a [buckets, heads] T5 relative-bias table shared by the stack's layers;
+  `memory` [B, S, d] makes this cross-attention: keys and values come from the encoder
+  output, every query sees every (same-segment) memory slot, and no positions apply.
   """
   dt = dtype_of(cfg.dtype)
+  causal = cfg.causal if causal is None else causal
+  kv_in = x if memory is None else memory
   q = dense(x, p['wq'], 'btd,dhk->bthk', dt)
-  k = dense(x, p['wk'], 'btd,dhk->bthk', dt)
-  v = dense(x, p['wv'], 'btd,dhk->bthk', dt)
+  k = dense(kv_in, p['wk'], 'btd,dhk->bthk', dt)
+  v = dense(kv_in, p['wv'], 'btd,dhk->bthk', dt)
   if 'bq' in p:
     q, k, v = q + p['bq'].astype(dt), k + p['bk'].astype(dt), v + p['bv'].astype(dt)
+  if memory is not None:
+    b, s = memory.shape[:2]
+    mem_seg = memory_segment_ids
+    q_seg = None if mem_seg is None else (
+        segment_ids if segment_ids is not None else jnp.ones(x.shape[:2], mem_seg.dtype))
+    mask = attention_mask(positions, jnp.zeros((b, s), jnp.int32), q_seg, mem_seg, causal=False)
+    out = _xla_attention(q, k.astype(dt), v.astype(dt), mask, None, cfg.scale_attention)
+    y = dense(out, p['wo'], 'bthk,hkd->btd', dt)
+    return (y + p['bo'].astype(dt) if 'bo' in p else y), cache
   if cfg.positions == 'rope':
     q = rope(q, positions, cfg.rope_theta)
     k = rope(k, positions, cfg.rope_theta)
@@ -276,17 +373,20 @@ def attention(p: dict, x: jax.Array, cfg: ModelConfig, positions: jax.Array,
     kv_pos = jnp.broadcast_to(slots, (x.shape[0], k.shape[1]))
     kv_seg = None
   mask = attention_mask(positions, kv_pos, segment_ids if cache is None else None, kv_seg,
-                        cfg.causal, prefix_len)
+                        causal, prefix_len)
   bias = None
   if cfg.positions == 'alibi':  # -slope_h * distance, added to the scores
     dist = jnp.abs(positions[:, :, None] - kv_pos[:, None, :]).astype(jnp.float32)
     bias = -alibi_slopes(cfg.n_heads)[None, :, None, None] * dist[:, None]
+  elif cfg.positions == 'relative':
+    bias = relative_bias(rel_table, positions, kv_pos, not causal or prefix_len is not None, cfg)
 
   if _use_fused(cfg) and cache is None:
+    scale = None if cfg.scale_attention else 1.0
     out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(dt),
-                                       mask=mask[:, None], implementation=None)
+                                       mask=mask[:, None], scale=scale, implementation=None)
   else:
-    out = _xla_attention(q, k.astype(dt), v.astype(dt), mask, bias)
+    out = _xla_attention(q, k.astype(dt), v.astype(dt), mask, bias, cfg.scale_attention)
   y = dense(out, p['wo'], 'bthk,hkd->btd', dt)
   if 'bo' in p:
     y = y + p['bo'].astype(dt)

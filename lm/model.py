@@ -10,7 +10,6 @@ layer); cfg.scan_unroll trades compile time for step time.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -28,18 +27,18 @@ REMAT_POLICIES = {
 
 
 # Parameters ---------------------------------------------------------------------------
-def layer_specs(cfg: ModelConfig) -> dict:
+def layer_specs(cfg: ModelConfig, cross_attention: bool = False) -> dict:
+  """One block's params; cross_attention adds an encoder-decoder's decoder sublayer."""
   # GPT-2's scaled init of the residual projections: std / sqrt(2 * n_layers).
   out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-  specs = {'ln1': layers.norm_specs(cfg),
-           'attn': layers.attention_specs(cfg, out_std),
-           'ln2': layers.norm_specs(cfg),
-           'mlp': moe.moe_specs(cfg, out_std) if cfg.moe_experts else layers.mlp_specs(cfg, out_std)}
+  specs = {'attn': layers.attention_specs(cfg, out_std),
+           'mlp': moe.moe_specs(cfg, out_std) if cfg.moe_experts else layers.mlp_specs(cfg, out_std),
+           **layers.sublayer_norm_specs(cfg, 'ln1'), **layers.sublayer_norm_specs(cfg, 'ln2')}
+  if cross_attention:
+    specs['cross'] = layers.attention_specs(cfg, out_std)
+    specs.update(layers.sublayer_norm_specs(cfg, 'ln_cross'))
   if cfg.parallel_block:
     del specs['ln2']          # one norm feeds both branches
-  if cfg.norm_position == 'sandwich':
-    specs['ln1_out'] = layers.norm_specs(cfg)
-    specs['ln2_out'] = layers.norm_specs(cfg)
   if cfg.norm_position == 'deepnorm':
     # DeepNet init: the value, output and MLP weights scaled by beta = (8N)^(-1/4).
     beta = (8 * cfg.n_layers) ** -0.25
@@ -51,6 +50,9 @@ def layer_specs(cfg: ModelConfig) -> dict:
 
 
 def param_specs(cfg: ModelConfig) -> dict:
+  if cfg.arch == 'encoder_decoder':
+    from lm import encdec  # encdec builds on this module; import late to avoid a cycle
+    return encdec.param_specs(cfg)
   specs = {
       'embed': Spec((cfg.padded_vocab, cfg.d_model), ('vocab', 'embed'), std=cfg.init_std),
       'layers': jax.tree.map(lambda s: s.stacked(cfg.n_layers), layer_specs(cfg),
@@ -62,6 +64,8 @@ def param_specs(cfg: ModelConfig) -> dict:
     specs['embed_norm'] = layers.norm_specs(cfg)
   if cfg.positions == 'learned':
     specs['pos_embed'] = Spec((cfg.max_seq_len, cfg.d_model), (None, 'embed'), std=cfg.init_std)
+  if cfg.positions == 'relative':  # one T5 bias table shared by all layers
+    specs['rel_bias'] = layers.relative_bias_spec(cfg)
   if not cfg.tie_embeddings:
     specs['lm_head'] = Spec((cfg.d_model, cfg.padded_vocab), ('embed', 'vocab'), std=cfg.init_std)
   return specs
@@ -75,19 +79,7 @@ def logical_axes(cfg: ModelConfig) -> dict:
   return jax.tree.map(lambda s: s.axes, param_specs(cfg), is_leaf=_is_spec)
 
 
-def init_from_specs(specs, key: jax.Array, param_dtype) -> dict:
-  """Materialise a tree of Specs; leaf i gets fold_in(key, i), so init is deterministic."""
-  leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
-  out = []
-  for i, s in enumerate(leaves):
-    if s.init == 'zeros':
-      out.append(jnp.zeros(s.shape, param_dtype))
-    elif s.init == 'ones':
-      out.append(jnp.ones(s.shape, param_dtype))
-    else:
-      k = jax.random.fold_in(key, i)
-      out.append((s.std * jax.random.normal(k, s.shape, jnp.float32)).astype(param_dtype))
-  return jax.tree.unflatten(treedef, out)
+init_from_specs = layers.init_from_specs
 
 
 def init(cfg: ModelConfig, key: jax.Array) -> dict:
@@ -110,19 +102,16 @@ def embed(params: dict, tokens: jax.Array, positions: jax.Array, cfg: ModelConfi
 
 
 def block(p: dict, x: jax.Array, cfg: ModelConfig, positions, segment_ids, cache, cache_index,
-          prefix_len=None):
-  """One residual block; where the norms sit is cfg.norm_position:
-
-    pre       x + f(norm(x))                 (GPT-2, LLaMA)
-    post      norm(x + f(x))                 (original Transformer, BERT)
-    sandwich  x + norm_out(f(norm(x)))       (CogView)
-    deepnorm  norm(alpha * x + f(x))         (DeepNet; alpha = (2N)^(1/4))
-  and with cfg.parallel_block: x + attn(norm(x)) + mlp(norm(x)) (GPT-J, PaLM).
-  """
-  norm = functools.partial(layers.norm, cfg=cfg)
-  attn = lambda h: layers.attention(p['attn'], h, cfg, positions, segment_ids, cache, cache_index,
-                                    prefix_len)
+          prefix_len=None, rel_table=None):
+  """One residual block: attention then MLP, each wrapped by layers.residual (the norm
+  placement), or with cfg.parallel_block x + attn(norm(x)) + mlp(norm(x)) (GPT-J, PaLM)."""
   aux = {}
+
+  def attn(h):
+    nonlocal cache
+    y, cache = layers.attention(p['attn'], h, cfg, positions, segment_ids, cache, cache_index,
+                                prefix_len, rel_table=rel_table)
+    return y
 
   def mlp(h):
     nonlocal aux
@@ -131,21 +120,12 @@ def block(p: dict, x: jax.Array, cfg: ModelConfig, positions, segment_ids, cache
       return y
     return layers.mlp(p['mlp'], h, cfg)
 
-  where = cfg.norm_position
   if cfg.parallel_block:
-    h = norm(p['ln1'], x)
-    a, cache = attn(h)
-    x = x + a + mlp(h)
-  elif where in ('pre', 'sandwich'):
-    a, cache = attn(norm(p['ln1'], x))
-    x = x + (norm(p['ln1_out'], a) if where == 'sandwich' else a)
-    m = mlp(norm(p['ln2'], x))
-    x = x + (norm(p['ln2_out'], m) if where == 'sandwich' else m)
-  else:  # post / deepnorm
-    alpha = cfg.deepnorm_alpha if where == 'deepnorm' else 1.0
-    a, cache = attn(x)
-    x = norm(p['ln1'], alpha * x + a)
-    x = norm(p['ln2'], alpha * x + mlp(x))
+    h = layers.norm(p['ln1'], x, cfg)
+    x = x + attn(h) + mlp(h)
+  else:
+    x = layers.residual(p, 'ln1', x, attn, cfg)
+    x = layers.residual(p, 'ln2', x, mlp, cfg)
   return sharding.constrain(x, ('batch', 'length', 'embed')), cache, aux
 
 
@@ -158,6 +138,8 @@ def hidden_states(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
   positions default to 0..T-1 (offset by cache_index when decoding); segment_ids, if
   given, keep packed documents from attending across each other.
   """
+  if cfg.arch != 'decoder':
+    raise ValueError('lm.model runs decoder-only models; use lm.encdec for an encoder-decoder.')
   b, t = tokens.shape
   if positions is None:
     start = 0 if cache_index is None else cache_index
@@ -167,7 +149,8 @@ def hidden_states(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
   def body(carry, layer):
     x, aux_sum = carry
     p, c = layer
-    x, c, aux = block(p, x, cfg, positions, segment_ids, c, cache_index, prefix_len)
+    x, c, aux = block(p, x, cfg, positions, segment_ids, c, cache_index, prefix_len,
+                      params.get('rel_bias'))
     return (x, jax.tree.map(jnp.add, aux_sum, aux)), c
 
   if cfg.remat != 'none':

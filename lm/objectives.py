@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lm import model
+from lm import encdec, model
 from lm.config import ModelConfig
 
 
@@ -96,4 +96,110 @@ def masked_lm_loss(params: dict, batch: dict, rng: jax.Array, cfg: ModelConfig, 
   return _sums(nll, logits, tokens, chosen.astype(jnp.float32), extra, aux)
 
 
-OBJECTIVES = {'next_token': next_token_loss, 'prefix_lm': prefix_lm_loss, 'masked_lm': masked_lm_loss}
+# Span corruption (T5) -------------------------------------------------------------------------
+def span_counts(length: int, density: float = 0.15, mean_span: float = 3.0) -> tuple[int, int]:
+  """(noise tokens, noise spans) for a raw window of `length` tokens, as T5 rounds them."""
+  noise = min(max(int(round(length * density)), 1), length - 1)
+  return noise, max(int(round(noise / mean_span)), 1)
+
+
+def span_lengths(length: int, density: float = 0.15, mean_span: float = 3.0) -> tuple[int, int]:
+  """(encoder input length, target length) after corrupting `length` tokens: the inputs keep
+  the non-noise tokens plus one sentinel per span; the targets hold each span behind its
+  sentinel (one sentinel per non-noise span, which precedes each noise span)."""
+  noise, spans = span_counts(length, density, mean_span)
+  return length - noise + spans, noise + spans
+
+
+def num_special_ids(length: int, density: float = 0.15, mean_span: float = 3.0) -> int:
+  """Ids span corruption reserves past the tokenizer's vocabulary: a decoder start id and
+  one sentinel per span."""
+  return 1 + span_counts(length, density, mean_span)[1]
+
+
+def _segment(rng, n: int, k: int) -> jax.Array:
+  """Lengths of a uniformly random split of n items into k non-empty runs."""
+  first = jax.random.permutation(rng, jnp.arange(n - 1) < k - 1)
+  seg = jnp.cumsum(jnp.concatenate([jnp.zeros(1, jnp.int32), first.astype(jnp.int32)]))
+  return jax.ops.segment_sum(jnp.ones(n, jnp.int32), seg, num_segments=k)
+
+
+def noise_mask(rng, length: int, density: float = 0.15, mean_span: float = 3.0) -> jax.Array:
+  """T5's random_spans_noise_mask: `spans` noise runs interleaved with as many non-noise
+  runs, starting with non-noise; exactly round(density * length) noise tokens."""
+  noise, spans = span_counts(length, density, mean_span)
+  k1, k2 = jax.random.split(rng)
+  runs = jnp.stack([_segment(k1, length - noise, spans), _segment(k2, noise, spans)], 1).reshape(-1)
+  starts = jnp.cumsum(runs)[:-1]
+  run_id = jnp.cumsum(jnp.zeros(length, jnp.int32).at[starts].set(1))
+  return run_id % 2 == 1
+
+
+def _sentinelise(tokens, mask, first_sentinel: int, out_len: int):
+  """Each run of masked tokens becomes one sentinel (first_sentinel + run index); the other
+  masked tokens are removed and the rest shift left (static output length)."""
+  prev = jnp.concatenate([jnp.zeros(1, bool), mask[:-1]])
+  first = mask & ~prev
+  out = jnp.where(first, first_sentinel + jnp.cumsum(first) - 1, tokens)
+  keep = ~(mask & prev)
+  dest = jnp.where(keep, jnp.cumsum(keep) - 1, out_len)
+  return jnp.zeros(out_len, tokens.dtype).at[dest].set(out, mode='drop')
+
+
+def span_corrupt(rng, tokens: jax.Array, first_special: int, density: float = 0.15,
+                 mean_span: float = 3.0) -> dict[str, jax.Array]:
+  """T5 span corruption of [B, L] windows (Raffel et al. 2020, section 3.1.4).
+
+  Ids first_special (decoder start) and first_special + 1 + i (sentinel i) lie past the
+  tokenizer's vocabulary. Returns inputs [B, Le], targets [B, Ld] and decoder_inputs
+  (targets shifted right behind the start id), with (Le, Ld) = span_lengths(L).
+  """
+  b, length = tokens.shape
+  le, ld = span_lengths(length, density, mean_span)
+  masks = jax.vmap(lambda k: noise_mask(k, length, density, mean_span))(jax.random.split(rng, b))
+  sentinel = first_special + 1
+  inputs = jax.vmap(lambda t, m: _sentinelise(t, m, sentinel, le))(tokens, masks)
+  targets = jax.vmap(lambda t, m: _sentinelise(t, ~m, sentinel, ld))(tokens, masks)
+  start = jnp.full((b, 1), first_special, tokens.dtype)
+  return {'inputs': inputs, 'targets': targets,
+          'decoder_inputs': jnp.concatenate([start, targets[:, :-1]], 1), 'noise_mask': masks}
+
+
+def decoder_span_length(window: int, density: float = 0.15, mean_span: float = 3.0) -> int:
+  """The longest raw length whose corrupted inputs + targets fit one decoder window."""
+  n = window
+  while n > 2 and sum(span_lengths(n, density, mean_span)) > window:
+    n -= 1
+  return n
+
+
+def span_corruption_loss(params: dict, batch: dict, rng: jax.Array, cfg: ModelConfig,
+                         density: float = 0.15, mean_span: float = 3.0):
+  """Span corruption: predict the dropped spans, each behind its sentinel.
+
+  The special ids are the top num_special_ids(...) of cfg.vocab_size (the pretraining
+  driver adds them to the tokenizer's vocabulary). An encoder-decoder reads the corrupted
+  inputs and decodes the targets; a decoder-only model reads [inputs, start, targets] as
+  one prefix-LM sequence (bidirectional over inputs + start) and is scored on the
+  targets only. The window is treated as one sequence (packing boundaries are ignored).
+  """
+  tokens = batch['inputs']
+  t = tokens.shape[1]
+  raw = t if cfg.arch == 'encoder_decoder' else decoder_span_length(t, density, mean_span)
+  first_special = cfg.vocab_size - num_special_ids(raw, density, mean_span)
+  c = span_corrupt(rng, tokens[:, :raw], first_special, density, mean_span)
+  targets = c['targets']
+  w = jnp.ones(targets.shape, jnp.float32)
+  if cfg.arch == 'encoder_decoder':
+    logits, aux = encdec.forward(params, c['inputs'], c['decoder_inputs'], cfg)
+    return _sums(token_nll(logits, targets), logits, targets, w, 0.0, aux)
+  le = c['inputs'].shape[1]
+  seq = jnp.concatenate([c['inputs'], c['decoder_inputs']], 1)
+  prefix = jnp.full((seq.shape[0],), le + 1, jnp.int32)
+  logits, extra, aux = _forward(params, seq, {}, cfg, prefix_len=prefix)
+  logits = logits[:, le:]       # position le (the start id) predicts targets[0]
+  return _sums(token_nll(logits, targets), logits, targets, w, extra, aux)
+
+
+OBJECTIVES = {'next_token': next_token_loss, 'prefix_lm': prefix_lm_loss, 'masked_lm': masked_lm_loss,
+              'span_corruption': span_corruption_loss}

@@ -1,9 +1,7 @@
 """Named model presets from the literature: `preset('llama-7b')` -> ModelConfig.
 
 Each entry gives the published shape; tests/test_presets.py checks our parameter count
-against the published figure (its source is noted beside each family). Presets of
-families whose distinctive pieces are not implemented yet (BLOOM's ALiBi + embedding
-LayerNorm, BERT, T5) are not listed rather than listed wrongly.
+against the published figure (its source is noted beside each family).
 """
 from __future__ import annotations
 
@@ -19,6 +17,14 @@ _OPT = dict(norm='layernorm', activation='relu', positions='learned', use_bias=T
 _LLAMA = dict(FAMILIES['llama'], vocab_size=32000, max_seq_len=2048)
 _PALM = dict(norm='rmsnorm', activation='swiglu', positions='rope', use_bias=False,
              tie_embeddings=True, vocab_size=256000, max_seq_len=2048, n_kv_heads=1)
+_BERT = dict(norm='layernorm', norm_eps=1e-12, norm_position='post', embed_norm=True, causal=False,
+             activation='gelu', positions='learned', use_bias=True, tie_embeddings=True,
+             vocab_size=30522, max_seq_len=512)
+_T5 = dict(arch='encoder_decoder', norm='rmsnorm', norm_eps=1e-6, activation='relu', positions='relative',
+           use_bias=False, scale_attention=False, tie_embeddings=True, vocab_size=32128,
+           max_seq_len=512, d_head=64)
+_BLOOM = dict(norm='layernorm', embed_norm=True, positions='alibi', activation='gelu_tanh', use_bias=True,
+              tie_embeddings=True, vocab_size=250880, max_seq_len=2048)
 
 # name -> (family defaults, n_layers, d_model, n_heads, d_ff or 0 for 4*d, extra)
 _TABLE = {
@@ -57,6 +63,19 @@ _TABLE = {
     'palm-8b': (_PALM, 32, 4096, 16, 4 * 4096, {}),
     'palm-62b': (_PALM, 64, 8192, 32, 4 * 8192, {}),
     'palm-540b': (_PALM, 118, 18432, 48, 4 * 18432, dict(d_head=256)),
+    # BERT (Devlin et al. 2019): bidirectional, post-LN, LayerNorm on the embeddings. Exact
+    # counts: transformers' BertModel, whose token-type embeddings (2 x d) and pooler (d x d + d)
+    # we do not model (0.5% of base, 0.3% of large).
+    'bert-base': (_BERT, 12, 768, 12, 0, {}),
+    'bert-large': (_BERT, 24, 1024, 16, 0, {}),
+    # T5 v1.0 (Raffel et al. 2020, section 3.7): encoder-decoder, n_layers in each stack,
+    # relative position bias, ReLU, d_kv = 64. Exact counts: T5ForConditionalGeneration.
+    't5-small': (_T5, 6, 512, 8, 2048, {}),
+    't5-base': (_T5, 12, 768, 12, 3072, {}),
+    't5-large': (_T5, 24, 1024, 16, 4096, {}),
+    # BLOOM (BigScience 2022): ALiBi, LayerNorm after the embedding. Exact counts: BloomForCausalLM.
+    'bloom-560m': (_BLOOM, 24, 1024, 16, 0, {}),
+    'bloom-176b': (_BLOOM, 70, 14336, 112, 0, {}),
 }
 
 

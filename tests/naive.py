@@ -49,6 +49,24 @@ def alibi_slopes(n):
   return pow2(p) + pow2(2 * p)[0::2][:n - p]
 
 
+def t5_bucket(rel, bidirectional, num_buckets, max_distance):
+  """Mesh-TensorFlow's relative_position_bucket for one key - query offset, in plain Python."""
+  ret, n = 0, -rel
+  if bidirectional:
+    num_buckets //= 2
+    if n < 0:
+      ret += num_buckets
+    n = abs(n)
+  else:
+    n = max(n, 0)
+  max_exact = num_buckets // 2
+  if n < max_exact:
+    return ret + n
+  val = max_exact + int(math.log(n / max_exact) / math.log(max_distance / max_exact)
+                        * (num_buckets - max_exact))
+  return ret + min(val, num_buckets - 1)
+
+
 def forward(params, tokens, cfg, segment_ids=None, prefix_len=None):
   """tokens [B, T] -> logits [B, T, vocab_size] (unpadded)."""
   P = {k: (np.asarray(v, np.float64) if not isinstance(v, dict) else v) for k, v in params.items()}
@@ -97,7 +115,11 @@ def forward(params, tokens, cfg, segment_ids=None, prefix_len=None):
           allowed = [s for s in visible if seg[b, s] == seg[b, t]]
           keys = [k[b, s, kvh] if cfg.positions != 'rope' else rope_one(k[b, s, kvh], pos[b, s], cfg.rope_theta)
                   for s in allowed]
-          scores = np.array([qv @ kk for kk in keys]) / math.sqrt(hd)
+          scores = np.array([qv @ kk for kk in keys]) / (math.sqrt(hd) if cfg.scale_attention else 1.0)
+          if cfg.positions == 'relative':
+            bidi = not cfg.causal or prefix_len is not None
+            scores = scores + np.array([P['rel_bias'][t5_bucket(pos[b, s] - pos[b, t], bidi, cfg.rel_buckets,
+                                                                  cfg.rel_max_distance), head] for s in allowed])
           if cfg.positions == 'alibi':
             scores = scores - slopes[head] * np.array([abs(pos[b, t] - pos[b, s]) for s in allowed])
           w = np.exp(scores - scores.max())

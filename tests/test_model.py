@@ -21,6 +21,10 @@ VARIANTS = {
     'alibi_6_heads_parallel': dict(positions='alibi', parallel_block=True, d_model=48, n_heads=6),
     'deepnorm_rmsnorm': dict(norm_position='deepnorm', norm='rmsnorm', activation='relu'),
     'bidirectional_encoder': dict(causal=False, positions='sinusoidal'),
+    # T5 relative bias; 16 positions > max_distance 12 exercise the log-spaced and last buckets
+    'relative_unscaled_rmsnorm': dict(positions='relative', rel_buckets=8, rel_max_distance=12,
+                                      scale_attention=False, norm='rmsnorm', use_bias=False),
+    'relative_bidirectional': dict(causal=False, positions='relative', rel_buckets=8, rel_max_distance=12),
 }
 
 
@@ -111,7 +115,7 @@ def test_gpt2_124m_param_count_and_flops():
   assert cfg.flops_per_token(1024) == expected
 
 
-@pytest.mark.parametrize('name', ['gpt2', 'llama_gqa'])
+@pytest.mark.parametrize('name', ['gpt2', 'llama_gqa', 'relative_unscaled_rmsnorm'])
 def test_kv_cache_decode_equals_recomputation(name):
   cfg = small(**VARIANTS[name])
   params = model.init(cfg, jax.random.key(0))

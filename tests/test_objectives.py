@@ -67,7 +67,8 @@ def test_masked_lm_scores_only_the_chosen_tokens():
   assert float(loss) == pytest.approx(ref, rel=1e-5)
 
 
-@pytest.mark.parametrize('objective,causal', [('prefix_lm', True), ('masked_lm', False)])
+@pytest.mark.parametrize('objective,causal', [('prefix_lm', True), ('masked_lm', False),
+                                              ('span_corruption', True)])
 def test_objectives_train_from_the_launcher(tiny_corpus, tmp_path, objective, causal):
   c = tiny_config(tiny_corpus, steps=2, eval_every=2, checkpoint_every=2, objective=objective)
   c.model.causal = causal
@@ -80,6 +81,66 @@ def test_mismatched_objective_and_mask_fail_at_startup(tiny_corpus, tmp_path):
   c = tiny_config(tiny_corpus, objective='masked_lm')
   with pytest.raises(ConfigError, match='causal=False'):
     pretrain.run(c, str(tmp_path / 'a'))
-  c = tiny_config(tiny_corpus, objective='span_corruption')
+  c = tiny_config(tiny_corpus, objective='denoise')
   with pytest.raises(ConfigError, match='not supported'):
     pretrain.run(c, str(tmp_path / 'b'))
+  c = tiny_config(tiny_corpus, objective='next_token')
+  c.model.update(arch='encoder_decoder', positions='relative')
+  with pytest.raises(ConfigError, match='span_corruption'):
+    pretrain.run(c, str(tmp_path / 'c'))
+
+
+# Span corruption -------------------------------------------------------------------------------
+def test_span_corruption_rates_and_exact_reconstruction():
+  length, first = 100, 1000
+  tokens = jnp.tile(jnp.arange(length, dtype=jnp.int32)[None] + 10, (64, 1))
+  c = objectives.span_corrupt(jax.random.key(0), tokens, first)
+  noise, spans = objectives.span_counts(length)
+  assert (noise, spans) == (15, 5)                                  # round(0.15 * 100), round(15 / 3)
+  assert c['inputs'].shape == (64, 90) and c['targets'].shape == (64, 20)
+  masks = np.asarray(c['noise_mask'])
+  assert (masks.sum(1) == 15).all()
+  assert not masks[:, 0].any()                                      # T5 starts with a non-noise run
+  runs = [np.sum(np.diff(m.astype(int)) == 1) for m in masks]
+  assert all(r == 5 for r in runs)                                  # exactly 5 noise spans per row
+  sentinels = first + 1 + np.arange(5)
+  for i in range(64):
+    inp, tgt = np.asarray(c['inputs'][i]), np.asarray(c['targets'][i])
+    # each sentinel appears once in each, in order; filling them back gives the original
+    assert list(inp[inp > first]) == list(sentinels) == list(tgt[tgt > first])
+    spans_of = np.split(tgt, np.nonzero(tgt > first)[0][1:])
+    fill = {s[0]: list(s[1:]) for s in spans_of}
+    rebuilt = [t for x in inp for t in (fill[x] if x > first else [x])]
+    assert rebuilt == list(range(10, 110))
+    assert np.asarray(c['decoder_inputs'][i, 0]) == first
+    np.testing.assert_array_equal(c['decoder_inputs'][i, 1:], tgt[:-1])
+  # spans start at varied places across rows (random, not fixed)
+  assert len({tuple(np.nonzero(m)[0][:3]) for m in masks}) > 32
+
+
+def test_span_corruption_mean_span_length():
+  tokens = jnp.zeros((256, 512), jnp.int32)
+  masks = np.asarray(objectives.span_corrupt(jax.random.key(1), tokens, 1000)['noise_mask'])
+  noise, spans = objectives.span_counts(512)
+  assert masks.sum() == 256 * noise
+  assert masks.sum() / (256 * spans) == pytest.approx(3.0, rel=0.03)   # T5's mean span length 3
+
+
+def test_decoder_span_corruption_scores_only_the_targets():
+  """Decoder-only span corruption: one prefix-LM sequence [inputs, start, targets]; the loss
+  equals the hand-gathered NLL of exactly the target tokens."""
+  cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=32, init_std=0.2)
+  params = model.init(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(2), (2, 32), 0, 40)
+  rng = jax.random.key(5)
+  loss, weight, _ = objectives.span_corruption_loss(params, {'inputs': tokens}, rng, cfg)
+  raw = objectives.decoder_span_length(32)
+  first = cfg.vocab_size - objectives.num_special_ids(raw)
+  c = objectives.span_corrupt(rng, tokens[:, :raw], first)
+  le, ld = objectives.span_lengths(raw)
+  assert le + ld <= 32 and float(weight) == 2 * ld
+  seq = jnp.concatenate([c['inputs'], c['decoder_inputs']], 1)
+  logits, _ = model.forward(params, seq, cfg, prefix_len=jnp.full((2,), le + 1))
+  logp = np.asarray(jax.nn.log_softmax(logits, -1))
+  ref = -sum(logp[b, le + j, int(c['targets'][b, j])] for b in range(2) for j in range(ld))
+  assert float(loss) == pytest.approx(ref, rel=1e-5)

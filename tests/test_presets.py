@@ -13,6 +13,10 @@ EXACT = {
     'gpt2-1.5b': 1_557_611_200,
     'llama-7b': 6_738_415_616, 'llama-13b': 13_015_864_320, 'llama-33b': 32_528_943_616,
     'llama-65b': 65_285_660_672, 'llama2-70b': 68_976_648_192,
+    # transformers' BertModel / T5ForConditionalGeneration / BloomForCausalLM num_parameters()
+    'bert-base': 109_482_240, 'bert-large': 335_141_888,
+    't5-small': 60_506_624, 't5-base': 222_903_552, 't5-large': 737_668_096,
+    'bloom-560m': 559_214_592, 'bloom-176b': 176_247_271_424,
 }
 # Rounded figures as the papers print them (GPT-3 Table 2.1, OPT Table 1, PaLM Table 1).
 ROUNDED = {
@@ -39,7 +43,7 @@ def test_every_preset_is_covered():
   assert set(presets.names()) == set(EXACT) | set(ROUNDED)
 
 
-@pytest.mark.parametrize('name', ['gpt3-175b', 'palm-540b', 'llama2-70b'])
+@pytest.mark.parametrize('name', ['gpt3-175b', 'palm-540b', 'llama2-70b', 'bloom-176b', 't5-large'])
 def test_big_presets_build_abstractly(name):
   cfg = presets.preset(name)
   shapes = jax.eval_shape(functools.partial(model.init, cfg), jax.random.key(0))

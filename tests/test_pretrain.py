@@ -104,12 +104,18 @@ ARCHITECTURES = {
     'parallel_geglu': dict(parallel_block=True, activation='geglu', positions='rope'),
     'deepnorm_relu': dict(norm_position='deepnorm', activation='relu'),
     'moe_top2': dict(moe_experts=4, moe_top_k=2),
+    'relative_mqa_gelu_tanh': dict(positions='relative', n_kv_heads=1, activation='gelu_tanh'),
+    # the encoder-decoder trains with its own objective (see ARCH_OBJECTIVE)
+    't5_encoder_decoder': dict(arch='encoder_decoder', n_encoder_layers=1, positions='relative',
+                               norm='rmsnorm', activation='relu', use_bias=False, scale_attention=False),
 }
+ARCH_OBJECTIVE = {'t5_encoder_decoder': 'span_corruption'}
 
 
 @pytest.mark.parametrize('name', sorted(ARCHITECTURES))
 def test_each_architecture_trains_from_the_launcher(tiny_corpus, tmp_path, name):
-  c = tiny_config(tiny_corpus, steps=2, eval_every=2, samples=0, checkpoint_every=2)
+  c = tiny_config(tiny_corpus, steps=2, eval_every=2, samples=0, checkpoint_every=2,
+                  objective=ARCH_OBJECTIVE.get(name, 'next_token'))
   c.model.update(ARCHITECTURES[name])
   pretrain.run(c, str(tmp_path / name))
   rows = losses(str(tmp_path / name))[1]

@@ -29,7 +29,7 @@ def pretrain() -> ConfigDict:
   ))
   c.train = ConfigDict(dict(
       steps=1000,
-      objective='next_token',    # next_token | prefix_lm | masked_lm (needs model.causal=False)
+      objective='next_token',    # next_token | prefix_lm | masked_lm (model.causal=False) | span_corruption
       batch_size=32,             # global, in sequences
       grad_accum=1,              # microbatches per step (scan inside the jitted step)
       log_every=10,
