@@ -8,6 +8,7 @@ from typing import Callable
 EXPERIMENTS: dict[str, str] = {
     'pretrain': 'experiments.pretrain:run',
     'bench_train': 'experiments.bench:run',
+    'bench_data': 'experiments.bench_data:run',
     'scaling_sweep': 'experiments.sweep:run',
     'scaling_fit': 'experiments.fit:run',
     'ablate_arch': 'experiments.ablate:run',
