@@ -1,8 +1,11 @@
 """The input-pipeline benchmark runs end to end on a tiny corpus and writes positive numbers."""
 import json
 
+import pytest
+
 from experiments import bench_data
 from experiments.configs import bench_data as bench_data_config
+from lm.config import ConfigError
 
 
 def test_bench_data_smoke(tiny_corpus, tmp_path):
@@ -42,3 +45,11 @@ def test_bench_data_smoke(tiny_corpus, tmp_path):
       assert r['ratio'] == r['tokens_per_sec'] / 1000.0
     else:
       assert 'ratio' not in r
+
+
+def test_bench_data_missing_train_results_is_a_user_error(tmp_path):
+  config = bench_data_config.get_config()
+  with config.unlocked():
+    config.train_bench_results = str(tmp_path / 'nowhere.json')
+  with pytest.raises(ConfigError, match='does not exist'):
+    bench_data.run(config, str(tmp_path / 'bench'))
