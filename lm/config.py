@@ -53,7 +53,7 @@ class ModelConfig:
   rel_buckets: int = 32          # T5 relative-position buckets (half exact, half log-spaced)
   rel_max_distance: int = 128    # distances beyond this share the last bucket
   scale_attention: bool = True   # scores / sqrt(head_dim); T5 folds the scale into its init instead
-  use_bias: bool = True
+  use_bias: bool = True          # biases of linear layers and LayerNorms (nanoGPT's bias=False: none)
   tie_embeddings: bool = True
   init_std: float = 0.02
   vocab_multiple: int = 128      # pad the embedding table so it shards evenly
@@ -154,7 +154,7 @@ class ModelConfig:
   def param_counts(self) -> dict[str, int]:
     """Parameters by group, counted analytically (the real vocab, not the padded one)."""
     d, f, h, kv, hd = self.d_model, self.ff_dim, self.n_heads, self.kv_heads, self.head_dim
-    norm = d * (2 if self.norm == 'layernorm' else 1)
+    norm = d * (2 if self.norm == 'layernorm' and self.use_bias else 1)
     attn = d * h * hd + 2 * d * kv * hd + h * hd * d
     mlp = d * f * (3 if self.gated else 2)
     if self.use_bias:

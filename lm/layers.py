@@ -11,6 +11,7 @@ are used; norms, softmax and logits are computed in float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -80,7 +81,7 @@ def dense(x: jax.Array, w: jax.Array, spec: str, dtype) -> jax.Array:
 # Norms ------------------------------------------------------------------------
 def norm_specs(cfg: ModelConfig) -> dict[str, Spec]:
   specs = {'scale': Spec((cfg.d_model,), ('embed',), 'ones')}
-  if cfg.norm == 'layernorm':
+  if cfg.norm == 'layernorm' and cfg.use_bias:   # nanoGPT's bias=False drops LayerNorm biases too
     specs['bias'] = Spec((cfg.d_model,), ('embed',), 'zeros')
   return specs
 
@@ -383,8 +384,18 @@ def attention(p: dict, x: jax.Array, cfg: ModelConfig, positions: jax.Array,
 
   if _use_fused(cfg) and cache is None:
     scale = None if cfg.scale_attention else 1.0
-    out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(dt),
-                                       mask=mask[:, None], scale=scale, implementation=None)
+    # A plain causal mask goes in as is_causal (flash attention never builds [T, S]);
+    # packed segments and prefixes need the explicit boolean mask.
+    plain = causal and segment_ids is None and prefix_len is None
+    fused = functools.partial(jax.nn.dot_product_attention, q, k, v,
+                              bias=None if bias is None else bias.astype(dt),
+                              mask=None if plain else mask[:, None], is_causal=plain, scale=scale)
+    try:  # implementation=None would mean XLA; name cuDNN explicitly
+      out = fused(implementation='cudnn')
+    except (ValueError, NotImplementedError, RuntimeError):
+      if cfg.attention_impl == 'cudnn':
+        raise
+      out = fused(implementation='xla')   # 'auto': shapes/dtypes cuDNN rejects
   else:
     out = _xla_attention(q, k.astype(dt), v.astype(dt), mask, bias, cfg.scale_attention)
   y = dense(out, p['wo'], 'bthk,hkd->btd', dt)

@@ -15,11 +15,11 @@ def get_config():
   c.models = ConfigDict({
       'shakespeare_char': ConfigDict(dict(
           model=dict(vocab_size=65, d_model=128, n_layers=4, n_heads=4, max_seq_len=64,
-                     use_bias=False, activation='gelu'),
+                     use_bias=False, activation='gelu', dtype='float32'),
           batch_size=12, seq_len=64, steps=50)),
       'gpt_d512': ConfigDict(dict(
           model=dict(vocab_size=65, d_model=512, n_layers=8, n_heads=8, max_seq_len=256,
-                     use_bias=False, activation='gelu'),
+                     use_bias=False, activation='gelu', dtype='float32'),
           batch_size=8, seq_len=256, steps=3)),
   })
   c.optim = base.pretrain().optim
