@@ -133,6 +133,37 @@ def eval_batches(stream: TokenStream, seq_len: int, batch_size: int,
   return out
 
 
+# Example sources (one example per row) ------------------------------------------------------
+def example_indices(n: int, global_batch: int, seed: int, i: int,
+                    rows: tuple[int, int] | None = None) -> np.ndarray:
+  """Indices into a source of n examples for rows [lo, hi) of global batch i.
+
+  Global batch i is rows [k*B, (k+1)*B) of a fresh seeded permutation in every epoch, so a
+  process fetches by index only the examples its own devices hold, and together the
+  processes see every example once per epoch. An epoch leaves out the last n % B examples
+  of its permutation (different ones each epoch) so every batch is full.
+  """
+  per_epoch = n // global_batch
+  if per_epoch == 0:
+    raise ValueError(f'The source has {n} examples, fewer than one global batch of {global_batch}; '
+                     'lower train.batch_size or add data.')
+  epoch, k = divmod(i, per_epoch)
+  perm = np.random.default_rng([seed, 0x6578, epoch]).permutation(n)
+  lo, hi = rows or (0, global_batch)
+  return perm[k * global_batch + lo:k * global_batch + hi]
+
+
+def pad_rows(token_lists: Sequence[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+  """One example per row: its first seq_len + 1 tokens as inputs/targets, zero-padded, with
+  weight 0 where the target is padding."""
+  toks = np.zeros((len(token_lists), seq_len + 1), np.int32)
+  valid = np.zeros((len(token_lists), seq_len + 1), bool)
+  for r, ids in enumerate(token_lists):
+    ids = np.asarray(ids)[:seq_len + 1]
+    toks[r, :len(ids)], valid[r, :len(ids)] = ids, True
+  return {'inputs': toks[:, :-1], 'targets': toks[:, 1:], 'weights': valid[:, 1:].astype(np.float32)}
+
+
 # Global arrays ---------------------------------------------------------------------------
 def local_rows(sharding: jax.sharding.Sharding, global_batch: int, seq_len: int) -> tuple[int, int]:
   """The contiguous range of batch rows held by this process's devices."""

@@ -45,6 +45,7 @@ class CharTokenizer:
     self._table = np.full(max(map(ord, self.chars)) + 1, -1, np.int32)
     for c, i in self._index.items():
       self._table[ord(c)] = i
+    self._codes = np.array([ord(c) for c in self.chars], np.uint32)
 
   @classmethod
   def from_texts(cls, texts: Iterable[str]) -> 'CharTokenizer':
@@ -69,7 +70,11 @@ class CharTokenizer:
     return ids.astype(np.int32)
 
   def decode(self, ids: Iterable[int]) -> str:
-    return ''.join(self.chars[int(i)] for i in ids if 0 <= int(i) < len(self.chars))
+    """Ids outside the vocabulary (padding rows, special ids) are left out."""
+    ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, np.int64).ravel()
+    ids = ids[(ids >= 0) & (ids < len(self.chars))]
+    # one gather into the code points, then one UTF-32 decode (not a Python loop per id)
+    return np.asarray(self._codes, np.uint32)[ids].tobytes().decode('utf-32-le')
 
   def save(self, path: str) -> None:
     with open(path, 'w', encoding='utf-8') as f:

@@ -1,10 +1,8 @@
 """One process of tests/test_multihost_sources.py: reads its share of JSON-lines examples.
 
-data/ has no per-process sharding of *examples*: pretraining tokenizes the whole corpus on
-every process and only the batch rows are split (`pipeline.local_rows`). This worker is the
-missing piece, written the same way as BatchIterator: global batch i is a pure function of
-(seed, i) — rows [k*B, (k+1)*B) of a fresh seeded permutation of the examples each epoch —
-and a process reads, by index, only the examples of the rows its devices hold.
+Example sources are read per process with `pipeline.example_indices`: global batch i is a
+pure function of (seed, i), and a process fetches by index only the examples of the rows
+its devices hold (`pipeline.local_rows`), then `pipeline.pad_rows` + `to_global`.
 
 python -m tests.multihost_sources_worker --jsonl_dir=D --out=O [--coordinator=H:P --num_processes=N --process_id=I]
 
@@ -28,25 +26,11 @@ TEXT_OF = {
 }
 
 
-def example_indices(n: int, global_batch: int, seed: int, i: int, rows: tuple[int, int]) -> np.ndarray:
-  """Indices (into a source of n examples) of rows [lo, hi) of global batch i; epochs drop
-  the last n % global_batch examples of their permutation so every batch is full."""
-  per_epoch = n // global_batch
-  epoch, k = divmod(i, per_epoch)
-  perm = np.random.default_rng([seed, 0x6578, epoch]).permutation(n)
-  lo, hi = rows
-  return perm[k * global_batch + lo:k * global_batch + hi]
-
-
 def example_batch(records: list[dict], kind: str, tok, seq_len: int) -> dict[str, np.ndarray]:
-  """One row per example: its first seq_len + 1 tokens, zero-padded with zero weight."""
-  toks = np.zeros((len(records), seq_len + 1), np.int32)
-  valid = np.zeros((len(records), seq_len + 1), bool)
-  for r, rec in enumerate(records):
-    ids = tok.encode(TEXT_OF[kind](rec))[:seq_len + 1]
-    toks[r, :len(ids)], valid[r, :len(ids)] = ids, True
-  return {'inputs': toks[:, :-1], 'targets': toks[:, 1:], 'weights': valid[:, 1:].astype(np.float32),
-          'ids': np.array([rec['id'] for rec in records], np.int32)}
+  """pipeline.pad_rows of the examples' text, plus their ids (to check who read what)."""
+  from data import pipeline
+  batch = pipeline.pad_rows([tok.encode(TEXT_OF[kind](rec)) for rec in records], seq_len)
+  return {**batch, 'ids': np.array([rec['id'] for rec in records], np.int32)}
 
 
 def main():
@@ -92,7 +76,7 @@ def main():
     read['rows'] = list(rows)
     read[kind] = []
     for i in range(EPOCHS * (len(src) // GLOBAL_BATCH)):
-      idx = example_indices(len(src), GLOBAL_BATCH, SEED, i, rows)
+      idx = pipeline.example_indices(len(src), GLOBAL_BATCH, SEED, i, rows)
       records = [_example(src[int(j)]) for j in idx]  # only the examples of our rows
       read[kind].append([r['id'] for r in records])
       record(kind, i, pipeline.to_global(example_batch(records, kind, tok, SEQ_LEN), bsh, GLOBAL_BATCH))

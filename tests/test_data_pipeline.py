@@ -115,3 +115,26 @@ def test_local_rows_and_global_assembly():
   assert g['inputs'].shape == (16, 8)
   assert g['inputs'].addressable_shards[0].data.shape == (2, 8)
   np.testing.assert_array_equal(np.asarray(g['inputs']), local['inputs'])
+
+
+def test_example_indices_cover_each_epoch_once_and_split_across_processes():
+  n, b = 43, 8
+  per_epoch = n // b
+  for epoch in range(3):
+    batches = [pipeline.example_indices(n, b, 7, epoch * per_epoch + k) for k in range(per_epoch)]
+    seen = np.concatenate(batches)
+    assert len(seen) == len(set(seen)) == per_epoch * b          # no example twice in an epoch
+    halves = [np.concatenate([pipeline.example_indices(n, b, 7, epoch * per_epoch + k, rows)
+                              for k in range(per_epoch)]) for rows in ((0, 4), (4, 8))]
+    assert not set(halves[0]) & set(halves[1])                   # processes never overlap
+    assert sorted(np.concatenate(halves)) == sorted(seen)
+  assert not np.array_equal(pipeline.example_indices(n, b, 7, 0), pipeline.example_indices(n, b, 7, per_epoch))
+  with pytest.raises(ValueError, match='fewer than one global batch'):
+    pipeline.example_indices(5, 8, 0, 0)
+
+
+def test_pad_rows_weights_only_real_targets():
+  b = pipeline.pad_rows([np.array([5, 6, 7]), np.arange(1, 20)], seq_len=4)
+  np.testing.assert_array_equal(b['inputs'], [[5, 6, 7, 0], [1, 2, 3, 4]])
+  np.testing.assert_array_equal(b['targets'], [[6, 7, 0, 0], [2, 3, 4, 5]])
+  np.testing.assert_array_equal(b['weights'], [[1, 1, 0, 0], [1, 1, 1, 1]])
