@@ -31,7 +31,9 @@ def load_corpus(config: ConfigDict, workdir: str):
   def make_tokenizer():
     if os.path.exists(tok_path):  # a resumed run (or another host) keeps this vocabulary
       return tokenizers.load(tok_path)
-    if d.tokenizer == 'char':  # nanoGPT's convention: every character of the corpus
+    if d.tokenizer not in tokenizers.TOKENIZER_KINDS:  # a file: e.g. the prepare experiment's
+      tok = tokenizers.load(d.tokenizer)
+    elif d.tokenizer == 'char':  # nanoGPT's convention: every character of the corpus
       tok = tokenizers.build('char', splits['train'] + splits['validation'], 0, '')
     else:  # subwords are learned from the training split only
       tok = tokenizers.build(d.tokenizer, splits['train'], d.vocab_size,

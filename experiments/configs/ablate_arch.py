@@ -32,6 +32,7 @@ def get_config():
       'rope': {'positions': 'rope'},
       'alibi': {'positions': 'alibi'},
       'no_positions': {'positions': 'none'},
+      't5_relative': {'positions': 'relative'},
       'multi_query': {'n_kv_heads': 1},
       'grouped_query_2': {'n_kv_heads': 2},
       'parallel_block': {'parallel_block': True},

