@@ -22,8 +22,10 @@ every step, never dropped silently.
   scrub_pii           e-mails, phone numbers, IP addresses and Luhn-valid card numbers
                       become <EMAIL>, <PHONE>, <IP>, <CREDIT_CARD>.
 
-`clean(docs, config)` runs the enabled steps in that order from a plain mapping (or an
-ml_collections ConfigDict) and returns the documents with a report listing every step.
+`clean(docs, config)` runs the enabled steps from a plain mapping (or an ml_collections
+ConfigDict) in the order quality, language, exact dedup, near dedup, decontamination,
+perplexity, PII (cheap filters first; the LM scores only what survived; PII last, since
+scrubbing does not remove documents) and returns the documents with a report of every step.
 """
 from __future__ import annotations
 
@@ -51,7 +53,8 @@ def _report(n_in: int, kept: list, removed: Mapping[str, int], **extra) -> Repor
 
 def _check_docs(docs) -> list[str]:
   if isinstance(docs, str):
-    raise TypeError('Cleaning steps take a list of documents, not a single string; wrap it in a list.')
+    raise TypeError('Cleaning steps take a list of documents, not a single string; wrap it in a '
+                    'list.')
   docs = list(docs)
   for d in docs:
     if not isinstance(d, str):
@@ -352,9 +355,14 @@ def dedup_near(docs: Sequence[str], threshold: float = 0.8, num_perm: int = 128,
   """
   from datasketch import MinHash, MinHashLSH
   docs = _check_docs(docs)
-  if not 0.0 < threshold <= 1.0:
-    raise ValueError(f'threshold is a Jaccard similarity in (0, 1], got {threshold}.')
-  lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+  if not 0.0 < threshold < 1.0:  # 1.0 is exact dedup's job
+    raise ValueError(f'threshold is a Jaccard similarity strictly between 0 and 1, got '
+                     f'{threshold}; use dedup_exact for identical documents.')
+  try:
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+  except ValueError as e:  # datasketch found no banding with at least two bands
+    raise ValueError(f'No LSH banding for threshold={threshold} with num_perm={num_perm} ({e}); '
+                     'lower the threshold or raise num_perm.') from e
   kept, signatures, removed = [], {}, collections.Counter()
   for i, d in enumerate(docs):
     if _is_empty(d):
@@ -386,8 +394,8 @@ def decontaminate(docs: Sequence[str], eval_sets: Mapping[str, Iterable[str]] | 
   docs = _check_docs(docs)
   if isinstance(eval_sets, str):
     raise TypeError('eval_sets is a list of texts or a mapping name -> texts, not one string.')
-  if not isinstance(eval_sets, Mapping):
-    eval_sets = {'eval': eval_sets}
+  # hasattr, not isinstance(Mapping): a ConfigDict of eval sets is a mapping too.
+  eval_sets = _as_dict(eval_sets) if hasattr(eval_sets, 'items') else {'eval': eval_sets}
   if n < 1:
     raise ValueError(f'n must be a positive n-gram length, got {n}.')
   owner, too_short = {}, 0
@@ -418,7 +426,8 @@ def decontaminate(docs: Sequence[str], eval_sets: Mapping[str, Iterable[str]] | 
 
 PII_TOKENS = {'email': '<EMAIL>', 'credit_card': '<CREDIT_CARD>', 'ip': '<IP>', 'phone': '<PHONE>'}
 
-_EMAIL = re.compile(r'(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b')
+_EMAIL = re.compile(
+    r'(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b')
 # Card-like runs: 13-19 digits, optional single spaces/dashes; never a tail of a longer run.
 _CARD = re.compile(r'(?<![\w.+-])(?<!\d[ -])(?:\d[ -]?){12,18}\d(?!\w|[.-]\d|[ -]\d)')
 _OCTET = r'(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)'
@@ -428,7 +437,7 @@ _IPV6 = re.compile(r'(?<![\w:.])[0-9A-Fa-f:][0-9A-Fa-f:.]*[0-9A-Fa-f](?![\w:])')
 _PHONE = re.compile(
     r'(?<![\w+])(?:'
     r'\+\d{1,3}(?:[ .-]?\(\d{1,4}\)|[ .-]?\d{1,4}){2,5}'      # international: +44 20 7946 0958
-    r'|(?:1[ .-]?)?(?:\(\d{3}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]\d{4}'  # US: (555) 123-4567, 555-123-4567
+    r'|(?:1[ .-]?)?(?:\(\d{3}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]\d{4}'  # US: (555) 123-4567
     r')(?!\w|[.-]\d)')
 
 
@@ -513,7 +522,8 @@ def _exact_step(docs, lines=False):
   removed = collections.Counter(report['removed'])
   removed.update(line_report['removed'])
   return docs, {**report, 'out': len(docs), 'removed': dict(removed),
-                'lines': {k: line_report[k] for k in ('lines_in', 'lines_removed', 'duplicate_rate')}}
+                'lines': {k: line_report[k]
+                          for k in ('lines_in', 'lines_removed', 'duplicate_rate')}}
 
 
 # name -> (function(docs, **options), enabled when the config does not mention it)

@@ -39,7 +39,8 @@ GERMAN = (
 
 def words(n, start=0):
   """n distinct made-up words of ordinary length (no repeats, so no repetition rule fires)."""
-  return ' '.join(f'word{chr(97 + (i // 26) % 26)}{chr(97 + i % 26)}' for i in range(start, start + n))
+  return ' '.join(f'word{chr(97 + (i // 26) % 26)}{chr(97 + i % 26)}'
+                  for i in range(start, start + n))
 
 
 # --- quality -------------------------------------------------------------------------------
@@ -88,7 +89,8 @@ def test_repetition_rules():
 
 def test_thresholds_are_config():
   cfg = clean.QualityConfig(min_words=10)
-  assert clean.quality_check('The cat sat with a dog and then it slept there for hours.', cfg) is None
+  doc = 'The cat sat with a dog and then it slept there for hours.'
+  assert clean.quality_check(doc) == 'word_count' and clean.quality_check(doc, cfg) is None
   with pytest.raises(dataclasses.FrozenInstanceError):
     cfg.min_words = 3
 
@@ -249,9 +251,27 @@ def test_clean_rejects_unknown_options():
 
 def test_clean_accepts_config_dict():
   import ml_collections
-  cfg = ml_collections.ConfigDict({'language': {'keep': ('en',)}, 'near_dedup': False})
-  kept, report = clean.clean([PARAGRAPH, GERMAN], cfg)
+  cfg = ml_collections.ConfigDict({'language': {'keep': ('en',)}, 'near_dedup': False,
+                                   'decontaminate': {'eval_sets': {'qa': [OTHER[:300]]}}})
+  kept, report = clean.clean([PARAGRAPH, GERMAN, OTHER], cfg)
   assert kept == [PARAGRAPH] and 'near_dedup' not in [s['step'] for s in report['steps']]
+  assert report['steps'][-2]['matched'] == {'qa': 1}
+
+
+def test_clean_perplexity_step_takes_a_score_fn():
+  nll = {PARAGRAPH: 2.0, OTHER: 5.0}
+  kept, report = clean.clean([PARAGRAPH, OTHER], {
+      'perplexity': {'score_fn': lambda ds: [nll[d] for d in ds], 'drop_fraction': 0.5}})
+  assert kept == [PARAGRAPH]
+  step = [s for s in report['steps'] if s['step'] == 'perplexity'][0]
+  assert step['removed']['perplexity'] == 1 and step['mean_nll_dropped'] == 5.0
+
+
+def test_near_dedup_rejects_thresholds_lsh_cannot_band():
+  with pytest.raises(ValueError, match='strictly between 0 and 1'):
+    clean.dedup_near([PARAGRAPH], threshold=1.0)
+  with pytest.raises(ValueError, match='lower the threshold or raise num_perm'):
+    clean.dedup_near([PARAGRAPH], threshold=0.99)
 
 
 # --- real text -------------------------------------------------------------------------------
@@ -269,6 +289,10 @@ def test_quality_keeps_most_of_shakespeare(shakespeare_chunks):
   assert len(kept) >= 0.9 * len(shakespeare_chunks), report
   kept, report = clean.scrub_pii(shakespeare_chunks)
   assert kept == shakespeare_chunks and report['documents_changed'] == 0
+  kept, report = clean.filter_language(shakespeare_chunks)
+  assert len(kept) >= 0.95 * len(shakespeare_chunks), report
+  kept, report = clean.dedup_near(shakespeare_chunks)
+  assert kept == shakespeare_chunks, report
 
 
 def test_exact_dedup_on_shakespeare_removes_exactly_the_copies(shakespeare_chunks):
