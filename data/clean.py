@@ -40,6 +40,8 @@ import re
 import string
 from typing import Callable, Iterable, Mapping, Sequence
 
+from tqdm import tqdm
+
 Report = dict
 
 
@@ -575,7 +577,8 @@ def _step_options(step: str, value) -> dict | None:
   return options
 
 
-def clean(docs: Sequence[str], config: Mapping | None = None) -> tuple[list[str], Report]:
+def clean(docs: Sequence[str], config: Mapping | None = None,
+          progress: bool = False) -> tuple[list[str], Report]:
   """Runs the enabled cleaning steps in STEPS order; returns (documents, report).
 
   `config` maps a step name to True (defaults), False/None (skip) or a mapping of that step's
@@ -583,7 +586,7 @@ def clean(docs: Sequence[str], config: Mapping | None = None) -> tuple[list[str]
   'decontaminate': {'eval_sets': {'lambada': texts}}}`. Steps not named run if enabled by
   default (all but `decontaminate` and `perplexity`, which need data from the caller). Empty
   documents are removed first and counted. The report has `in`, `out` and `steps`: one entry
-  per step run with its name and its own report.
+  per step run with its name and its own report. `progress` shows a bar over the steps.
   """
   docs = _check_docs(docs)
   config = _as_dict(config or {})
@@ -593,9 +596,10 @@ def clean(docs: Sequence[str], config: Mapping | None = None) -> tuple[list[str]
   n_in = len(docs)
   kept = [d for d in docs if not _is_empty(d)]
   steps = [{'step': 'empty', **_report(n_in, kept, {'empty': n_in - len(kept)})}]
-  for name, options in plan:
-    if options is None:
-      continue
+  plan = [(name, options) for name, options in plan if options is not None]
+  bar = tqdm(plan, desc='clean', unit='step', disable=not progress)
+  for name, options in bar:
+    bar.set_postfix_str(f'{name}: {len(kept):,} documents')
     kept, report = STEPS[name][0](kept, **options)
     steps.append({'step': name, **report})
   return kept, {'in': n_in, 'out': len(kept), 'steps': steps}

@@ -22,6 +22,10 @@ import numpy as np
 SAMPLINGS = ('random', 'sequential')
 
 
+class DataError(ValueError):
+  """Data that cannot fill the configured batches; the message says how to fix it."""
+
+
 @dataclasses.dataclass
 class TokenStream:
   """A corpus split as one token array; doc_ids marks document boundaries (None = one doc)."""
@@ -65,9 +69,9 @@ class BatchIterator:
   def __init__(self, stream: TokenStream, seq_len: int, global_batch: int, seed: int,
                sampling: str = 'random', rows: tuple[int, int] | None = None, start: int = 0):
     if sampling not in SAMPLINGS:
-      raise ValueError(f'data.sampling={sampling!r} is not supported; choose one of {SAMPLINGS}.')
+      raise DataError(f'data.sampling={sampling!r} is not supported; choose one of {SAMPLINGS}.')
     if len(stream) < seq_len + 1:
-      raise ValueError(f'The split has {len(stream)} tokens, fewer than seq_len + 1 = {seq_len + 1}; '
+      raise DataError(f'The split has {len(stream)} tokens, fewer than seq_len + 1 = {seq_len + 1}; '
                        'use a shorter data.seq_len or more text.')
     self.stream, self.seq_len, self.global_batch = stream, seq_len, global_batch
     self.seed, self.sampling = seed, sampling
@@ -117,7 +121,7 @@ def eval_batches(stream: TokenStream, seq_len: int, batch_size: int,
   """
   n = (len(stream) - 1) // seq_len
   if n == 0:
-    raise ValueError(f'The validation split has {len(stream)} tokens, fewer than seq_len + 1; '
+    raise DataError(f'The validation split has {len(stream)} tokens, fewer than seq_len + 1; '
                      'lower data.seq_len or data.val_fraction, or set train.eval_every=0.')
   starts = np.arange(n) * seq_len
   out = []
@@ -145,7 +149,7 @@ def example_indices(n: int, global_batch: int, seed: int, i: int,
   """
   per_epoch = n // global_batch
   if per_epoch == 0:
-    raise ValueError(f'The source has {n} examples, fewer than one global batch of {global_batch}; '
+    raise DataError(f'The source has {n} examples, fewer than one global batch of {global_batch}; '
                      'lower train.batch_size or add data.')
   epoch, k = divmod(i, per_epoch)
   perm = np.random.default_rng([seed, 0x6578, epoch]).permutation(n)

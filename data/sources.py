@@ -122,7 +122,8 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
     }))
 
   def _split_generators(self, dl_manager):
-    return {s: self._generate_examples(s) for s in SPLITS}
+    # tfds cannot write an empty split: with val_fraction 0 there is no 'validation'.
+    return {s: self._generate_examples(s) for s in SPLITS if s == 'train' or self._val_fraction}
 
   def _generate_examples(self, split: str) -> Iterator:
     for doc, path in enumerate(self._files):
@@ -148,6 +149,9 @@ def prepare_text(path: str, data_dir: str, val_fraction: float = 0.1) -> dict[st
   builder.download_and_prepare()
   out = {}
   for split in SPLITS:
+    if split not in builder.info.splits:
+      out[split] = []
+      continue
     src = builder.as_data_source(split=split)
     records = sorted((int(r['doc']), int(r['chunk']), r['text']) for r in (src[i] for i in range(len(src))))
     docs: dict[int, list[str]] = {}

@@ -20,11 +20,19 @@ from lm import decode, model, objectives, sharding, train as train_lib
 from lm.config import ConfigError, ModelConfig
 
 
+JSON_LINES = ('.jsonl', '.jsonl.gz', '.json', '.json.gz')
+
+
 def load_corpus(config: ConfigDict, workdir: str):
   """Prepared splits and the tokenizer (built from the corpus once, then reused from workdir)."""
   d = config.data
   data_dir = d.data_dir or os.path.join(workdir, 'data')
-  prepare = lambda: sources.prepare_text(d.path, data_dir, d.val_fraction)
+
+  def prepare():
+    if d.path.endswith(JSON_LINES):  # documents (e.g. the prepare experiment's), split by hash
+      docs = sources.prepare_documents(d.path, data_dir, d.val_fraction)
+      return {split: docs.documents(split) for split in sources.SPLITS}
+    return sources.prepare_text(d.path, data_dir, d.val_fraction)
   splits = trainer.process_zero_first(prepare, 'prepare corpus')
   tok_path = os.path.join(workdir, 'tokenizer.json')
 

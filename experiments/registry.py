@@ -12,6 +12,7 @@ EXPERIMENTS: dict[str, str] = {
     'scaling_sweep': 'experiments.sweep:run',
     'scaling_fit': 'experiments.fit:run',
     'ablate_arch': 'experiments.ablate:run',
+    'prepare': 'experiments.prepare:run',
 }
 
 

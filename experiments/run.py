@@ -22,12 +22,13 @@ FLAGS = flags.FLAGS
 
 
 def _user_errors():
+  from data.pipeline import DataError
   from data.sources import CorpusError
   from data.tokenizers import TokenizerError
   from lm.checkpoint import CheckpointError
   from lm.config import ConfigError
   from lm.sharding import ShardingError
-  return (ConfigError, CorpusError, TokenizerError, ShardingError, CheckpointError)
+  return (ConfigError, CorpusError, TokenizerError, DataError, ShardingError, CheckpointError)
 
 
 def main(argv):

@@ -19,7 +19,8 @@ def pretrain() -> ConfigDict:
   c.seed = 0
   c.model = model()
   c.data = ConfigDict(dict(
-      path='shakespeare_works',  # a text file, a directory, or a corpus shipped with the install
+      path='shakespeare_works',  # a text file, a directory, a corpus shipped with the install, or
+                                 # JSON-lines documents {"text": ...} (.jsonl[.gz], e.g. prepare's output)
       tokenizer='char',          # char | bpe | unigram (SentencePiece, byte fallback) | a tokenizer file
       vocab_size=2048,           # for bpe / unigram
       seq_len=0,                 # 0: model.max_seq_len
