@@ -14,6 +14,7 @@ Every batch is a dict of [B, T] numpy arrays:
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Iterable, Sequence
 
 import jax
@@ -113,15 +114,78 @@ class BatchIterator:
     return batch
 
 
+class MixtureBatches:
+  """Global batch i drawn from a mixture of token streams (data/mixture.py).
+
+  A source's examples are its non-overlapping seq_len windows; row r of batch i is mixture
+  element i * global_batch + r, i.e. (source, window), so batch i is a pure function of
+  (mixture seed, i) and the state is the number of batches drawn (plus the mixture's config,
+  so a resume under a different mixture fails instead of silently changing the data).
+  """
+
+  def __init__(self, streams: dict[str, TokenStream], mixture, seq_len: int, global_batch: int,
+               rows: tuple[int, int] | None = None, start: int = 0):
+    names = [s.name for s in mixture.sources]
+    if set(names) != set(streams):
+      raise DataError(f'The mixture names sources {sorted(names)} but the streams are {sorted(streams)}.')
+    # Every source gets segment ids and positions if any has several documents, so all rows
+    # of a batch carry the same keys.
+    multi = any(s.doc_ids is not None for s in streams.values())
+    self.streams = {n: TokenStream(s.tokens, np.zeros(len(s), np.int32) if multi and s.doc_ids is None
+                                   else s.doc_ids) for n, s in streams.items()}
+    self.names, self.mixture = names, mixture
+    self.seq_len, self.global_batch = seq_len, global_batch
+    self.rows = rows or (0, global_batch)
+    self.batches_drawn = start
+
+  @staticmethod
+  def windows_of(stream: TokenStream, seq_len: int) -> int:
+    return (len(stream) - 1) // seq_len
+
+  def state(self) -> dict:
+    return {'batches_drawn': self.batches_drawn, 'mixture': self.mixture.config}
+
+  def restore(self, state: dict) -> None:
+    if json.loads(json.dumps(state.get('mixture'))) != json.loads(json.dumps(self.mixture.config)):
+      raise DataError('The checkpoint\'s data position belongs to a different mixture (sources, '
+                      'weights, caps or seed changed); resume with the original data.mixture config '
+                      'or use a new --workdir.')
+    self.batches_drawn = int(state['batches_drawn'])
+
+  def report(self) -> dict:
+    """Target rates and realised proportions of every row drawn so far."""
+    return self.mixture.report(self.batches_drawn * self.global_batch)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    lo, hi = self.rows
+    first = self.batches_drawn * self.global_batch
+    elems = self.mixture.elements(first + lo, first + hi)
+    src = np.array([m for m, _ in elems])
+    starts = np.array([k for _, k in elems], np.int64) * self.seq_len
+    parts = {m: windows(self.streams[self.names[m]], starts[src == m], self.seq_len)
+             for m in np.unique(src)}
+    batch = {}
+    for key in next(iter(parts.values())):
+      out = np.empty((hi - lo, self.seq_len), next(iter(parts.values()))[key].dtype)
+      for m, p in parts.items():
+        out[src == m] = p[key]
+      batch[key] = out
+    self.batches_drawn += 1
+    return batch
+
+
 def eval_batches(stream: TokenStream, seq_len: int, batch_size: int,
-                 max_batches: int = 0) -> list[dict[str, np.ndarray]]:
+                 max_batches: int = 0, name: str = '') -> list[dict[str, np.ndarray]]:
   """The whole split as non-overlapping windows (or the first max_batches batches).
 
   The last batch is padded with zero-weight rows so every batch has the same shape.
   """
   n = (len(stream) - 1) // seq_len
   if n == 0:
-    raise DataError(f'The validation split has {len(stream)} tokens, fewer than seq_len + 1; '
+    raise DataError(f'The validation split{" of " + name if name else ""} has {len(stream)} tokens, fewer than seq_len + 1; '
                      'lower data.seq_len or data.val_fraction, or set train.eval_every=0.')
   starts = np.arange(n) * seq_len
   out = []

@@ -6,6 +6,7 @@ length, mesh, batch size, checkpoints) is checked before the first compile.
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import jax
@@ -13,42 +14,22 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from data import pipeline, sources, tokenizers
-from experiments import trainer
+from data import pipeline
+from experiments import corpus, trainer
 from lm import checkpoint as ckpt_lib
 from lm import decode, model, objectives, sharding, train as train_lib
 from lm.config import ConfigError, ModelConfig
 
 
-JSON_LINES = ('.jsonl', '.jsonl.gz', '.json', '.json.gz')
-
-
-def load_corpus(config: ConfigDict, workdir: str):
-  """Prepared splits and the tokenizer (built from the corpus once, then reused from workdir)."""
+def check_data_config(config: ConfigDict) -> None:
   d = config.data
-  data_dir = d.data_dir or os.path.join(workdir, 'data')
-
-  def prepare():
-    if d.path.endswith(JSON_LINES):  # documents (e.g. the prepare experiment's), split by hash
-      docs = sources.prepare_documents(d.path, data_dir, d.val_fraction)
-      return {split: docs.documents(split) for split in sources.SPLITS}
-    return sources.prepare_text(d.path, data_dir, d.val_fraction)
-  splits = trainer.process_zero_first(prepare, 'prepare corpus')
-  tok_path = os.path.join(workdir, 'tokenizer.json')
-
-  def make_tokenizer():
-    if os.path.exists(tok_path):  # a resumed run (or another host) keeps this vocabulary
-      return tokenizers.load(tok_path)
-    if d.tokenizer not in tokenizers.TOKENIZER_KINDS:  # a file: e.g. the prepare experiment's
-      tok = tokenizers.load(d.tokenizer)
-    elif d.tokenizer == 'char':  # nanoGPT's convention: every character of the corpus
-      tok = tokenizers.build('char', splits['train'] + splits['validation'], 0, '')
-    else:  # subwords are learned from the training split only
-      tok = tokenizers.build(d.tokenizer, splits['train'], d.vocab_size,
-                             os.path.join(workdir, 'tokenizer'))
-    tok.save(tok_path)
-    return tok
-  return splits, trainer.process_zero_first(make_tokenizer, 'build tokenizer')
+  for name, m in d.mixture.items():
+    missing = {'path', 'weight', 'max_windows'} - set(m.keys())
+    if missing:
+      raise ConfigError(f'data.mixture.{name} lacks {sorted(missing)}; each source is '
+                        "{'path': ..., 'weight': 0.0 (proportional) or a rate, 'max_windows': 0}.")
+  if d.mixture and d.sampling != 'random':
+    raise ConfigError('data.sampling applies to a single source; a mixture draws its own windows.')
 
 
 def special_ids(config: ConfigDict) -> int:
@@ -102,12 +83,12 @@ def run(config: ConfigDict, workdir: str):
   os.makedirs(workdir, exist_ok=True)
   t = config.train
   # 1. Data and model config, validated.
-  splits, tok = load_corpus(config, workdir)
+  check_data_config(config)
+  data = corpus.load(config, workdir)
+  tok = data.tokenizer
   cfg = model_config(config, tok.vocab_size)
   check_objective(config, cfg)
   seq_len = seq_len_of(config, cfg)
-  train_stream = pipeline.tokenize_docs(splits['train'], tok)
-  val_stream = pipeline.tokenize_docs(splits['validation'], tok)
   prompt = tok.encode(t.sample_prompt) if t.samples else None
   can_sample = cfg.causal and cfg.arch == 'decoder' and t.objective != 'span_corruption'
   if t.samples and can_sample:
@@ -120,24 +101,26 @@ def run(config: ConfigDict, workdir: str):
   key = jax.random.key(config.seed)
   init_params = functools.partial(model.init, cfg)
   init_state, abstract, shardings = train_lib.state_shardings(init_params, axes, tx, mesh, key)
-  spec = pipeline.batch_spec(train_stream, seq_len)
+  spec = data.batch_spec(seq_len)
   batch_sh = train_lib.batch_shardings(mesh, spec)
   rows = pipeline.local_rows(batch_sh['inputs'], t.batch_size, seq_len)
+  batches = corpus.train_batches(config, data, seq_len, rows)
   # 3. Resume or init (raises if checkpoints exist but cannot be read).
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), t.keep_checkpoints)
   state, start, data_state = trainer.restore_or_init(
       checkpointer, lambda: jax.jit(init_state, out_shardings=shardings)(key), abstract, shardings)
-  batches = pipeline.BatchIterator(train_stream, seq_len, t.batch_size, config.seed,
-                                   config.data.sampling, rows)
   if data_state is not None:
     batches.restore(data_state)
   counts = cfg.param_counts()
+  n_train = sum(map(len, data.train.values()))
+  n_val = sum(map(len, data.validation.values()))
   trainer.write_config(config, workdir, {'resolved': {
       'vocab_size': cfg.vocab_size, 'seq_len': seq_len, 'params': counts['total'],
       'non_embedding_params': counts['non_embedding'], 'devices': jax.device_count(),
-      'mesh': dict(mesh.shape), 'train_tokens': len(train_stream), 'val_tokens': len(val_stream)}})
+      'mesh': dict(mesh.shape), 'train_tokens': n_train, 'val_tokens': n_val}})
   print(f'model: {counts["total"]:,} params ({counts["non_embedding"]:,} non-embedding); '
-        f'corpus: {len(train_stream):,} train / {len(val_stream):,} val tokens; '
+        f'corpus: {n_train:,} train / {n_val:,} val tokens'
+        + (f' in {len(data.train)} sources' if data.is_mixture else '') + '; '
         f'mesh {dict(mesh.shape)}; ' + (f'resuming at step {start}' if start else 'starting fresh'))
 
   # 4. Steps.
@@ -153,16 +136,27 @@ def run(config: ConfigDict, workdir: str):
       raise ConfigError(f'train.eval_batch_size={eb} does not divide over the batch mesh axes '
                         f'({sharding.batch_size_divisor(mesh)} devices); change it.')
     eval_rows = pipeline.local_rows(eval_sh['inputs'], eb, seq_len)
-    local_eval = [{k: v[eval_rows[0]:eval_rows[1]] for k, v in b.items()}
-                  for b in pipeline.eval_batches(val_stream, seq_len, eb, t.eval_batches)]
     eval_step = train_lib.make_eval_step(loss_fn, mesh, shardings.params, eval_sh)
-    evaluate = trainer.eval_fn(eval_step, local_eval, functools.partial(
-        pipeline.to_global, shardings=eval_sh, global_batch=eb))
+    to_global_eval = functools.partial(pipeline.to_global, shardings=eval_sh, global_batch=eb)
+    per_source = {}
+    for name, stream in data.validation.items():
+      if stream.doc_ids is None and 'segment_ids' in spec:  # batches must carry the same keys
+        stream = pipeline.TokenStream(stream.tokens, np.zeros(len(stream), np.int32))
+      local = [{k: v[eval_rows[0]:eval_rows[1]] for k, v in b.items()}
+               for b in pipeline.eval_batches(stream, seq_len, eb, t.eval_batches, name)]
+      per_source[name] = trainer.eval_fn(eval_step, local, to_global_eval)
+    evaluate = per_source['data'] if not data.is_mixture else trainer.combine_evals(per_source)
   state = trainer.train(trainer.Run(
       config=config, workdir=workdir, mesh=mesh, state=state, start_step=start, step_fn=step_fn,
       batches=batches, to_global=to_global, evaluate=evaluate, checkpointer=checkpointer,
       flops_per_token=cfg.flops_per_token(seq_len), tokens_per_step=t.batch_size * seq_len))
   checkpointer.close()
+  if data.is_mixture:
+    report = batches.report()
+    print('mixture, target rates vs. rows drawn:\n' + corpus.format_report(report))
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, 'mixture.json'), 'w') as f:
+        json.dump(report, f, indent=2)
 
   # 5. Samples from the trained model.
   if t.samples and int(state.step) >= t.steps:

@@ -152,8 +152,23 @@ def eval_fn(eval_step: Callable, batches: list, to_global: Callable) -> Callable
     totals = [eval_step(params, b) for b in global_batches]
     loss = sum(float(t[0]) for t in totals)
     weight = sum(float(t[1]) for t in totals)
-    out = {'val_loss': loss / max(weight, 1e-9)}
+    out = {'val_loss': loss / max(weight, 1e-9), 'val_tokens': weight}
     for k in totals[0][2]:
       out[f'val_{k}'] = sum(float(t[2][k]) for t in totals) / max(weight, 1e-9)
+    return out
+  return evaluate
+
+
+def combine_evals(evals: dict[str, Callable[[Any], dict]]) -> Callable[[Any], dict]:
+  """Several validation sets: each one's metrics suffixed with its name, and token-weighted
+  means over all of them under the plain names."""
+  def evaluate(params) -> dict:
+    parts = {name: fn(params) for name, fn in evals.items()}
+    total = sum(p['val_tokens'] for p in parts.values())
+    out = {k: sum(p[k] * p['val_tokens'] for p in parts.values()) / max(total, 1e-9)
+           for k in next(iter(parts.values())) if k != 'val_tokens'}
+    out['val_tokens'] = total
+    for name, p in parts.items():
+      out.update({f'{k}_{name}': v for k, v in p.items() if k != 'val_tokens'})
     return out
   return evaluate
