@@ -97,8 +97,9 @@ def test_bad_input_fails_at_startup(tiny_corpus, tmp_path, change, error, match)
 
 
 ARCHITECTURES = {
-    'llama': dict(norm='rmsnorm', activation='swiglu', positions='rope', use_bias=False,
-                  tie_embeddings=False, n_kv_heads=1),
+    'llama_gqa': dict(norm='rmsnorm', activation='swiglu', positions='rope', use_bias=False,
+                      tie_embeddings=False, n_heads=4, n_kv_heads=2),   # 2 query heads per kv head
+    'no_positions': dict(positions='none'),
     'post_ln_sinusoidal': dict(norm_position='post', positions='sinusoidal'),
     'sandwich_alibi_bloom': dict(norm_position='sandwich', positions='alibi', embed_norm=True),
     'parallel_geglu': dict(parallel_block=True, activation='geglu', positions='rope'),
