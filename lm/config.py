@@ -40,6 +40,8 @@ class ModelConfig:
   norm_eps: float = 1e-5
   norm_position: str = 'pre'     # pre-LN, post-LN, sandwich-LN (CogView), DeepNorm (post-LN, scaled)
   embed_norm: bool = False       # a norm right after the embedding (BLOOM)
+  scale_embeddings: bool = False  # token embeddings * sqrt(d_model) (Vaswani et al.), so fixed
+                                  # sinusoids of amplitude 1 do not swamp std-0.02 embeddings
   parallel_block: bool = False   # x + attn(norm(x)) + mlp(norm(x)) (GPT-J, PaLM)
   causal: bool = True            # False: bidirectional (encoder) attention
   moe_experts: int = 0           # > 0: every MLP is a mixture of this many experts

@@ -92,6 +92,8 @@ def embed(params: dict, tokens: jax.Array, positions: jax.Array, cfg: ModelConfi
   # efficiently from a vocab-split table.
   table = sharding.constrain(params['embed'], (None, 'embed'))
   x = table.astype(cfg.dtype)[tokens]
+  if cfg.scale_embeddings:
+    x = x * math.sqrt(cfg.d_model)
   if cfg.positions == 'learned':
     x = x + params['pos_embed'].astype(cfg.dtype)[positions]
   elif cfg.positions == 'sinusoidal':

@@ -80,7 +80,7 @@ def forward(params, tokens, cfg, segment_ids=None, prefix_len=None):
   for b in range(B):
     for t in range(1, T):
       pos[b, t] = pos[b, t - 1] + 1 if seg[b, t] == seg[b, t - 1] else 0
-  x = P['embed'][tokens]
+  x = P['embed'][tokens] * (math.sqrt(cfg.d_model) if cfg.scale_embeddings else 1.0)
   if cfg.positions == 'learned':
     x = x + P['pos_embed'][pos]
   if cfg.positions == 'sinusoidal':

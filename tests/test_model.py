@@ -16,6 +16,7 @@ VARIANTS = {
     'geglu_rope_bias': dict(norm='layernorm', activation='geglu', positions='rope', use_bias=True),
     'decoupled_head_dim': dict(PRESETS['llama'], n_kv_heads=2, d_head=16),   # H * d_head != d_model
     'post_ln_sinusoidal': dict(norm_position='post', positions='sinusoidal'),
+    'sinusoidal_scaled_embeddings': dict(positions='sinusoidal', scale_embeddings=True, init_std=0.02),
     'sandwich_alibi_embed_norm': dict(norm_position='sandwich', positions='alibi', embed_norm=True,
                                       n_heads=2),
     'alibi_6_heads_parallel': dict(positions='alibi', parallel_block=True, d_model=48, n_heads=6),

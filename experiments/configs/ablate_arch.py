@@ -29,6 +29,7 @@ def get_config():
       'swiglu': {'activation': 'swiglu'},
       'geglu': {'activation': 'geglu'},
       'sinusoidal': {'positions': 'sinusoidal'},
+      'sinusoidal_scaled': {'positions': 'sinusoidal', 'scale_embeddings': True},   # as Vaswani et al.
       'rope': {'positions': 'rope'},
       'alibi': {'positions': 'alibi'},
       'no_positions': {'positions': 'none'},
