@@ -62,6 +62,8 @@ class ModelConfig:
   dtype: str = 'float32'         # compute dtype (bfloat16 on accelerators)
   param_dtype: str = 'float32'
   attention_impl: str = 'auto'
+  attention_q_block: int = 0     # >0: XLA causal attention in query blocks, skipping keys past each
+                                 # block (exact; 64 is ~9% faster at T=256 on CPU); 0: one block
   remat: str = 'none'
   scan_unroll: int = 0           # layers per layer-scan iteration; 0 = all (fastest step; 1 = fastest compile)
 
@@ -96,6 +98,8 @@ class ModelConfig:
           f'RoPE needs an even head_dim, got {self.head_dim}; change d_model or n_heads.')
     check(self.positions != 'sinusoidal' or self.d_model % 2 == 0,
           f'Sinusoidal positions need an even d_model, got {self.d_model}.')
+    check(self.attention_q_block >= 0,
+          f'model.attention_q_block must be >= 0 (0 turns blocking off), got {self.attention_q_block}.')
     check(self.scan_unroll >= 0,
           f'model.scan_unroll must be >= 0 (0 unrolls every layer), got {self.scan_unroll}.')
     check(self.moe_experts == 0 or 1 <= self.moe_top_k <= self.moe_experts,

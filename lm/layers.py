@@ -319,6 +319,20 @@ def _xla_attention(q, k, v, mask, bias=None, scale=True):
   return out.reshape(b, t, h, hd)
 
 
+def _causal_blocks(q, k, v, mask, bias, scale, block: int):
+  """Causal self-attention one block of `block` queries at a time, each against only the keys
+  up to its last query: keys after that are masked anyway, so the result is the same while
+  the scores above the diagonal blocks are never computed (T=256, block 64: 5/8 of the work).
+  Every query sees at least its own key, so no row is cut down to a different mask."""
+  t = q.shape[1]
+  outs = []
+  for s in range(0, t, block):
+    e = min(s + block, t)
+    outs.append(_xla_attention(q[:, s:e], k[:, :e], v[:, :e], mask[:, s:e, :e],
+                               None if bias is None else bias[:, :, s:e, :e], scale))
+  return jnp.concatenate(outs, axis=1)
+
+
 def _use_fused(cfg: ModelConfig) -> bool:
   if cfg.attention_impl == 'cudnn':
     return True
@@ -396,6 +410,9 @@ def attention(p: dict, x: jax.Array, cfg: ModelConfig, positions: jax.Array,
       if cfg.attention_impl == 'cudnn':
         raise
       out = fused(implementation='xla')   # 'auto': shapes/dtypes cuDNN rejects
+  elif cfg.attention_q_block and cache is None and causal and prefix_len is None:
+    out = _causal_blocks(q, k.astype(dt), v.astype(dt), mask, bias, cfg.scale_attention,
+                         cfg.attention_q_block)
   else:
     out = _xla_attention(q, k.astype(dt), v.astype(dt), mask, bias, cfg.scale_attention)
   y = dense(out, p['wo'], 'bthk,hkd->btd', dt)

@@ -26,6 +26,11 @@ VARIANTS = {
     'relative_unscaled_rmsnorm': dict(positions='relative', rel_buckets=8, rel_max_distance=12,
                                       scale_attention=False, norm='rmsnorm', use_bias=False),
     'relative_bidirectional': dict(causal=False, positions='relative', rel_buckets=8, rel_max_distance=12),
+    # causal attention in query blocks of 4 over T=9 / 10 (an uneven last block); biases sliced
+    'gpt2_q_blocks': dict(PRESETS['gpt2'], attention_q_block=4),
+    'alibi_q_blocks': dict(positions='alibi', attention_q_block=4),
+    'relative_gqa_q_blocks': dict(positions='relative', rel_buckets=8, rel_max_distance=12,
+                                  n_kv_heads=2, attention_q_block=3),
 }
 
 
@@ -48,7 +53,7 @@ def test_forward_matches_naive_reference(name):
   assert float(jnp.max(logits[..., cfg.vocab_size:])) < -1e30
 
 
-@pytest.mark.parametrize('name', ['gpt2', 'llama_gqa'])
+@pytest.mark.parametrize('name', ['gpt2', 'llama_gqa', 'gpt2_q_blocks'])
 def test_segments_match_naive_and_isolate_documents(name):
   cfg = small(**VARIANTS[name])
   params = model.init(cfg, jax.random.key(0))
@@ -137,6 +142,18 @@ def test_sampling_top_k_and_temperature():
   assert freq[2] == 0 and freq[3] == 0                     # outside the top 2
   np.testing.assert_allclose(freq[:2], [0.5 / 0.8, 0.3 / 0.8], atol=0.03)
   assert int(decode.sample_logits(logits, jax.random.key(0), 0.0)[0]) == 0
+
+
+def test_query_blocks_give_the_same_loss_and_gradients():
+  toks = jax.random.randint(jax.random.key(1), (2, 16), 0, 50)
+  loss = lambda p, c: jnp.mean(model.forward(p, toks, c)[0][..., :50] ** 2)
+  for kw in (VARIANTS['gpt2'], VARIANTS['llama_gqa']):
+    cfg = small(**kw)
+    params = model.init(cfg, jax.random.key(0))
+    l0, g0 = jax.value_and_grad(loss)(params, cfg)
+    l1, g1 = jax.value_and_grad(loss)(params, small(**kw, attention_q_block=5))
+    np.testing.assert_allclose(l0, l1, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g0, g1)
 
 
 def test_remat_gives_same_gradients():
