@@ -349,7 +349,9 @@ def attention(p: dict, x: jax.Array, cfg: ModelConfig, positions: jax.Array,
 
   Without a cache, keys are the T inputs themselves. With a cache ({'k','v'} of shape
   [B, S, kv_heads, head_dim}), the new keys are written at `cache_index` and queries
-  attend over all S slots (masked by position). Returns (output, updated cache).
+  attend over all S slots (masked by position). Optional cache entries 'kv_pos' and
+  'kv_mask' [B, S] give each slot's position and validity (left-padded batches); they
+  are inputs only. Returns (output, updated {'k','v'} cache).
 
   `causal` overrides cfg.causal (an encoder-decoder's encoder is bidirectional);
   `rel_table` is a [buckets, heads] T5 relative-bias table shared by the stack's layers;
@@ -379,16 +381,21 @@ def attention(p: dict, x: jax.Array, cfg: ModelConfig, positions: jax.Array,
   q = sharding.constrain(q, ('batch', 'length', 'heads', 'head_dim'))
 
   if cache is None:
-    kv_pos, kv_seg = positions, segment_ids
+    kv_pos, kv_seg, kv_valid = positions, segment_ids, None
   else:
     k = jax.lax.dynamic_update_slice_in_dim(cache['k'], k.astype(cache['k'].dtype), cache_index, 1)
     v = jax.lax.dynamic_update_slice_in_dim(cache['v'], v.astype(cache['v'].dtype), cache_index, 1)
+    # Left-padded decoding (lm.decode) gives each slot's per-row position and which slots
+    # hold real tokens; otherwise a slot's position is its index and every slot is real.
+    kv_pos, kv_valid = cache.get('kv_pos'), cache.get('kv_mask')
     cache = {'k': k, 'v': v}
-    slots = jnp.arange(k.shape[1])[None, :]
-    kv_pos = jnp.broadcast_to(slots, (x.shape[0], k.shape[1]))
+    if kv_pos is None:
+      kv_pos = jnp.broadcast_to(jnp.arange(k.shape[1])[None, :], (x.shape[0], k.shape[1]))
     kv_seg = None
   mask = attention_mask(positions, kv_pos, segment_ids if cache is None else None, kv_seg,
                         causal, prefix_len)
+  if kv_valid is not None:
+    mask = mask & kv_valid[:, None, :]
   bias = None
   if cfg.positions == 'alibi':  # -slope_h * distance, added to the scores
     dist = jnp.abs(positions[:, :, None] - kv_pos[:, None, :]).astype(jnp.float32)

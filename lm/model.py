@@ -134,11 +134,14 @@ def block(p: dict, x: jax.Array, cfg: ModelConfig, positions, segment_ids, cache
 def hidden_states(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
                   positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
                   cache: dict | None = None, cache_index: jax.Array | None = None,
-                  prefix_len: jax.Array | None = None, return_aux: bool = False):
+                  prefix_len: jax.Array | None = None, return_aux: bool = False,
+                  kv_positions: jax.Array | None = None, kv_mask: jax.Array | None = None):
   """Final-normed hidden states [B, T, d_model] (and the updated KV cache, if given).
 
   positions default to 0..T-1 (offset by cache_index when decoding); segment_ids, if
-  given, keep packed documents from attending across each other.
+  given, keep packed documents from attending across each other. With a cache,
+  kv_positions / kv_mask [B, S] give every cache slot's position and whether it holds a
+  real token (left-padded batches, lm.decode); by default slot s is position s.
   """
   if cfg.arch != 'decoder':
     raise ValueError('lm.model runs decoder-only models; use lm.encdec for an encoder-decoder.')
@@ -151,6 +154,8 @@ def hidden_states(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
   def body(carry, layer):
     x, aux_sum = carry
     p, c = layer
+    if kv_positions is not None:  # per-row slot positions ride along with each layer's cache
+      c = {**c, 'kv_pos': kv_positions, 'kv_mask': kv_mask}
     x, c, aux = block(p, x, cfg, positions, segment_ids, c, cache_index, prefix_len,
                       params.get('rel_bias'))
     return (x, jax.tree.map(jnp.add, aux_sum, aux)), c
