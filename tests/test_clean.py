@@ -4,10 +4,7 @@ import dataclasses
 import pytest
 
 from data import clean
-from tests.conftest import SHARED_DATA
-
-TINY = SHARED_DATA / 'tinyshakespeare' / 'input.txt'
-needs_tiny = pytest.mark.skipif(not TINY.exists(), reason='shared/data not present')
+from tests.conftest import TINY_SHAKESPEARE as TINY
 
 PARAGRAPH = (
     'The old lighthouse stood at the edge of the harbour for more than a century, and the '
@@ -278,8 +275,6 @@ def test_near_dedup_rejects_thresholds_lsh_cannot_band():
 
 @pytest.fixture(scope='module')
 def shakespeare_chunks():
-  if not TINY.exists():
-    pytest.skip('shared/data not present')
   text = TINY.read_text(encoding='utf-8')
   return [text[i:i + 2000] for i in range(0, len(text), 2000)]
 

@@ -5,7 +5,7 @@ import pytest
 
 from data import pipeline, sources, tokenizers
 from lm import sharding
-from tests.conftest import SHARED_DATA
+from tests.conftest import TINY_SHAKESPEARE
 
 
 def test_char_tokenizer_roundtrip_and_vocab(tmp_path):
@@ -20,10 +20,9 @@ def test_char_tokenizer_roundtrip_and_vocab(tmp_path):
     tok.encode('xyz!')
 
 
-@pytest.mark.skipif(not (SHARED_DATA / 'tinyshakespeare').exists(), reason='shared/data not present')
 def test_tinyshakespeare_matches_nanogpt_split(tmp_path):
-  path = SHARED_DATA / 'tinyshakespeare' / 'input.txt'
-  splits = sources.prepare_text(str(path), str(tmp_path / 'd'))
+  path = TINY_SHAKESPEARE
+  splits = sources.prepare_text('tinyshakespeare', str(tmp_path / 'd'))   # the built-in name
   text = path.read_text(encoding='utf-8')
   n = len(text)
   assert splits['train'] == [text[:int(n * 0.9)]]

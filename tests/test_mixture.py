@@ -5,21 +5,18 @@ import numpy as np
 import pytest
 
 from data import mixture, sources
-from tests.conftest import SHARED_DATA
-
-HH = SHARED_DATA / 'hh-rlhf-harmless-base' / 'test.jsonl.gz'
+from tests.conftest import HH_RLHF as HH
+from tests.conftest import TINY_SHAKESPEARE
 
 
 @pytest.fixture(scope='module')
 def datasets(tmp_path_factory):
   """Three real sources of very different sizes: speeches, plays, preference pairs."""
   plays = [sources.read_text(f) for f in sources.resolve_files('shakespeare_works')]
-  tiny = SHARED_DATA / 'tinyshakespeare' / 'input.txt'
-  text = tiny.read_text(encoding='utf-8') if tiny.exists() else plays[0]
+  text = TINY_SHAKESPEARE.read_text(encoding='utf-8')
   out = {'speeches': [s for s in text.split('\n\n') if s.strip()], 'plays': plays}
-  if HH.exists():
-    prepared = sources.prepare_preferences(str(HH), str(tmp_path_factory.mktemp('data')))
-    out['pairs'] = prepared.source('train')   # read by index straight from array_record
+  prepared = sources.prepare_preferences(str(HH), str(tmp_path_factory.mktemp('data')))
+  out['pairs'] = prepared.source('train')   # read by index straight from array_record
   return out
 
 

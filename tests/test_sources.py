@@ -6,10 +6,8 @@ import os
 import pytest
 
 from data import sources
-from tests.conftest import SHARED_DATA
-
-HH = SHARED_DATA / 'hh-rlhf-harmless-base' / 'test.jsonl.gz'
-needs_hh = pytest.mark.skipif(not HH.exists(), reason='shared/data not present')
+from tests.conftest import HH_RLHF as HH
+from tests.conftest import TINY_SHAKESPEARE
 
 
 def hh_pairs():
@@ -30,7 +28,6 @@ def works_docs():
   return [sources.read_text(f) for f in files]
 
 
-@needs_hh
 def test_hh_rlhf_pairs_prepare_and_read_back_exactly(tmp_path):
   rows = hh_pairs()
   assert len(rows) == 2312
@@ -56,7 +53,6 @@ def test_hh_rlhf_pairs_prepare_and_read_back_exactly(tmp_path):
   assert again.report == rep
 
 
-@needs_hh
 def test_preferences_plain_jsonl_and_counted_skips(tmp_path):
   rows = hh_pairs()[:200]
   bad = [{'chosen': 'only one side'}, {'chosen': 'same', 'rejected': 'same'},
@@ -148,9 +144,30 @@ def test_bad_kind_and_split_fraction(tmp_path):
     sources.prepare_documents(path, str(tmp_path / 'data'), val_fraction=1.0)
 
 
-@pytest.mark.skipif(not (SHARED_DATA / 'tinyshakespeare').exists(), reason='shared/data not present')
 def test_prepare_text_still_matches_nanogpt(tmp_path):
-  path = SHARED_DATA / 'tinyshakespeare' / 'input.txt'
+  path = TINY_SHAKESPEARE
   text = path.read_text(encoding='utf-8')
   splits = sources.prepare_text(str(path), str(tmp_path / 'd'))
   assert splits == {'train': [text[:int(len(text) * 0.9)]], 'validation': [text[int(len(text) * 0.9):]]}
+
+
+def test_shipped_corpora_are_builtin_names(tmp_path):
+  tiny = sources.resolve_files('tinyshakespeare')
+  assert tiny == [str(TINY_SHAKESPEARE)] and os.path.getsize(tiny[0]) == 1115394
+  p = sources.prepare_preferences('hh-rlhf-harmless-base', str(tmp_path / 'data'))
+  assert p.report['lines'] == 2312 and len(p.source('train')) == 2312
+
+
+def test_configs_read_only_data_inside_the_checkout():
+  """A user's clone has nothing beside it: every corpus a config names ships with the install."""
+  from experiments.configs import bench_data, mixture_works_dialogues, prepare_works, shakespeare_char
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  paths = [shakespeare_char.get_config().data.path, *bench_data.get_config().corpora.values()]
+  c = prepare_works.get_config()
+  paths += [s.path for s in c.sources.values()] + [e.path for e in c.decontaminate_against.values()]
+  paths += [m.path for m in mixture_works_dialogues.get_config().data.mixture.values()]
+  for path in paths:
+    if path == 'shakespeare_works':   # from the `shakespeare` package, not the checkout
+      continue
+    for f in sources.resolve_files(path):
+      assert os.path.realpath(f).startswith(root + os.sep), (path, f)

@@ -7,7 +7,7 @@ import pytest
 
 from data import tokenizers
 from experiments import pretrain
-from tests.conftest import SHARED_DATA
+from tests.conftest import TINY_SHAKESPEARE
 from tests.test_pretrain import tiny_config
 
 ODD = ['héllo  wörld\n\n  \t trailing  ', '😀 中文 한국어 العربية', '\x00\x01 control \x7f',
@@ -31,9 +31,8 @@ def works():
 
 
 @pytest.fixture(scope='module')
-def tiny_text(works):
-  path = SHARED_DATA / 'tinyshakespeare' / 'input.txt'
-  return path.read_text(encoding='utf-8') if path.exists() else works[0]
+def tiny_text():
+  return TINY_SHAKESPEARE.read_text(encoding='utf-8')
 
 
 @pytest.fixture(scope='module')

