@@ -11,6 +11,10 @@ int32 array`, `decode(ids) -> str`, `save(path)`):
   HFTokenizer             a Hugging Face `tokenizer.json` (the `tokenizers` library), so public
                           checkpoints keep their own vocabulary.
 
+`add_special_tokens(tok, ['eos', 'user', ...])` wraps any of them (WithSpecialTokens) with the
+special tokens it lacks (a char vocabulary has no eos; chat role markers), as new ids after
+its vocabulary.
+
 `save(path)` writes a small JSON file naming the kind (plus the model file beside it);
 `load(path)` restores any of them, and also accepts a bare `.model` or `tokenizer.json`.
 The embedding table is padded to `padded_vocab_size(n)` rows for even sharding; those
@@ -307,6 +311,79 @@ class HFTokenizer:
                  'special_tokens': {k: self.tk.id_to_token(v) for k, v in self._special.items()}}, f)
 
 
+# Chat role markers (data/formats.py's `chat` template). Not in SPECIAL_TOKENS, so vocabularies
+# trained before them keep their ids; `add_special_tokens` appends them where missing.
+CHAT_TOKENS = {'system': '<|system|>', 'user': '<|user|>', 'assistant': '<|assistant|>'}
+
+
+def special_piece(name: str) -> str:
+  """The spelling of a special token: ours for known names, '<|name|>' otherwise."""
+  return {**SPECIAL_TOKENS, **CHAT_TOKENS}.get(name, f'<|{name}|>')
+
+
+class WithSpecialTokens:
+  """A tokenizer plus special tokens it lacks, as new ids right after its vocabulary.
+
+  Like control symbols, `encode` never produces them (text is encoded by the base);
+  code inserts their ids. A model whose embedding was padded (`padded_vocab_size`) often
+  has rows for them already, so an existing checkpoint can learn them without resizing.
+  """
+  kind = 'added'
+
+  def __init__(self, base, added: Sequence[str]):
+    clash = sorted(set(added) & set(base.special_ids))
+    if clash or len(set(added)) != len(added):
+      raise TokenizerError(f'Special tokens {list(added)} repeat or are already in the tokenizer '
+                           f'({clash}); add each missing name once.')
+    self.base, self.added = base, list(added)
+    self._added_ids = {n: base.vocab_size + i for i, n in enumerate(self.added)}
+
+  @property
+  def vocab_size(self) -> int:
+    return self.base.vocab_size + len(self.added)
+
+  @property
+  def special_ids(self) -> dict[str, int]:
+    return {**self.base.special_ids, **self._added_ids}
+
+  @property
+  def eos_id(self) -> int | None:
+    return self.special_ids.get('eos')
+
+  def encode(self, text: str) -> np.ndarray:
+    return self.base.encode(text)
+
+  def decode(self, ids: Iterable[int], keep_special: bool = False) -> str:
+    """Added ids are dropped, or spelled out (e.g. '<|user|>') with keep_special=True."""
+    ids = np.asarray(ids if hasattr(ids, '__len__') else list(ids), np.int64).ravel()
+    if not keep_special:
+      return self.base.decode(ids[ids < self.base.vocab_size])
+    out, start = [], 0
+    for j in np.flatnonzero(ids >= self.base.vocab_size):
+      out.append(self.base.decode(ids[start:j]))
+      k = int(ids[j]) - self.base.vocab_size
+      out.append(special_piece(self.added[k]) if k < len(self.added) else '')
+      start = j + 1
+    return ''.join(out + [self.base.decode(ids[start:])])
+
+  def save(self, path: str) -> None:
+    """The base tokenizer as STEM.base.json beside a pointer naming the added tokens."""
+    base = os.path.splitext(path)[0] + '.base.json'
+    self.base.save(base)
+    with open(path, 'w', encoding='utf-8') as f:
+      json.dump({'kind': self.kind, 'base': os.path.basename(base), 'added': self.added}, f)
+
+
+def add_special_tokens(tokenizer, names: Sequence[str]):
+  """`tokenizer` with every special token in `names` (e.g. 'eos', 'user', 'end') it lacks
+  appended as a new id; unchanged if it has them all. Ids already given never move."""
+  base, have = tokenizer, list(getattr(tokenizer, 'added', []))
+  if isinstance(tokenizer, WithSpecialTokens):
+    base = tokenizer.base
+  missing = [n for n in dict.fromkeys(names) if n not in tokenizer.special_ids]
+  return WithSpecialTokens(base, have + missing) if missing else tokenizer
+
+
 TOKENIZER_KINDS = ('char', 'bpe', 'unigram')
 
 
@@ -355,6 +432,8 @@ def load(path: str):
     return SentencePieceTokenizer(os.path.join(here, meta['model']))
   if kind == 'hf':
     return HFTokenizer(os.path.join(here, meta['model']), meta.get('special_tokens'))
+  if kind == 'added':
+    return WithSpecialTokens(load(os.path.join(here, meta['base'])), meta['added'])
   if kind is None and isinstance(meta.get('model'), dict):  # a Hugging Face tokenizer.json itself
     return HFTokenizer(path)
   raise TokenizerError(f'Tokenizer file {path} has unknown kind {kind!r}.')
