@@ -8,7 +8,9 @@ it too holds only one layer in the Hugging Face layout at a time.
 
 Layouts: HF GPT-2 uses Conv1D (y = x W, W [in, out]) with fused QKV; HF LLaMA uses
 Linear (y = x W^T, W [out, in]) with separate q/k/v/o and gate/up/down projections.
-Both use the rotate-half RoPE convention that lm.layers.rope implements.
+Both use the rotate-half RoPE convention that lm.layers.rope implements. LLaMA's rope_theta is
+read from either config layout (transformers >= 5 `rope_parameters`, older `rope_theta`);
+scaled RoPE (LLaMA-3.1's 'llama3', linear, dynamic, yarn, ...) is refused with a ConfigError.
 """
 from __future__ import annotations
 
@@ -23,6 +25,21 @@ from lm.config import ConfigError, ModelConfig
 
 
 # Configs --------------------------------------------------------------------------------------
+def _llama_rope_theta(hf: dict) -> float:
+  """RoPE theta of a LLaMA config.json in either layout: transformers >= 5 nests it in
+  `rope_parameters` {'rope_theta', 'rope_type', ...}; older versions write a top-level
+  `rope_theta` and an optional `rope_scaling` {'rope_type' (or 'type'), ...}."""
+  params, scaling = hf.get('rope_parameters') or {}, hf.get('rope_scaling') or {}
+  kinds = {params.get('rope_type'), scaling.get('rope_type'), scaling.get('type')} - {None, 'default'}
+  if 'llama3' in kinds:  # LLaMA-3.1+: frequency-dependent rescaling of inv_freq
+    raise ConfigError("This LLaMA checkpoint uses LLaMA-3.1 ('llama3') RoPE scaling, which lm.layers.rope "
+                      "does not implement; import a checkpoint with unscaled RoPE (rope_type 'default').")
+  if kinds:
+    raise ConfigError(f'This LLaMA checkpoint uses {sorted(kinds)[0]!r} RoPE scaling, which lm.layers.rope '
+                      "does not implement; only unscaled RoPE (rope_type 'default') can be imported.")
+  return float(params.get('rope_theta', hf.get('rope_theta', 10000.0)))
+
+
 def config_from_hf(hf: dict, **overrides) -> ModelConfig:
   """ModelConfig from a Hugging Face config.json dict (GPT-2 or LLaMA families)."""
   kind = hf.get('model_type')
@@ -39,10 +56,8 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
              n_kv_heads=hf.get('num_key_value_heads') or hf['num_attention_heads'],
              d_ff=hf['intermediate_size'], max_seq_len=hf.get('max_position_embeddings', 2048),
              norm='rmsnorm', norm_eps=hf.get('rms_norm_eps', 1e-6), activation='swiglu',
-             positions='rope', rope_theta=hf.get('rope_theta', 10000.0), use_bias=False,
+             positions='rope', rope_theta=_llama_rope_theta(hf), use_bias=False,
              tie_embeddings=bool(hf.get('tie_word_embeddings', False)))
-    if hf.get('rope_scaling'):
-      raise ConfigError('This LLaMA checkpoint uses rope_scaling, which lm.layers.rope does not implement.')
     if hf.get('head_dim') not in (None, c['d_model'] // c['n_heads']):
       raise ConfigError('This LLaMA checkpoint has head_dim != hidden_size / heads, which is not supported.')
   elif kind == 't5':
@@ -75,7 +90,10 @@ def config_to_hf(cfg: ModelConfig) -> dict:
             'hidden_size': cfg.d_model, 'num_hidden_layers': cfg.n_layers,
             'num_attention_heads': cfg.n_heads, 'num_key_value_heads': cfg.kv_heads,
             'intermediate_size': cfg.ff_dim, 'max_position_embeddings': cfg.max_seq_len,
-            'rms_norm_eps': cfg.norm_eps, 'rope_theta': cfg.rope_theta, 'hidden_act': 'silu',
+            'rms_norm_eps': cfg.norm_eps, 'hidden_act': 'silu',
+            # both layouts: transformers >= 5 reads rope_parameters, older versions rope_theta
+            'rope_theta': cfg.rope_theta,
+            'rope_parameters': {'rope_type': 'default', 'rope_theta': cfg.rope_theta},
             'tie_word_embeddings': cfg.tie_embeddings, 'attention_bias': False, 'mlp_bias': False}
   raise ConfigError('Only GPT-2-like (learned positions, LayerNorm) and LLaMA-like (RoPE, RMSNorm, '
                     'SwiGLU) models can be exported to Hugging Face.')

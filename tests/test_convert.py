@@ -53,3 +53,64 @@ def test_unsupported_checkpoint_is_a_clear_error(tmp_path):
   (tmp_path / 'config.json').write_text('{"model_type": "bert"}')
   with pytest.raises(convert.ConfigError, match='Unsupported model_type'):
     convert.import_hf(str(tmp_path))
+
+
+def _llama3_tiny(tmp_path):
+  """A LLaMA-3-shaped tiny checkpoint: rope_theta 500000 and grouped-query attention."""
+  hf = _randomise(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=8,
+      num_key_value_heads=2, max_position_embeddings=64, rope_theta=500000.0,
+      tie_word_embeddings=False)).eval(), seed=2)
+  hf.save_pretrained(tmp_path / 'hf', safe_serialization=True)
+  tokens = np.random.default_rng(0).integers(0, 128, (2, 48))
+  with torch.no_grad():
+    ref = hf(torch.tensor(tokens)).logits.numpy()
+  return hf, tokens, ref
+
+
+def _logits(params, cfg, tokens):
+  ours, _ = model.forward(params, jnp.asarray(tokens), cfg)
+  return np.asarray(ours)[..., :cfg.vocab_size]
+
+
+def test_llama3_rope_theta_is_imported_and_matters(tmp_path):
+  hf, tokens, ref = _llama3_tiny(tmp_path)
+  params, cfg = convert.import_hf(str(tmp_path / 'hf'))
+  assert cfg.rope_theta == 500000.0 and cfg.kv_heads == 2 < cfg.n_heads == 8
+  assert np.max(np.abs(_logits(params, cfg, tokens) - ref)) <= 1e-4
+  # theta is not cosmetic: the same weights with the LLaMA-2 default are far off
+  params, cfg10k = convert.import_hf(str(tmp_path / 'hf'), rope_theta=10000.0)
+  assert np.max(np.abs(_logits(params, cfg10k, tokens) - ref)) > 1e-2
+  # export keeps theta: transformers reads it back and gives the same logits
+  convert.export_hf(params, cfg, str(tmp_path / 'out'))
+  back = type(hf).from_pretrained(tmp_path / 'out').eval()
+  with torch.no_grad():
+    assert np.max(np.abs(back(torch.tensor(tokens)).logits.numpy() - ref)) <= 1e-4
+
+
+LLAMA = {'model_type': 'llama', 'vocab_size': 99, 'hidden_size': 64, 'num_hidden_layers': 2,
+         'num_attention_heads': 4, 'intermediate_size': 96}
+LLAMA31_SCALING = {'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+                   'original_max_position_embeddings': 8192}
+
+
+@pytest.mark.parametrize('layout,theta', [
+    ({}, 10000.0),
+    ({'rope_theta': 500000.0}, 500000.0),                                        # transformers < 5
+    ({'rope_theta': 500000.0, 'rope_scaling': None}, 500000.0),
+    ({'rope_parameters': {'rope_type': 'default', 'rope_theta': 250000.0}}, 250000.0),  # >= 5
+])
+def test_llama_rope_theta_from_either_config_layout(layout, theta):
+  assert convert.config_from_hf({**LLAMA, **layout}).rope_theta == theta
+
+
+@pytest.mark.parametrize('layout,match', [
+    ({'rope_theta': 5e5, 'rope_scaling': {'rope_type': 'llama3', **LLAMA31_SCALING}}, "'llama3'"),
+    ({'rope_parameters': {'rope_type': 'llama3', 'rope_theta': 5e5, **LLAMA31_SCALING}}, "'llama3'"),
+    ({'rope_scaling': {'type': 'linear', 'factor': 2.0}}, "'linear'"),
+    ({'rope_parameters': {'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4.0}}, "'yarn'"),
+])
+def test_scaled_rope_is_refused_in_one_sentence(layout, match):
+  with pytest.raises(convert.ConfigError, match=match) as e:
+    convert.config_from_hf({**LLAMA, **layout})
+  assert str(e.value).count('. ') == 0 and str(e.value).endswith('.')
