@@ -53,13 +53,45 @@ def dtype_of(name: str):
   return jnp.dtype(name)
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=['w', 'a', 'b'],
+                   meta_fields=['scale'])
+@dataclasses.dataclass(frozen=True)
+class LoRAWeight:
+  """A frozen weight w plus a low-rank update scale * a @ b (Hu et al. 2021; see lm.peft).
+
+  A pytree whose leaves are w, a, b (scale is static), so lax.scan slices stacked layers
+  of it like any array. `dense` computes x w + scale (x a) b and never forms w + scale a b:
+  w is then a constant of the backward pass, which skips its weight gradient.
+  """
+  w: jax.Array   # [in..., out...]
+  a: jax.Array   # [in..., r]
+  b: jax.Array   # [r, out...]
+  scale: float
+
+
+def _lora_dense(x: jax.Array, w: LoRAWeight, spec: str, dtype) -> jax.Array:
+  ins, out = spec.split('->')
+  xs, ws = ins.split(',')
+  contracted = ''.join(a for a in xs if a in ws)
+  if not ws.startswith(contracted):
+    raise ValueError(f'LoRA needs a weight laid out [in..., out...]; einsum {spec!r} is not.')
+  r = next(c for c in 'rzyxwuv' if c not in spec)        # a letter free for the rank
+  free = ''.join(a for a in xs if a not in contracted)
+  low = dense(dense(x, w.a, f'{xs},{contracted}{r}->{free}{r}', dtype),
+              w.b, f'{free}{r},{r}{ws[len(contracted):]}->{out}', dtype)
+  return dense(x, w.w, spec, dtype) + (w.scale * low).astype(dtype)
+
+
 def dense(x: jax.Array, w: jax.Array, spec: str, dtype) -> jax.Array:
   """An einsum with the weight cast to the compute dtype (params may be float32).
 
   When x's contracted dims are its trailing ones (every projection here), it runs as one
   2D matmul [tokens, in] @ [in, out]: XLA:CPU then picks row-major layouts for the
-  backward matmuls instead of transposing activations to feed them.
+  backward matmuls instead of transposing activations to feed them. A LoRAWeight adds
+  its low-rank path.
   """
+  if isinstance(w, LoRAWeight):
+    return _lora_dense(x, w, spec, dtype)
   x, w = x.astype(dtype), w.astype(dtype)
   ins, out = spec.split('->')
   xs, ws = ins.split(',')
@@ -262,6 +294,14 @@ def residual(p: dict, name: str, x: jax.Array, f, cfg: ModelConfig) -> jax.Array
   return norm(p[name], alpha * x + f(x), cfg)
 
 
+def bottleneck_adapter(p: dict, y: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Houlsby et al. (2019): y + up(gelu(down(y))) on a sublayer's output (see lm.peft).
+  With `up` zero-initialised it starts as the identity."""
+  dt = dtype_of(cfg.dtype)
+  h = gelu_exact(dense(y, p['down'], 'btd,dm->btm', dt) + p['down_b'].astype(dt))
+  return y + dense(h, p['up'], 'btm,md->btd', dt) + p['up_b'].astype(dt)
+
+
 def sublayer_norm_specs(cfg: ModelConfig, name: str) -> dict[str, dict]:
   specs = {name: norm_specs(cfg)}
   if cfg.norm_position == 'sandwich':
@@ -301,6 +341,22 @@ def attention_mask(q_pos, kv_pos, q_seg=None, kv_seg=None, causal: bool = True,
   if q_seg is not None and kv_seg is not None:
     mask = mask & (q_seg[:, :, None] == kv_seg[:, None, :])
   return mask
+
+
+def _prepend_prefix(p, k, v, mask, bias):
+  """Prefix tuning (Li & Liang 2021): learned keys/values p['prefix_k'], p['prefix_v']
+  [P, kv_heads, head_dim] go before the keys. Every query sees them, across packed
+  segments too; with a KV cache they take no slot (they are prepended on every call).
+  They carry no position: no RoPE rotation, zero ALiBi / T5 bias."""
+  b, t = mask.shape[:2]
+  pk, pv = (jnp.broadcast_to(p[n], (b, *p[n].shape)) for n in ('prefix_k', 'prefix_v'))
+  n = pk.shape[1]
+  k = jnp.concatenate([pk.astype(k.dtype), k], 1)
+  v = jnp.concatenate([pv.astype(v.dtype), v], 1)
+  mask = jnp.concatenate([jnp.ones((b, t, n), bool), mask], -1)
+  if bias is not None:
+    bias = jnp.concatenate([jnp.zeros((*bias.shape[:3], n), bias.dtype), bias], -1)
+  return k, v, mask, bias
 
 
 def _xla_attention(q, k, v, mask, bias=None, scale=True):
@@ -402,12 +458,15 @@ def attention(p: dict, x: jax.Array, cfg: ModelConfig, positions: jax.Array,
     bias = -alibi_slopes(cfg.n_heads)[None, :, None, None] * dist[:, None]
   elif cfg.positions == 'relative':
     bias = relative_bias(rel_table, positions, kv_pos, not causal or prefix_len is not None, cfg)
+  prefixed = 'prefix_k' in p     # prefix tuning (lm.peft)
+  if prefixed:
+    k, v, mask, bias = _prepend_prefix(p, k, v, mask, bias)
 
   if _use_fused(cfg) and cache is None:
     scale = None if cfg.scale_attention else 1.0
     # A plain causal mask goes in as is_causal (flash attention never builds [T, S]);
     # packed segments and prefixes need the explicit boolean mask.
-    plain = causal and segment_ids is None and prefix_len is None
+    plain = causal and segment_ids is None and prefix_len is None and not prefixed
     fused = functools.partial(jax.nn.dot_product_attention, q, k, v,
                               bias=None if bias is None else bias.astype(dt),
                               mask=None if plain else mask[:, None], is_causal=plain, scale=scale)
@@ -417,7 +476,7 @@ def attention(p: dict, x: jax.Array, cfg: ModelConfig, positions: jax.Array,
       if cfg.attention_impl == 'cudnn':
         raise
       out = fused(implementation='xla')   # 'auto': shapes/dtypes cuDNN rejects
-  elif cfg.attention_q_block and cache is None and causal and prefix_len is None:
+  elif cfg.attention_q_block and cache is None and causal and prefix_len is None and not prefixed:
     out = _causal_blocks(q, k.astype(dt), v.astype(dt), mask, bias, cfg.scale_attention,
                          cfg.attention_q_block)
   else:

@@ -87,11 +87,17 @@ def init(cfg: ModelConfig, key: jax.Array) -> dict:
 
 
 # Forward ------------------------------------------------------------------------------
-def embed(params: dict, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+def embed(params: dict, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig,
+          soft_prompt: jax.Array | None = None) -> jax.Array:
+  """Token embeddings (+ positions); a soft prompt [L, d] goes before them (positions
+  must then cover L + T) and is treated like embedded tokens."""
   # Gather from a table split only along 'embed' (vocab all-gathered): XLA cannot gather
   # efficiently from a vocab-split table.
   table = sharding.constrain(params['embed'], (None, 'embed'))
   x = table.astype(cfg.dtype)[tokens]
+  if soft_prompt is not None:
+    rows = jnp.broadcast_to(soft_prompt.astype(x.dtype), (x.shape[0], *soft_prompt.shape))
+    x = jnp.concatenate([rows, x], 1)
   if cfg.scale_embeddings:
     x = x * math.sqrt(cfg.d_model)
   if cfg.positions == 'learned':
@@ -106,21 +112,23 @@ def embed(params: dict, tokens: jax.Array, positions: jax.Array, cfg: ModelConfi
 def block(p: dict, x: jax.Array, cfg: ModelConfig, positions, segment_ids, cache, cache_index,
           prefix_len=None, rel_table=None):
   """One residual block: attention then MLP, each wrapped by layers.residual (the norm
-  placement), or with cfg.parallel_block x + attn(norm(x)) + mlp(norm(x)) (GPT-J, PaLM)."""
+  placement), or with cfg.parallel_block x + attn(norm(x)) + mlp(norm(x)) (GPT-J, PaLM).
+  Bottleneck adapters (lm.peft), when p has them, adapt each sublayer's output."""
   aux = {}
 
   def attn(h):
     nonlocal cache
     y, cache = layers.attention(p['attn'], h, cfg, positions, segment_ids, cache, cache_index,
                                 prefix_len, rel_table=rel_table)
-    return y
+    return layers.bottleneck_adapter(p['adapter_attn'], y, cfg) if 'adapter_attn' in p else y
 
   def mlp(h):
     nonlocal aux
     if cfg.moe_experts:
       y, aux = moe.moe_mlp(p['mlp'], h, cfg)
-      return y
-    return layers.mlp(p['mlp'], h, cfg)
+    else:
+      y = layers.mlp(p['mlp'], h, cfg)
+    return layers.bottleneck_adapter(p['adapter_mlp'], y, cfg) if 'adapter_mlp' in p else y
 
   if cfg.parallel_block:
     h = layers.norm(p['ln1'], x, cfg)
@@ -129,6 +137,32 @@ def block(p: dict, x: jax.Array, cfg: ModelConfig, positions, segment_ids, cache
     x = layers.residual(p, 'ln1', x, attn, cfg)
     x = layers.residual(p, 'ln2', x, mlp, cfg)
   return sharding.constrain(x, ('batch', 'length', 'embed')), cache, aux
+
+
+def _soft_prompt_inputs(soft, b, t, positions, segment_ids, cache, cache_index, prefix_len):
+  """Prompt tuning (Lester et al. 2021): params['soft_prompt'] [L, d] goes before the token
+  embeddings, so real tokens sit at positions L, L+1, ... and see the prompt.
+
+  With a KV cache the prompt fills slots 0..L-1 on the prefill call, recognised by a
+  concrete cache_index of 0 (pass the Python int 0 under jit); any other call, including
+  one with a traced cache_index, is a decode step writing token slot cache_index + L. So
+  the cache needs L extra slots. Returns (prompt, or None when it is already cached,
+  positions, cache_index, prefix_len) in the prompt-shifted coordinates.
+  """
+  if segment_ids is not None:
+    raise ValueError('A soft prompt (prompt tuning) does not support packed segment_ids; '
+                     'feed one sequence per row.')
+  n = soft.shape[0]
+  shift = lambda a: None if a is None else a + n
+  prefill = cache is None or (not isinstance(cache_index, jax.core.Tracer)
+                              and bool(jnp.all(jnp.asarray(cache_index) == 0)))
+  if not prefill:
+    return None, shift(positions), cache_index + n, shift(prefix_len)
+  if positions is None:
+    start = 0 if cache_index is None else cache_index
+    positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
+  positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(n), (b, n)), positions + n], 1)
+  return soft, positions, cache_index, shift(prefix_len)
 
 
 def hidden_states(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
@@ -146,10 +180,14 @@ def hidden_states(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
   if cfg.arch != 'decoder':
     raise ValueError('lm.model runs decoder-only models; use lm.encdec for an encoder-decoder.')
   b, t = tokens.shape
+  soft = params.get('soft_prompt')
+  if soft is not None:   # prompt tuning (lm.peft)
+    soft, positions, cache_index, prefix_len = _soft_prompt_inputs(
+        soft, b, t, positions, segment_ids, cache, cache_index, prefix_len)
   if positions is None:
     start = 0 if cache_index is None else cache_index
     positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
-  x = embed(params, tokens, positions, cfg)
+  x = embed(params, tokens, positions, cfg, soft)
 
   def body(carry, layer):
     x, aux_sum = carry
@@ -169,6 +207,8 @@ def hidden_states(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
   # (~10% of a CPU step); scan_unroll=1 keeps compile time flat in depth.
   (x, aux), cache = jax.lax.scan(body, (x, zero_aux), (params['layers'], cache),
                                  unroll=cfg.scan_unroll or True)
+  if soft is not None:
+    x = x[:, soft.shape[0]:]   # drop the prompt positions: outputs stay [B, T, ...]
   if cfg.has_final_norm:
     x = layers.norm(params['final_norm'], x, cfg)
   if return_aux:
