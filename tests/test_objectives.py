@@ -53,6 +53,48 @@ def test_prefix_lm_takes_no_loss_inside_the_prefix():
   assert float(objectives.prefix_lm_loss(params, after, rng, CFG)[0]) != pytest.approx(float(loss), rel=1e-6)
 
 
+def _changed(tokens, row, col):
+  return tokens.at[row, col].set((tokens[row, col] + 1) % 50)
+
+
+def test_prefix_lm_attention_is_bidirectional_over_the_prefix_only():
+  params = model.init(CFG, jax.random.key(0))
+  tokens = _batch()['inputs'][:2]
+  prefix_len = jnp.asarray([6, 11], jnp.int32)
+  jfwd = jax.jit(lambda toks, pl: model.forward(params, toks, CFG, prefix_len=pl)[0])
+  fwd = lambda toks, pl=prefix_len: np.asarray(jfwd(toks, pl))
+  base = fwd(tokens)
+  causal = fwd(tokens, None)
+  for row, p in enumerate(np.asarray(prefix_len)):
+    # the last prefix token is seen by every earlier prefix position (not so without a prefix)
+    diff = np.abs(fwd(_changed(tokens, row, p - 1)) - base)[row].max(-1)
+    assert (diff[:p - 1] > 1e-4).all(), diff
+    assert np.array_equal(fwd(_changed(tokens, row, p - 1), None)[row, :p - 1], causal[row, :p - 1])
+    # after the prefix attention is causal: a token never reaches positions before it
+    for q in (p, p + 2):
+      diff = np.abs(fwd(_changed(tokens, row, q)) - base)[row].max(-1)
+      assert (diff[:q] == 0).all() and (diff[q:] > 1e-4).all(), (q, diff)
+    other = 1 - row   # rows are independent
+    assert np.array_equal(fwd(_changed(tokens, row, p - 1))[other], base[other])
+
+
+def test_prefix_lm_loss_counts_exactly_the_targets_after_the_prefix():
+  params = model.init(CFG, jax.random.key(0))
+  rng = jax.random.key(11)
+  b = _batch(2)
+  loss, weight, _ = objectives.prefix_lm_loss(params, b, rng, CFG)
+  prefix = jax.random.randint(rng, (4,), 1, 16)   # the draw prefix_lm_loss makes
+  logits = model.forward(params, b['inputs'], CFG, prefix_len=prefix)[0]
+  nll = np.asarray(objectives.token_nll(logits, b['targets']))
+  scored = np.arange(16)[None] >= np.asarray(prefix)[:, None] - 1
+  assert float(weight) == scored.sum() and float(loss) == pytest.approx(nll[scored].sum(), rel=1e-5)
+  # every target inside the prefix changed at once: the loss does not move
+  noise = np.random.default_rng(0).integers(1, 50, (4, 16))
+  targets = np.where(scored, np.asarray(b['targets']), (np.asarray(b['targets']) + noise) % 50)
+  moved = objectives.prefix_lm_loss(params, dict(b, targets=jnp.asarray(targets)), rng, CFG)[0]
+  assert float(moved) == pytest.approx(float(loss), rel=1e-6)
+
+
 def test_masked_lm_scores_only_the_chosen_tokens():
   cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, max_seq_len=16, causal=False)
   params = model.init(cfg, jax.random.key(0))
