@@ -188,9 +188,14 @@ def validate(example: Mapping, template: str | Template, tokenizer) -> None:
   special tokens. Raises FormatError with one sentence."""
   check_tokenizer(template, tokenizer)
   pieces(example, template)
+  _weight(example)
+
+
+def _weight(example: Mapping) -> float:
   weight = example.get('weight', 1.0)
-  if not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight < 0:
+  if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight < 0:
     raise FormatError(f'An example weight must be a finite number >= 0, got {weight!r}.')
+  return float(weight)
 
 
 # Pieces -> tokens, masks, truncation ------------------------------------------------------
@@ -235,7 +240,7 @@ def _render(example, template, tokenizer, train_on, max_len, truncate) -> tuple[
     raise Dropped('empty_response')
   if train_on == 'all' or _is_text(example):
     learn = np.ones(len(tokens), bool)
-  return TokenizedExample(tokens, learn.astype(np.float32), float(example.get('weight', 1.0))), cut
+  return TokenizedExample(tokens, learn.astype(np.float32), _weight(example)), cut
 
 
 def render(example: Mapping, template: str | Template, tokenizer, train_on: str = 'response',
@@ -267,13 +272,12 @@ def render_examples(examples: Iterable[Mapping], template: str | Template, token
                     truncate: str = 'prompt_left') -> tuple[list[TokenizedExample], dict]:
   """Render every example; returns (kept examples, report).
 
-  The first example is validated before anything else (FormatError at start-up). The
-  report counts {'examples', 'kept', 'truncated', 'dropped': {reason: n}}: nothing is
-  dropped silently."""
+  The tokenizer is checked against the template before any example, and a bad first
+  example fails before any other is read (FormatError at start-up). The report counts
+  {'examples', 'kept', 'truncated', 'dropped': {reason: n}}: nothing is dropped silently."""
+  check_tokenizer(template, tokenizer)
   out, report = [], {'examples': 0, 'kept': 0, 'truncated': 0, 'dropped': {}}
-  for i, ex in enumerate(examples):
-    if i == 0:
-      validate(ex, template, tokenizer)
+  for ex in examples:
     report['examples'] += 1
     try:
       r, cut = _render(ex, template, tokenizer, train_on, max_len, truncate)
