@@ -1,7 +1,8 @@
 """Named model presets from the literature: `preset('llama-7b')` -> ModelConfig.
 
 Each entry gives the published shape; tests/test_presets.py checks our parameter count
-against the published figure (its source is noted beside each family).
+against the source's figure, exactly where the source gives an exact one (noted beside
+each family), else to the digits the paper prints.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ _TABLE = {
     'gpt2-1.5b': (_GPT2, 48, 1600, 25, 0, {}),
     # GPT-3 (Brown et al. 2020, Table 2.1); heads chosen so d_model divides (counts do not
     # depend on the head split; the paper's 1.3B and 13B rows list inconsistent head sizes).
+    # Exact counts: transformers' GPT2LMHeadModel at these shapes (GPT-3 is GPT-2's architecture).
     'gpt3-125m': (_GPT3, 12, 768, 12, 0, {}),
     'gpt3-350m': (_GPT3, 24, 1024, 16, 0, {}),
     'gpt3-760m': (_GPT3, 24, 1536, 16, 0, {}),
@@ -44,6 +46,7 @@ _TABLE = {
     'gpt3-13b': (_GPT3, 40, 5140, 20, 0, {}),
     'gpt3-175b': (_GPT3, 96, 12288, 96, 0, {}),
     # OPT (Zhang et al. 2022, Table 1); OPT-350M (projected embeddings, post-LN) is omitted.
+    # Exact counts: transformers' OPTForCausalLM at these shapes.
     'opt-125m': (_OPT, 12, 768, 12, 0, {}),
     'opt-1.3b': (_OPT, 24, 2048, 32, 0, {}),
     'opt-2.7b': (_OPT, 32, 2560, 32, 0, {}),
@@ -59,13 +62,14 @@ _TABLE = {
     'llama-65b': (_LLAMA, 80, 8192, 64, 22016, {}),
     # LLaMA 2 70B (Touvron et al. 2023b): grouped-query attention with 8 KV heads.
     'llama2-70b': (_LLAMA, 80, 8192, 64, 28672, dict(n_kv_heads=8, max_seq_len=4096, norm_eps=1e-5)),
-    # PaLM (Chowdhery et al. 2022, Table 1): multi-query, SwiGLU with d_ff = 4d, shared embeddings.
+    # PaLM (Chowdhery et al. 2022, Table 1): multi-query, SwiGLU with d_ff = 4d, shared embeddings;
+    # Table 1 prints counts to 0.01B.
     'palm-8b': (_PALM, 32, 4096, 16, 4 * 4096, {}),
     'palm-62b': (_PALM, 64, 8192, 32, 4 * 8192, {}),
     'palm-540b': (_PALM, 118, 18432, 48, 4 * 18432, dict(d_head=256)),
     # BERT (Devlin et al. 2019): bidirectional, post-LN, LayerNorm on the embeddings. Exact
     # counts: transformers' BertModel, whose token-type embeddings (2 x d) and pooler (d x d + d)
-    # we do not model (0.5% of base, 0.3% of large).
+    # we do not model; the test adds them to our count and then compares exactly.
     'bert-base': (_BERT, 12, 768, 12, 0, {}),
     'bert-large': (_BERT, 24, 1024, 16, 0, {}),
     # T5 v1.0 (Raffel et al. 2020, section 3.7): encoder-decoder, n_layers in each stack,
