@@ -84,11 +84,13 @@ def parse_play(text: str, title: str) -> list[Speech]:
   if start is None:
     return []
   personae = {w.lower() for w in re.findall(r'[A-Za-z]{3,}', '\n'.join(lines[:start]))}
-  body = re.sub(r'\[[^\]]*\]', '', '\n'.join(lines[start:]))   # stage directions
+  # stage directions, including the odd one opened with '{'
+  body = re.sub(r'[\[{][^\[\]{}]*[\]}]', '', '\n'.join(lines[start:]))
   speeches: list[tuple[str, list[str]]] = []
   current = None
   for block in re.split(r'\n\s*\n', body):
-    rows = [r.strip() for r in block.split('\n') if r.strip()]
+    # (a row with a lone bracket is the rest of a direction whose other bracket is missing)
+    rows = [r.strip() for r in block.split('\n') if r.strip() and not set(r) & set('[]{}')]
     if not rows:
       continue
     if _HEADING.match(rows[0]):
@@ -250,35 +252,32 @@ def _previous_task(rng, speech, ctx):
   return None if i is None else (speech.lines[i + 1], speech.lines[i])
 
 
-_WORD = re.compile(r"^[A-Za-z]+$")
-
-
 def _pick_word(rng, speech, lo=4, hi=12):
+  """(line, start, end) of a random whole word of lo..hi letters (no apostrophe or hyphen
+  joined to it) in a line of at least five words."""
   i = _line(rng, speech, 5)
   if i is None:
     return None
-  words = _words(speech.lines[i])
-  ok = [j for j, w in enumerate(words) if _WORD.match(w.strip(".,;:!?'\"-()")) and
-        lo <= len(w.strip(".,;:!?'\"-()")) <= hi]
-  return (i, words, ok[rng.integers(len(ok))]) if ok else None
+  line = speech.lines[i]
+  spans = [m.span() for m in re.finditer(r"(?<![A-Za-z'\-])[A-Za-z]+(?![A-Za-z'\-])", line)
+           if lo <= len(m.group()) <= hi]
+  return (line, *spans[rng.integers(len(spans))]) if spans else None
 
 
 def _cloze_task(rng, speech, ctx):
   hit = _pick_word(rng, speech)
   if hit is None:
     return None
-  _, words, j = hit
-  word = words[j].strip(".,;:!?'\"-()")
-  blanked = words[:j] + [words[j].replace(word, '____', 1)] + words[j + 1:]
-  return ' '.join(blanked), word
+  line, a, b = hit
+  return line[:a] + '____' + line[b:], line[a:b]
 
 
 def _spelling_task(rng, speech, ctx):
   hit = _pick_word(rng, speech, 4, 9)
   if hit is None:
     return None
-  _, words, j = hit
-  word = words[j].strip(".,;:!?'\"-()").lower()
+  line, a, b = hit
+  word = line[a:b].lower()
   return word, ' '.join(word)
 
 
