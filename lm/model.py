@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lm import layers, moe, sharding
 from lm.config import ModelConfig
@@ -155,7 +156,7 @@ def _soft_prompt_inputs(soft, b, t, positions, segment_ids, cache, cache_index, 
   n = soft.shape[0]
   shift = lambda a: None if a is None else a + n
   prefill = cache is None or (not isinstance(cache_index, jax.core.Tracer)
-                              and bool(jnp.all(jnp.asarray(cache_index) == 0)))
+                              and bool(np.all(np.asarray(cache_index) == 0)))
   if not prefill:
     return None, shift(positions), cache_index + n, shift(prefix_len)
   if positions is None:
