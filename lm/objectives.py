@@ -7,6 +7,7 @@ are spread among them.
 """
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -18,6 +19,18 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Per-token negative log-likelihood, in float32."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+TOKEN_KEYS = ('inputs', 'targets', 'positions', 'segment_ids')
+
+
+def check_batch(batch: dict) -> None:
+  """The loss boundary: integer [B, T] tokens, and targets / weights / positions / segment ids
+  of exactly that shape (a [B, 1] weight would silently broadcast). chex looks only at
+  shapes and dtypes, so under jit this runs once at trace time and costs the step nothing."""
+  chex.assert_rank(batch['inputs'], 2)
+  chex.assert_equal_shape([batch[k] for k in (*TOKEN_KEYS, 'weights') if k in batch])
+  chex.assert_type([batch[k] for k in TOKEN_KEYS if k in batch], int)
 
 
 def _forward(params, tokens, batch, cfg, **kw):
@@ -46,6 +59,7 @@ def next_token_loss(params: dict, batch: dict, rng: jax.Array, cfg: ModelConfig)
   optional segment_ids / positions [B, T] for packed sequences.
   """
   del rng  # deterministic objective (no dropout)
+  check_batch(batch)
   logits, extra, aux = _forward(params, batch['inputs'], batch, cfg)
   nll = token_nll(logits, batch['targets'])
   return _sums(nll, logits, batch['targets'], batch['weights'].astype(jnp.float32), extra, aux)
@@ -57,6 +71,7 @@ def prefix_lm_loss(params: dict, batch: dict, rng: jax.Array, cfg: ModelConfig):
   tokens after the prefix are predicted. The prefix is drawn from the step's rng, so
   any next-token batch serves.
   """
+  check_batch(batch)
   b, t = batch['inputs'].shape
   prefix_len = jax.random.randint(rng, (b,), 1, t)
   logits, extra, aux = _forward(params, batch['inputs'], batch, cfg, prefix_len=prefix_len)
@@ -89,6 +104,7 @@ def masked_lm_loss(params: dict, batch: dict, rng: jax.Array, cfg: ModelConfig, 
   [MASK] is the first id past the tokenizer's vocabulary (a padding row of the embedding,
   never predicted: padded logits are masked).
   """
+  check_batch(batch)
   tokens = batch['inputs']
   corrupted, chosen = bert_masking(rng, tokens, cfg.vocab_size, cfg.vocab_size, rate, batch['weights'])
   logits, extra, aux = _forward(params, corrupted, batch, cfg)
@@ -183,6 +199,7 @@ def span_corruption_loss(params: dict, batch: dict, rng: jax.Array, cfg: ModelCo
   one prefix-LM sequence (bidirectional over inputs + start) and is scored on the
   targets only. The window is treated as one sequence (packing boundaries are ignored).
   """
+  check_batch(batch)
   tokens = batch['inputs']
   t = tokens.shape[1]
   raw = t if cfg.arch == 'encoder_decoder' else decoder_span_length(t, density, mean_span)

@@ -1,4 +1,6 @@
 """Objectives: BERT masking rates, no loss where there should be none, and launcher smoke runs."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -186,3 +188,19 @@ def test_decoder_span_corruption_scores_only_the_targets():
   logp = np.asarray(jax.nn.log_softmax(logits, -1))
   ref = -sum(logp[b, le + j, int(c['targets'][b, j])] for b in range(2) for j in range(ld))
   assert float(loss) == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.parametrize('bad,match', [
+    (lambda b: dict(b, weights=b['weights'][:, :1]), 'assert_equal_shape'),   # would broadcast
+    (lambda b: dict(b, targets=b['targets'][:, 1:]), 'assert_equal_shape'),
+    (lambda b: dict(b, inputs=b['inputs'].astype(jnp.float32)), 'assert_type'),
+    (lambda b: dict(b, inputs=b['inputs'][0]), 'assert_rank'),
+])
+@pytest.mark.parametrize('loss', ['next_token', 'prefix_lm', 'masked_lm'])
+def test_losses_refuse_malformed_batches_while_tracing(loss, bad, match):
+  cfg = dataclasses.replace(CFG, causal=loss != 'masked_lm')
+  params = jax.eval_shape(lambda k: model.init(cfg, k), jax.random.key(0))
+  fn = jax.jit(lambda p, b: objectives.OBJECTIVES[loss](p, b, jax.random.key(0), cfg))
+  jax.eval_shape(fn, params, _batch())
+  with pytest.raises(AssertionError, match=match):
+    jax.eval_shape(fn, params, bad(_batch()))   # shapes only: nothing is compiled or run
