@@ -117,7 +117,7 @@ def _need(example: Mapping, name: str, template: str, what: str = 'a string') ->
   return value
 
 
-def as_messages(example: Mapping) -> list[dict]:
+def as_messages(example: Mapping, template: str = 'chat') -> list[dict]:
   """A chat's messages, or an instruction example as one user turn and one assistant turn."""
   if 'messages' in example:
     msgs = example['messages']
@@ -127,10 +127,10 @@ def as_messages(example: Mapping) -> list[dict]:
       if not isinstance(m, Mapping) or m.get('role') not in ROLES or not isinstance(m.get('content'), str):
         raise FormatError(f'Every chat message needs a role in {ROLES} and a string content; got {m!r:.80}.')
     return [dict(m) for m in msgs]
-  instruction = _need(example, 'instruction', 'chat')
+  instruction = _need(example, 'instruction', template)
   inp = example.get('input') or ''
   user = instruction + ('\n\n' + inp if inp else '')
-  return [{'role': 'user', 'content': user}, {'role': 'assistant', 'content': _need(example, 'output', 'chat')}]
+  return [{'role': 'user', 'content': user}, {'role': 'assistant', 'content': _need(example, 'output', template)}]
 
 
 def _as_instruction(example: Mapping, template: Template) -> Mapping:
@@ -160,7 +160,9 @@ def pieces(example: Mapping, template: str | Template) -> list[tuple[str, str, b
     return [('text', _need(example, 'text', t.name), True), ('special', t.end, True)]
   if t.is_chat:
     out = []
-    for m in as_messages(example):
+    for m in as_messages(example, t.name):
+      if m['role'] not in t.roles:
+        raise FormatError(f'Template {t.name!r} has no marker for the role {m["role"]!r}; add it to its roles.')
       learn = m['role'] == 'assistant'
       out += [('special', t.roles[m['role']], False), ('text', m['content'], learn),
               ('special', t.end, learn)]

@@ -23,6 +23,7 @@ extra ids are never produced by `encode` and are masked out when sampling.
 from __future__ import annotations
 
 import importlib
+import inspect
 import itertools
 import json
 import os
@@ -358,13 +359,16 @@ class WithSpecialTokens:
     ids = np.asarray(ids if hasattr(ids, '__len__') else list(ids), np.int64).ravel()
     if not keep_special:
       return self.base.decode(ids[ids < self.base.vocab_size])
+    # the base spells its own specials too, where it can (SentencePiece control pieces)
+    spell = 'keep_special' in inspect.signature(self.base.decode).parameters
+    base = lambda part: self.base.decode(part, keep_special=True) if spell else self.base.decode(part)
     out, start = [], 0
     for j in np.flatnonzero(ids >= self.base.vocab_size):
-      out.append(self.base.decode(ids[start:j]))
+      out.append(base(ids[start:j]))
       k = int(ids[j]) - self.base.vocab_size
       out.append(special_piece(self.added[k]) if k < len(self.added) else '')
       start = j + 1
-    return ''.join(out + [self.base.decode(ids[start:])])
+    return ''.join(out + [base(ids[start:])])
 
   def save(self, path: str) -> None:
     """The base tokenizer as STEM.base.json beside a pointer naming the added tokens."""

@@ -39,6 +39,23 @@ def test_add_special_tokens_appends_missing_ids_and_round_trips(tok, tmp_path):
   assert tokenizers.sampling_mask(tok).sum() == tok.vocab_size     # a model can end a response
 
 
+def test_chat_on_a_trained_subword_vocabulary(tmp_path):
+  """Our SentencePiece vocabularies already have eos and <|end|>; only the role markers are added."""
+  from data import corpora
+  text = open(corpora.path('tinyshakespeare'), encoding='utf-8').read()[:50000]
+  sp = tokenizers.build_tokenizer('bpe', [text], 400, str(tmp_path / 'bpe'))
+  tok = tokenizers.add_special_tokens(sp, CHAT)
+  ids = tok.special_ids
+  assert ids['eos'] == tokenizers.SPECIAL_IDS['eos'] and ids['end'] == tokenizers.SPECIAL_IDS['end']
+  assert [ids[r] for r in ('system', 'user', 'assistant')] == [400, 401, 402] and tok.vocab_size == 403
+  chat = {'messages': [{'role': 'user', 'content': 'Who art thou?'}, {'role': 'assistant', 'content': 'A man.'}]}
+  r = formats.render(chat, 'chat', tok)
+  assert tok.decode(r.tokens, keep_special=True) == '<|user|>Who art thou?<|end|><|assistant|>A man.<|end|>'
+  assert tok.decode(r.tokens[r.loss_mask > 0], keep_special=True) == 'A man.<|end|>'
+  tok.save(str(tmp_path / 'chat.json'))
+  assert tokenizers.load(str(tmp_path / 'chat.json')).special_ids == ids
+
+
 def test_masks_by_hand_none_template(tok):
   eos = tok.eos_id
   r = formats.render({'instruction': 'ab', 'input': 'c', 'output': 'de'}, 'none', tok)
