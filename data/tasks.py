@@ -403,8 +403,7 @@ def parse_example(obj: dict) -> dict:
 
 def _prompt_key(r: dict) -> str:
   if 'messages' in r:
-    return next(m['content'] for m in r['messages'] if m['role'] != 'assistant') if any(
-        m['role'] != 'assistant' for m in r['messages']) else ''
+    return next((m['content'] for m in r['messages'] if m['role'] != 'assistant'), '')
   return r['instruction'] + '\x00' + r['input']
 
 
