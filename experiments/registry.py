@@ -9,6 +9,7 @@ EXPERIMENTS: dict[str, str] = {
     'pretrain': 'experiments.pretrain:run',
     'bench_train': 'experiments.bench:run',
     'bench_data': 'experiments.bench_data:run',
+    'bench_decode': 'experiments.bench_decode:run',
     'scaling_sweep': 'experiments.sweep:run',
     'scaling_fit': 'experiments.fit:run',
     'ablate_arch': 'experiments.ablate:run',
