@@ -200,8 +200,7 @@ def brute_force(params, prompt, n_new, eos, alpha):
 
 
 @pytest.mark.parametrize('alpha', [0.0, 1.0, 2.5])
-@pytest.mark.parametrize('early_stopping', [False, True])
-def test_beam_search_equals_brute_force(alpha, early_stopping):
+def test_beam_search_equals_brute_force(alpha):
   params = model.init(TINY, jax.random.key(3))
   prompt = np.array([1, 2, 3])
   ref = brute_force(params, prompt, 3, eos=0, alpha=alpha)
@@ -209,7 +208,7 @@ def test_beam_search_equals_brute_force(alpha, early_stopping):
   # 80 beams hold every live prefix (16 after two steps, times 5 candidates), so the search is
   # exhaustive: its 80 best must be the enumeration's 80 best, in order, scores included.
   beams = decode.beam_search(params, prompt, cfg=TINY, num_beams=80, max_new_tokens=3,
-                             length_penalty=alpha, eos_ids=(0,), early_stopping=early_stopping)
+                             length_penalty=alpha, eos_ids=(0,))
   lengths = np.asarray(beams.lengths[0])
   got = [list(np.asarray(t)[:n]) for t, n in zip(beams.tokens[0], lengths)]
   assert got == [r[2] for r in ref[:80]]
@@ -229,3 +228,91 @@ def test_greedy_equals_one_beam():
     np.testing.assert_array_equal(beam.tokens[:, 0], greedy.tokens)
     np.testing.assert_array_equal(beam.lengths[:, 0], greedy.lengths)
     np.testing.assert_allclose(beam.logprobs[:, 0], greedy.raw_logprobs.sum(1), atol=1e-5)
+
+
+_tiny_forward = jax.jit(lambda p, t: model.forward(p, t, TINY)[0])
+
+
+def np_beam_search(params, prompt, k, n_new, eos, alpha):
+  """Beam search written out over Python lists (HF's rules: an EOS among the step's k best
+  candidates ends a hypothesis; the k best non-EOS candidates go on), never stopping early."""
+  alive, ended = [([], 0.0)], []
+  for t in range(n_new):
+    batch = np.zeros((4, 12), np.int32)    # one shape: right padding never changes earlier logits
+    for i, (toks, _) in enumerate(alive):
+      batch[i, :len(prompt) + t] = list(prompt) + toks
+    logp = log_softmax(np.asarray(_tiny_forward(params, jnp.asarray(batch)), np.float64)[
+        :, len(prompt) - 1 + t])
+    cands = sorted(((s + logp[i, v], i, v) for i, (_, s) in enumerate(alive)
+                    for v in range(TINY.vocab_size)), key=lambda c: -c[0])
+    nxt = []
+    for rank, (s, i, v) in enumerate(cands):
+      if v == eos:
+        if rank < k:
+          ended.append((s / (t + 1) ** alpha, s, alive[i][0] + [v]))
+      elif len(nxt) < k:
+        nxt.append((alive[i][0] + [v], s))
+    alive = nxt
+    ended = sorted(ended, key=lambda e: -e[0])[:k]
+  ended += [(s / n_new ** alpha, s, toks) for toks, s in alive]
+  return sorted(ended, key=lambda e: -e[0])[:k]
+
+
+@pytest.mark.parametrize('k', [2, 3])
+def test_beam_search_equals_a_list_implementation(k):
+  """Few beams, longer outputs: the early stop (no live beam can beat the k ended ones) must
+  never change the result of searching to the end."""
+  params = model.init(TINY, jax.random.key(4))
+  prompts = [np.array([1, 2, 3]), np.array([3, 1]), np.array([4, 4, 2, 1])]
+  for alpha in (0.0, 0.8, 2.5):
+    beams = decode.beam_search(params, prompts, cfg=TINY, num_beams=k, max_new_tokens=7,
+                               length_penalty=alpha, eos_ids=(0,))
+    for b, prompt in enumerate(prompts):
+      ref = np_beam_search(params, prompt, k, 7, eos=0, alpha=alpha)
+      got = [list(np.asarray(t)[:n]) for t, n in zip(beams.tokens[b], beams.lengths[b])]
+      assert got == [r[2] for r in ref], (alpha, b)
+      np.testing.assert_allclose(beams.scores[b], [r[0] for r in ref], rtol=1e-5)
+
+
+def test_bucketing_bounds_the_compiled_programs(params):
+  """A stream of varied requests compiles at most one program per (batch, prompt) bucket:
+  batches 1..2 -> {1, 2}, prompts 1..16 tokens -> {8, 16}, max_new_tokens 1..8 -> {8}."""
+  rng = np.random.default_rng(0)
+  before, shapes = decode.compiled_programs('generate'), set()
+  for _ in range(14):
+    b, n = int(rng.integers(1, 3)), int(rng.integers(1, 9))
+    prompts = [rng.integers(0, 50, int(rng.integers(1, 17))) for _ in range(b)]
+    shapes.add((b, max(map(len, prompts)), n))
+    s = decode.SamplingConfig(temperature=0, max_new_tokens=n, eos_ids=(3,))
+    gen = decode.generate(params, prompts, jax.random.key(0), cfg=CFG, sampling=s)
+    assert gen.tokens.shape == (b, n)
+  assert decode.compiled_programs('generate') - before <= 4 < len(shapes)
+  # the numeric knobs are traced: new values reuse the program
+  for t, p in ((0.7, 0.9), (1.3, 0.5)):
+    s = decode.SamplingConfig(temperature=t, top_p=p, min_new_tokens=1, max_new_tokens=4)
+    decode.generate(params, PROMPTS[:2], jax.random.key(0), cfg=CFG, sampling=s)
+    if t == 0.7:
+      before = decode.compiled_programs('generate')
+  assert decode.compiled_programs('generate') == before
+
+
+def test_user_errors_are_one_sentence(params):
+  with pytest.raises(ConfigError, match='exceeds the model context'):
+    decode.generate(params, [np.arange(60)], jax.random.key(0), cfg=CFG,
+                    sampling=decode.SamplingConfig(max_new_tokens=5))
+  with pytest.raises(ConfigError, match='at least one token'):
+    decode.generate(params, [np.arange(3), np.array([], int)], jax.random.key(0), cfg=CFG,
+                    sampling=decode.SamplingConfig(max_new_tokens=5))
+  with pytest.raises(ConfigError, match='top_p must be'):
+    decode.SamplingConfig(top_p=0.0)
+  decode.check_length(CFG, 60, 100)     # the legacy sampler slides beyond the context
+
+
+def test_legacy_sample_within_and_beyond_the_context(params):
+  prompt = jnp.asarray(np.stack([PROMPTS[0], PROMPTS[0][::-1]]))
+  out = decode.generate(params, prompt, jax.random.key(0), cfg=CFG, max_new_tokens=6, temperature=0.0)
+  s = decode.SamplingConfig(temperature=0, max_new_tokens=6)
+  gen = decode.generate(params, list(np.asarray(prompt)), jax.random.key(0), cfg=CFG, sampling=s)
+  np.testing.assert_array_equal(out, np.concatenate([prompt, gen.tokens], 1))
+  long = decode.sample(params, prompt, jax.random.key(0), CFG, 60, temperature=1.0, top_k=5)
+  assert long.shape == (2, 67) and (np.asarray(long) < CFG.vocab_size).all()   # a sliding window
