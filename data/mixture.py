@@ -128,6 +128,10 @@ class Mixture:
   def names(self) -> list[str]:
     return [s.name for s in self.sources]
 
+  def same_config(self, saved: Mapping | None) -> bool:
+    """Whether a config saved in a checkpoint (JSON round-tripped) describes this mixture."""
+    return json.loads(json.dumps(saved)) == json.loads(json.dumps(self.config))
+
   # Which source ------------------------------------------------------------------------
   def _make_block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
     """(source of each element of block b, rank of that element among its source's draws)."""
@@ -216,7 +220,7 @@ class MixtureIterator:
     return {'position': self.position, 'config': self.mixture.config}
 
   def restore(self, state: Mapping) -> None:
-    if json.loads(json.dumps(state['config'])) != json.loads(json.dumps(self.mixture.config)):
+    if not self.mixture.same_config(state['config']):
       raise MixtureError('The saved data position belongs to a different mixture (sources, weights, '
                          'caps or seed changed); restore with the original mixture config.')
     self.position = int(state['position'])

@@ -14,7 +14,6 @@ Every batch is a dict of [B, T] numpy arrays:
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Iterable, Sequence
 
 import jax
@@ -44,6 +43,20 @@ def tokenize_docs(docs: Sequence[str], tokenizer) -> TokenStream:
     return TokenStream(tokens)
   doc_ids = np.concatenate([np.full(len(p), i, np.int32) for i, p in enumerate(parts)])
   return TokenStream(tokens, doc_ids)
+
+
+def num_windows(stream: TokenStream, seq_len: int) -> int:
+  """Non-overlapping seq_len windows (each with its next-token targets) in the stream."""
+  return (len(stream) - 1) // seq_len
+
+
+def same_keys(streams: dict[str, TokenStream]) -> dict[str, TokenStream]:
+  """If any stream has several documents, give the others doc_ids too (one document), so
+  batches from every stream carry the same keys (segment_ids, positions)."""
+  if all(s.doc_ids is None for s in streams.values()):
+    return streams
+  return {n: s if s.doc_ids is not None else TokenStream(s.tokens, np.zeros(len(s), np.int32))
+          for n, s in streams.items()}
 
 
 def windows(stream: TokenStream, starts: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
@@ -91,7 +104,7 @@ class BatchIterator:
     if self.sampling == 'random':
       rng = np.random.default_rng([self.seed, i])
       return rng.integers(0, len(self.stream) - self.seq_len, size=self.global_batch)
-    n = (len(self.stream) - 1) // self.seq_len
+    n = num_windows(self.stream, self.seq_len)
     g = i * self.global_batch + np.arange(self.global_batch)
     out = np.empty(self.global_batch, np.int64)
     for epoch in np.unique(g // n):
@@ -128,25 +141,17 @@ class MixtureBatches:
     names = [s.name for s in mixture.sources]
     if set(names) != set(streams):
       raise DataError(f'The mixture names sources {sorted(names)} but the streams are {sorted(streams)}.')
-    # Every source gets segment ids and positions if any has several documents, so all rows
-    # of a batch carry the same keys.
-    multi = any(s.doc_ids is not None for s in streams.values())
-    self.streams = {n: TokenStream(s.tokens, np.zeros(len(s), np.int32) if multi and s.doc_ids is None
-                                   else s.doc_ids) for n, s in streams.items()}
+    self.streams = same_keys(streams)   # all rows of a batch carry the same keys
     self.names, self.mixture = names, mixture
     self.seq_len, self.global_batch = seq_len, global_batch
     self.rows = rows or (0, global_batch)
     self.batches_drawn = start
 
-  @staticmethod
-  def windows_of(stream: TokenStream, seq_len: int) -> int:
-    return (len(stream) - 1) // seq_len
-
   def state(self) -> dict:
     return {'batches_drawn': self.batches_drawn, 'mixture': self.mixture.config}
 
   def restore(self, state: dict) -> None:
-    if json.loads(json.dumps(state.get('mixture'))) != json.loads(json.dumps(self.mixture.config)):
+    if not self.mixture.same_config(state.get('mixture')):
       raise DataError('The checkpoint\'s data position belongs to a different mixture (sources, '
                       'weights, caps or seed changed); resume with the original data.mixture config '
                       'or use a new --workdir.')
@@ -168,11 +173,10 @@ class MixtureBatches:
     parts = {m: windows(self.streams[self.names[m]], starts[src == m], self.seq_len)
              for m in np.unique(src)}
     batch = {}
-    for key in next(iter(parts.values())):
-      out = np.empty((hi - lo, self.seq_len), next(iter(parts.values()))[key].dtype)
+    for key, like in next(iter(parts.values())).items():
+      batch[key] = np.empty((hi - lo, self.seq_len), like.dtype)
       for m, p in parts.items():
-        out[src == m] = p[key]
-      batch[key] = out
+        batch[key][src == m] = p[key]
     self.batches_drawn += 1
     return batch
 
@@ -183,7 +187,7 @@ def eval_batches(stream: TokenStream, seq_len: int, batch_size: int,
 
   The last batch is padded with zero-weight rows so every batch has the same shape.
   """
-  n = (len(stream) - 1) // seq_len
+  n = num_windows(stream, seq_len)
   if n == 0:
     raise DataError(f'The validation split{" of " + name if name else ""} has {len(stream)} tokens, fewer than seq_len + 1; '
                      'lower data.seq_len or data.val_fraction, or set train.eval_every=0.')

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from experiments import trainer
+from experiments import stage, trainer
 from experiments.configs import base
 from lm import mfu as mfu_lib
 from lm import model, objectives, sharding, train as train_lib
@@ -30,15 +30,15 @@ def bench_one(name: str, spec: ConfigDict, config: ConfigDict) -> dict:
   mesh = sharding.make_mesh(config.mesh.to_dict())
   run_cfg = ConfigDict({'train': {'batch_size': b, 'grad_accum': 1}})
   trainer.check_batch(run_cfg, mesh)
-  axes = model.logical_axes(cfg)
-  tx, schedule = train_lib.make_optimizer(config.optim.to_dict(), axes, 1000)
-  state, shardings = train_lib.init_train_state(functools.partial(model.init, cfg), axes, tx, mesh,
-                                                jax.random.key(0))
+  setup = stage.build(ConfigDict({'seed': 0, 'optim': config.optim}), None, mesh,
+                      axes=model.logical_axes(cfg), init_params=functools.partial(model.init, cfg),
+                      total_steps=1000)
+  state, shardings = setup.state, setup.shardings
   spec_b = {k: jax.ShapeDtypeStruct((b, t), d) for k, d in
             (('inputs', jnp.int32), ('targets', jnp.int32), ('weights', jnp.float32))}
   bsh = train_lib.batch_shardings(mesh, spec_b)
-  step = train_lib.make_train_step(functools.partial(objectives.next_token_loss, cfg=cfg), tx, mesh,
-                                   shardings, bsh, schedule=schedule)
+  step = train_lib.make_train_step(functools.partial(objectives.next_token_loss, cfg=cfg), setup.tx,
+                                   mesh, shardings, bsh, schedule=setup.schedule)
   rng = np.random.default_rng(0)
   toks = rng.integers(0, cfg.vocab_size, (b, t + 1)).astype(np.int32)
   batch = {'inputs': toks[:, :-1], 'targets': toks[:, 1:], 'weights': np.ones((b, t), np.float32)}

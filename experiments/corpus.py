@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
 from ml_collections import ConfigDict
 
 from data import mixture as mixture_lib
@@ -30,9 +31,8 @@ class Corpus:
   is_mixture: bool
 
   def batch_spec(self, seq_len: int) -> dict:
-    """Keys and shapes of a batch row: with segment ids if any source has several documents."""
-    multi = [s for s in self.train.values() if s.doc_ids is not None]
-    return pipeline.batch_spec((multi or list(self.train.values()))[0], seq_len)
+    """Keys and shapes of a batch row (the same for every stream, see load)."""
+    return pipeline.batch_spec(next(iter(self.train.values())), seq_len)
 
 
 def read_splits(path: str, data_dir: str, val_fraction: float,
@@ -52,7 +52,20 @@ def source_paths(config: ConfigDict) -> dict[str, tuple[str, str]]:
   return {name: (m.path, m.get('field', 'text')) for name, m in d.mixture.items()}
 
 
-def load(config: ConfigDict, workdir: str) -> Corpus:
+def check_config(config: ConfigDict) -> None:
+  d = config.data
+  for name, m in d.mixture.items():
+    missing = {'path', 'weight', 'max_windows'} - set(m.keys())
+    if missing:
+      raise ConfigError(f'data.mixture.{name} lacks {sorted(missing)}; each source is '
+                        "{'path': ..., 'weight': 0.0 (proportional) or a rate, 'max_windows': 0}.")
+  if d.mixture and d.sampling != 'random':
+    raise ConfigError('data.sampling applies to a single source; a mixture draws its own windows.')
+
+
+def load(config: ConfigDict, workdir: str, tokenizer=None) -> Corpus:
+  """Splits, tokenizer (`tokenizer` if given: an init_from source's) and token streams."""
+  check_config(config)
   d = config.data
   data_dir = d.data_dir or os.path.join(workdir, 'data')
   splits = {}
@@ -62,11 +75,18 @@ def load(config: ConfigDict, workdir: str) -> Corpus:
         lambda p=path, w=where, f=field: read_splits(p, w, d.val_fraction, f), f'prepare {name}')
   train_docs = [t for s in splits.values() for t in s['train']]
   all_docs = train_docs + [t for s in splits.values() for t in s['validation']]
-  tok = trainer.process_zero_first(lambda: make_tokenizer(config, workdir, train_docs, all_docs),
-                                   'build tokenizer')
-  return Corpus(tok, {n: pipeline.tokenize_docs(s['train'], tok) for n, s in splits.items()},
-                {n: pipeline.tokenize_docs(s['validation'], tok) for n, s in splits.items()},
-                is_mixture=bool(d.mixture))
+  if tokenizer is not None:
+    tok = tokenizer
+    if jax.process_index() == 0:
+      tok.save(os.path.join(workdir, 'tokenizer.json'))
+  else:
+    tok = trainer.process_zero_first(lambda: make_tokenizer(config, workdir, train_docs, all_docs),
+                                     'build tokenizer')
+  # Every train and validation stream gets the same batch keys (segment ids if any has them).
+  streams = pipeline.same_keys({(n, split): pipeline.tokenize_docs(s[split], tok)
+                                for n, s in splits.items() for split in ('train', 'validation')})
+  return Corpus(tok, {n: streams[n, 'train'] for n in splits},
+                {n: streams[n, 'validation'] for n in splits}, is_mixture=bool(d.mixture))
 
 
 def make_tokenizer(config: ConfigDict, workdir: str, train_docs: list[str], all_docs: list[str]):
@@ -89,7 +109,7 @@ def make_mixture(config: ConfigDict, corpus: Corpus, seq_len: int) -> mixture_li
   d = config.data
   sizes = {}
   for name, stream in corpus.train.items():
-    sizes[name] = pipeline.MixtureBatches.windows_of(stream, seq_len)
+    sizes[name] = pipeline.num_windows(stream, seq_len)
     if sizes[name] == 0:
       raise ConfigError(f'Mixture source {name!r} has {len(stream)} training tokens, not one window '
                         f'of seq_len + 1 = {seq_len + 1}; give it more text or drop it from data.mixture.')

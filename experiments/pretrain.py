@@ -15,21 +15,9 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from data import pipeline
-from experiments import corpus, trainer
-from lm import checkpoint as ckpt_lib
+from experiments import corpus, stage, trainer
 from lm import decode, model, objectives, sharding, train as train_lib
 from lm.config import ConfigError, ModelConfig
-
-
-def check_data_config(config: ConfigDict) -> None:
-  d = config.data
-  for name, m in d.mixture.items():
-    missing = {'path', 'weight', 'max_windows'} - set(m.keys())
-    if missing:
-      raise ConfigError(f'data.mixture.{name} lacks {sorted(missing)}; each source is '
-                        "{'path': ..., 'weight': 0.0 (proportional) or a rate, 'max_windows': 0}.")
-  if d.mixture and d.sampling != 'random':
-    raise ConfigError('data.sampling applies to a single source; a mixture draws its own windows.')
 
 
 def special_ids(config: ConfigDict) -> int:
@@ -82,51 +70,50 @@ def seq_len_of(config: ConfigDict, cfg: ModelConfig) -> int:
 def run(config: ConfigDict, workdir: str):
   os.makedirs(workdir, exist_ok=True)
   t = config.train
-  # 1. Data and model config, validated.
-  check_data_config(config)
-  data = corpus.load(config, workdir)
+  # 1. Data and model config, validated (init_from: the source's model and tokenizer).
+  source = stage.read_source(config.init_from) if config.init_from else None
+  data = corpus.load(config, workdir, tokenizer=source.tokenizer if source else None)
   tok = data.tokenizer
-  cfg = model_config(config, tok.vocab_size)
+  cfg = stage.model_from_source(config, source) if source else model_config(config, tok.vocab_size)
   check_objective(config, cfg)
   seq_len = seq_len_of(config, cfg)
   prompt = tok.encode(t.sample_prompt) if t.samples else None
   can_sample = cfg.causal and cfg.arch == 'decoder' and t.objective != 'span_corruption'
   if t.samples and can_sample:
     decode.check_length(cfg, len(prompt), t.sample_tokens)
-  # 2. Mesh, shardings and optimizer, all abstract so far.
+  # 2. Mesh, data shardings; then resume, or init (from init_from's weights if given).
   mesh = sharding.make_mesh(config.mesh.to_dict())
   trainer.check_batch(config, mesh)
-  axes = model.logical_axes(cfg)
-  tx, schedule = train_lib.make_optimizer(config.optim.to_dict(), axes, t.steps)
-  key = jax.random.key(config.seed)
-  init_params = functools.partial(model.init, cfg)
-  init_state, abstract, shardings = train_lib.state_shardings(init_params, axes, tx, mesh, key)
   spec = data.batch_spec(seq_len)
   batch_sh = train_lib.batch_shardings(mesh, spec)
   rows = pipeline.local_rows(batch_sh['inputs'], t.batch_size, seq_len)
   batches = corpus.train_batches(config, data, seq_len, rows)
-  # 3. Resume or init (raises if checkpoints exist but cannot be read).
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), t.keep_checkpoints)
-  state, start, data_state = trainer.restore_or_init(
-      checkpointer, lambda: jax.jit(init_state, out_shardings=shardings)(key), abstract, shardings)
-  if data_state is not None:
-    batches.restore(data_state)
+  setup = stage.build(config, workdir, mesh, axes=model.logical_axes(cfg),
+                      init_params=functools.partial(model.init, cfg), total_steps=t.steps,
+                      initial_params=(lambda: source.restore_params(mesh, cfg)) if source else None)
+  state, start, shardings = setup.state, setup.start, setup.shardings
+  if setup.data_state is not None:
+    batches.restore(setup.data_state)
   counts = cfg.param_counts()
   n_train = sum(map(len, data.train.values()))
   n_val = sum(map(len, data.validation.values()))
   trainer.write_config(config, workdir, {'resolved': {
       'vocab_size': cfg.vocab_size, 'seq_len': seq_len, 'params': counts['total'],
       'non_embedding_params': counts['non_embedding'], 'devices': jax.device_count(),
-      'mesh': dict(mesh.shape), 'train_tokens': n_train, 'val_tokens': n_val}})
+      'mesh': dict(mesh.shape), 'train_tokens': n_train, 'val_tokens': n_val},
+      **({'source': source.record()} if source else {})})
   print(f'model: {counts["total"]:,} params ({counts["non_embedding"]:,} non-embedding); '
         f'corpus: {n_train:,} train / {n_val:,} val tokens'
         + (f' in {len(data.train)} sources' if data.is_mixture else '') + '; '
-        f'mesh {dict(mesh.shape)}; ' + (f'resuming at step {start}' if start else 'starting fresh'))
+        f'mesh {dict(mesh.shape)}; ' + (f'resuming at step {start}' if start else
+                                        f'starting from {config.init_from} (step {source.step})'
+                                        if source else 'starting fresh'))
 
   # 4. Steps.
   loss_fn = functools.partial(objectives.OBJECTIVES[t.objective], cfg=cfg)
-  step_fn = train_lib.make_train_step(loss_fn, tx, mesh, shardings, batch_sh,
-                                      grad_accum=t.grad_accum, seed=config.seed, schedule=schedule)
+  step_fn = train_lib.make_train_step(loss_fn, setup.tx, mesh, shardings, batch_sh,
+                                      grad_accum=t.grad_accum, seed=config.seed,
+                                      schedule=setup.schedule)
   to_global = functools.partial(pipeline.to_global, shardings=batch_sh, global_batch=t.batch_size)
   evaluate = None
   if t.eval_every:
@@ -140,17 +127,15 @@ def run(config: ConfigDict, workdir: str):
     to_global_eval = functools.partial(pipeline.to_global, shardings=eval_sh, global_batch=eb)
     per_source = {}
     for name, stream in data.validation.items():
-      if stream.doc_ids is None and 'segment_ids' in spec:  # batches must carry the same keys
-        stream = pipeline.TokenStream(stream.tokens, np.zeros(len(stream), np.int32))
       local = [{k: v[eval_rows[0]:eval_rows[1]] for k, v in b.items()}
                for b in pipeline.eval_batches(stream, seq_len, eb, t.eval_batches, name)]
       per_source[name] = trainer.eval_fn(eval_step, local, to_global_eval)
     evaluate = per_source['data'] if not data.is_mixture else trainer.combine_evals(per_source)
   state = trainer.train(trainer.Run(
       config=config, workdir=workdir, mesh=mesh, state=state, start_step=start, step_fn=step_fn,
-      batches=batches, to_global=to_global, evaluate=evaluate, checkpointer=checkpointer,
+      batches=batches, to_global=to_global, evaluate=evaluate, checkpointer=setup.checkpointer,
       flops_per_token=cfg.flops_per_token(seq_len), tokens_per_step=t.batch_size * seq_len))
-  checkpointer.close()
+  setup.checkpointer.close()
   if data.is_mixture:
     report = batches.report()
     print('mixture, target rates vs. rows drawn:\n' + corpus.format_report(report))

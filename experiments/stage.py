@@ -1,19 +1,28 @@
-"""A finished run's workdir as the starting point of the next stage.
+"""What every stage shares: where its weights come from (`init_from`), and its sharded setup.
 
-A stage's output is its workdir (config.json, tokenizer.json, checkpoints/). `load_run(workdir)`
-reads them back: the run's config, its ModelConfig, its tokenizer and the trained params of
-its latest readable checkpoint. The perplexity filter of the prepare experiment scores
-documents with it; later stages (SFT, reward, PPO) start from it.
+A stage's output is its workdir (config.json, tokenizer.json, checkpoints/). The next stage
+names it with `config.init_from = DIR` (or `hf:PATH`, a local Hugging Face checkpoint):
+
+  source = read_source(config.init_from)     # config, ModelConfig, tokenizer, step: no weights
+  cfg    = model_from_source(config, source) # the source's model; conflicting overrides fail
+  params = source.restore_params(mesh)       # params only, straight into the new shardings
+
+`build(...)` is the one setup of mesh-sharded train state every driver uses (pretrain, sft,
+bench, and the reward / PPO stages): optimizer, shardings, resume-or-init. `load_run(workdir)`
+is read_source + restore_params for tools that only need a trained model.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from ml_collections import ConfigDict
 
 from data import tokenizers
@@ -21,45 +30,169 @@ from lm import checkpoint as ckpt_lib
 from lm import model, sharding, train as train_lib
 from lm.config import ConfigError, ModelConfig
 
+# Model fields a later stage may change without changing the network the weights belong to.
+RUNTIME_FIELDS = ('dtype', 'param_dtype', 'remat', 'attention_impl', 'attention_q_block',
+                  'scan_unroll')
+
+
+@dataclasses.dataclass
+class Source:
+  """A finished stage's workdir or a Hugging Face folder, read without loading weights."""
+  kind: str                    # 'run' | 'hf'
+  path: str
+  cfg: ModelConfig
+  tokenizer: Any
+  config: ConfigDict | None    # the source run's config (None for hf)
+  step: int
+  config_hash: str
+
+  def record(self) -> dict:
+    """What a new workdir stores about where it came from."""
+    return {'path': os.path.abspath(self.path), 'kind': self.kind, 'step': self.step,
+            'config_hash': self.config_hash}
+
+  def restore_params(self, mesh, cfg: ModelConfig | None = None) -> Any:
+    """The source's params on `mesh`, each leaf in the sharding the rules table gives it."""
+    cfg = cfg or self.cfg
+    axes = model.logical_axes(cfg)
+    abstract = jax.eval_shape(functools.partial(model.init, cfg), jax.random.key(0))
+    shardings = sharding.tree_shardings(axes, abstract, mesh)
+    if self.kind == 'hf':
+      from lm import convert
+      params, _ = convert.import_hf(self.path, dtype=np.dtype(cfg.param_dtype))
+      return jax.device_put(params, shardings)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(self.path, 'checkpoints'), async_save=False)
+    try:
+      return checkpointer.restore_params(self.step, train_lib.abstract_with_shardings(abstract, shardings))
+    finally:
+      checkpointer.close()
+
+
+def _hash(obj) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def read_source(init_from: str) -> Source:
+  """The model a stage starts from: `DIR` (a finished run's workdir) or `hf:PATH`."""
+  if init_from.startswith('hf:'):
+    path = os.path.expanduser(init_from[3:])
+    cfg_path = os.path.join(path, 'config.json')
+    if not os.path.exists(cfg_path):
+      raise ConfigError(f'init_from={init_from} has no config.json; point hf: at a local Hugging '
+                        'Face model folder (config.json, *.safetensors, tokenizer.json).')
+    from lm import convert
+    with open(cfg_path) as f:
+      hf = json.load(f)
+    cfg = convert.config_from_hf(hf)
+    tok_path = os.path.join(path, 'tokenizer.json')
+    if not os.path.exists(tok_path):
+      raise ConfigError(f'init_from={init_from} has no tokenizer.json; save the tokenizer with the '
+                        'model (tokenizer.save_pretrained(PATH)).')
+    return Source('hf', path, cfg, tokenizers.load(tok_path), None, 0, _hash(hf))
+  path = os.path.expanduser(init_from)
+  cfg_path = os.path.join(path, 'config.json')
+  if not os.path.exists(cfg_path):
+    raise ConfigError(f'init_from={init_from} holds no config.json, so it is not the workdir of a '
+                      'finished run; point it at the --workdir of an earlier stage.')
+  steps = ckpt_lib.Checkpointer.steps_in(os.path.join(path, 'checkpoints'))
+  if not steps:
+    raise ckpt_lib.CheckpointError(f'{path} has no checkpoints to start from; train it first '
+                                   '(train.checkpoint_every > 0).')
+  try:
+    with open(cfg_path) as f:
+      saved = json.load(f)
+    resolved = saved.pop('resolved', {})
+    saved.pop('source', None)
+    config = ConfigDict(saved)
+    m = config.model.to_dict()
+    m['vocab_size'] = resolved.get('vocab_size', m['vocab_size'])
+    cfg = ModelConfig.from_dict(m)
+  except (ValueError, KeyError, AttributeError) as e:
+    raise ConfigError(f'{cfg_path} is not a readable run config ({type(e).__name__}: {e}); point '
+                      'init_from at the --workdir of a run of this codebase.') from None
+  tokenizer = tokenizers.load(os.path.join(path, 'tokenizer.json'))
+  return Source('run', path, cfg, tokenizer, config, steps[-1], _hash(saved))
+
+
+def model_from_source(config: ConfigDict, source: Source) -> ModelConfig:
+  """The source's ModelConfig with the runtime fields of config.model applied.
+
+  config.model keeps every field so any may be overridden on the command line; a field that
+  differs from both its default and the source's value is a conflicting override.
+  """
+  from experiments.configs import base
+  defaults, asked = base.model().to_dict(), config.model.to_dict()
+  src = dataclasses.asdict(source.cfg)
+  out = dict(src)
+  for k, v in asked.items():
+    if k in RUNTIME_FIELDS:
+      out[k] = v
+    elif k == 'vocab_size' and v and v != src[k]:
+      raise ConfigError(f'model.vocab_size={v} conflicts with init_from ({src[k]} tokens); drop '
+                        'the override: the vocabulary comes from the source model.')
+    elif k != 'vocab_size' and v != defaults.get(k) and v != src.get(k):
+      raise ConfigError(f'model.{k}={v!r} conflicts with the init_from model ({k}={src.get(k)!r}); '
+                        'a later stage keeps its source\'s architecture, so drop the override (or use a '
+                        'config whose model section is configs/base.model(), as the sft configs do).')
+  return ModelConfig.from_dict(out)
+
+
+def load_run(workdir: str, mesh_cfg: dict | None = None):
+  """(source, params on a mesh): a finished run's model, e.g. to score documents with it."""
+  source = read_source(workdir)
+  mesh = sharding.make_mesh(mesh_cfg or {'data': -1})
+  return LoadedRun(source.config, source.cfg, source.tokenizer, source.restore_params(mesh),
+                   source.step, mesh)
+
 
 @dataclasses.dataclass
 class LoadedRun:
   config: ConfigDict
   cfg: ModelConfig
   tokenizer: Any
-  params: Any        # replicated over `mesh`
+  params: Any
   step: int
   mesh: Any
 
 
-def load_run(workdir: str, mesh_cfg: dict | None = None) -> LoadedRun:
-  """The run in `workdir`, restored onto a mesh (default: all devices, data-parallel)."""
-  workdir = os.path.expanduser(workdir)
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise ConfigError(f'{workdir} holds no config.json, so it is not the workdir of a finished run; '
-                      'point at the --workdir of a pretraining run.')
-  with open(path) as f:
-    saved = json.load(f)
-  resolved = saved.pop('resolved', {})
-  config = ConfigDict(saved)
-  m = config.model.to_dict()
-  m['vocab_size'] = resolved.get('vocab_size', m['vocab_size'])
-  cfg = ModelConfig.from_dict(m)
-  tokenizer = tokenizers.load(os.path.join(workdir, 'tokenizer.json'))
-  mesh = sharding.make_mesh(mesh_cfg or {'data': -1})
-  axes = model.logical_axes(cfg)
-  tx, _ = train_lib.make_optimizer(config.optim.to_dict(), axes, config.train.steps)
+# The sharded setup every driver shares --------------------------------------------------------
+@dataclasses.dataclass
+class Setup:
+  mesh: Any
+  tx: Any
+  schedule: Any
+  shardings: train_lib.TrainState
+  state: train_lib.TrainState    # restored or fresh, in its sharded layout
+  start: int                     # steps already taken (0: fresh)
+  data_state: dict | None        # the data iterator's saved position, if resumed
+  meta: dict                     # the checkpoint's metadata, if resumed
+  checkpointer: ckpt_lib.Checkpointer | None
+
+
+def build(config: ConfigDict, workdir: str | None, mesh, *, axes, init_params: Callable,
+          total_steps: int, initial_params: Callable[[], Any] | None = None) -> Setup:
+  """Optimizer, state shardings (derived abstractly), then the latest checkpoint in
+  `workdir`, or else a fresh state: `initial_params()` (e.g. init_from's weights, called
+  only when there is nothing to resume) or `init_params(key)`.
+
+  `workdir=None` keeps no checkpoints (benchmarks).
+  """
+  tx, schedule = train_lib.make_optimizer(config.optim.to_dict(), axes, total_steps)
   key = jax.random.key(config.seed)
-  _, abstract, shardings = train_lib.state_shardings(functools.partial(model.init, cfg), axes, tx,
-                                                     mesh, key)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'))
-  try:
-    found = checkpointer.restore_or_none(train_lib.abstract_with_shardings(abstract, shardings))
-  finally:
-    checkpointer.close()
+  init_state, abstract, shardings = train_lib.state_shardings(init_params, axes, tx, mesh, key)
+
+  def fresh():
+    if initial_params is None:
+      return jax.jit(init_state, out_shardings=shardings)(key)
+    start = lambda p: train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
+    return jax.jit(start, out_shardings=shardings)(initial_params())
+
+  if workdir is None:
+    return Setup(mesh, tx, schedule, shardings, fresh(), 0, None, {}, None)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                       config.train.get('keep_checkpoints', 3))
+  found = checkpointer.restore_or_none(train_lib.abstract_with_shardings(abstract, shardings))
   if found is None:
-    raise ckpt_lib.CheckpointError(f'{workdir} has no checkpoints to load; train it first '
-                                   '(train.checkpoint_every > 0).')
-  step, state, _, _ = found
-  return LoadedRun(config, cfg, tokenizer, state.params, step, mesh)
+    return Setup(mesh, tx, schedule, shardings, fresh(), 0, None, {}, checkpointer)
+  step, state, data_state, meta = found
+  return Setup(mesh, tx, schedule, shardings, state, step, data_state, meta, checkpointer)

@@ -28,6 +28,13 @@ class Checkpointer:
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
+  @staticmethod
+  def steps_in(directory: str) -> list[int]:
+    """Steps saved in `directory`, without creating it."""
+    if not os.path.isdir(directory):
+      return []
+    return sorted(ocp.utils.checkpoint_steps(directory))
+
   def save(self, step: int, state: Any, data_state: dict, meta: dict | None = None,
            force: bool = False) -> bool:
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -40,6 +47,24 @@ class Checkpointer:
                               data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
     out = self.manager.restore(step, args=args)
     return out['state'], out['data'], out['meta']
+
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Only the params of a saved TrainState (no optimizer state is read or allocated),
+    each leaf placed in the sharding its ShapeDtypeStruct carries (any mesh: resharding)."""
+    # A fresh manager: one that saved with StandardSave cannot restore a partial tree.
+    manager = ocp.CheckpointManager(self.directory)
+    target = {'params': abstract_params}
+    try:
+      out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True)))
+    except Exception as e:  # orbax raises many types
+      raise CheckpointError(f'Could not read the params of step {step} in {self.directory} '
+                            f'({type(e).__name__}: {str(e).splitlines()[0][:300]}); it may be '
+                            'from a different model or damaged.') from None
+    finally:
+      manager.close()
+    return out['state']['params']
 
   def restore_or_none(self, abstract_state: Any):
     """Latest readable checkpoint as (step, state, data_state, meta), or None if there are none.

@@ -22,7 +22,7 @@ def streams():
 
 def test_mixture_batches_are_pure_shardable_and_hit_their_rates():
   s = streams()
-  sizes = {n: pipeline.MixtureBatches.windows_of(v, 16) for n, v in s.items()}
+  sizes = {n: pipeline.num_windows(v, 16) for n, v in s.items()}
   mix = mixture.weighted(sizes, {'a': 0.25, 'b': 0.75}, seed=3)
   it = pipeline.MixtureBatches(s, mix, 16, 8)
   batches = [next(it) for _ in range(mixture.BLOCK // 8)]

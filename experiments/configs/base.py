@@ -17,6 +17,7 @@ def pretrain() -> ConfigDict:
   c = ConfigDict()
   c.experiment = 'pretrain'
   c.seed = 0
+  c.init_from = ''  # a finished stage's workdir, or hf:PATH (a local Hugging Face folder)
   c.model = model()
   c.data = ConfigDict(dict(
       path='shakespeare_works',  # a text file, a directory, a corpus shipped with the install, or
