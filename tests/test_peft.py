@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from lm import model, peft, sharding
+from lm import layers, model, peft, sharding
 from lm.config import PRESETS, ConfigError, ModelConfig
 from tests import naive
 
@@ -21,15 +21,27 @@ def small(name, **kw):
                      init_std=0.2, **CONFIGS[name], **kw)
 
 
-TOKENS = np.asarray(jax.random.randint(jax.random.key(1), (2, 6), 0, 50))
+TOKENS = np.random.default_rng(1).integers(0, 50, (2, 6)).astype(np.int32)
 forward = jax.jit(lambda p, t, cfg: model.forward(p, t, cfg)[0][..., :50], static_argnums=2)
 
 
-def randomize(tree, key, scale=0.3):
+KEY = jax.random.key(1, impl='rbg')   # threefry init compiles a hash per leaf shape: slow on CPU
+
+
+@functools.lru_cache
+def base_params(cfg):
+  """Base model params drawn with numpy from the model's specs (fast; no compile)."""
+  rng = np.random.default_rng(0)
+  draw = {'zeros': lambda s: np.zeros(s.shape), 'ones': lambda s: np.ones(s.shape),
+          'normal': lambda s: s.std * rng.standard_normal(s.shape)}
+  return jax.tree.map(lambda s: draw[s.init](s).astype(np.float32), model.param_specs(cfg),
+                      is_leaf=lambda x: isinstance(x, layers.Spec))
+
+
+def randomize(tree, seed, scale=0.3):
   """Every leaf replaced by N(0, scale^2): adapters away from their identity init."""
-  leaves, tdef = jax.tree.flatten(tree)
-  return tdef.unflatten([scale * jax.random.normal(jax.random.fold_in(key, i), x.shape)
-                         for i, x in enumerate(leaves)])
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: jnp.asarray(scale * rng.standard_normal(x.shape), x.dtype), tree)
 
 
 # A vectorised float64 numpy pre-LN decoder with prefix K/V, adapters and prepended
@@ -107,7 +119,7 @@ def ref_forward(params, tokens, cfg, prefix=None, adapters=None, embeds=None):
 @pytest.mark.parametrize('name', sorted(CONFIGS))
 def test_reference_agrees_with_naive(name):
   cfg = small(name)
-  params = jax.device_get(model.init(cfg, jax.random.key(0)))
+  params = base_params(cfg)
   np.testing.assert_allclose(ref_forward(params, TOKENS, cfg), naive.forward(params, TOKENS, cfg),
                              atol=1e-9, rtol=1e-9)
 
@@ -132,12 +144,12 @@ def merged_by_hand(base, adapters, scale):
 def test_lora_starts_at_base_and_equals_merged_weights(name):
   cfg = small(name)
   pcfg = peft.PeftConfig(method='lora', lora_rank=4, lora_alpha=8.0, lora_targets=ALL_TARGETS)
-  base = model.init(cfg, jax.random.key(0))
-  adapters = peft.init(cfg, pcfg, jax.random.key(1), base)
+  base = base_params(cfg)
+  adapters = peft.init(cfg, pcfg, KEY, base)
   # B = 0: the base model's logits (up to float rounding: XLA fuses a different program)
   np.testing.assert_allclose(forward(peft.combine(base, adapters, cfg, pcfg), TOKENS, cfg),
                              forward(base, TOKENS, cfg), atol=1e-6, rtol=0)
-  adapters = randomize(adapters, jax.random.key(2))
+  adapters = randomize(adapters, 2)
   combined = peft.combine(base, adapters, cfg, pcfg)
   assert isinstance(combined['layers']['mlp']['wo'], peft.LoRAWeight)
   by_hand = merged_by_hand(base, adapters, pcfg.lora_scale)
@@ -156,14 +168,14 @@ def _count(fn, *args, prim='dot_general'):
 def test_lora_gradients_reach_only_the_adapters():
   cfg = small('llama_gqa')
   pcfg = peft.PeftConfig(method='lora', lora_rank=4, lora_targets=ALL_TARGETS)
-  base = model.init(cfg, jax.random.key(0))
-  adapters = peft.init(cfg, pcfg, jax.random.key(1), base)
+  base = base_params(cfg)
+  adapters = peft.init(cfg, pcfg, KEY, base)
 
   def loss(adapters, base):
     logits = model.forward(peft.combine(base, adapters, cfg, pcfg), jnp.asarray(TOKENS[:, :-1]), cfg)[0]
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), TOKENS[:, 1:, None], -1))
 
-  grads = jax.grad(loss)(adapters, base)
+  grads = jax.jit(jax.grad(loss))(adapters, base)
   assert jax.tree.structure(grads) == jax.tree.structure(adapters)
   for ab in jax.tree.leaves(grads['layers'], is_leaf=lambda x: isinstance(x, dict) and 'a' in x):
     assert np.all(np.isfinite(ab['b'])) and float(jnp.abs(ab['b']).max()) > 0
@@ -178,25 +190,30 @@ def test_lora_gradients_reach_only_the_adapters():
 # Prefix tuning --------------------------------------------------------------------------
 @pytest.mark.parametrize('name,hidden', [('llama_gqa', 0), ('gpt2', 8)])
 def test_prefix_matches_reference_segments_and_cache(name, hidden):
+  """Direct per-layer K/V prefix (RoPE, GQA) and the MLP-reparameterised one (gpt2)."""
   cfg = small(name)
   pcfg = peft.PeftConfig(method='prefix', prefix_length=3, prefix_hidden=hidden)
-  base = model.init(cfg, jax.random.key(0))
-  adapters = peft.init(cfg, pcfg, jax.random.key(1), base)
+  base = base_params(cfg)
+  adapters = peft.init(cfg, pcfg, KEY, base)
   params = peft.combine(base, adapters, cfg, pcfg)
   kv = peft.prefix_kv(adapters, pcfg)
   assert kv['prefix_k'].shape == (2, 3, cfg.kv_heads, cfg.head_dim)
   full = forward(params, TOKENS, cfg)
   np.testing.assert_allclose(full, ref_forward(base, TOKENS, cfg, prefix=kv), atol=1e-4, rtol=1e-4)
   assert not np.allclose(full, forward(base, TOKENS, cfg), atol=1e-2)
+  if hidden:
+    return
   # packed documents: each sees the prefix and itself only
   seg = jnp.array([[1, 1, 1, 2, 2, 2]] * 2)
   pos = jnp.array([[0, 1, 2, 0, 1, 2]] * 2)
-  packed = model.forward(params, jnp.asarray(TOKENS), cfg, positions=pos, segment_ids=seg)[0][..., :50]
+  packed = jax.jit(lambda p: model.forward(p, jnp.asarray(TOKENS), cfg, positions=pos,
+                                           segment_ids=seg)[0][..., :50])(params)
   np.testing.assert_allclose(packed[:, 3:], forward(params, TOKENS[:, 3:], cfg), atol=1e-5)
   # KV cache: the prefix takes no slot; prefill 5 tokens, then decode the 6th
   cache = {k: jnp.zeros((2, 2, 6, cfg.kv_heads, cfg.head_dim)) for k in ('k', 'v')}
-  pre, cache = model.forward(params, jnp.asarray(TOKENS[:, :5]), cfg, cache=cache, cache_index=0)
-  step, _ = model.forward(params, jnp.asarray(TOKENS[:, 5:]), cfg, cache=cache, cache_index=jnp.int32(5))
+  cached = jax.jit(lambda p, t, c, i: model.forward(p, t, cfg, cache=c, cache_index=i))
+  pre, cache = cached(params, jnp.asarray(TOKENS[:, :5]), cache, jnp.int32(0))
+  step, _ = cached(params, jnp.asarray(TOKENS[:, 5:]), cache, jnp.int32(5))
   np.testing.assert_allclose(pre[..., :50], full[:, :5], atol=1e-5)
   np.testing.assert_allclose(step[:, 0, :50], full[:, 5], atol=1e-5)
 
@@ -205,14 +222,14 @@ def test_prefix_matches_reference_segments_and_cache(name, hidden):
 def test_prompt_matches_reference_and_decodes_with_a_cache():
   cfg = small('gpt2')
   pcfg = peft.PeftConfig(method='prompt', prompt_length=3)
-  base = model.init(cfg, jax.random.key(0))
-  adapters = peft.init(cfg, pcfg, jax.random.key(1), base)
+  base = base_params(cfg)
+  adapters = peft.init(cfg, pcfg, KEY, base)
   # initialised from the embeddings of (seeded) random vocabulary tokens
   rows = np.asarray(adapters['soft_prompt'])
   table = np.asarray(base['embed'])[:cfg.vocab_size]
   assert all(np.any(np.all(table == r, axis=1)) for r in rows)
-  np.testing.assert_array_equal(rows, peft.init(cfg, pcfg, jax.random.key(1), base)['soft_prompt'])
-  soft = randomize(adapters, jax.random.key(2))['soft_prompt']
+  np.testing.assert_array_equal(rows, peft.init(cfg, pcfg, KEY, base)['soft_prompt'])
+  soft = randomize(adapters, 2)['soft_prompt']
   params = peft.combine(base, {'soft_prompt': soft}, cfg, pcfg)
   full = forward(params, TOKENS, cfg)
   assert full.shape == (2, 6, 50)
@@ -233,11 +250,11 @@ def test_prompt_matches_reference_and_decodes_with_a_cache():
 def test_adapters_start_as_identity_and_match_reference(name):
   cfg = small(name)
   pcfg = peft.PeftConfig(method='adapter', adapter_dim=4)
-  base = model.init(cfg, jax.random.key(0))
-  adapters = peft.init(cfg, pcfg, jax.random.key(1), base)
+  base = base_params(cfg)
+  adapters = peft.init(cfg, pcfg, KEY, base)
   np.testing.assert_allclose(forward(peft.combine(base, adapters, cfg, pcfg), TOKENS, cfg),
                              forward(base, TOKENS, cfg), atol=1e-6, rtol=0)   # up = 0: the base
-  adapters = randomize(adapters, jax.random.key(2))
+  adapters = randomize(adapters, 2)
   out = forward(peft.combine(base, adapters, cfg, pcfg), TOKENS, cfg)
   np.testing.assert_allclose(out, ref_forward(base, TOKENS, cfg, adapters=adapters['layers']),
                              atol=1e-4, rtol=1e-4)
@@ -262,8 +279,8 @@ def test_bad_peft_config_is_one_sentence(make, match):
 def test_none_is_full_fine_tuning():
   cfg = small('gpt2')
   pcfg = peft.PeftConfig.from_dict({'method': 'none'})
-  base = model.init(cfg, jax.random.key(0))
-  trainable = peft.init(cfg, pcfg, jax.random.key(1), base)
+  base = base_params(cfg)
+  trainable = peft.init(cfg, pcfg, KEY, base)
   assert trainable is base and peft.combine({}, trainable, cfg, pcfg) is base
   assert peft.num_params(cfg, pcfg) == sum(x.size for x in jax.tree.leaves(base))
 
@@ -271,13 +288,13 @@ def test_none_is_full_fine_tuning():
 def test_sharded_adapters_and_lora_forward_match_one_device():
   cfg = small('llama_gqa')
   mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
-  base = model.init(cfg, jax.random.key(0))
+  base = base_params(cfg)
   for method in ('prefix', 'prompt', 'adapter'):   # every method's axes shard on this mesh
     pcfg = peft.PeftConfig(method=method)
-    abstract = jax.eval_shape(lambda: peft.init(cfg, pcfg, jax.random.key(1), base))
+    abstract = jax.eval_shape(lambda: peft.init(cfg, pcfg, KEY, base))
     sharding.tree_shardings(peft.logical_axes(cfg, pcfg), abstract, mesh)
   pcfg = peft.PeftConfig(method='lora', lora_rank=4, lora_targets=ALL_TARGETS)
-  adapters = randomize(peft.init(cfg, pcfg, jax.random.key(1), base), jax.random.key(2))
+  adapters = randomize(peft.init(cfg, pcfg, KEY, base), 2)
   ad_sh = sharding.tree_shardings(peft.logical_axes(cfg, pcfg), adapters, mesh)
   base_sh = sharding.tree_shardings(model.logical_axes(cfg), base, mesh)
   assert ad_sh['layers']['attn']['wq']['b'].spec[2] == 'tensor'      # B: heads over tensor
