@@ -111,7 +111,10 @@ def test_masked_lm_scores_only_the_chosen_tokens():
   assert float(loss) == pytest.approx(ref, rel=1e-5)
 
 
-@pytest.mark.parametrize('objective,causal', [('prefix_lm', True), ('masked_lm', False),
+# ~50-60 s each on 2 cores: their losses have fast tests above, and span corruption keeps the
+# launcher's objective switch covered by default.
+@pytest.mark.parametrize('objective,causal', [pytest.param('prefix_lm', True, marks=pytest.mark.slow),
+                                              pytest.param('masked_lm', False, marks=pytest.mark.slow),
                                               ('span_corruption', True)])
 def test_objectives_train_from_the_launcher(tiny_corpus, tmp_path, objective, causal):
   c = tiny_config(tiny_corpus, steps=2, eval_every=2, checkpoint_every=2, objective=objective)
