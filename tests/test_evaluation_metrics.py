@@ -1,0 +1,156 @@
+"""Evaluation metrics against the libraries' documented examples and pass@k by hand; the
+code sandbox on passing, failing, looping, forking and memory-hungry programs."""
+import itertools
+import math
+import os
+import time
+
+import numpy as np
+import pytest
+
+from experiments.evaluation import metrics, sandbox
+
+# sacrebleu's README example: three hypotheses, two reference streams.
+SYS = ['The dog bit the man.', "It wasn't surprising.", 'The man had just bitten him.']
+REFS = [['The dog bit the man.', 'It was not unexpected.', 'The man bit him first.'],
+        ['The dog had bit the man.', 'No one was surprised.', 'The man had bitten the dog.']]
+
+
+def test_bleu_and_chrf_match_sacrebleu_readme():
+  items = [(h, [REFS[0][i], REFS[1][i]]) for i, h in enumerate(SYS)]
+  assert metrics.summarize('bleu', items, iters=0)['value'] == pytest.approx(48.53, abs=0.005)
+  assert metrics.summarize('chrf', items, iters=0)['value'] == pytest.approx(59.73, abs=0.005)
+
+
+def test_rouge_by_hand():
+  # rouge-score README's pair; stemmed tokens: target 'the quick brown fox jump over the lazi dog'
+  # (9), prediction 'the quick brown dog jump on the log' (8): 6 shared unigrams, LCS of 5.
+  s = metrics.rouge('The quick brown dog jumps on the log.', ['The quick brown fox jumps over the lazy dog'])
+  f = lambda m, n1, n2: 2 * (m / n1) * (m / n2) / (m / n1 + m / n2)
+  assert s['rouge1'] == pytest.approx(f(6, 8, 9))
+  assert s['rougeL'] == pytest.approx(f(5, 8, 9))
+  # bigrams: 7 predicted, 8 in the target, 2 shared ('the quick', 'quick brown')
+  assert s['rouge2'] == pytest.approx(f(2, 7, 8))
+
+
+def test_pass_at_k_matches_brute_force():
+  n, c = 5, 2
+  outcomes = [1] * c + [0] * (n - c)
+  for k in range(1, n + 1):
+    subsets = list(itertools.combinations(outcomes, k))
+    brute = sum(any(s) for s in subsets) / len(subsets)
+    assert metrics.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12), k
+    assert metrics.pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k))
+  assert metrics.pass_at_k(10, 0, 3) == 0.0 and metrics.pass_at_k(10, 10, 1) == 1.0
+  with pytest.raises(ValueError):
+    metrics.pass_at_k(3, 1, 5)
+
+
+def test_exact_match_normalisation():
+  assert metrics.exact_match('The  Answer!', 'answer') == 1.0
+  assert metrics.exact_match('an apple', 'pear') == 0.0
+  assert metrics.exact_match('$1,234.00', '1234', numeric=True) == 1.0
+  assert metrics.exact_match('-7.', '-7', numeric=True) == 1.0
+  assert metrics.exact_match('17', '18', numeric=True) == 0.0
+  assert metrics.exact_match(None, '18') == 0.0
+
+
+def test_perplexity_and_bits_per_byte():
+  items = [(-10.0, 5), (-6.0, 3)]     # (logprob, count) per document
+  assert metrics.get('perplexity').aggregate(items) == pytest.approx(math.exp(2.0))
+  assert metrics.get('bits_per_byte').aggregate(items) == pytest.approx(2.0 / math.log(2))
+
+
+def test_bootstrap_stderr_is_seeded_and_near_the_binomial_formula():
+  rng = np.random.default_rng(0)
+  items = list((rng.random(400) < 0.3).astype(float))
+  a = metrics.summarize('acc', items, iters=2000, seed=1)
+  b = metrics.summarize('acc', items, iters=2000, seed=1)
+  assert a == b and a['n'] == 400
+  p = np.mean(items)
+  assert a['stderr'] == pytest.approx(math.sqrt(p * (1 - p) / 400), rel=0.1)
+  # the loop path (corpus metrics) agrees with the vectorised mean path on the same draws
+  loop = metrics.bootstrap_stderr(items, lambda xs: float(np.mean(xs)), iters=300, seed=3)
+  assert loop == pytest.approx(metrics.bootstrap_stderr(items, metrics._mean, iters=300, seed=3))
+
+
+def test_unknown_metric():
+  with pytest.raises(KeyError):
+    metrics.get('accuracy_at_5')
+  assert metrics.get('pass@10').kinds == ('generate',)
+
+
+# Sandbox -------------------------------------------------------------------------------------
+FAST = sandbox.Limits(wall_s=2.5, cpu_s=2, memory_mb=512)
+
+
+def test_sandbox_pass_fail_and_isolation():
+  ok, bad, cwd = sandbox.run_programs([
+      'def f(x):\n  return x + 1\nassert f(1) == 2\nprint("fine")',
+      'assert 1 + 1 == 3, "wrong"',
+      'import os, sys\nprint(os.getcwd())\nprint(sorted(k for k in os.environ if "proxy" in k.lower()))\n'
+      'print(sys.flags.isolated)\nprint(sys.stdin is None or sys.stdin.read() == "")'], FAST)
+  assert (ok.status, ok.stdout.strip()) == ('passed', 'fine')
+  assert bad.status == 'failed' and 'AssertionError: wrong' in bad.stderr
+  lines = cwd.stdout.split('\n')
+  assert cwd.status == 'passed' and os.path.basename(lines[0]).startswith('sandbox_')
+  assert lines[1:4] == ['[]', '1', 'True']
+  assert not os.path.exists(lines[0])     # the temporary directory is gone
+
+
+def test_sandbox_infinite_loop_times_out_and_is_killed():
+  t0 = time.perf_counter()
+  r = sandbox.run_program('while True:\n  pass', FAST)
+  assert (r.status, r.reason) == ('timeout', 'wall') and r.returncode == -9
+  assert time.perf_counter() - t0 < FAST.wall_s + 2
+
+
+def test_sandbox_cpu_limit_is_a_timeout():
+  r = sandbox.run_program('while True:\n  pass', sandbox.Limits(wall_s=10, cpu_s=1))
+  assert (r.status, r.reason) == ('timeout', 'cpu')
+
+
+def test_sandbox_memory_hog_is_stopped():
+  r = sandbox.run_program('a = []\nwhile True:\n  a.append(" " * 10**7)', FAST)
+  assert (r.status, r.reason) == ('error', 'memory')
+
+
+def test_sandbox_forks_are_limited_and_killed():
+  # guard on: fork itself is refused inside the program
+  g = sandbox.run_program('import os\nos.fork()', FAST)
+  assert g.status == 'failed' and 'disabled in the evaluation sandbox' in g.stderr
+  # guard off: children pile up (or hit RLIMIT_NPROC); the whole group dies with the program
+  code = ('import os, sys, time\n'
+          'for i in range(40):\n'
+          '  try:\n'
+          '    pid = os.fork()\n'
+          '  except OSError:\n'
+          '    break\n'
+          '  if pid == 0:\n'
+          '    time.sleep(60)\n'
+          '    os._exit(0)\n'
+          '  print(pid, flush=True)\n'
+          'time.sleep(60)\n')
+  r = sandbox.run_program(code, sandbox.Limits(wall_s=2.5, guard=False))
+  assert r.status == 'timeout'
+  pids = [int(p) for p in r.stdout.split()]
+  assert pids
+  time.sleep(0.2)
+  alive = [p for p in pids if os.path.exists(f'/proc/{p}') and 'Z' not in _state(p)]
+  assert not alive
+  # the harness carries on
+  assert sandbox.run_program('print(2)', FAST).status == 'passed'
+
+
+def _state(pid):
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().split(')')[-1].split()[0]
+  except OSError:
+    return 'Z'
+
+
+def test_sandbox_report_is_honest():
+  rep = sandbox.sandbox_report(FAST)
+  assert rep['network_isolated'] is False
+  assert rep['process_limit_enforced'] == (os.geteuid() != 0 or rep['unprivileged_uid'])
