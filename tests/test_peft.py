@@ -1,6 +1,7 @@
 """lm.peft: LoRA, prefix tuning, prompt tuning and adapters against a numpy reference."""
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -161,8 +162,12 @@ def test_lora_starts_at_base_and_equals_merged_weights(name):
                peft.merge(base, adapters, cfg, pcfg), by_hand)
 
 
-def _count(fn, *args, prim='dot_general'):
-  return str(jax.make_jaxpr(fn)(*args)).count(prim)
+def _weight_shaped_matmuls(fn, *args) -> list[tuple[int, ...]]:
+  """Outputs of the program's matmuls that have no token dimension (B * T = 10) and no rank
+  dimension (4): in this model only weight gradients [in, out] have such shapes."""
+  shapes = re.findall(r':f32\[([\d,]+)\] = dot_general', str(jax.make_jaxpr(fn)(*args)))
+  shapes = [tuple(int(n) for n in s.split(',')) for s in shapes]
+  return [s for s in shapes if len(s) == 2 and 10 not in s and 4 not in s]
 
 
 def test_lora_gradients_reach_only_the_adapters():
@@ -180,11 +185,10 @@ def test_lora_gradients_reach_only_the_adapters():
   for ab in jax.tree.leaves(grads['layers'], is_leaf=lambda x: isinstance(x, dict) and 'a' in x):
     assert np.all(np.isfinite(ab['b'])) and float(jnp.abs(ab['b']).max()) > 0
     assert float(jnp.abs(ab['a']).max()) == 0     # dL/dA = x^T dY B^T scale, and B = 0
-  # The frozen weights get no gradient computation at all: the backward pass w.r.t. the
-  # adapters has fewer matmuls than one that also differentiates the base.
-  n_adapters = _count(jax.grad(loss), adapters, base)
-  n_both = _count(jax.grad(loss, argnums=(0, 1)), adapters, base)
-  assert n_adapters < n_both
+  # No weight gradient of the frozen base is ever computed (LoRA's backward saving), which
+  # the same check does see when the base is differentiated too.
+  assert _weight_shaped_matmuls(jax.grad(loss), adapters, base) == []
+  assert (32, 128) in _weight_shaped_matmuls(jax.grad(loss, argnums=(0, 1)), adapters, base)
 
 
 # Prefix tuning --------------------------------------------------------------------------
