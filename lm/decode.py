@@ -124,7 +124,7 @@ def id_mask(ids, cfg: ModelConfig) -> np.ndarray:
   if a.dtype == bool:
     out[:a.shape[0]] = a
   else:
-    if a.size and (a.min() < 0 or a.max() >= cfg.padded_vocab):
+    if a.size and (a.min() < 0 or a.max() >= cfg.vocab_size):
       raise ConfigError(f'Token ids {a.tolist()} fall outside the vocabulary [0, {cfg.vocab_size}).')
     out[a.astype(int)] = True
   return out
@@ -374,6 +374,9 @@ def generate_padded(params, prompt_tokens, prompt_mask, key, cfg: ModelConfig,
   """
   _check_decoder(cfg)
   b = prompt_tokens.shape[0]
+  if mesh is not None and b % sharding.batch_size_divisor(mesh):
+    raise ConfigError(f'A batch of {b} rows does not divide the mesh batch axes '
+                      f'({sharding.batch_size_divisor(mesh)} ways); pad it (generate() does).')
   fn = _jitted('generate', _decode, params, cfg, mesh, (2, 2, 1), 4, _OUT_NDIMS,
                flags=_flags(sampling), n_new=_bucket(sampling.max_new_tokens))
   active = np.ones(b, bool) if active is None else active

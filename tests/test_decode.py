@@ -264,7 +264,7 @@ def test_beam_search_equals_a_list_implementation(k):
   never change the result of searching to the end."""
   params = model.init(TINY, jax.random.key(4))
   prompts = [np.array([1, 2, 3]), np.array([3, 1]), np.array([4, 4, 2, 1])]
-  for alpha in (0.0, 0.8, 2.5):
+  for alpha in (0.0, 1.0, 2.5):   # 1.0: a case where stopping at a wrong bound loses a beam
     beams = decode.beam_search(params, prompts, cfg=TINY, num_beams=k, max_new_tokens=7,
                                length_penalty=alpha, eos_ids=(0,))
     for b, prompt in enumerate(prompts):
