@@ -236,6 +236,61 @@ def pad_rows(token_lists: Sequence[np.ndarray], seq_len: int) -> dict[str, np.nd
   return {'inputs': toks[:, :-1], 'targets': toks[:, 1:], 'weights': valid[:, 1:].astype(np.float32)}
 
 
+class RowBatches:
+  """Global batches of ready-made rows (e.g. packed instruction examples), resumable.
+
+  Epoch e lays out `make_rows(e)` (a pure function of the epoch, e.g. the examples in a
+  seeded permutation packed first fit); the epochs' rows form one stream and global batch
+  i is rows [i*B, (i+1)*B) of it, so batch i is pure in (seed, i) and no row is dropped at
+  an epoch's end. Each process keeps its rows [lo, hi) of every batch.
+  """
+
+  def __init__(self, make_rows, global_batch: int, rows: tuple[int, int] | None = None,
+               start: int = 0):
+    self.make_rows, self.global_batch = make_rows, global_batch
+    self.rows = rows or (0, global_batch)
+    self.batches_drawn = start
+    self._epochs: dict[int, dict[str, np.ndarray]] = {}
+    self._starts = [0]          # first stream row of each epoch computed so far
+
+  def state(self) -> dict:
+    return {'batches_drawn': self.batches_drawn}
+
+  def restore(self, state: dict) -> None:
+    self.batches_drawn = int(state['batches_drawn'])
+
+  def _epoch(self, e: int) -> dict[str, np.ndarray]:
+    if e not in self._epochs:
+      rows = self.make_rows(e)
+      if len(next(iter(rows.values()))) == 0:
+        raise DataError('An epoch of the training data has no rows; add examples.')
+      self._epochs = {k: v for k, v in self._epochs.items() if k >= e - 1}   # keep two
+      self._epochs[e] = rows
+    return self._epochs[e]
+
+  def _locate(self, g: int) -> tuple[int, int]:
+    """(epoch, row within it) of stream row g."""
+    while len(self._starts) <= 1 or self._starts[-1] <= g:
+      e = len(self._starts) - 1
+      self._starts.append(self._starts[-1] + len(next(iter(self._epoch(e).values()))))
+    e = int(np.searchsorted(self._starts, g, side='right')) - 1
+    return e, g - self._starts[e]
+
+  def batch(self, i: int) -> dict[str, np.ndarray]:
+    lo, hi = self.rows
+    where = [self._locate(i * self.global_batch + r) for r in range(lo, hi)]
+    keys = self._epoch(where[0][0]).keys()
+    return {k: np.stack([self._epoch(e)[k][r] for e, r in where]) for k in keys}
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    b = self.batch(self.batches_drawn)
+    self.batches_drawn += 1
+    return b
+
+
 # Global arrays ---------------------------------------------------------------------------
 def local_rows(sharding: jax.sharding.Sharding, global_batch: int, seq_len: int) -> tuple[int, int]:
   """The contiguous range of batch rows held by this process's devices."""

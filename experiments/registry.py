@@ -14,6 +14,7 @@ EXPERIMENTS: dict[str, str] = {
     'scaling_fit': 'experiments.fit:run',
     'ablate_arch': 'experiments.ablate:run',
     'prepare': 'experiments.prepare:run',
+    'sft': 'experiments.sft:run',
 }
 
 
