@@ -15,6 +15,7 @@ EXPERIMENTS: dict[str, str] = {
     'ablate_arch': 'experiments.ablate:run',
     'prepare': 'experiments.prepare:run',
     'sft': 'experiments.sft:run',
+    'aot': 'experiments.aot:run',
 }
 
 
