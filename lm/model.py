@@ -140,30 +140,39 @@ def block(p: dict, x: jax.Array, cfg: ModelConfig, positions, segment_ids, cache
   return sharding.constrain(x, ('batch', 'length', 'embed')), cache, aux
 
 
-def _soft_prompt_inputs(soft, b, t, positions, segment_ids, cache, cache_index, prefix_len):
+def _soft_prompt_inputs(soft, b, t, positions, segment_ids, cache, cache_index, prefix_len,
+                        kv_positions, kv_mask):
   """Prompt tuning (Lester et al. 2021): params['soft_prompt'] [L, d] goes before the token
   embeddings, so real tokens sit at positions L, L+1, ... and see the prompt.
 
   With a KV cache the prompt fills slots 0..L-1 on the prefill call, recognised by a
   concrete cache_index of 0 (pass the Python int 0 under jit); any other call, including
   one with a traced cache_index, is a decode step writing token slot cache_index + L. So
-  the cache needs L extra slots. Returns (prompt, or None when it is already cached,
-  positions, cache_index, prefix_len) in the prompt-shifted coordinates.
+  the cache needs L extra slots (kv_positions / kv_mask describe the token slots only).
+  Returns (prompt, or None when it is already cached, positions, cache_index, prefix_len,
+  kv_positions, kv_mask) in the prompt-shifted coordinates.
   """
   if segment_ids is not None:
     raise ValueError('A soft prompt (prompt tuning) does not support packed segment_ids; '
                      'feed one sequence per row.')
   n = soft.shape[0]
   shift = lambda a: None if a is None else a + n
+  if kv_positions is not None:
+    if cache['k'].shape[2] != n + kv_positions.shape[1]:
+      raise ValueError(f'The KV cache has {cache["k"].shape[2]} slots but the soft prompt needs '
+                       f'{n} besides the {kv_positions.shape[1]} token slots; allocate {n} more.')
+    kv_positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(n), (b, n)), kv_positions + n], 1)
+    if kv_mask is not None:
+      kv_mask = jnp.concatenate([jnp.ones((b, n), bool), kv_mask.astype(bool)], 1)
   prefill = cache is None or (not isinstance(cache_index, jax.core.Tracer)
                               and bool(np.all(np.asarray(cache_index) == 0)))
   if not prefill:
-    return None, shift(positions), cache_index + n, shift(prefix_len)
+    return None, shift(positions), cache_index + n, shift(prefix_len), kv_positions, kv_mask
   if positions is None:
     start = 0 if cache_index is None else cache_index
     positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
   positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(n), (b, n)), positions + n], 1)
-  return soft, positions, cache_index, shift(prefix_len)
+  return soft, positions, cache_index, shift(prefix_len), kv_positions, kv_mask
 
 
 def hidden_states(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
@@ -183,8 +192,8 @@ def hidden_states(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
   b, t = tokens.shape
   soft = params.get('soft_prompt')
   if soft is not None:   # prompt tuning (lm.peft)
-    soft, positions, cache_index, prefix_len = _soft_prompt_inputs(
-        soft, b, t, positions, segment_ids, cache, cache_index, prefix_len)
+    soft, positions, cache_index, prefix_len, kv_positions, kv_mask = _soft_prompt_inputs(
+        soft, b, t, positions, segment_ids, cache, cache_index, prefix_len, kv_positions, kv_mask)
   if positions is None:
     start = 0 if cache_index is None else cache_index
     positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))

@@ -247,6 +247,22 @@ def test_prompt_matches_reference_and_decodes_with_a_cache():
   last, _ = step(params, jnp.asarray(TOKENS[:, 5:]), cache, jnp.int32(5))
   np.testing.assert_allclose(pre[..., :50], full[:, :5], atol=1e-5)
   np.testing.assert_allclose(last[:, 0, :50], full[:, 5], atol=1e-5)
+  # lm.decode's left-padded layout: kv_positions / kv_mask describe the token slots only
+  # (row 1 is left-padded by one), the model adds the prompt's; then one new token
+  toks = jnp.asarray(np.stack([TOKENS[0, :5], np.r_[0, TOKENS[1, :4]]]))
+  mask = jnp.array([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+  pos = jnp.maximum(jnp.cumsum(mask, 1) - 1, 0)
+  kv_pos, kv_mask = jnp.concatenate([pos, mask.sum(1, keepdims=True)], 1), jnp.c_[mask, [1, 1]]
+  run = lambda p, t, ps, c, i: model.hidden_states(p, t, cfg, positions=ps, cache=c, cache_index=i,
+                                                   kv_positions=kv_pos, kv_mask=kv_mask)
+  with pytest.raises(ValueError, match='soft prompt needs 3 besides the 6 token slots'):
+    run(params, toks, pos, {k: v[:, :, :6] for k, v in cache.items()}, 0)
+  h, cache = jax.jit(lambda p, t, ps, c: run(p, t, ps, c, 0))(params, toks, pos, cache)
+  nxt = jnp.asarray(TOKENS[[0, 1], [5, 4]])[:, None]           # row 0: token 5, row 1: token 4
+  h1, _ = jax.jit(run)(params, nxt, mask.sum(1, keepdims=True), cache, jnp.int32(5))
+  logits = model.logits_from_hidden(params, jnp.concatenate([h[:, -1:], h1], 1), cfg)[..., :50]
+  np.testing.assert_allclose(logits[:, 0], full[[0, 1], [4, 3]], atol=1e-5)
+  np.testing.assert_allclose(logits[:, 1], full[[0, 1], [5, 4]], atol=1e-5)
 
 
 # Adapters -------------------------------------------------------------------------------
