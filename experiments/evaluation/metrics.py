@@ -115,7 +115,7 @@ def _ratio_exp(items):
 
 def _bits_per_byte(items):
   lp, n = np.sum(np.asarray(items, np.float64), axis=0)
-  return float(-lp / n / LN2)
+  return float(-lp / n / LN2) + 0.0   # (no -0.0)
 
 
 @dataclasses.dataclass(frozen=True)
