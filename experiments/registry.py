@@ -14,8 +14,10 @@ EXPERIMENTS: dict[str, str] = {
     'scaling_fit': 'experiments.fit:run',
     'ablate_arch': 'experiments.ablate:run',
     'prepare': 'experiments.prepare:run',
+    'evaluate': 'experiments.evaluate:run',
     'sft': 'experiments.sft:run',
     'aot': 'experiments.aot:run',
+    'bench_peft': 'experiments.bench_peft:run',
 }
 
 
