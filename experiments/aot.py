@@ -183,7 +183,7 @@ def suggestions(cfg: ModelConfig, r: dict, usable: float) -> list[str]:
   grads = by['params'] * 4 // jnp.dtype(cfg.param_dtype).itemsize   # f32 gradient accumulator
   out = []
   if state + grads > usable:   # no activation trick helps: split the state over more devices
-    need = math.ceil((state + grads) * r['n_devices'] / usable)
+    need = 2 ** math.ceil(math.log2((state + grads) * r['n_devices'] / usable))   # sizes divide
     out.append(f'params + optimizer state + gradients alone need {_gib(state + grads).strip()} per '
                f'device: spread them over >= {need} devices (mesh.fsdp, mesh.tensor) or use a '
                'bigger accelerator.')
