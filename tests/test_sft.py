@@ -136,7 +136,8 @@ def test_bad_sft_input_is_one_sentence_before_any_work(source, tmp_path):
       (dict(peft={'method': 'lora', 'lora_targets': ('nothing',)}), ConfigError, 'lora_targets'),
       (dict(model={'d_model': 48}), ConfigError, 'conflicts'),
       (dict(data={'source': str(tmp_path / 'missing.jsonl')}), ConfigError, 'neither works'),
-      (dict(data={'seq_len': 4}), ConfigError, 'dropped'),
+      (dict(data={'seq_len': 4096}), ConfigError, 'longer than the model context'),
+      (dict(data={'template': 'alpaca_v2'}), Exception, 'Unknown template'),
   ]
   for i, (overrides, err, match) in enumerate(cases):
     c = sft_config(src, inst)
