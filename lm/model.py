@@ -216,7 +216,7 @@ def hidden_states(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
   # Unrolling lets XLA drop the loop's stacked-residual buffers and their dynamic slices
   # (~10% of a CPU step); scan_unroll=1 keeps compile time flat in depth.
   (x, aux), cache = jax.lax.scan(body, (x, zero_aux), (params['layers'], cache),
-                                 unroll=cfg.scan_unroll or True)
+                                 unroll=cfg.scan_unroll or (True if cfg.n_layers <= 8 and jax.default_backend() == 'cpu' else 1))
   if soft is not None:
     x = x[:, soft.shape[0]:]   # drop the prompt positions: outputs stay [B, T, ...]
   if cfg.has_final_norm:
