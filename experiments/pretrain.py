@@ -134,7 +134,8 @@ def run(config: ConfigDict, workdir: str):
   state = trainer.train(trainer.Run(
       config=config, workdir=workdir, mesh=mesh, state=state, start_step=start, step_fn=step_fn,
       batches=batches, to_global=to_global, evaluate=evaluate, checkpointer=setup.checkpointer,
-      flops_per_token=cfg.flops_per_token(seq_len), tokens_per_step=t.batch_size * seq_len))
+      flops_per_token=cfg.flops_per_token(seq_len), tokens_per_step=t.batch_size * seq_len,
+      meta=setup.meta))
   setup.checkpointer.close()
   if data.is_mixture:
     report = batches.report()

@@ -3,9 +3,14 @@
 Any config value can be overridden (`--config.train.steps=50`); unknown keys fail. On
 several hosts pass --multihost (TPU pods, SLURM: auto-detected) or --coordinator,
 --num_processes and --process_id.
+
+Exit status: 0 done; 1 with one `error: ...` line on stderr for bad input (flags, config,
+corpus, checkpoints) or a run that cannot go on; 128 + N after signal N (143 SIGTERM,
+130 SIGINT), with a checkpoint saved at the step reached: rerun the same command to continue.
 """
 from __future__ import annotations
 
+import ast
 import sys
 
 from absl import app, flags
@@ -28,7 +33,27 @@ def _user_errors():
   from lm.checkpoint import CheckpointError
   from lm.config import ConfigError
   from lm.sharding import ShardingError
-  return (ConfigError, CorpusError, TokenizerError, DataError, ShardingError, CheckpointError)
+  from experiments.trainer import TrainingError
+  return (ConfigError, CorpusError, TokenizerError, DataError, ShardingError, CheckpointError,
+          TrainingError)
+
+
+def parse_flags(argv):
+  """absl's parser, but a bad override (unknown config key, value of the wrong type) is one
+  `error:` sentence rather than a usage dump or an ml_collections traceback."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    text = str(e)
+    try:                       # ml_collections wraps its KeyError's message in quotes
+      text = str(ast.literal_eval(text))
+    except (ValueError, SyntaxError):
+      pass
+    msg = ' '.join(text.split())
+    if isinstance(e, (AttributeError, KeyError)):
+      bad = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
+      msg = f'no such config key {msg} (overrides given: {", ".join(bad)})'
+    sys.exit(f'error: {msg}; the keys and types are those of the --config file.')
 
 
 def main(argv):
@@ -53,4 +78,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

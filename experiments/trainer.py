@@ -6,9 +6,12 @@ point; the first compile happens inside the loop.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -54,6 +57,33 @@ def write_config(config: ConfigDict, workdir: str, extra: dict | None = None) ->
       json.dump({**config.to_dict(), **(extra or {})}, f, indent=2, default=str)
 
 
+# XLA:CPU's collectives deadlock (a rendezvous times out and aborts the process) once
+# about 32 multi-device programs are queued at once, e.g. a whole validation split of eval
+# steps dispatched before any result is read. Keeping at most this many in flight costs
+# nothing on accelerators (the device stays busy) and keeps fake-device meshes alive.
+MAX_INFLIGHT = 8
+
+
+def bounded(results: list, depth: int = MAX_INFLIGHT) -> None:
+  """Wait for the result dispatched `depth` calls ago (no transfer): bounds programs in flight."""
+  if len(results) > depth:
+    jax.block_until_ready(results[-depth - 1])
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (e.g. every update is non-finite); the message says what to try."""
+
+
+class Preempted(SystemExit):
+  """SIGTERM / SIGINT: a checkpoint was saved at the step reached; rerun the same command to
+  continue exactly. The process exits with 128 + the signal number (143 SIGTERM, 130 SIGINT),
+  so a requeue loop (`until python -m experiments.run ...; do :; done`) tells it from success."""
+
+  def __init__(self, step: int, signum: int):
+    super().__init__(128 + signum)
+    self.step, self.signum = step, signum
+
+
 @dataclasses.dataclass
 class Run:
   config: ConfigDict
@@ -68,6 +98,9 @@ class Run:
   checkpointer: ckpt_lib.Checkpointer
   flops_per_token: float
   tokens_per_step: int
+  meta: dict | None = None                 # the restored checkpoint's metadata (counters)
+  # Test hook: (step about to run, local numpy batch) -> batch, e.g. to inject bad batches.
+  transform_batch: Callable[[int, dict], dict] | None = None
 
 
 def restore_or_init(checkpointer, init_state: Callable, abstract, shardings):
@@ -80,67 +113,192 @@ def restore_or_init(checkpointer, init_state: Callable, abstract, shardings):
   return state, step, data_state
 
 
+class _StopSignals:
+  """SIGTERM / SIGINT set a flag the loop reads at the next step boundary; a second one
+  stops at once. Single-process only: several hosts would have to agree on the step."""
+
+  def __init__(self):
+    self.signum, self._old = None, {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+      for s in (signal.SIGTERM, signal.SIGINT):
+        self._old[s] = signal.signal(s, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.signum is not None:
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for s, h in self._old.items():
+      signal.signal(s, h)
+
+
+def _abstract(state):
+  """What a checkpoint of `state` restores into: same shapes, dtypes and shardings."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
 def train(run: Run) -> Any:
   cfg = run.config.train
+  meta = run.meta or {}
+  counts = {'skipped_steps': int(meta.get('skipped_steps', 0)),
+            'spike_restarts': int(meta.get('spike_restarts', 0))}
+  max_skips = cfg.get('max_consecutive_skips', 20)
+  spike_k, spike_w = cfg.get('spike_factor', 0.0), cfg.get('spike_window', 20)
   writer = metrics_lib.MetricsWriter(run.workdir, resume_step=run.start_step or None)
   peak = mfu_lib.peak_flops()
   n_dev = jax.device_count()
   end = cfg.steps if not cfg.stop_after else min(cfg.steps, run.start_step + cfg.stop_after)
   state, step = run.state, run.start_step
+  target = _abstract(state) if spike_k else None   # before the first step donates the state
   pending = None                       # (step, device metrics) published one step late
+  flags = []                           # (step, device 'skipped') not yet read on the host
+  inflight = []                        # device metrics of the last steps, to bound run-ahead
+  consecutive = 0
+  recent = collections.deque(maxlen=spike_w)   # (step, loss) of the last logged steps
+  spike = None                         # the step whose logged loss spiked
   last_t, last_step = time.perf_counter(), step
   bar = tqdm(total=cfg.steps, initial=step, desc='train', unit='step', dynamic_ncols=True,
              disable=jax.process_index() != 0)
 
+  def count_skips(upto: int) -> None:
+    """Read the skip flags of steps <= upto (with metrics already being fetched: no extra
+    sync per step) and stop after max_consecutive_skips non-finite updates in a row."""
+    nonlocal flags, consecutive
+    now = [f for f in flags if f[0] <= upto]
+    flags = [f for f in flags if f[0] > upto]
+    for s, skipped in zip([f[0] for f in now], jax.device_get([f[1] for f in now])):
+      if float(skipped):
+        counts['skipped_steps'] += 1
+        consecutive += 1
+      else:
+        consecutive = 0
+      if max_skips and consecutive >= max_skips:
+        raise TrainingError(
+            f'{consecutive} consecutive steps (up to step {s}) had a non-finite loss or gradient '
+            f'and were skipped; lower optim.lr, raise optim.warmup_steps, check the data, or '
+            f'raise train.max_consecutive_skips.')
+
   def measure(at_step, dev_metrics) -> dict:
     """Host copy of a step's metrics plus throughput since the previous reading."""
     nonlocal last_t, last_step
+    count_skips(at_step)
     m = {k: float(v) for k, v in jax.device_get(dev_metrics).items()}
     now = time.perf_counter()
     tps = (at_step - last_step) * run.tokens_per_step / (now - last_t) if at_step > last_step else None
     last_t, last_step = now, at_step
     m['tokens_per_sec'] = tps
     m['mfu'] = None if tps is None else mfu_lib.mfu(tps, run.flops_per_token, n_dev, peak)
+    m.update(counts)
     return m
 
   def publish(row_step, row):
+    nonlocal spike
     writer.write(row_step, row)
     postfix = {'loss': f"{row['loss']:.4f}"}
     if row.get('tokens_per_sec'):
       postfix['tok/s'] = f"{row['tokens_per_sec']:,.0f}"
       postfix['mfu'] = 'n/a' if row['mfu'] is None else f"{100 * row['mfu']:.1f}%"
     bar.set_postfix(postfix)
+    loss = row['loss']
+    if not spike_k or not np.isfinite(loss):
+      return
+    if len(recent) == spike_w and loss > spike_k * float(np.median([l for _, l in recent])):
+      spike = spike or row_step      # handled at the step boundary below
+    else:
+      recent.append((row_step, loss))
 
-  while step < end:
-    batch = run.to_global(next(run.batches))
-    state, dev_metrics = run.step_fn(state, batch)
-    step += 1
-    bar.update(1)
-    if pending is not None:            # step N-1's numbers are fetched while step N runs
-      publish(pending[0], measure(*pending))
-      pending = None
-    if step == run.start_step + 1:     # keep compile time out of the throughput figures
-      jax.block_until_ready(dev_metrics)
-      last_t, last_step = time.perf_counter(), step
-    is_eval = run.evaluate and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
-    if is_eval:
-      row = measure(step, dev_metrics)
-      row.update(run.evaluate(state.params))
-      publish(step, row)
-      bar.write(f"step {step}: loss {row['loss']:.4f}, val_loss {row['val_loss']:.4f}")
-      last_t = time.perf_counter()     # don't charge evaluation to training throughput
-    elif step % cfg.log_every == 0 or step == end:
-      pending = (step, dev_metrics)
-    if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == end):
-      run.checkpointer.save(step, state, run.batches.state(), {'step': step})
-  if pending is not None:
-    publish(pending[0], measure(*pending))
-  bar.close()
-  run.checkpointer.wait()
-  writer.close()
+  def restart_before_spike():
+    """PaLM's recipe: back to the newest checkpoint before the spike, skipping the batches
+    that led into it (the restored position + spike_skip_batches, default: through the spike)."""
+    nonlocal state, step, pending, flags, inflight, writer, last_t, last_step, spike
+    run.checkpointer.wait()
+    good = [s for s in run.checkpointer.steps() if s < spike]
+    if not good:
+      raise TrainingError(f'The loss spiked at step {spike} (over {spike_k} x the median of the '
+                          f'last {spike_w} logged losses) and no checkpoint precedes it to restart '
+                          'from; checkpoint more often (train.checkpoint_every) or set train.spike_factor=0.')
+    back = good[-1]
+    state, data_state, _ = run.checkpointer.restore(back, target)
+    run.checkpointer.delete_after(back)   # they hold the spiking trajectory
+    run.batches.restore(data_state)
+    n_skip = cfg.get('spike_skip_batches', 0) or spike - back
+    for _ in range(n_skip):
+      next(run.batches)
+    counts['spike_restarts'] += 1
+    bar.write(f'loss spike at step {spike}: restarting from step {back}, skipping {n_skip} batches')
+    writer.close()                      # the restarted steps are logged again
+    writer = metrics_lib.MetricsWriter(run.workdir, resume_step=back)
+    while recent and recent[-1][0] > back:
+      recent.pop()
+    step, pending, flags, inflight, spike = back, None, [], [], None
+    bar.n = back
+    bar.refresh()
+    last_t, last_step = time.perf_counter(), step
+
+  saved = [run.start_step]
+
+  def save(at_step):
+    saved.append(at_step)
+    run.checkpointer.save(at_step, state, run.batches.state(), {'step': at_step, **counts})
+
+  stop = _StopSignals()
+  try:
+    with stop:
+      while step < end:
+        local = next(run.batches)
+        if run.transform_batch is not None:
+          local = run.transform_batch(step + 1, local)
+        state, dev_metrics = run.step_fn(state, run.to_global(local))
+        step += 1
+        bar.update(1)
+        if 'skipped' in dev_metrics:
+          flags.append((step, dev_metrics['skipped']))
+        inflight = inflight[-MAX_INFLIGHT:] + [dev_metrics]
+        bounded(inflight)
+        if pending is not None:          # step N-1's numbers are fetched while step N runs
+          publish(pending[0], measure(*pending))
+          pending = None
+        if step == run.start_step + 1:   # keep compile time out of the throughput figures
+          jax.block_until_ready(dev_metrics)
+          last_t, last_step = time.perf_counter(), step
+        is_eval = run.evaluate and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
+        if is_eval:
+          row = measure(step, dev_metrics)
+          row.update(run.evaluate(state.params))
+          publish(step, row)
+          bar.write(f"step {step}: loss {row['loss']:.4f}, val_loss {row['val_loss']:.4f}")
+          last_t = time.perf_counter()   # don't charge evaluation to training throughput
+        elif step % cfg.log_every == 0 or step == end:
+          pending = (step, dev_metrics)
+        if spike is not None:
+          restart_before_spike()
+          continue
+        if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == end):
+          save(step)
+        if stop.signum is not None:
+          break
+      if pending is not None:
+        publish(pending[0], measure(*pending))
+      count_skips(step)
+    if spike is not None:              # in the very last logged row: reported, not restarted
+      bar.write(f'loss spike at step {spike} (the last logged step); not restarted')
+    if stop.signum is not None and step < end and saved[-1] != step:
+      save(step)                       # preempted: keep the step reached
+  finally:                             # also on errors: finish async writes, flush logs
+    bar.close()
+    run.checkpointer.wait()
+    writer.close()
   if jax.process_index() == 0 and os.path.exists(writer.path):
     metrics_lib.plot_losses(writer.path, os.path.join(run.workdir, 'loss.png'),
                             title=os.path.basename(os.path.abspath(run.workdir)))
+  if stop.signum is not None and step < end:
+    print(f'{signal.Signals(stop.signum).name} received: saved a checkpoint at step {step}; '
+          'rerun the same command to continue.', flush=True)
+    raise Preempted(step, stop.signum)
   return state
 
 
@@ -149,7 +307,10 @@ def eval_fn(eval_step: Callable, batches: list, to_global: Callable) -> Callable
   global_batches = [to_global(b) for b in batches]
 
   def evaluate(params) -> dict:
-    totals = [eval_step(params, b) for b in global_batches]
+    totals = []
+    for b in global_batches:
+      totals.append(eval_step(params, b))
+      bounded(totals)
     loss = sum(float(t[0]) for t in totals)
     weight = sum(float(t[1]) for t in totals)
     out = {'val_loss': loss / max(weight, 1e-9), 'val_tokens': weight}

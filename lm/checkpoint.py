@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -69,8 +70,10 @@ class Checkpointer:
   def restore_or_none(self, abstract_state: Any):
     """Latest readable checkpoint as (step, state, data_state, meta), or None if there are none.
 
-    An unreadable newest checkpoint (e.g. killed mid-write) falls back to the one before,
-    with a warning; if none can be read, raises instead of starting over.
+    An unreadable newest checkpoint (e.g. killed mid-write, a truncated file) falls back to
+    the one before, says so, and is renamed `STEP.unreadable` (kept for inspection, but out
+    of the way of the step that will be saved again); if none can be read, raises instead
+    of starting over.
     """
     steps = self.steps()
     if not steps:
@@ -79,15 +82,46 @@ class Checkpointer:
     for step in reversed(steps):
       try:
         state, data, meta = self.restore(step, abstract_state)
-        if errors:
-          logging.warning('Resumed from step %d; newer checkpoints were unreadable: %s', step, errors)
-        return step, state, data, meta
       except Exception as e:  # orbax raises many types; report them all below
         errors.append(f'step {step}: {type(e).__name__}: {str(e).splitlines()[0][:300]}')
+        continue
+      if errors:
+        moved = self._set_aside([s for s in steps if s > step])
+        msg = (f'Checkpoints newer than step {step} in {self.directory} could not be read '
+               f'({"; ".join(errors)}); resuming from step {step} (moved aside: {moved}).')
+        logging.warning(msg)
+        print('warning: ' + msg, file=sys.stderr, flush=True)
+      return step, state, data, meta
     raise CheckpointError(
         f'Checkpoints exist in {self.directory} (steps {steps}) but none could be read '
         f'({"; ".join(errors)}). Fix or move that directory, or use a new --workdir; '
         'refusing to start from step 0 over them.')
+
+  def _set_aside(self, steps: list[int]) -> list[str]:
+    import jax
+    moved = []
+    for s in steps:
+      src = os.path.join(self.directory, str(s))
+      dst = src + '.unreadable'
+      n = 1
+      while os.path.exists(dst):
+        n += 1
+        dst = f'{src}.unreadable{n}'
+      if jax.process_index() == 0 and os.path.exists(src):
+        os.rename(src, dst)
+      moved.append(os.path.basename(dst))
+    if jax.process_count() > 1:   # every host sees the renamed directory before going on
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices('checkpoint_set_aside')
+    self.manager.reload()
+    return moved
+
+  def delete_after(self, step: int) -> None:
+    """Drop the checkpoints newer than `step` (e.g. a trajectory abandoned after a loss spike)."""
+    self.manager.wait_until_finished()
+    for s in self.steps():
+      if s > step:
+        self.manager.delete(s)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

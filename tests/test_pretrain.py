@@ -1,17 +1,17 @@
 """End to end through the launcher's driver: outputs, exact resume, and bad input at start-up."""
+import dataclasses
 import json
 import os
-import shutil
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from data.sources import CorpusError
-from experiments import pretrain
+from experiments import pretrain, trainer
 from experiments.configs import shakespeare_char
-from lm.checkpoint import CheckpointError
+from lm.checkpoint import Checkpointer, CheckpointError
 from lm.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,19 +51,47 @@ def test_run_writes_everything_and_trains(tiny_corpus, tmp_path):
   assert resolved['vocab_size'] > 30 and resolved['params'] > 0
 
 
-def test_interrupted_then_resumed_run_equals_uninterrupted(tiny_corpus, tmp_path):
+def run_counted(config, workdir, monkeypatch):
+  """pretrain.run, returning the TrainState.step each call of the jitted step started from."""
+  started = []
+  orig = trainer.train
+
+  def counted_train(run):
+    def step_fn(state, batch):
+      started.append(int(state.step))
+      return run.step_fn(state, batch)
+    return orig(dataclasses.replace(run, step_fn=step_fn))
+  with monkeypatch.context() as m:
+    m.setattr(trainer, 'train', counted_train)
+    pretrain.run(config, workdir)
+  return started
+
+
+# masked_lm draws its masks from the per-step rng (next-token loss never reads it), so a
+# resume that restored the params but not the step (rng) would show up in its losses.
+@pytest.mark.parametrize('objective', ['next_token', 'masked_lm'])
+def test_interrupted_then_resumed_run_equals_uninterrupted(tiny_corpus, tmp_path, monkeypatch,
+                                                           capsys, objective):
+  def config(**kw):
+    c = tiny_config(tiny_corpus, samples=0, steps=12, eval_every=6, checkpoint_every=3,
+                    objective=objective, **kw)
+    c.model.causal = objective == 'next_token'
+    return c
   full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
-  pretrain.run(tiny_config(tiny_corpus, samples=0), full)
-  pretrain.run(tiny_config(tiny_corpus, samples=0, stop_after=7), part)   # "killed" after step 7
+  assert run_counted(config(), full, monkeypatch) == list(range(12))
+  assert run_counted(config(stop_after=7), part, monkeypatch) == list(range(7))  # "killed" at 7
   assert max(losses(part)[0]) == 7
-  pretrain.run(tiny_config(tiny_corpus, samples=0), part)                 # resumes from step 7
+  capsys.readouterr()
+  # The second invocation restores step 7 and runs only steps 8..12.
+  assert run_counted(config(), part, monkeypatch) == list(range(7, 12))
+  assert 'resuming at step 7' in capsys.readouterr().out
   a, rows_a = losses(full)
   b, rows_b = losses(part)
-  assert sorted(a) == sorted(b) == list(range(1, 21))
+  assert sorted(a) == sorted(b) == list(range(1, 13))
   np.testing.assert_array_equal([a[s] for s in sorted(a)], [b[s] for s in sorted(b)])
   va = [r['val_loss'] for r in rows_a if 'val_loss' in r]
   vb = [r['val_loss'] for r in rows_b if 'val_loss' in r]
-  assert va == vb
+  assert va == vb and len(va) == 2
 
 
 def test_unreadable_checkpoints_fail_instead_of_restarting(tiny_corpus, tmp_path):
@@ -79,21 +107,25 @@ def test_unreadable_checkpoints_fail_instead_of_restarting(tiny_corpus, tmp_path
   assert os.path.isdir(ckpt)  # nothing already saved was deleted
 
 
-@pytest.mark.parametrize('change,error,match', [
-    (dict(seq_len=64), ConfigError, 'longer than the model context'),
-    (dict(batch_size=6), ConfigError, 'does not divide over the 8 devices'),
-    (dict(grad_accum=3), ConfigError, 'not divisible by train.grad_accum'),
-    (dict(vocab_size=100), ConfigError, 'does not match the tokenizer'),
-    (dict(path='/nonexistent/corpus.txt'), CorpusError, 'does not exist'),
-])
-def test_bad_input_fails_at_startup(tiny_corpus, tmp_path, change, error, match):
-  c = tiny_config(tiny_corpus)
-  for k, v in change.items():
-    section = 'data' if k in ('seq_len', 'path') else 'model' if k == 'vocab_size' else 'train'
-    c[section][k] = v
-  with pytest.raises(error, match=match):
-    pretrain.run(c, str(tmp_path / 'run'))
-  assert not os.path.exists(tmp_path / 'run' / 'checkpoints' / '1')
+def test_8_device_mesh_runs_to_the_end_through_the_launcher(tiny_corpus, tmp_path):
+  """data x fsdp x tensor = 2 x 2 x 2 on fake CPU devices, through the final eval over the
+  whole validation split (~90 batches: XLA:CPU's collectives deadlocked when they were all
+  dispatched at once), the final checkpoint and the samples (beyond the context)."""
+  wd = tmp_path / 'w'
+  r = _cli(f'--workdir={wd}', f'--config.data.path={tiny_corpus}', '--config.train.steps=10',
+           '--config.train.batch_size=8', '--config.train.eval_every=10', '--config.train.eval_batches=0',
+           '--config.train.eval_batch_size=8', '--config.data.seq_len=8', '--config.train.log_every=1',
+           '--config.train.checkpoint_every=5', '--config.train.samples=2', '--config.train.sample_tokens=40',
+           '--config.model.d_model=32', '--config.model.n_layers=2', '--config.model.n_heads=2',
+           '--config.model.max_seq_len=32', '--config.mesh.data=2', '--config.mesh.fsdp=2',
+           '--config.mesh.tensor=2', devices=8)
+  assert r.returncode == 0, r.stderr[-3000:]
+  by_step, rows = losses(str(wd))
+  assert sorted(by_step) == list(range(1, 11))
+  assert [r['step'] for r in rows if 'val_loss' in r] == [10] and rows[-1]['val_tokens'] > 5000
+  assert Checkpointer.steps_in(str(wd / 'checkpoints')) == [5, 10]
+  assert (wd / 'samples.txt').read_text().count('-----') == 1
+  assert json.load(open(wd / 'config.json'))['resolved']['mesh'] == {'data': 2, 'fsdp': 2, 'tensor': 2, 'expert': 1}
 
 
 ARCHITECTURES = {
@@ -130,25 +162,60 @@ def test_bidirectional_model_is_refused_for_next_token_loss(tiny_corpus, tmp_pat
     pretrain.run(c, str(tmp_path / 'run'))
 
 
-def _cli(*args):
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+def _cli(*args, devices=1, timeout=300):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_LOG_COMPILES='1',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}' if devices > 1 else '')
   return subprocess.run([sys.executable, '-m', 'experiments.run',
                          '--config=experiments/configs/shakespeare_char.py', *args],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_cli_rejects_unknown_config_key(tmp_path):
-  r = _cli(f'--workdir={tmp_path}', '--config.train.stepz=5')
-  assert r.returncode != 0 and 'stepz' in r.stderr
+def _fake_checkpoint(workdir):
+  """A step directory orbax lists but cannot read (as a write killed halfway leaves it)."""
+  d = workdir / 'checkpoints' / '5'
+  (d / 'state').mkdir(parents=True)
+  (d / 'state' / 'x').write_bytes(b'garbage')
+  (d / '_CHECKPOINT_METADATA').write_text('{}')
 
 
-def test_cli_bad_input_is_one_sentence_without_traceback(tmp_path):
-  bad = tmp_path / 'latin1.txt'
-  bad.write_bytes('Ünïcödé but latin-1'.encode('latin-1'))
-  r = _cli(f'--workdir={tmp_path / "w"}', f'--config.data.path={bad}')
+def _file(tmp, name, content: bytes) -> str:
+  (tmp / name).write_bytes(content)
+  return str(tmp / name)
+
+
+# case -> (extra flags: a function of tmp_path, what the one error line says, a workdir setup)
+BAD_INPUT = {
+    'unknown_key': (lambda t: ['--config.train.stepz=5'], 'stepz', None),
+    'bad_value': (lambda t: ['--config.train.steps=many'], 'many', None),
+    'missing_corpus': (lambda t: ['--config.data.path=/nonexistent/corpus.txt'], 'does not exist', None),
+    'empty_corpus': (lambda t: [f'--config.data.path={_file(t, "empty.txt", b"")}'], 'empty', None),
+    'non_utf8_corpus': (lambda t: [f'--config.data.path={_file(t, "l1.txt", "Ünïcödé".encode("latin-1"))}'],
+                        'is not valid UTF-8', None),
+    'seq_len_over_context': (lambda t: ['--config.data.seq_len=128'], 'longer than the model context', None),
+    'batch_not_dividing_mesh': (lambda t: ['--config.train.batch_size=6'], 'does not divide over the 8 devices', None),
+    'grad_accum': (lambda t: ['--config.train.grad_accum=3'], 'not divisible by train.grad_accum', None),
+    'vocab_mismatch': (lambda t: ['--config.model.vocab_size=100'], 'does not match the tokenizer', None),
+    'unreadable_checkpoints': (lambda t: [], 'none could be read', _fake_checkpoint),
+    'init_from_not_a_run': (lambda t: [f'--config.init_from={t}'], 'holds no config.json', None),
+}
+
+
+@pytest.mark.parametrize('case', sorted(BAD_INPUT))
+def test_cli_bad_input_is_one_sentence_before_any_compile(tiny_corpus, tmp_path, case):
+  extra, match, setup = BAD_INPUT[case]
+  wd = tmp_path / 'w'
+  if setup:
+    setup(wd)
+  r = _cli(f'--workdir={wd}', f'--config.data.path={tiny_corpus}', '--config.train.batch_size=8',
+           '--config.model.d_model=32', '--config.model.n_layers=1', *extra(tmp_path), devices=8)
   assert r.returncode != 0
-  assert 'Traceback' not in r.stderr
-  assert 'is not valid UTF-8' in r.stderr.strip().splitlines()[-1]
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and match in last, r.stderr[-2000:]
+  assert 'Traceback' not in r.stderr, r.stderr[-2000:]
+  # Nothing of the model was compiled (JAX_LOG_COMPILES names every program), nothing trained.
+  assert not re.search(r'Compiling jit\((step|evaluate|init_state|start)\)', r.stderr)
+  assert not (wd / 'metrics.jsonl').exists()
+  assert Checkpointer.steps_in(str(wd / 'checkpoints')) == ([5] if setup else [])
 
 
 def test_cli_overrides_reach_the_run(tiny_corpus, tmp_path):

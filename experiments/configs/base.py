@@ -46,6 +46,13 @@ def pretrain() -> ConfigDict:
       checkpoint_every=500,
       keep_checkpoints=3,
       stop_after=0,              # stop this invocation after N steps (preemptible slices); 0: run to the end
+      max_consecutive_skips=20,  # stop after this many non-finite updates in a row (each is skipped); 0: never
+      # Loss spikes (PaLM): a logged loss above spike_factor x the median of the last spike_window
+      # logged losses restarts from the newest checkpoint before it and skips spike_skip_batches
+      # batches (0: those from that checkpoint through the spike). spike_factor=0: off.
+      spike_factor=0.0,
+      spike_window=20,
+      spike_skip_batches=0,
       samples=3,                 # printed at the end
       sample_tokens=200,
       sample_prompt='\n',
