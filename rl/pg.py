@@ -1,0 +1,77 @@
+"""Critic-free policy gradients with k samples per prompt: RLOO and GRPO.
+
+Rewards come grouped as [P, k] (k responses to each of P prompts, adjacent in the batch);
+per-token arrays are [P * k, T] in the same order, with a response `mask`.
+
+RLOO (Ahmadian et al. 2024; Kool et al. 2019): REINFORCE with the leave-one-out baseline
+  A_i = r_i - 1/(k-1) sum_{j != i} r_j,   loss = -A_i * log pi(y_i)   (one action per sequence).
+GRPO (Shao et al. 2024, DeepSeekMath eq. 3): group-normalised advantages
+  A_i = (r_i - mean(r)) / (std(r) + eps), broadcast to every token, a PPO-clip ratio objective
+  and a per-token KL to the reference with the k3 estimator; no value model.
+
+Averaging (`level`): 'sequence' averages each response over its tokens, then over responses
+(the GRPO paper: long and short answers weigh the same); 'token' averages over all tokens in
+the batch (DAPO, Yu et al. 2025: long answers weigh more, no length bias per token).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rl.ppo import kl_estimate
+
+LEVELS = ('token', 'sequence')
+
+
+def rloo_advantages(rewards: jax.Array) -> jax.Array:
+  """[P, k] -> [P, k]: r_i minus the mean of the other k - 1 rewards of its group."""
+  k = rewards.shape[-1]
+  if k < 2:
+    raise ValueError('RLOO needs k >= 2 samples per prompt (the baseline leaves one out)')
+  others = (jnp.sum(rewards, axis=-1, keepdims=True) - rewards) / (k - 1)
+  return rewards - others
+
+
+def grpo_advantages(rewards: jax.Array, eps: float = 1e-4, ddof: int = 1) -> jax.Array:
+  """[P, k] -> [P, k]: (r - group mean) / (group std + eps); ddof=1 (sample std) as TRL."""
+  mean = jnp.mean(rewards, axis=-1, keepdims=True)
+  std = jnp.std(rewards, axis=-1, keepdims=True, ddof=ddof)
+  return (rewards - mean) / (std + eps)
+
+
+def _reduce(per_token: jax.Array, mask: jax.Array, level: str):
+  """(sum, weight) under the chosen averaging: token -> (sum over tokens, #tokens);
+  sequence -> (sum over rows of the row's token mean, #rows)."""
+  if level == 'token':
+    return jnp.sum(per_token * mask), jnp.sum(mask)
+  if level == 'sequence':
+    per_row = jnp.sum(per_token * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)
+    return jnp.sum(per_row), jnp.float32(mask.shape[0])
+  raise ValueError(f'unknown level {level!r}; choose one of {LEVELS}')
+
+
+def rloo_loss(logp: jax.Array, advantages: jax.Array, mask: jax.Array):
+  """REINFORCE on whole sequences: -A_i * sum_t log pi(y_i,t). logp/mask [N, T], advantages
+  [N] (rloo_advantages(...).reshape(-1)). Returns (loss_sum, n_sequences, metric sums)."""
+  mask = mask.astype(jnp.float32)
+  seq_logp = jnp.sum(logp * mask, -1)
+  loss = -jax.lax.stop_gradient(advantages) * seq_logp
+  return jnp.sum(loss), jnp.float32(loss.shape[0]), {'advantage': jnp.sum(advantages)}
+
+
+def grpo_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array, advantages: jax.Array,
+              mask: jax.Array, clip_eps: float = 0.2, beta: float = 0.04, level: str = 'sequence'):
+  """GRPO per token: -min(rho A, clip(rho, 1 -+ eps) A) + beta * k3(pi || pi_ref), rho = pi / pi_old.
+  advantages [N] (grpo_advantages(...).reshape(-1)) are shared by all tokens of a response.
+  Returns (loss_sum, weight, metric sums) with the weight set by `level`."""
+  mask = mask.astype(jnp.float32)
+  adv = jax.lax.stop_gradient(advantages)[:, None]
+  ratio = jnp.exp(logp - jax.lax.stop_gradient(old_logp))
+  surrogate = jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv)
+  kl = kl_estimate(logp, jax.lax.stop_gradient(ref_logp), 'k3')
+  per_token = -surrogate + beta * kl
+  total, weight = _reduce(per_token, mask, level)
+  clipped = (jnp.abs(ratio - 1.0) > clip_eps).astype(jnp.float32)
+  metrics = {'kl': _reduce(jax.lax.stop_gradient(kl), mask, level)[0],
+             'clipfrac': _reduce(clipped, mask, level)[0]}
+  return total, weight, metrics
