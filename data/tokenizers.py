@@ -15,8 +15,11 @@ int32 array`, `decode(ids) -> str`, `save(path)`):
 special tokens it lacks (a char vocabulary has no eos; chat role markers), as new ids after
 its vocabulary.
 
-`save(path)` writes a small JSON file naming the kind (plus the model file beside it);
+`save(path)` writes a small JSON file naming the kind (plus the model file beside it); a run
+keeps it as WORKDIR/tokenizer_ref.json (RUN_FILE), not under Hugging Face's name.
 `load(path)` restores any of them, and also accepts a bare `.model` or `tokenizer.json`.
+`export_hf(tok, folder)` writes any of them in Hugging Face's own format (tokenizer.json +
+tokenizer_config.json), so `transformers.AutoTokenizer.from_pretrained(folder)` reads it.
 The embedding table is padded to `padded_vocab_size(n)` rows for even sharding; those
 extra ids are never produced by `encode` and are masked out when sampling.
 """
@@ -244,7 +247,9 @@ class SentencePieceTokenizer:
   def save(self, path: str) -> None:
     """A JSON pointer next to a copy of the .model file, so `load(path)` restores it."""
     target = os.path.splitext(path)[0] + '.model'
-    if os.path.abspath(target) != os.path.abspath(self.model_path):
+    if os.path.dirname(os.path.abspath(self.model_path)) == os.path.dirname(os.path.abspath(path)):
+      target = self.model_path   # already beside the pointer (WORKDIR/tokenizer.model): no copy
+    elif os.path.abspath(target) != os.path.abspath(self.model_path):
       shutil.copyfile(self.model_path, target)
     with open(path, 'w', encoding='utf-8') as f:
       json.dump({'kind': self.kind, 'model': os.path.basename(target)}, f)
@@ -412,6 +417,17 @@ def build_tokenizer(kind: str, texts: Sequence[str], vocab_size: int, prefix: st
 
 build = build_tokenizer  # the name the pretraining driver uses
 
+# A run's tokenizer pointer (what `save` writes) in its workdir. Not Hugging Face's tokenizer.json,
+# a different format that `export_hf` writes; workdirs from before the rename used that name.
+RUN_FILE = 'tokenizer_ref.json'
+OLD_RUN_FILE = 'tokenizer.json'
+
+
+def run_file(workdir: str) -> str:
+  """A workdir's tokenizer pointer: RUN_FILE, or the old tokenizer.json where only that exists."""
+  new, old = os.path.join(workdir, RUN_FILE), os.path.join(workdir, OLD_RUN_FILE)
+  return old if not os.path.exists(new) and os.path.exists(old) else new
+
 
 def load(path: str):
   """Any tokenizer from disk: a pointer written by `save`, a SentencePiece `.model`, or a
@@ -460,3 +476,77 @@ def bytes_per_token(tokenizer, texts: Iterable[str]) -> float:
     n_bytes += len(t.encode('utf-8'))
     n_tokens += len(tokenizer.encode(t))
   return n_bytes / max(n_tokens, 1)
+
+
+# Hugging Face export ---------------------------------------------------------------------------
+def to_hf(tokenizer):
+  """A `tokenizers.Tokenizer` giving the same ids as `tokenizer` for any text it encodes, and the
+  same text back; special tokens (control pieces, added ones) are special there too, same ids."""
+  hf = importlib.import_module('tokenizers')
+  base, added = tokenizer, []
+  if isinstance(tokenizer, WithSpecialTokens):
+    base, added = tokenizer.base, [special_piece(n) for n in tokenizer.added]
+  specials = []
+  if isinstance(base, CharTokenizer):
+    # one word per character; no unk: like ours, an unknown character is an error
+    tk = hf.Tokenizer(hf.models.WordLevel({c: i for i, c in enumerate(base.chars)}))
+    tk.pre_tokenizer = hf.pre_tokenizers.Split(hf.Regex(r'[\s\S]'), 'isolated')
+    tk.decoder = hf.decoders.Fuse()
+  elif isinstance(base, SentencePieceTokenizer):
+    tk, specials = _spm_to_hf(base.model_path)
+  elif isinstance(base, HFTokenizer):
+    tk = hf.Tokenizer.from_file(base.path)
+  else:
+    raise TokenizerError(f'Cannot export a {type(base).__name__} to Hugging Face format.')
+  tk.add_special_tokens([hf.AddedToken(p, special=True, normalized=False) for p in specials])
+  for i, piece in enumerate(added):
+    want = base.vocab_size + i
+    tk.add_special_tokens([hf.AddedToken(piece, special=True, normalized=False)])
+    if tk.token_to_id(piece) != want:  # the spelling is already an ordinary token
+      raise TokenizerError(f'The added special token {piece!r} would get id {tk.token_to_id(piece)} '
+                           f'in Hugging Face format instead of {want}; it clashes with the vocabulary.')
+  return tk
+
+
+def _spm_to_hf(model_path: str):
+  """(tokenizers.Tokenizer, control pieces) for a SentencePiece .model, built by transformers'
+  converter, which follows the model's own normalizer and piece scores (BPE merges by score)."""
+  from sentencepiece import sentencepiece_model_pb2
+  try:
+    from transformers.convert_slow_tokenizer import SpmConverter
+    build = SpmConverter.build_tokenizer_from_spm_proto
+  except (ImportError, AttributeError):
+    raise TokenizerError('Exporting a SentencePiece tokenizer needs transformers >= 5 '
+                         '(pip install -U transformers).') from None
+  proto = sentencepiece_model_pb2.ModelProto()
+  with open(model_path, 'rb') as f:
+    proto.ParseFromString(f.read())
+  pieces = [(p.piece, p.score) for p in proto.pieces]
+  kind = proto.trainer_spec.model_type   # 1 unigram, 2 bpe
+  if kind == proto.trainer_spec.BPE:
+    vocab = {p: i for i, (p, _) in enumerate(pieces)}
+  elif kind == proto.trainer_spec.UNIGRAM:
+    vocab = pieces
+  else:
+    raise TokenizerError(f'{model_path} is a {proto.trainer_spec.ModelType.Name(kind)} SentencePiece '
+                         'model; only bpe and unigram ones can be exported.')
+  tk = build(proto, vocab, legacy=True)   # legacy: the dummy prefix exactly as SentencePiece adds it
+  control = [p.piece for p in proto.pieces
+             if p.type in (proto.SentencePiece.CONTROL, proto.SentencePiece.UNKNOWN)]
+  return tk, control
+
+
+def export_hf(tokenizer, folder: str) -> str:
+  """Write `tokenizer` as a Hugging Face tokenizer (tokenizer.json, tokenizer_config.json, ...)
+  in `folder`, so `transformers.AutoTokenizer.from_pretrained(folder)` loads it offline."""
+  from transformers import PreTrainedTokenizerFast
+  tk = to_hf(tokenizer)
+  names = {f'{n}_token': tk.id_to_token(i) for n, i in tokenizer.special_ids.items()
+           if n in ('pad', 'bos', 'eos', 'unk')}
+  # No cleanup: it would delete spaces before punctuation, and decode must give the text back.
+  # split_special_tokens: like ours, text spelling '<|response|>' is ordinary pieces, never the id.
+  fast = PreTrainedTokenizerFast(tokenizer_object=tk, clean_up_tokenization_spaces=False,
+                                 split_special_tokens=True, **names)
+  os.makedirs(folder, exist_ok=True)
+  fast.save_pretrained(folder)
+  return folder

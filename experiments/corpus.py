@@ -78,7 +78,7 @@ def load(config: ConfigDict, workdir: str, tokenizer=None) -> Corpus:
   if tokenizer is not None:
     tok = tokenizer
     if jax.process_index() == 0:
-      tok.save(os.path.join(workdir, 'tokenizer.json'))
+      tok.save(os.path.join(workdir, tokenizers.RUN_FILE))
   else:
     tok = trainer.process_zero_first(lambda: make_tokenizer(config, workdir, train_docs, all_docs),
                                      'build tokenizer')
@@ -90,9 +90,9 @@ def load(config: ConfigDict, workdir: str, tokenizer=None) -> Corpus:
 
 
 def make_tokenizer(config: ConfigDict, workdir: str, train_docs: list[str], all_docs: list[str]):
-  """The run's tokenizer, built once and then reused from WORKDIR/tokenizer.json."""
+  """The run's tokenizer, built once and then reused from WORKDIR/tokenizer_ref.json."""
   d = config.data
-  path = os.path.join(workdir, 'tokenizer.json')
+  path = tokenizers.run_file(workdir)  # or a pre-rename workdir's tokenizer.json
   if os.path.exists(path):  # a resumed run (or another host) keeps this vocabulary
     return tokenizers.load(path)
   if d.tokenizer not in tokenizers.TOKENIZER_KINDS:  # a file: e.g. the prepare experiment's

@@ -8,14 +8,14 @@ Steps (each with a progress bar), all written to the workdir:
      skips (data/sources.py);
   2. data/clean.py's pipeline with its per-step report. The perplexity step scores documents
      with a trained run of ours (`clean.perplexity.workdir`) and drops the worst fraction;
-  3. a tokenizer trained on the cleaned documents (tokenizer.json, + tokenizer.model for
+  3. a tokenizer trained on the cleaned documents (tokenizer_ref.json, + tokenizer.model for
      SentencePiece);
   4. every cleaned document tokenized (token count, bytes per token, MB/s);
   5. documents.jsonl (the cleaned documents) and report.json / report.txt: documents in/out
      per step, what each removed, duplicate rate, tokens, bytes per token.
 
 Pretraining then reads the result with two values:
-  --config.data.path=WORKDIR/documents.jsonl --config.data.tokenizer=WORKDIR/tokenizer.json
+  --config.data.path=WORKDIR/documents.jsonl --config.data.tokenizer=WORKDIR/tokenizer_ref.json
 """
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ def run(config: ConfigDict, workdir: str):
   t = config.tokenizer
   t2 = time.time()
   tok = tokenizers.build_tokenizer(t.kind, cleaned, t.vocab_size, os.path.join(workdir, 'tokenizer'))
-  tok.save(os.path.join(workdir, 'tokenizer.json'))
+  tok.save(os.path.join(workdir, tokenizers.RUN_FILE))
   train_s = time.time() - t2
   # 4. Tokens.
   t3 = time.time()

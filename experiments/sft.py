@@ -79,7 +79,7 @@ def run(config: ConfigDict, workdir: str):
   trainer.check_batch(config, mesh)
   check_resume_source(workdir, source)
   if jax.process_index() == 0:
-    tok.save(os.path.join(workdir, 'tokenizer.json'))
+    tok.save(os.path.join(workdir, tokenizers.RUN_FILE))
 
   # 2. Trainable and frozen trees, sharded by the rules table.
   base_axes = model.logical_axes(cfg)

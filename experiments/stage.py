@@ -1,6 +1,6 @@
 """What every stage shares: where its weights come from (`init_from`), and its sharded setup.
 
-A stage's output is its workdir (config.json, tokenizer.json, checkpoints/). The next stage
+A stage's output is its workdir (config.json, tokenizer_ref.json, checkpoints/). The next stage
 names it with `config.init_from = DIR` (or `hf:PATH`, a local Hugging Face checkpoint):
 
   source = read_source(config.init_from)     # config, ModelConfig, tokenizer, step: no weights
@@ -110,7 +110,7 @@ def read_source(init_from: str) -> Source:
   except (ValueError, KeyError, AttributeError) as e:
     raise ConfigError(f'{cfg_path} is not a readable run config ({type(e).__name__}: {e}); point '
                       'init_from at the --workdir of a run of this codebase.') from None
-  tokenizer = tokenizers.load(os.path.join(path, 'tokenizer.json'))
+  tokenizer = tokenizers.load(tokenizers.run_file(path))
   return Source('run', path, cfg, tokenizer, config, steps[-1], _hash(saved))
 
 

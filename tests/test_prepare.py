@@ -65,14 +65,14 @@ def test_prepare_cleans_reports_and_feeds_pretraining(sources_dir, tmp_path):
   assert not any(sources_dir['eval_passage'] in d for d in docs)
   assert any('<EMAIL>' in d for d in docs) and not any('juliet.capulet@' in d for d in docs)
   assert not any(d.startswith('Le petit prince') for d in docs)   # quality or language removed it
-  tok = tokenizers.load(os.path.join(wd, 'tokenizer.json'))
+  tok = tokenizers.load(os.path.join(wd, 'tokenizer_ref.json'))
   assert tok.decode(tok.encode(docs[0])) == docs[0]
   assert report['tokens'] == sum(len(tok.encode(d)) for d in docs)
   assert open(os.path.join(wd, 'report.txt')).read().count('\n') >= len(chain) + 3
   # Pretraining reads the prepared documents and vocabulary with two values.
   c = tiny_config(os.path.join(wd, 'documents.jsonl'), steps=4, eval_every=4, checkpoint_every=4,
                   samples=0)
-  c.data.tokenizer = os.path.join(wd, 'tokenizer.json')
+  c.data.tokenizer = os.path.join(wd, 'tokenizer_ref.json')
   c.data.val_fraction = 0.2
   pretrain.run(c, str(tmp_path / 'pt'))
   resolved = json.load(open(tmp_path / 'pt' / 'config.json'))['resolved']

@@ -37,7 +37,7 @@ def losses(workdir):
 def test_run_writes_everything_and_trains(tiny_corpus, tmp_path):
   wd = str(tmp_path / 'run')
   pretrain.run(tiny_config(tiny_corpus), wd)
-  for name in ('config.json', 'metrics.jsonl', 'loss.png', 'samples.txt', 'tokenizer.json'):
+  for name in ('config.json', 'metrics.jsonl', 'loss.png', 'samples.txt', 'tokenizer_ref.json'):
     assert os.path.getsize(os.path.join(wd, name)) > 0, name
   assert any(f.startswith('events') for f in os.listdir(os.path.join(wd, 'tensorboard')))
   assert sorted(int(s) for s in os.listdir(os.path.join(wd, 'checkpoints')) if s.isdigit())[-1] == 20

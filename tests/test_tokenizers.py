@@ -127,10 +127,10 @@ def test_bytes_per_token_on_the_complete_works(works, tmp_path, capsys):
 
 def test_save_load_and_bare_model_file(trained, tmp_path):
   tok = trained['unigram']
-  tok.save(str(tmp_path / 'tokenizer.json'))
-  assert json.load(open(tmp_path / 'tokenizer.json'))['kind'] == 'sentencepiece'
-  assert (tmp_path / 'tokenizer.model').exists()
-  for path in (tmp_path / 'tokenizer.json', tmp_path / 'tokenizer.model'):
+  tok.save(str(tmp_path / 'tokenizer_ref.json'))
+  assert json.load(open(tmp_path / 'tokenizer_ref.json'))['kind'] == 'sentencepiece'
+  assert (tmp_path / 'tokenizer_ref.model').exists()
+  for path in (tmp_path / 'tokenizer_ref.json', tmp_path / 'tokenizer_ref.model'):
     again = tokenizers.load(str(path))
     assert again.vocab_size == tok.vocab_size
     np.testing.assert_array_equal(again.encode(ODD[1] + ODD[0]), tok.encode(ODD[1] + ODD[0]))
@@ -198,5 +198,5 @@ def test_pretraining_switches_to_bpe_with_one_config_value(tiny_corpus, tmp_path
   resolved = json.load(open(os.path.join(wd, 'config.json')))['resolved']
   assert resolved['vocab_size'] == 512
   assert resolved['train_tokens'] < 0.7 * 54000   # subword tokens, not characters
-  assert tokenizers.load(os.path.join(wd, 'tokenizer.json')).vocab_size == 512
+  assert tokenizers.load(os.path.join(wd, 'tokenizer_ref.json')).vocab_size == 512
   assert os.path.getsize(os.path.join(wd, 'samples.txt')) > 0

@@ -11,7 +11,7 @@ python -m experiments.run --config=experiments/configs/prepare_works.py --workdi
 
 then pretrain on the result:
 python -m experiments.run --config=experiments/configs/shakespeare_works.py --workdir=runs/works_bpe \
-  --config.data.path=runs/prepare/documents.jsonl --config.data.tokenizer=runs/prepare/tokenizer.json
+  --config.data.path=runs/prepare/documents.jsonl --config.data.tokenizer=runs/prepare/tokenizer_ref.json
 
 The perplexity filter scores documents with one of our trained models:
   --config.clean.perplexity.enabled=True --config.clean.perplexity.workdir=runs/works
