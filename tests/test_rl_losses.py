@@ -32,6 +32,9 @@ def test_dpo_by_hand():
   assert float(met['rewards/rejected']) == pytest.approx(0.5 * -1 + 0.5 * 2)
   assert float(met['rewards/margin']) == pytest.approx(1.0 - 0.5)
   assert float(met['rewards/accuracy']) == 1.0
+  # only pair 0 is ranked correctly (its chosen reward .5 > -.5); pair 1 is not (.5 < 1)
+  _, _, met0 = preference.dpo_loss(*[a[:1] for a in _pref_args()], beta=0.5)
+  assert float(met0['rewards/accuracy']) == 1.0
 
 
 def test_cdpo_label_smoothing_by_hand():
