@@ -16,6 +16,7 @@ EXPERIMENTS: dict[str, str] = {
     'prepare': 'experiments.prepare:run',
     'evaluate': 'experiments.evaluate:run',
     'sft': 'experiments.sft:run',
+    'reward': 'experiments.reward:run',
     'aot': 'experiments.aot:run',
     'bench_peft': 'experiments.bench_peft:run',
 }

@@ -1,0 +1,145 @@
+"""Held-out evaluation of a reward model beside two trivial baselines, and its normaliser.
+
+  reward model      accuracy, loss, mean margin and accuracy by |margin| bucket on held-out pairs
+  longer wins       the longer response (in characters) is preferred; equal lengths score 1/2
+  bag of words      L2-regularised logistic regression on word counts of (winner - loser),
+                    fitted on the training pairs (no bias: swapping a pair flips the sign)
+
+Every pair (w, l) of a group with rank_w < rank_l is one comparison (K = 2: chosen, rejected).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+
+import jax
+import numpy as np
+import scipy.optimize
+import scipy.sparse
+
+BUCKETS = (0.0, 0.25, 0.5, 1.0, 2.0, float('inf'))   # |margin| edges for the calibration table
+WORD = re.compile(r"[a-z0-9']+")
+
+
+def pair_index(ranks: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(group, winner slot, loser slot) of every ordered pair; ties form none."""
+  better = (ranks[:, :, None] < ranks[:, None, :]) & (valid[:, :, None] > 0) & (valid[:, None, :] > 0)
+  return np.nonzero(better)
+
+
+def record_pairs(records: list[dict]) -> list[tuple[str, str]]:
+  """(winner text, loser text) of every pair of raw records, in pair_index's order."""
+  out = []
+  for r in records:
+    for i, ri in enumerate(r['ranks']):
+      for j, rj in enumerate(r['ranks']):
+        if ri < rj:
+          out.append((r['responses'][i], r['responses'][j]))
+  return out
+
+
+def pair_metrics(diff: np.ndarray, margin: float = 0.0) -> dict:
+  """Accuracy (ties 1/2), loss, mean margin and calibration of score differences r_w - r_l."""
+  diff = np.asarray(diff, np.float64)
+  acc = (diff > 0) + 0.5 * (diff == 0)
+  out = {'pairs': int(diff.size), 'accuracy': float(acc.mean()),
+         'loss': float(np.mean(np.logaddexp(0.0, -(diff - margin)))),
+         'mean_margin': float(diff.mean()), 'calibration': []}
+  for lo, hi in zip(BUCKETS[:-1], BUCKETS[1:]):
+    sel = (np.abs(diff) >= lo) & (np.abs(diff) < hi)
+    out['calibration'].append({'abs_margin': [lo, hi], 'pairs': int(sel.sum()),
+                               'accuracy': float(acc[sel].mean()) if sel.any() else None})
+  return out
+
+
+def longer_wins(pairs: list[tuple[str, str]]) -> dict:
+  """Accuracy of 'the longer response is better' (equal lengths: a coin flip, 1/2)."""
+  acc = [1.0 if len(w) > len(l) else 0.5 if len(w) == len(l) else 0.0 for w, l in pairs]
+  return {'pairs': len(acc), 'accuracy': float(np.mean(acc)) if acc else None}
+
+
+def words(text: str) -> list[str]:
+  return WORD.findall(text.lower())
+
+
+class BagOfWords:
+  """Logistic regression p(w beats l) = sigmoid(theta . (bow(w) - bow(l))), L2 penalty l2/2."""
+
+  def __init__(self, max_words: int = 5000, l2: float = 1.0):
+    self.max_words, self.l2 = max_words, l2
+
+  def features(self, pairs):
+    rows, cols, vals = [], [], []
+    for i, (w, l) in enumerate(pairs):
+      c = collections.Counter(x for x in words(w) if x in self.vocab)
+      c.subtract(x for x in words(l) if x in self.vocab)
+      for word, n in c.items():
+        if n:
+          rows.append(i), cols.append(self.vocab[word]), vals.append(n)
+    return scipy.sparse.csr_matrix((vals, (rows, cols)), shape=(len(pairs), len(self.vocab)))
+
+  def fit(self, pairs) -> 'BagOfWords':
+    counts = collections.Counter(x for p in pairs for t in p for x in words(t))
+    self.vocab = {w: i for i, (w, _) in enumerate(counts.most_common(self.max_words))}
+    x = self.features(pairs)
+
+    def f(theta):
+      z = x @ theta
+      loss = np.logaddexp(0.0, -z).sum() + 0.5 * self.l2 * theta @ theta
+      grad = -(x.T @ (1.0 / (1.0 + np.exp(z)))) + self.l2 * theta   # d/dz log(1+e^-z) = -sigmoid(-z)
+      return loss, grad
+    res = scipy.optimize.minimize(f, np.zeros(len(self.vocab)), jac=True, method='L-BFGS-B')
+    self.theta = res.x
+    return self
+
+  def evaluate(self, pairs) -> dict:
+    if not pairs:
+      return {'pairs': 0, 'accuracy': None}
+    z = self.features(pairs) @ self.theta
+    return {'pairs': len(pairs), 'accuracy': float(np.mean((z > 0) + 0.5 * (z == 0))),
+            'loss': float(np.mean(np.logaddexp(0.0, -z)))}
+
+
+def chunks(arrays: dict, b: int):
+  """Groups in batches of b; the last one padded with empty (valid 0, length 0) groups."""
+  n = len(arrays['ranks'])
+  for i in range(0, n, b):
+    chunk = {k: v[i:i + b] for k, v in arrays.items()}
+    pad = b - len(chunk['ranks'])
+    if pad:
+      chunk = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in chunk.items()}
+    yield chunk, b - pad
+
+
+def scores(score_fn, arrays: dict, b: int) -> np.ndarray:
+  """[N, K] scores of every group (score_fn: local batch -> [b, K] host array)."""
+  if not len(arrays['ranks']):
+    return np.zeros((0, arrays['ranks'].shape[1]), np.float32)
+  return np.concatenate([np.asarray(score_fn(c))[:n] for c, n in chunks(arrays, b)])
+
+
+def table(results: dict) -> str:
+  rm, lw, bow = results['reward_model'], results['longer_wins'], results['bag_of_words']
+  f = lambda v: '' if v is None else f'{v:.3f}'
+  lines = [f"held-out pairs: {rm['pairs']}",
+           f"{'':<24}{'accuracy':>10}{'loss':>10}{'margin':>10}",
+           f"{'reward model':<24}{f(rm['accuracy']):>10}{f(rm['loss']):>10}{f(rm['mean_margin']):>10}",
+           f"{'longer response wins':<24}{f(lw['accuracy']):>10}",
+           f"{'bag-of-words logreg':<24}{f(bow['accuracy']):>10}{f(bow.get('loss')):>10}",
+           'reward model accuracy by |margin|:']
+  for c in rm['calibration']:
+    lo, hi = c['abs_margin']
+    lines.append(f"{f'  [{lo:g}, {hi:g})':<24}{f(c['accuracy']):>10}{c['pairs']:>10} pairs")
+  return '\n'.join(lines)
+
+
+def write(workdir: str, results: dict) -> None:
+  text = table(results)
+  print(text)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'eval.json'), 'w') as fh:
+      json.dump(results, fh, indent=2)
+    with open(os.path.join(workdir, 'eval.txt'), 'w') as fh:
+      fh.write(text + '\n')
