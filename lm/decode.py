@@ -277,7 +277,9 @@ def _decode(params, prompt_tokens, prompt_mask, active, key, knobs, ban, eos, *,
   b, p = prompt_tokens.shape
   pad = knobs['pad']
   positions, lengths, kv_pos, kv_mask = _cache_layout(prompt_mask, n_new)
-  cache = init_cache(cfg, b, p + n_new)
+  # A prompt-tuned model (lm/peft) writes its soft prompt into the first cache slots too.
+  soft = params['soft_prompt'].shape[0] if 'soft_prompt' in params else 0
+  cache = init_cache(cfg, b, soft + p + n_new)
   logits, cache = _step_logits(params, prompt_tokens, positions, cache, 0, kv_pos, kv_mask, cfg)
   use_penalty = flags[4]
   # Tokens the repetition penalty applies to: every real prompt token, then each new one.
@@ -463,7 +465,9 @@ def _beam_search(params, prompt_tokens, prompt_mask, ban, eos, alpha, *, cfg, nu
   b, p = prompt_tokens.shape
   k, v = num_beams, cfg.padded_vocab
   positions, lengths, kv_pos, kv_mask = _cache_layout(prompt_mask, n_new)
-  cache = init_cache(cfg, b, p + n_new)
+  # A prompt-tuned model (lm/peft) writes its soft prompt into the first cache slots too.
+  soft = params['soft_prompt'].shape[0] if 'soft_prompt' in params else 0
+  cache = init_cache(cfg, b, soft + p + n_new)
   logits, cache = _step_logits(params, prompt_tokens, positions, cache, 0, kv_pos, kv_mask, cfg)
   # Prefill once per prompt, then give every beam its own copy of the rows: [B * K, ...].
   rep = lambda x, axis=0: jnp.repeat(x, k, axis=axis)

@@ -316,3 +316,23 @@ def test_legacy_sample_within_and_beyond_the_context(params):
   np.testing.assert_array_equal(out, np.concatenate([prompt, gen.tokens], 1))
   long = decode.sample(params, prompt, jax.random.key(0), CFG, 60, temperature=1.0, top_k=5)
   assert long.shape == (2, 67) and (np.asarray(long) < CFG.vocab_size).all()   # a sliding window
+
+
+def test_prompt_tuned_model_decodes_like_its_forward_pass(params):
+  """A soft prompt (lm/peft prompt tuning) occupies cache slots of its own: greedy decoding
+  equals the argmax of a teacher-forced pass of the same prompt-tuned model."""
+  from lm import peft
+  pcfg = peft.PeftConfig(method='prompt', prompt_length=5)
+  adapters = peft.init(CFG, pcfg, jax.random.key(3), base_params=params)
+  tuned = peft.combine(params, adapters, CFG, pcfg)
+  prompt = np.array([5, 9, 2, 17, 30, 8], np.int32)
+  s = decode.SamplingConfig(temperature=0.0, max_new_tokens=8)
+  gen = decode.generate(tuned, [prompt], jax.random.key(0), cfg=CFG, sampling=s)
+  new = np.asarray(gen.tokens[0])
+  logits, _ = model.forward(tuned, jnp.asarray(np.concatenate([prompt, new])[None]), CFG)
+  logits = np.asarray(logits[0, len(prompt) - 1:-1], np.float64)
+  np.testing.assert_array_equal(new, logits.argmax(-1))
+  ref = np.take_along_axis(log_softmax(logits), new[:, None], -1)[:, 0]
+  np.testing.assert_allclose(np.asarray(gen.raw_logprobs[0]), ref, atol=1e-5)
+  plain = decode.generate(params, [prompt], jax.random.key(0), cfg=CFG, sampling=s)
+  assert not np.array_equal(np.asarray(plain.raw_logprobs), np.asarray(gen.raw_logprobs))
