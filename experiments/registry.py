@@ -19,6 +19,7 @@ EXPERIMENTS: dict[str, str] = {
     'reward': 'experiments.reward:run',
     'aot': 'experiments.aot:run',
     'bench_peft': 'experiments.bench_peft:run',
+    'export': 'experiments.export:run',
 }
 
 

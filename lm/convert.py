@@ -287,7 +287,7 @@ def export_hf(params: dict, cfg: ModelConfig, path: str) -> str:
   return path
 
 
-def _get(params, tree_path, layer):
+def _get_leaf(params, tree_path, layer):
   node = params
   for k in tree_path:
     node = node[k]
@@ -297,6 +297,17 @@ def _get(params, tree_path, layer):
 def _inverse_fns(cfg: ModelConfig, kind: str) -> Callable:
   d, v = cfg.d_model, cfg.vocab_size
   names = _name_map(cfg, kind)
+  # A model without biases (use_bias=False, nanoGPT's default) exports zeros where GPT-2 has them.
+  bias_shapes = {'bias': (d,), 'bq': (cfg.n_heads, cfg.head_dim), 'bk': (cfg.n_heads, cfg.head_dim),
+                 'bv': (cfg.n_heads, cfg.head_dim), 'bo': (d,), 'bi': (cfg.ff_dim,)}
+
+  def _get(params, tree_path, layer):
+    try:
+      return _get_leaf(params, tree_path, layer)
+    except KeyError:
+      if tree_path[-1] not in bias_shapes:
+        raise
+      return np.zeros(bias_shapes[tree_path[-1]], np.float32)
 
   def inverse(hf_name: str, params: dict, layer):
     if kind == 'gpt2':

@@ -1,0 +1,120 @@
+"""Export a finished run as a Hugging Face GPT-2 or LLaMA folder: weights and tokenizer.
+
+  python -m experiments.run --config=experiments/configs/export.py --workdir=/tmp/export \\
+    --config.init_from=/tmp/sft --config.out=/tmp/hf_model
+
+init_from is a pretraining or SFT workdir. A full run's params are exported as they are; a LoRA
+SFT run's checkpoints hold only the adapters, so its base (config.json 'source') is restored
+and the adapters are folded in (peft.merge). The folder then loads offline with
+`AutoModelForCausalLM.from_pretrained(out)` and `AutoTokenizer.from_pretrained(out)`, and the
+tokenizer gives the same ids as the run's own (data.tokenizers.export_hf).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+from ml_collections import ConfigDict
+
+from data import tokenizers
+from experiments import stage
+from lm import checkpoint as ckpt_lib
+from lm import convert, peft, sharding, train as train_lib
+from lm.config import ConfigError
+
+
+def _run_config(workdir: str) -> dict:
+  path = os.path.join(os.path.expanduser(workdir), 'config.json')
+  if not os.path.exists(path):
+    raise ConfigError(f'init_from={workdir} holds no config.json; point it at the --workdir of a '
+                      'finished pretraining or SFT run.')
+  with open(path) as f:
+    return json.load(f)
+
+
+def _check_exportable(cfg) -> None:
+  """Refuse, before loading any weights, a model the GPT-2/LLaMA layout cannot hold."""
+  convert.config_to_hf(cfg)  # learned+LayerNorm or RoPE+RMSNorm+SwiGLU, else a ConfigError
+  gpt2 = cfg.positions == 'learned'
+  # fields whose non-default values change the network in ways neither architecture has
+  want = {'arch': 'decoder', 'causal': True, 'moe_experts': 0, 'norm_position': 'pre',
+          'embed_norm': False, 'scale_embeddings': False, 'parallel_block': False,
+          'scale_attention': True}
+  if not gpt2:   # LLaMA has no biases; GPT-2's are written as zeros where ours has none
+    want['use_bias'] = False
+  else:
+    want.update(tie_embeddings=True, n_kv_heads=cfg.n_heads, d_head=cfg.d_model // cfg.n_heads)
+  bad = {k: getattr(cfg, k) for k, v in want.items()
+         if getattr(cfg, k) != v and not (k in ('n_kv_heads', 'd_head') and getattr(cfg, k) == 0)}
+  if bad:
+    raise ConfigError(f'This model cannot be exported as a plain {"GPT-2" if gpt2 else "LLaMA"}: '
+                      f'{", ".join(f"{k}={v!r}" for k, v in bad.items())} has no counterpart there.')
+
+
+def load_merged(init_from: str, mesh):
+  """(ModelConfig, tokenizer, plain params) of a run; LoRA adapters folded into their base."""
+  saved = _run_config(init_from)
+  pcfg = peft.PeftConfig.from_dict(saved.get('peft') or {})
+  if pcfg.method not in ('none', 'lora'):
+    raise ConfigError(f'init_from={init_from} is a {pcfg.method}-tuned run, which cannot be exported '
+                      'as a plain GPT-2/LLaMA (its extra parameters have no place there); tune with '
+                      'peft.method=lora or none to export.')
+  source = stage.read_source(init_from)   # this run's tokenizer and latest step
+  record = saved.get('source') or {}
+  if not record:  # a pretraining run: its config.json holds the architecture
+    _check_exportable(source.cfg)
+    return source.cfg, source.tokenizer, source.restore_params(mesh)
+  # An SFT run keeps its base's architecture (its own config.model is the defaults), with the
+  # vocabulary grown by any added special tokens (sft.with_tokens).
+  base = stage.read_source(record['path'])
+  if base.config_hash != record.get('config_hash'):
+    raise ckpt_lib.CheckpointError(f'The base {record["path"]} is no longer the run {init_from} was '
+                                   'tuned on (its config changed); export needs the original base.')
+  cfg = dataclasses.replace(base.cfg, vocab_size=saved.get('resolved', {}).get('vocab_size',
+                                                                                base.cfg.vocab_size))
+  _check_exportable(cfg)
+  if pcfg.method == 'none':
+    return cfg, source.tokenizer, source.restore_params(mesh, cfg)
+  # The base as it was when tuning started, not a later checkpoint of it.
+  base = dataclasses.replace(base, step=record.get('step', base.step))
+  frozen = base.restore_params(mesh, cfg)   # same padded rows as the SFT model (sft.with_tokens)
+  abstract = jax.eval_shape(lambda k: peft.init(cfg, pcfg, k), jax.random.key(0))
+  shardings = sharding.tree_shardings(peft.logical_axes(cfg, pcfg), abstract, mesh)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(source.path, 'checkpoints'), async_save=False)
+  try:
+    adapters = checkpointer.restore_params(
+        source.step, train_lib.abstract_with_shardings(abstract, shardings))
+  finally:
+    checkpointer.close()
+  return cfg, source.tokenizer, peft.merge(frozen, adapters, cfg, pcfg)
+
+
+def export(init_from: str, out: str, mesh_cfg: dict | None = None) -> str:
+  """Write init_from's model and tokenizer to `out` in Hugging Face format; returns `out`."""
+  mesh = sharding.make_mesh(mesh_cfg or {'data': -1})
+  cfg, tok, params = load_merged(init_from, mesh)
+  tokenizers.check_vocab(tok, cfg.vocab_size)
+  convert.export_hf(jax.device_get(params), cfg, out)
+  # Special ids in the model config too, so generate() stops at our eos and pads with our pad.
+  path = os.path.join(out, 'config.json')
+  with open(path) as f:
+    hf = json.load(f)
+  ids = tok.special_ids
+  hf.update({f'{n}_token_id': ids.get(n) for n in ('bos', 'eos', 'pad')})
+  with open(path, 'w') as f:
+    json.dump(hf, f, indent=2)
+  tokenizers.export_hf(tok, out)
+  return out
+
+
+def run(config: ConfigDict, workdir: str):
+  if not config.init_from:
+    raise ConfigError('export needs --config.init_from=DIR (a pretraining or SFT workdir).')
+  out = config.out or workdir
+  if config.init_from.startswith('hf:'):
+    raise ConfigError('init_from is already a Hugging Face folder; there is nothing to export.')
+  export(config.init_from, out, config.mesh.to_dict())
+  print(f'exported {config.init_from} to {out} (Hugging Face config.json, safetensors, tokenizer)')
+  return out
