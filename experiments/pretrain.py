@@ -5,6 +5,7 @@ length, mesh, batch size, checkpoints) is checked before the first compile.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -101,7 +102,7 @@ def run(config: ConfigDict, workdir: str):
       'vocab_size': cfg.vocab_size, 'seq_len': seq_len, 'params': counts['total'],
       'non_embedding_params': counts['non_embedding'], 'devices': jax.device_count(),
       'mesh': dict(mesh.shape), 'train_tokens': n_train, 'val_tokens': n_val},
-      **({'source': source.record()} if source else {})})
+      **({'source': source.record(), 'model': dataclasses.asdict(cfg)} if source else {})})
   print(f'model: {counts["total"]:,} params ({counts["non_embedding"]:,} non-embedding); '
         f'corpus: {n_train:,} train / {n_val:,} val tokens'
         + (f' in {len(data.train)} sources' if data.is_mixture else '') + '; '

@@ -105,7 +105,8 @@ def run(config: ConfigDict, workdir: str):
       'resolved': {'vocab_size': cfg.vocab_size, 'seq_len': seq_len, 'params': cfg.num_params(),
                    'trainable_params': peft_counts(cfg, pcfg)['trainable'],
                    'devices': jax.device_count(), 'mesh': dict(mesh.shape), 'data': data.report},
-      'source': source.record()})
+      'source': source.record(),
+      'model': dataclasses.asdict(cfg)})   # the model actually trained: what a next stage reads
   print(f'sft from {source.path} (step {source.step}): {cfg.num_params():,} params, '
         f'{peft_counts(cfg, pcfg)["trainable"]:,} trainable ({pcfg.method}); '
         f'{data.report["train"]["kept"]:,} training examples ({data.report["train"]["dropped"] or "none"} '

@@ -8,15 +8,24 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
 from data import formats, pipeline
-from lm import decode, peft, train as train_lib
+from lm import decode, model, peft, train as train_lib
 
 
 def normalise(text: str) -> str:
   return re.sub(r'\s+', ' ', text).strip()
+
+
+def options_of(example: dict) -> list[str]:
+  """The listed options of a multiple-choice instruction ('Options:' then '- X' lines)."""
+  text = example.get('input', '')
+  if 'Options:' not in text:
+    return []
+  return [l[2:].strip() for l in text.split('Options:')[-1].splitlines() if l.startswith('- ')]
 
 
 class Evaluator:
@@ -76,6 +85,41 @@ class Evaluator:
         out.append(self.tok.decode(np.asarray(ids, np.int32)))
     return out
 
+  def choice_scores(self, trainable) -> list[int]:
+    """Rank classification (T0 / FLAN's multiple-choice evaluation): for each example with
+    listed options, the index of the option (+ the end token) the model finds most likely
+    after the prompt; -1 for examples without options."""
+    params, _ = self.generation_params(trainable)
+    end = self.tok.special_ids[self.template.end]
+    seqs, owner = [], []
+    for k, ex in enumerate(self.data.eval_examples):
+      prompt = formats.prompt_tokens(ex, self.template, self.tok)
+      for opt in options_of(ex):
+        cont = np.concatenate([self.tok.encode(opt), [end]]).astype(np.int32)
+        seq = np.concatenate([prompt, cont])[-self.cfg.max_seq_len - 1:]
+        seqs.append((seq, len(cont)))
+        owner.append(k)
+    if not seqs:
+      return [-1] * len(self.data.eval_examples)
+    t = self.cfg.max_seq_len
+    logp = _sequence_logprob_fn(self.cfg)
+    totals = []
+    for i in range(0, len(seqs), self.config.eval.batch_size):
+      chunk = seqs[i:i + self.config.eval.batch_size]
+      toks = np.zeros((self.config.eval.batch_size, t + 1), np.int32)
+      w = np.zeros((self.config.eval.batch_size, t), np.float32)
+      for r, (seq, n) in enumerate(chunk):
+        toks[r, :len(seq)] = seq
+        w[r, len(seq) - 1 - n:len(seq) - 1] = 1.0      # the targets that are the option
+      totals += list(np.asarray(logp(params, toks[:, :-1], toks[:, 1:], w))[:len(chunk)])
+    best = [-1] * len(self.data.eval_examples)
+    score = {}
+    for k, (total, (seq, n)) in zip(owner, zip(totals, seqs)):
+      score.setdefault(k, []).append(total)
+    for k, v in score.items():
+      best[k] = int(np.argmax(v))
+    return best
+
   def run(self, trainable, tag: str) -> dict:
     result = {'tag': tag, **self.val_loss(trainable)}
     if not self.data.eval_examples:
@@ -90,6 +134,15 @@ class Evaluator:
     for name, f in fams.items():
       f['accuracy'] = f['correct'] / f['n']
       f['held_out_family'] = name == held
+    picks = self.choice_scores(trainable)
+    for ex, pick in zip(self.data.eval_examples, picks):
+      if pick >= 0:
+        f = fams[ex.get('family', 'all')]
+        f['choice_correct'] = f.get('choice_correct', 0) + (options_of(ex)[pick] == ex['output'])
+        f['choice_n'] = f.get('choice_n', 0) + 1
+    for f in fams.values():
+      if f.get('choice_n'):
+        f['choice_accuracy'] = f['choice_correct'] / f['choice_n']
     seen = [f for n, f in fams.items() if n != held]
     result['families'] = fams
     result['seen_accuracy'] = sum(f['correct'] for f in seen) / max(sum(f['n'] for f in seen), 1)
@@ -98,6 +151,21 @@ class Evaluator:
     result['examples'] = [{'family': ex.get('family'), 'output': ex['output'], 'answer': a}
                           for ex, a in list(zip(self.data.eval_examples, answers))[:20]]
     return result
+
+
+_LOGP = {}
+
+
+def _sequence_logprob_fn(cfg):
+  """jit: summed log-probs of the weighted targets per row."""
+  if cfg not in _LOGP:
+    def fn(params, inputs, targets, weights):
+      logits, _ = model.forward(params, inputs, cfg)
+      lp = jax.nn.log_softmax(logits, axis=-1)
+      tok = jnp.take_along_axis(lp, targets[..., None], -1)[..., 0]
+      return (tok * weights).sum(-1)
+    _LOGP[cfg] = jax.jit(fn)
+  return _LOGP[cfg]
 
 
 def _chunks(rows: dict, b: int):
@@ -120,12 +188,17 @@ def table(results: dict) -> str:
   rows = [('val_loss (responses)', 'val_loss')]
   rows += [(f'acc {f}' + (' (held out)' if results[cols[0]]['families'][f]['held_out_family'] else ''),
             ('families', f)) for f in fams]
+  rows += [(f'choice {f}' + (' (held out)' if results[cols[0]]['families'][f]['held_out_family'] else ''),
+            ('choice', f)) for f in fams if 'choice_accuracy' in results[cols[0]]['families'][f]]
   rows += [('acc seen families', 'seen_accuracy'), ('acc held-out family', 'held_out_accuracy')]
   for label, key in rows:
     vals = []
     for c in cols:
       r = results[c]
-      v = r.get('families', {}).get(key[1], {}).get('accuracy') if isinstance(key, tuple) else r.get(key)
+      if isinstance(key, tuple):
+        v = r.get('families', {}).get(key[1], {}).get('accuracy' if key[0] == 'families' else 'choice_accuracy')
+      else:
+        v = r.get(key)
       vals.append('' if v is None else f'{v:.3f}')
     if any(vals):
       lines.append(f'{label:<22}' + ''.join(f'{v:>10}' for v in vals))

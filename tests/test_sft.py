@@ -74,6 +74,8 @@ def test_sft_trains_and_resumes_exactly(source, tmp_path, method):
   assert a[6] < a[1]
   cfg = json.load(open(os.path.join(full, 'config.json')))
   assert cfg['source']['path'] == os.path.abspath(src)
+  from experiments import stage
+  assert stage.read_source(full).cfg == stage.read_source(src).cfg   # a next stage gets this model
   report = cfg['resolved']['data']
   assert sum(report['read']['skipped'].values()) == 2           # the two bad lines, counted
   if method == 'lora':
