@@ -2,12 +2,19 @@
 
 Each model trains on random tokens (throughput does not depend on the data) with the
 real optimizer, shardings and jitted step; compile and warm-up steps are excluded.
+
+Two small studies follow (config.unroll_study, config.checkpoint_stall):
+  - the layer scan unrolled fully vs rolled (scan_unroll = n_layers vs 1): compile s and
+    ms/step, the trade-off behind model.scan_unroll=0's choice;
+  - how long the training thread blocks in `Checkpointer.save` per checkpoint of the train
+    state, with orbax's asynchronous save vs a synchronous one (and the full write time).
 """
 from __future__ import annotations
 
 import functools
 import json
 import os
+import tempfile
 import time
 
 import jax
@@ -22,9 +29,12 @@ from lm import model, objectives, sharding, train as train_lib
 from lm.config import ModelConfig
 
 
-def bench_one(name: str, spec: ConfigDict, config: ConfigDict) -> dict:
+def bench_one(name: str, spec: ConfigDict, config: ConfigDict, scan_unroll: int | None = None,
+              keep_state: bool = False) -> dict:
   m = base.model().to_dict()
   m.update(spec.model.to_dict())
+  if scan_unroll is not None:
+    m['scan_unroll'] = scan_unroll
   cfg = ModelConfig.from_dict(m)
   b, t = spec.batch_size, spec.seq_len
   mesh = sharding.make_mesh(config.mesh.to_dict())
@@ -53,8 +63,11 @@ def bench_one(name: str, spec: ConfigDict, config: ConfigDict) -> dict:
   times = []
   for _ in range(config.repeats):  # best of several timed windows: robust to noisy neighbours
     t0 = time.perf_counter()
+    inflight = []
     for _ in range(spec.steps):
       state, metrics = step(state, batch)
+      inflight = inflight[-trainer.MAX_INFLIGHT:] + [metrics]
+      trainer.bounded(inflight)      # as the trainer: XLA:CPU meshes deadlock far ahead
     jax.block_until_ready(metrics)
     times.append((time.perf_counter() - t0) / spec.steps)
   dt = min(times)
@@ -63,7 +76,31 @@ def bench_one(name: str, spec: ConfigDict, config: ConfigDict) -> dict:
   return {'model': name, 'params': cfg.num_params(), 'd_model': cfg.d_model, 'layers': cfg.n_layers,
           'batch': b, 'seq_len': t, 'ms_per_step': 1000 * dt, 'median_ms_per_step': 1000 * float(np.median(times)),
           'tokens_per_sec': tps, 'mfu': util, 'compile_s': compile_s,
-          'flops_per_token': cfg.flops_per_token(t)}
+          'flops_per_token': cfg.flops_per_token(t), 'scan_unroll': cfg.scan_unroll,
+          **({'state': state} if keep_state else {})}
+
+
+def checkpoint_stall(state, repeats: int) -> dict:
+  """ms the calling thread blocks in save() per checkpoint (median of `repeats`), and ms
+  until the checkpoint is on disk, with async (orbax's background write) and sync saves."""
+  from lm import checkpoint as ckpt_lib
+  out = {}
+  for mode in ('async', 'sync'):
+    with tempfile.TemporaryDirectory() as d:
+      ck = ckpt_lib.Checkpointer(d, max_to_keep=2, async_save=mode == 'async')
+      block, total = [], []
+      for i in range(repeats + 1):   # the first save also sets up orbax: not counted
+        t0 = time.perf_counter()
+        ck.save(i, state, {'batches_drawn': i}, {'step': i})
+        t1 = time.perf_counter()
+        ck.wait()
+        if i:
+          block.append(1000 * (t1 - t0))
+          total.append(1000 * (time.perf_counter() - t0))
+      ck.close()
+    out[f'save_block_ms_{mode}'] = float(np.median(block))
+    out[f'save_total_ms_{mode}'] = float(np.median(total))
+  return out
 
 
 def format_table(rows: list[dict]) -> str:
@@ -76,6 +113,26 @@ def format_table(rows: list[dict]) -> str:
   return '\n'.join(lines)
 
 
+def format_unroll(rows: list[dict]) -> str:
+  head = f"{'model':<18}{'layers':>7}{'compile s (all / 1)':>22}{'ms/step (all / 1)':>22}"
+  lines = [head, '-' * len(head)]
+  for r in rows:
+    lines.append(f"{r['model']:<18}{r['layers']:>7}{r['compile_s_all']:>13.1f} / {r['compile_s_1']:<6.1f}"
+                 f"{r['ms_per_step_all']:>13.1f} / {r['ms_per_step_1']:<6.1f}")
+  return '\n'.join(lines)
+
+
+def format_stall(rows: list[dict]) -> str:
+  head = (f"{'model':<18}{'params':>12}{'save blocks ms (async / sync)':>32}"
+          f"{'on disk ms (async / sync)':>28}")
+  lines = [head, '-' * len(head)]
+  for r in rows:
+    lines.append(f"{r['model']:<18}{r['params']:>12,}"
+                 f"{r['save_block_ms_async']:>21.1f} / {r['save_block_ms_sync']:<8.1f}"
+                 f"{r['save_total_ms_async']:>17.1f} / {r['save_total_ms_sync']:<8.1f}")
+  return '\n'.join(lines)
+
+
 def run(config: ConfigDict, workdir: str):
   os.makedirs(workdir, exist_ok=True)
   device = jax.devices()[0]
@@ -83,13 +140,35 @@ def run(config: ConfigDict, workdir: str):
   print(f'devices: {jax.device_count()} x {device.device_kind}; peak per device: '
         + ('n/a' if peak is None else f'{peak / 1e9:,.0f} GFLOP/s'
            + (' (measured fp32 matmul)' if device.platform == 'cpu' else '')))
-  rows = [bench_one(name, spec, config) for name, spec in config.models.items()]
+  rows = [bench_one(name, spec, config, keep_state=config.get('checkpoint_stall', False))
+          for name, spec in config.models.items()]
   table = format_table(rows)
+  unroll, stall = [], []
+  if config.get('unroll_study', False):
+    for (name, spec), r in zip(config.models.items(), rows):
+      n = r['layers']   # scan_unroll = n_layers unrolls every layer; 1 keeps the loop rolled
+      # model.scan_unroll=0 resolves as lm/model.hidden_states does: all layers on CPU up to 8
+      auto = n if n <= 8 and jax.default_backend() == 'cpu' else 1
+      done = min(r['scan_unroll'] or auto, n)
+      got = {u: r if done == u else bench_one(name, spec, config, scan_unroll=u) for u in (n, 1)}
+      unroll.append({'model': name, 'layers': n, 'default_scan_unroll': r['scan_unroll'],
+                     'compile_s_all': got[n]['compile_s'], 'compile_s_1': got[1]['compile_s'],
+                     'ms_per_step_all': got[n]['ms_per_step'], 'ms_per_step_1': got[1]['ms_per_step']})
+    table += '\n\nlayer scan unrolled fully vs rolled (model.scan_unroll = n_layers vs 1):\n' + format_unroll(unroll)
+  if config.get('checkpoint_stall', False):
+    for r in rows:
+      stall.append({'model': r['model'], 'params': r['params'],
+                    **checkpoint_stall(r['state'], config.get('checkpoint_repeats', 3))})
+    table += ('\n\ntraining thread blocked per checkpoint save (median), async vs sync orbax:\n'
+              + format_stall(stall))
+  for r in rows:
+    r.pop('state', None)
   print(table)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'bench.json'), 'w') as f:
       json.dump({'device': device.device_kind, 'n_devices': jax.device_count(),
-                 'peak_flops_per_device': peak, 'rows': rows}, f, indent=2)
+                 'peak_flops_per_device': peak, 'rows': rows, 'unroll': unroll,
+                 'checkpoint_stall': stall}, f, indent=2)
     with open(os.path.join(workdir, 'bench.txt'), 'w') as f:
       f.write(table + '\n')
   return rows

@@ -12,6 +12,9 @@ def get_config():
   c.experiment = 'bench_train'
   c.warmup_steps = 3
   c.repeats = 3
+  c.unroll_study = True      # compile s and ms/step with the layer scan unrolled fully vs rolled
+  c.checkpoint_stall = True  # ms the training thread blocks per checkpoint save, async vs sync
+  c.checkpoint_repeats = 3
   c.models = ConfigDict({
       'shakespeare_char': ConfigDict(dict(
           model=dict(vocab_size=65, d_model=128, n_layers=4, n_heads=4, max_seq_len=64,
