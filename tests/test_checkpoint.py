@@ -49,6 +49,9 @@ def test_damaged_newest_checkpoint_resumes_from_the_one_before_and_says_so(tiny_
   after = rows(wd)
   # Steps 6..10 were replayed from step 5 exactly as the first time.
   assert [(r['step'], r['loss']) for r in after] == [(r['step'], r['loss']) for r in before]
+  pretrain.run(tiny_config(tiny_corpus), wd)   # the rewritten step 10 is the one resumed now
+  out = capsys.readouterr()
+  assert 'could not be read' not in out.err and 'resuming at step 10' in out.out
 
 
 def _restored_params(config, workdir, mesh_shape):
