@@ -13,6 +13,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from data import formats, pipeline
+from experiments import trainer
 from lm import decode, model, peft, train as train_lib
 
 
@@ -51,7 +52,10 @@ class Evaluator:
     if not self.val:
       return {}
     extra = () if self.frozen is None else (self.frozen,)
-    outs = [self.step(params, b, *extra) for b in self.val]
+    outs = []
+    for b in self.val:   # few programs in flight (XLA:CPU collectives, see trainer.bounded)
+      outs.append(self.step(params, b, *extra))
+      trainer.bounded(outs)
     loss, weight = sum(float(o[0]) for o in outs), sum(float(o[1]) for o in outs)
     return {'val_loss': loss / max(weight, 1e-9), 'val_tokens': weight}
 
