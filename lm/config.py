@@ -65,7 +65,7 @@ class ModelConfig:
   attention_q_block: int = 0     # >0: XLA causal attention in query blocks, skipping keys past each
                                  # block (exact; 64: 16-19% faster step at T=256 on CPU); 0: one block
   remat: str = 'none'
-  scan_unroll: int = 0           # layers per layer-scan iteration; 0 = all (fastest step; 1 = fastest compile)
+  scan_unroll: int = 0           # layers per layer-scan iteration; 0 = auto (all on CPU with <= 8 layers, else 1)
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> 'ModelConfig':
@@ -101,7 +101,7 @@ class ModelConfig:
     check(self.attention_q_block >= 0,
           f'model.attention_q_block must be >= 0 (0 turns blocking off), got {self.attention_q_block}.')
     check(self.scan_unroll >= 0,
-          f'model.scan_unroll must be >= 0 (0 unrolls every layer), got {self.scan_unroll}.')
+          f'model.scan_unroll must be >= 0 (0 = auto), got {self.scan_unroll}.')
     check(self.moe_experts == 0 or 1 <= self.moe_top_k <= self.moe_experts,
           f'model.moe_top_k={self.moe_top_k} must be between 1 and model.moe_experts={self.moe_experts}.')
     check(not (self.parallel_block and self.norm_position != 'pre'),

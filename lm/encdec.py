@@ -55,7 +55,7 @@ def _positions(tokens):
 def _run_stack(body, x, stacked, cfg: ModelConfig):
   if cfg.remat != 'none':
     body = jax.checkpoint(body, policy=model.REMAT_POLICIES[cfg.remat], prevent_cse=False)
-  x, _ = jax.lax.scan(lambda h, p: (body(h, p), None), x, stacked, unroll=cfg.scan_unroll or True)
+  x, _ = jax.lax.scan(lambda h, p: (body(h, p), None), x, stacked, unroll=model.scan_unroll(cfg))
   return x
 
 

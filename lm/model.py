@@ -175,6 +175,14 @@ def _soft_prompt_inputs(soft, b, t, positions, segment_ids, cache, cache_index, 
   return soft, positions, cache_index, shift(prefix_len), kv_positions, kv_mask
 
 
+def scan_unroll(cfg: ModelConfig):
+  """Layers per scan iteration: cfg.scan_unroll, or by default all of them on CPU for <= 8
+  layers (fastest step there) and 1 elsewhere (compile time flat in depth)."""
+  if cfg.scan_unroll:
+    return cfg.scan_unroll
+  return True if cfg.n_layers <= 8 and jax.default_backend() == 'cpu' else 1
+
+
 def hidden_states(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
                   positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
                   cache: dict | None = None, cache_index: jax.Array | None = None,
@@ -216,7 +224,7 @@ def hidden_states(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
   # Unrolling lets XLA drop the loop's stacked-residual buffers and their dynamic slices
   # (~10% of a CPU step); scan_unroll=1 keeps compile time flat in depth.
   (x, aux), cache = jax.lax.scan(body, (x, zero_aux), (params['layers'], cache),
-                                 unroll=cfg.scan_unroll or (True if cfg.n_layers <= 8 and jax.default_backend() == 'cpu' else 1))
+                                 unroll=scan_unroll(cfg))
   if soft is not None:
     x = x[:, soft.shape[0]:]   # drop the prompt positions: outputs stay [B, T, ...]
   if cfg.has_final_norm:
