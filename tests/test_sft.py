@@ -56,7 +56,8 @@ def checkpoint_paths(wd):
     return list(json.load(f)['tree_metadata'])
 
 
-@pytest.mark.parametrize('method', ['none', 'lora'])
+@pytest.mark.parametrize('method', ['none', 'lora'] + [pytest.param(m, marks=pytest.mark.slow)
+                                                       for m in ('prefix', 'prompt', 'adapter')])
 def test_sft_trains_and_resumes_exactly(source, tmp_path, method):
   src, inst = source
   full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
@@ -78,6 +79,8 @@ def test_sft_trains_and_resumes_exactly(source, tmp_path, method):
   assert stage.read_source(full).cfg == stage.read_source(src).cfg   # a next stage gets this model
   report = cfg['resolved']['data']
   assert sum(report['read']['skipped'].values()) == 2           # the two bad lines, counted
+  if method != 'none':
+    assert cfg['resolved']['trainable_params'] < cfg['resolved']['params'] // 5
   if method == 'lora':
     # Only the adapters are trained and checkpointed: no base-shaped leaf anywhere in the state.
     n_trained = sum(x.size for x in jax.tree.leaves(state.params))
