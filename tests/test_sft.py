@@ -76,7 +76,11 @@ def test_sft_trains_and_resumes_exactly(source, tmp_path, method):
   cfg = json.load(open(os.path.join(full, 'config.json')))
   assert cfg['source']['path'] == os.path.abspath(src)
   from experiments import stage
-  assert stage.read_source(full).cfg == stage.read_source(src).cfg   # a next stage gets this model
+  # A next stage gets the model trained here: the source's, grown by the template's eos id.
+  import dataclasses
+  tuned, base = stage.read_source(full), stage.read_source(src)
+  assert tuned.cfg == dataclasses.replace(base.cfg, vocab_size=tuned.tokenizer.vocab_size)
+  assert tuned.tokenizer.vocab_size == base.tokenizer.vocab_size + 1
   report = cfg['resolved']['data']
   assert sum(report['read']['skipped'].values()) == 2           # the two bad lines, counted
   if method != 'none':
