@@ -74,7 +74,11 @@ def run(config: ConfigDict, workdir: str):
   seq_len = config.data.seq_len or cfg.max_seq_len
   if seq_len > cfg.max_seq_len:
     raise ConfigError(f'data.seq_len={seq_len} is longer than the model context {cfg.max_seq_len}.')
-  data = sft_data.load(config, tok, seq_len)        # rendered, counted; FormatError at start-up
+  # A soft prompt sits before each row's tokens, so prompt tuning trains one example per row.
+  pack = config.data.pack and pcfg.method != 'prompt'
+  if config.data.pack and not pack:
+    print('peft.method=prompt: one example per row (a soft prompt cannot precede packed examples)')
+  data = sft_data.load(config, tok, seq_len, pack)   # rendered, counted; FormatError at start-up
   mesh = sharding.make_mesh(config.mesh.to_dict())
   trainer.check_batch(config, mesh)
   check_resume_source(workdir, source)

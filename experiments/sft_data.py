@@ -44,7 +44,15 @@ class SftData:
     per row). A pure function of (seed, epoch): what makes batch i pure in (seed, i)."""
     order = np.random.default_rng([self.seed, 0x5F7, epoch]).permutation(len(self.train))
     ordered = [self.train[k] for k in order]
-    return formats.pack(ordered, self.seq_len) if self.pack else formats.pad(ordered, self.seq_len)
+    if self.pack:
+      return formats.pack(ordered, self.seq_len)
+    return one_per_row(formats.pad(ordered, self.seq_len))
+
+
+def one_per_row(rows: dict) -> dict:
+  """Right-padded rows of one example need no segment ids or positions: causal attention
+  never lets a real token see the padding after it (and prompt tuning refuses segment ids)."""
+  return {k: v for k, v in rows.items() if k not in ('segment_ids', 'positions')}
 
 
 def _works(d: ConfigDict, split: str, n: int) -> list[dict]:
@@ -88,8 +96,10 @@ def with_pretraining_text(config: ConfigDict, examples: list[dict]) -> list[dict
   return [next(it)[1] for _ in range(n)]
 
 
-def load(config: ConfigDict, tokenizer, seq_len: int) -> SftData:
+def load(config: ConfigDict, tokenizer, seq_len: int, pack: bool | None = None) -> SftData:
+  """`pack` overrides data.pack (prompt tuning feeds one example per row)."""
   d = config.data
+  pack = d.pack if pack is None else pack
   if d.train_on not in formats.TRAIN_ON or d.truncate not in formats.TRUNCATE:
     raise ConfigError(f'data.train_on must be one of {formats.TRAIN_ON} and data.truncate one of '
                       f'{formats.TRUNCATE}; got {d.train_on!r}, {d.truncate!r}.')
@@ -106,8 +116,10 @@ def load(config: ConfigDict, tokenizer, seq_len: int) -> SftData:
   if not train:
     raise ConfigError(f'Every training example was dropped ({report["train"]["dropped"]}); raise '
                       'data.seq_len or shorten the examples.')
-  if len(train) < config.train.batch_size and not d.pack:
+  if len(train) < config.train.batch_size and not pack:
     raise ConfigError(f'{len(train)} training examples do not fill one batch of '
                       f'{config.train.batch_size}; lower train.batch_size.')
-  val_rows = formats.pad(val, seq_len) if val else {}
-  return SftData(train, val_rows, eval_raw, report, seq_len, config.seed, bool(d.pack))
+  val_rows = {}
+  if val:   # the same batch keys as the training rows
+    val_rows = formats.pad(val, seq_len) if pack else one_per_row(formats.pad(val, seq_len))
+  return SftData(train, val_rows, eval_raw, report, seq_len, config.seed, bool(pack))
