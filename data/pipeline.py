@@ -291,6 +291,19 @@ class RowBatches:
     return b
 
 
+def padded_batches(arrays: dict[str, np.ndarray], b: int):
+  """(batch, real rows) in batches of b along the first axis; the last one padded with zero
+  rows (zero weight / invalid), so every batch has the same shape (one compiled program)."""
+  n = len(next(iter(arrays.values()))) if arrays else 0
+  for i in range(0, n, b):
+    chunk = {k: v[i:i + b] for k, v in arrays.items()}
+    real = len(next(iter(chunk.values())))
+    if real < b:
+      chunk = {k: np.concatenate([v, np.zeros((b - real, *v.shape[1:]), v.dtype)])
+               for k, v in chunk.items()}
+    yield chunk, real
+
+
 # Global arrays ---------------------------------------------------------------------------
 def local_rows(sharding: jax.sharding.Sharding, global_batch: int, seq_len: int) -> tuple[int, int]:
   """The contiguous range of batch rows held by this process's devices."""

@@ -19,6 +19,8 @@ import numpy as np
 import scipy.optimize
 import scipy.sparse
 
+from data import pipeline
+
 BUCKETS = (0.0, 0.25, 0.5, 1.0, 2.0, float('inf'))   # |margin| edges for the calibration table
 WORD = re.compile(r"[a-z0-9']+")
 
@@ -102,15 +104,7 @@ class BagOfWords:
             'loss': float(np.mean(np.logaddexp(0.0, -z)))}
 
 
-def chunks(arrays: dict, b: int):
-  """Groups in batches of b; the last one padded with empty (valid 0, length 0) groups."""
-  n = len(arrays['ranks'])
-  for i in range(0, n, b):
-    chunk = {k: v[i:i + b] for k, v in arrays.items()}
-    pad = b - len(chunk['ranks'])
-    if pad:
-      chunk = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in chunk.items()}
-    yield chunk, b - pad
+chunks = pipeline.padded_batches   # (batch, real groups), the last one padded
 
 
 def scores(score_fn, arrays: dict, b: int) -> np.ndarray:

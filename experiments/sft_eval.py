@@ -37,7 +37,7 @@ class Evaluator:
     self.pcfg = peft.PeftConfig.from_dict(config.peft.to_dict())
     self.step = train_lib.make_eval_step(loss_fn, mesh, param_sh, batch_sh, frozen_sh)
     b = config.train.eval_batch_size or config.train.batch_size
-    self.val = [self._global(rows, b) for rows in _chunks(data.val_rows, b)]
+    self.val = [self._global(rows, b) for rows, _ in pipeline.padded_batches(data.val_rows, b)]
 
   def _global(self, rows, b):
     lo, hi = pipeline.local_rows(next(iter(self._sh(b).values())), b, self.data.seq_len)
@@ -170,19 +170,6 @@ def _sequence_logprob_fn(cfg):
       return (tok * weights).sum(-1)
     _LOGP[cfg] = jax.jit(fn)
   return _LOGP[cfg]
-
-
-def _chunks(rows: dict, b: int):
-  """Rows in batches of b; the last one padded with zero-weight rows."""
-  if not rows:
-    return
-  n = len(rows['inputs'])
-  for i in range(0, n, b):
-    chunk = {k: v[i:i + b] for k, v in rows.items()}
-    pad = b - len(chunk['inputs'])
-    if pad:
-      chunk = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in chunk.items()}
-    yield chunk
 
 
 def table(results: dict) -> str:

@@ -206,7 +206,7 @@ def run_program(code: str, limits: Limits = Limits(), slot: int = 0) -> Result:
       try:   # the program and anything it forked (same session / process group)
         os.killpg(proc.pid, signal.SIGKILL)
       except (ProcessLookupError, PermissionError):
-        pass
+        pass   # the group has already exited
       if uid is not None:
         _kill_uid(uid)   # children that left the process group
       rc = proc.wait()
