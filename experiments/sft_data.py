@@ -4,6 +4,9 @@ Sources (config.data.source):
   works      FLAN-style tasks formatted from the shipped complete works (data/tasks.py):
              training plays x the seen families; evaluation on held-out plays, including a
              task family never trained on (data.works.held_out_family)
+  lines      line openings -> the rest of the line, from the works (data/openings.py): the
+             RLHF sentiment testbed's SFT policy, which learns to end a line with eos
+             (data.works.n_per_family lines; eval.n_per_family held-out-play lines)
   hh         hh-rlhf `chosen` dialogues as chats (the shipped harmless-base split, or
              data.path in that format)
   PATH       a JSON-lines file of {instruction, input, output} or {messages} records
@@ -69,6 +72,11 @@ def raw_examples(config: ConfigDict) -> tuple[list[dict], list[dict], list[dict]
     train = _works(d, 'train', d.works.n_per_family)
     held = _works(d, 'eval', config.eval.n_per_family)
     return train, held, held, {}
+  if d.source == 'lines':   # the RLHF testbed's policy: a line opening -> the rest of the line
+    from data import openings
+    train = openings.sft_examples('train', d.works.n_per_family, seed=d.works.seed)
+    held = openings.sft_examples('eval', config.eval.n_per_family, seed=d.works.seed)
+    return train, held, [], {}
   if d.source == 'hh':
     path = d.path or None
     train, rep = tasks.hh_chat(path, split='train', val_fraction=d.val_fraction)
@@ -76,7 +84,7 @@ def raw_examples(config: ConfigDict) -> tuple[list[dict], list[dict], list[dict]
     return train, val, [], {'read': rep}
   path = d.source
   if not os.path.exists(os.path.expanduser(path)):
-    raise ConfigError(f'data.source={path!r} is neither works, hh nor an existing JSON-lines file.')
+    raise ConfigError(f'data.source={path!r} is neither works, lines, hh nor an existing JSON-lines file.')
   train, rep = tasks.read_instructions(path, split='train', val_fraction=d.val_fraction)
   val, _ = tasks.read_instructions(path, split='validation', val_fraction=d.val_fraction)
   return train, val, [], {'read': rep}

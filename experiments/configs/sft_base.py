@@ -14,7 +14,7 @@ def sft() -> ConfigDict:
   c.init_from = ''           # a finished stage's workdir, or hf:PATH; the model comes from it
   c.model = base.model()     # only runtime fields (dtype, remat, ...) may differ from the source
   c.data = ConfigDict(dict(
-      source='works',        # works | hh | a JSON-lines file of instructions or chats
+      source='works',        # works | lines | hh | a JSON-lines file of instructions or chats
       path='',               # for hh: another file in hh-rlhf's format ('' = the shipped split)
       template='alpaca',     # alpaca | chat | none
       train_on='response',   # response (loss on answers only) | all
