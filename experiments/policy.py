@@ -1,0 +1,145 @@
+"""What every policy stage shares (preferences, PPO, DPO, RLOO / GRPO, best-of-n): the policy
+opened from an earlier stage, prompts as tokens, batched sampling, and the held-out
+evaluation that puts every method on the same axes (gold reward, proxy reward, KL to the
+reference policy).
+
+  pol = open_policy(config.init_from)                  # SFT workdir or hf:PATH, eos added
+  prompts = encode_prompts(pol.tok, texts)             # the SFT template's prompt tokens
+  gens = sample(params, pol, prompts, key, sampling, mesh, batch)
+  report = evaluate(params, ref_params, pol, prompts, key, ...)   # gold, proxy, KL, length
+
+Sampling for RL is plain temperature sampling (no bans, no top-k): the log-probs the update
+uses are exactly the distribution the responses came from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+
+from data import formats, openings, tokenizers
+from experiments import sft, stage
+from lm import decode, sharding
+from lm.config import ConfigError, ModelConfig
+from rl import gold, rollout
+
+
+@dataclasses.dataclass
+class Policy:
+  source: stage.Source
+  cfg: ModelConfig
+  tok: Any
+  eos: int
+  template: str
+
+
+def open_policy(init_from: str, template: str = 'none') -> Policy:
+  if not init_from:
+    raise ConfigError('This stage needs --config.init_from=DIR (an SFT workdir) or hf:PATH.')
+  source = stage.read_source(init_from)
+  cfg = source.cfg
+  if cfg.arch != 'decoder' or not cfg.causal:
+    raise ConfigError(f'Policies are causal decoder-only models; init_from holds a {cfg.arch} '
+                      f'model with causal={cfg.causal}.')
+  tok = tokenizers.add_special_tokens(source.tokenizer, ['eos'])
+  return Policy(source, sft.with_tokens(cfg, tok), tok, int(tok.eos_id), template)
+
+
+def prompt_texts(config: ConfigDict, split: str) -> list[str]:
+  """The testbed's prompts (line openings; train or held-out plays) or a file's."""
+  d = config.prompts
+  n = d.n_train if split == 'train' else d.n_eval
+  if d.source == 'openings':
+    return [o['prompt'] for o in openings.openings(split, n, tuple(d.words), seed=d.seed)]
+  raise ConfigError(f'prompts.source={d.source!r} is not known; use openings.')
+
+
+def encode_prompts(pol: Policy, texts: Sequence[str], max_len: int) -> list[np.ndarray]:
+  """Prompt tokens as the SFT template laid them out; a prompt longer than max_len is a
+  ConfigError (it would leave no room for the response)."""
+  out = []
+  for t in texts:
+    ids = formats.prompt_tokens({'instruction': '', 'input': t}, pol.template, pol.tok)
+    if len(ids) == 0:
+      raise ConfigError(f'Prompt {t!r} encodes to no tokens; drop empty prompts.')
+    if len(ids) > max_len:
+      raise ConfigError(f'Prompt {t[:60]!r}... has {len(ids)} tokens, more than the '
+                        f'{max_len} the context leaves for prompts; shorten prompts or raise '
+                        'the context.')
+    out.append(np.asarray(ids, np.int32))
+  return out
+
+
+def sampling_config(pol: Policy, max_new_tokens: int, temperature: float = 1.0) -> decode.SamplingConfig:
+  return decode.SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens,
+                               eos_ids=(pol.eos,), pad_id=0)
+
+
+def sample(params, pol: Policy, prompts: Sequence[np.ndarray], key, s: decode.SamplingConfig,
+           mesh=None, batch: int = 64) -> list[decode.Generation]:
+  """Generations for `prompts` in chunks of `batch` (one program per bucket)."""
+  out = []
+  for i in range(0, len(prompts), batch):
+    out.append(decode.generate(params, list(prompts[i:i + batch]), jax.random.fold_in(key, i),
+                               cfg=pol.cfg, sampling=s, mesh=mesh))
+  return out
+
+
+def texts_of(pol: Policy, gen: decode.Generation) -> list[str]:
+  """Each response's text, without its eos."""
+  toks, lens = np.asarray(gen.tokens), np.asarray(gen.lengths)
+  out = []
+  for row, n in zip(toks, lens):
+    ids = [int(t) for t in row[:n] if int(t) != pol.eos]
+    out.append(pol.tok.decode(ids))
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def _kl_fn(cfg: ModelConfig, n_prompt: int, temperature: float):
+  def kl(params, ref, tokens, mask):
+    logp, _ = rollout.response_logprobs(params, tokens, mask, n_prompt, cfg, temperature)
+    ref_logp, _ = rollout.response_logprobs(ref, tokens, mask, n_prompt, cfg, temperature)
+    return jnp.sum(logp - ref_logp, axis=1)        # log pi(y|x) - log pi_ref(y|x) per sequence
+  return jax.jit(kl)
+
+
+def sequence_kl(params, ref, pol: Policy, gen: decode.Generation, temperature: float = 1.0) -> np.ndarray:
+  """[B] log pi(y|x) - log pi_ref(y|x) of sampled y: its mean is KL(pi || pi_ref) (nats)."""
+  tokens, mask = gen.sequences()
+  return np.asarray(_kl_fn(pol.cfg, int(gen.prompt_tokens.shape[1]), float(temperature))(
+      params, ref, tokens, mask))
+
+
+def evaluate(params, ref, pol: Policy, prompts: Sequence[np.ndarray], key, *, max_new_tokens: int,
+             gold_kind: str = 'vader', reward: Callable | None = None, mesh=None, batch: int = 64,
+             temperature: float = 1.0, keep: int = 8) -> dict:
+  """Held-out report of a policy: one sample per prompt at `temperature`.
+
+  gold / proxy are means over prompts (proxy: the reward model's normalised score, if given),
+  kl the mean of log pi - log pi_ref over the samples (0 for the reference itself),
+  eos_rate the share of responses that ended before max_new_tokens. `keep` samples return
+  as text for the log."""
+  s = sampling_config(pol, max_new_tokens, temperature)
+  texts, kls, lens, eos, proxy = [], [], [], [], []
+  for gen in sample(params, pol, prompts, key, s, mesh, batch):
+    texts += texts_of(pol, gen)
+    kls.append(sequence_kl(params, ref, pol, gen, temperature) if ref is not None
+               else np.zeros(len(gen.lengths)))
+    lens.append(np.asarray(gen.lengths))
+    eos.append(np.asarray(rollout.has_eos(gen.tokens, gen.mask, pol.eos)))
+    if reward is not None:
+      proxy.append(np.asarray(reward(*gen.sequences())))
+  g = gold.score(texts, gold_kind)
+  out = {'gold': float(g.mean()), 'gold_stderr': float(g.std() / np.sqrt(len(g))),
+         'kl': float(np.concatenate(kls).mean()), 'length': float(np.concatenate(lens).mean()),
+         'eos_rate': float(np.concatenate(eos).mean()), 'prompts': len(texts),
+         'samples': texts[:keep]}
+  if proxy:
+    out['proxy'] = float(np.concatenate(proxy).mean())
+  return out

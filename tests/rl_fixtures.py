@@ -1,0 +1,73 @@
+"""Tiny stage workdirs for the RL tests, written directly (no training): a policy run (what
+`pretrain` / `sft` leave: config.json, tokenizer_ref.json, checkpoints/) and a reward-model
+run (what `reward` leaves, plus reward_norm.json). Random weights; the tests check plumbing
+and numerics, not quality.
+
+  pol_dir = policy_run(tmp / 'sft')                       # char tokenizer with eos
+  rm_dir = reward_run(tmp / 'rm', pol_dir)                # trunk + head, gain/bias
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+
+from data import tokenizers
+from experiments import reward as reward_stage
+from experiments.configs import base
+from lm import checkpoint as ckpt_lib
+from lm import heads, model, train as train_lib
+from lm.config import ModelConfig
+
+TEXT = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ,.;:!?'-\n"
+
+
+def tiny_cfg(vocab_size: int, **kw) -> ModelConfig:
+  kw = {'d_model': 32, 'n_layers': 2, 'n_heads': 4, 'max_seq_len': 64, 'init_std': 0.1, **kw}
+  return ModelConfig(vocab_size=vocab_size, **kw)
+
+
+def _save(workdir: str, tree, config: dict) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(config, f, default=str)
+  state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=tree, opt_state=())
+  ck = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
+  ck.save(1, state, {}, {}, force=True)
+  ck.wait()
+  ck.close()
+
+
+def policy_run(workdir, seed: int = 0, **model_kw) -> str:
+  """A decoder run whose tokenizer already holds eos (as an SFT run's does)."""
+  workdir = os.fspath(workdir)
+  tok = tokenizers.add_special_tokens(tokenizers.CharTokenizer.from_texts([TEXT]), ['eos'])
+  cfg = tiny_cfg(tok.vocab_size, **model_kw)
+  params = model.init(cfg, jax.random.key(seed))
+  c = base.pretrain().to_dict()
+  c['model'] = dataclasses.asdict(cfg)
+  c['resolved'] = {'vocab_size': cfg.vocab_size}
+  _save(workdir, params, c)
+  tok.save(tokenizers.run_file(workdir))
+  return workdir
+
+
+def reward_run(workdir, policy_dir, seed: int = 1, gain: float = 2.0, bias: float = -0.5) -> str:
+  """A full-parameter reward model on the policy's trunk, with its normaliser."""
+  workdir, policy_dir = os.fspath(workdir), os.fspath(policy_dir)
+  with open(os.path.join(policy_dir, 'config.json')) as f:
+    cfg = ModelConfig.from_dict(json.load(f)['model'])
+  trunk = model.init(cfg, jax.random.key(seed))
+  tree = {'trunk': trunk, 'head': heads.init(cfg, 1, jax.random.key(seed + 1), init_std=0.5)}
+  from experiments.configs import reward_base
+  c = reward_base.reward().to_dict()
+  c['model'] = dataclasses.asdict(cfg)
+  c['resolved'] = {'vocab_size': cfg.vocab_size, 'seq_len': cfg.max_seq_len}
+  c['source'] = {'path': os.path.abspath(policy_dir)}
+  _save(workdir, tree, c)
+  tokenizers.load(tokenizers.run_file(policy_dir)).save(tokenizers.run_file(workdir))
+  reward_stage.write_norm(workdir, {'gain': gain, 'bias': bias})
+  return workdir
