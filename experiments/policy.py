@@ -143,3 +143,78 @@ def evaluate(params, ref, pol: Policy, prompts: Sequence[np.ndarray], key, *, ma
   if proxy:
     out['proxy'] = float(np.concatenate(proxy).mean())
   return out
+
+
+# Trainable policy stages (dpo, pg; usable by ppo) ----------------------------------------
+@dataclasses.dataclass
+class Trees:
+  """The trainable tree of a policy stage and its frozen tree, which is always the reference
+  policy: full fine-tuning trains a copy of init_from's params against the frozen original;
+  LoRA trains adapters on the frozen base, whose plain forward *is* the reference (no second
+  copy of the weights)."""
+  axes: Any
+  init_params: Callable          # key -> a fresh trainable tree (shapes / sharding only)
+  initial: Callable | None       # () -> the starting trainable tree (init_from's weights)
+  frozen: Any                    # the reference params, on the mesh
+  frozen_sh: Any
+  cfg: ModelConfig
+  pcfg: Any
+
+  def full(self, trainable, frozen):
+    """Params model.forward runs: the trainable tree itself, or the base with adapters hooked in."""
+    from lm import peft
+    return trainable if self.pcfg.method == 'none' else peft.combine(frozen, trainable, self.cfg, self.pcfg)
+
+  def generation(self, trainable, frozen):
+    """Params decode runs (LoRA folded into the base: exact, and in the rules table's tree)."""
+    from lm import peft
+    return trainable if self.pcfg.method == 'none' else peft.merge(frozen, trainable, self.cfg, self.pcfg)
+
+
+def trees(config: ConfigDict, pol: Policy, mesh) -> Trees:
+  """Trees for config.peft.method in ('none', 'lora') (ConfigError otherwise)."""
+  from lm import model, peft
+  pcfg = sft.peft_config(config)
+  if pcfg.method not in ('none', 'lora'):
+    raise ConfigError(f'peft.method={pcfg.method!r}: policy stages train the full model (none) or '
+                      'LoRA (whose reference is the base without adapters); choose none or lora.')
+  frozen = pol.source.restore_params(mesh, pol.cfg)
+  frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+  if pcfg.method == 'none':
+    return Trees(model.logical_axes(pol.cfg), functools.partial(model.init, pol.cfg),
+                 lambda: pol.source.restore_params(mesh, pol.cfg), frozen, frozen_sh, pol.cfg, pcfg)
+  return Trees(peft.logical_axes(pol.cfg, pcfg),
+               functools.partial(peft.init, pol.cfg, pcfg, base_params=frozen), None, frozen,
+               frozen_sh, pol.cfg, pcfg)
+
+
+def same_tokenizer(a, b) -> bool:
+  """Whether two tokenizers give every id the same text and the same eos (the RM must read
+  the policy's token ids as the policy meant them)."""
+  if a.vocab_size != b.vocab_size or a.eos_id != b.eos_id:
+    return False
+  probe = 'To be, or not to be: that is the question. 0123456789'
+  if not np.array_equal(np.asarray(a.encode(probe)), np.asarray(b.encode(probe))):
+    return False
+  return all(a.decode([i]) == b.decode([i]) for i in range(a.vocab_size))
+
+
+def open_reward(reward_from: str, pol: Policy, mesh_cfg: dict | None = None, max_len: int = 0):
+  """(RewardModel, reward(tokens, mask) -> [B] normalised scores) for scoring this policy's
+  rollouts; ConfigError at start-up if its tokenizer or context does not fit the policy."""
+  import os
+  from experiments import reward as reward_stage
+  if not os.path.exists(os.path.join(reward_from, 'config.json')):
+    raise ConfigError(f'reward_from={reward_from} holds no config.json; point it at the workdir of '
+                      'a finished `reward` run.')
+  from data import tokenizers as toks
+  rm_tok = toks.load(toks.run_file(reward_from))
+  if not same_tokenizer(rm_tok, pol.tok):
+    raise ConfigError(f'The reward model in {reward_from} uses a different tokenizer from the policy '
+                      f'in {pol.source.path} ({rm_tok.vocab_size} vs {pol.tok.vocab_size} ids); train '
+                      'the reward model from the same SFT (or pretraining) lineage as the policy.')
+  rm = reward_stage.load_reward_model(reward_from, mesh_cfg)
+  if max_len and max_len > rm.cfg.max_seq_len:
+    raise ConfigError(f'Rollouts of up to {max_len} tokens exceed the reward model\'s context '
+                      f'({rm.cfg.max_seq_len}); lower max_new_tokens or the prompt length.')
+  return rm, lambda tokens, mask: rm.score(rm.params, tokens, mask)
