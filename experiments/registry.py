@@ -22,6 +22,8 @@ EXPERIMENTS: dict[str, str] = {
     'export': 'experiments.export:run',
     'tools_qa': 'experiments.tools:run',
     'preferences': 'experiments.preferences:run',
+    'dpo': 'experiments.dpo:run',
+    'pg': 'experiments.pg:run',
 }
 
 
