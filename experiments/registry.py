@@ -22,6 +22,7 @@ EXPERIMENTS: dict[str, str] = {
     'export': 'experiments.export:run',
     'tools_qa': 'experiments.tools:run',
     'preferences': 'experiments.preferences:run',
+    'ppo': 'experiments.ppo:run',
     'dpo': 'experiments.dpo:run',
     'pg': 'experiments.pg:run',
 }
