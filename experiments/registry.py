@@ -20,6 +20,7 @@ EXPERIMENTS: dict[str, str] = {
     'aot': 'experiments.aot:run',
     'bench_peft': 'experiments.bench_peft:run',
     'export': 'experiments.export:run',
+    'cot': 'experiments.cot:run',
     'tools_qa': 'experiments.tools:run',
     'preferences': 'experiments.preferences:run',
     'ppo': 'experiments.ppo:run',
