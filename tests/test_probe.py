@@ -1,0 +1,140 @@
+"""lm.probe: recomputed attention equals the model; scores on hand-built patterns and losses."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm import model, probe
+from lm.config import ModelConfig
+
+VARIANTS = {
+    'gpt2_learned': dict(),
+    'rope_gqa_rmsnorm': dict(positions='rope', n_kv_heads=2, norm='rmsnorm', use_bias=False,
+                             activation='swiglu', tie_embeddings=False),
+    'alibi_parallel': dict(positions='alibi', parallel_block=True),
+    'relative_post': dict(positions='relative', rel_buckets=8, rel_max_distance=12,
+                          norm_position='post', scale_attention=False),
+    'q_blocks_sandwich': dict(attention_q_block=4, norm_position='sandwich'),
+}
+
+
+def probs_and_hidden(params, tokens, cfg):
+  return jax.jit(functools.partial(probe.attention_probs, cfg=cfg, return_hidden=True))(params, tokens)
+
+
+def hidden(params, tokens, cfg):
+  return jax.jit(lambda p, t: model.hidden_states(p, t, cfg)[0])(params, tokens)
+
+
+def init(cfg, seed):
+  return jax.jit(functools.partial(model.init, cfg))(jax.random.key(seed))
+
+
+def small(**kw):
+  base = dict(vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, init_std=0.2)
+  return ModelConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize('name', sorted(VARIANTS))
+def test_recomputed_attention_rebuilds_the_models_hidden_states(name):
+  cfg = small(**VARIANTS[name])
+  params = init(cfg, 1)
+  tokens = jax.random.randint(jax.random.key(2), (2, 11), 0, cfg.vocab_size)
+  probs, h = probs_and_hidden(params, tokens, cfg)
+  want = hidden(params, tokens, cfg)
+  np.testing.assert_allclose(np.asarray(h), np.asarray(want), atol=2e-5, rtol=1e-5)
+  assert probs.shape == (2, 2, 4, 11, 11)
+  np.testing.assert_allclose(np.asarray(probs.sum(-1)), 1.0, atol=1e-5)
+  assert float(jnp.abs(jnp.triu(probs, 1)).max()) == 0.0     # causal
+
+
+def test_recomputed_attention_differs_from_a_wrong_layer():
+  """The equality above has teeth: dropping one layer's attention changes the hidden states."""
+  cfg = small()
+  params = init(cfg, 1)
+  tokens = jax.random.randint(jax.random.key(2), (1, 9), 0, cfg.vocab_size)
+  broken = jax.tree.map(lambda a: a, params)
+  broken['layers']['attn']['wo'] = broken['layers']['attn']['wo'].at[1].set(0.0)
+  _, h = probs_and_hidden(broken, tokens, cfg)
+  want = hidden(params, tokens, cfg)
+  assert np.abs(np.asarray(h) - np.asarray(want)).max() > 1e-3
+
+
+def _pattern(t, fill):
+  """[1 layer, 1 batch, H heads, T, T] built row by row by fill(t) -> row."""
+  return jnp.asarray(np.stack([fill(q) for q in range(t)]))[None, None, None]
+
+
+def test_induction_score_perfect_and_uniform():
+  period, t = 5, 10
+  def induction(q):
+    row = np.zeros(t)
+    row[q - period + 1 if q >= period else q] = 1.0
+    return row
+  def uniform(q):
+    row = np.zeros(t)
+    row[:q + 1] = 1.0 / (q + 1)
+    return row
+  assert float(probe.induction_scores(_pattern(t, induction), period)[0, 0]) == pytest.approx(1.0)
+  want = np.mean([1 / (q + 1) for q in range(period, t)])   # hand computed: ~0.1455
+  assert float(probe.induction_scores(_pattern(t, uniform), period)[0, 0]) == pytest.approx(want)
+  # a previous-token head is no induction head, and vice versa
+  def prev(q):
+    row = np.zeros(t)
+    row[max(q - 1, 0)] = 1.0
+    return row
+  assert float(probe.induction_scores(_pattern(t, prev), period)[0, 0]) == 0.0
+  assert float(probe.previous_token_scores(_pattern(t, prev))[0, 0]) == pytest.approx(1.0)
+
+
+def test_induction_score_on_a_hand_built_two_layer_model():
+  """An induction head in a real recomputed pattern: tokens repeated with period P give high
+  scores only where attention points at t - P + 1 (sanity of indices on random params)."""
+  cfg = small(n_layers=1, n_heads=1, positions='learned')
+  params = init(cfg, 0)
+  toks = probe.repeated_tokens(jax.random.key(3), 4, 6, cfg.vocab_size)
+  assert toks.shape == (4, 12) and bool((toks[:, :6] == toks[:, 6:]).all())
+  s = probe.induction_scores(probs_and_hidden(params, toks, cfg)[0], 6)
+  assert s.shape == (1, 1) and 0.0 < float(s[0, 0]) < 0.5    # untrained: near uniform
+
+
+def test_copying_score_of_identity_and_negated_ov():
+  cfg = small(n_layers=1, n_heads=2, d_model=8, vocab_size=20, vocab_multiple=4)
+  params = {'embed': np.random.default_rng(0).normal(size=(20, 8)), 'layers': {'attn': {}}}
+  hd = cfg.head_dim
+  eye = np.zeros((8, 2, hd))
+  eye[np.arange(hd), 0, np.arange(hd)] = 1.0               # head 0 reads dims 0..3
+  eye[hd + np.arange(hd), 1, np.arange(hd)] = 1.0           # head 1 reads dims 4..7
+  wo = np.transpose(eye, (1, 2, 0)).copy()                  # writes them back: W_V W_O = projection
+  wo[1] *= -1.0                                             # head 1 writes them negated
+  params['layers']['attn']['wv'] = jnp.asarray(eye)[None]
+  params['layers']['attn']['wo'] = jnp.asarray(wo)[None]
+  s = np.asarray(probe.copying_scores(params, cfg))
+  # M = E P E^T (tied): positive semi-definite -> 1; its negation -> -1
+  np.testing.assert_allclose(s[0], [1.0, -1.0], atol=1e-6)
+
+
+def test_icl_score_on_hand_built_losses():
+  losses = np.tile(np.linspace(4.0, 1.0, 100), (3, 1))       # loss falls along the context
+  assert probe.icl_indices(512) == (50, 500)
+  assert probe.icl_indices(100) == (10, 98)
+  assert probe.icl_score(losses, 10, 90) == pytest.approx(losses[0, 90] - losses[0, 10])
+  assert probe.icl_score(losses) == pytest.approx(losses[0, 98] - losses[0, 10])
+  assert probe.icl_score(np.ones((2, 64))) == 0.0
+  w = probe.icl_score(losses, 10, 90, window=2)
+  assert w == pytest.approx(losses[0, 88:93].mean() - losses[0, 8:13].mean())
+  with pytest.raises(ValueError):
+    probe.icl_score(losses, 50, 20)
+
+
+def test_token_losses_match_the_model():
+  cfg = small()
+  params = init(cfg, 0)
+  toks = jax.random.randint(jax.random.key(1), (2, 8), 0, cfg.vocab_size)
+  got = jax.jit(functools.partial(probe.token_losses, cfg=cfg))(params, toks)
+  logits, _ = jax.jit(functools.partial(model.forward, cfg=cfg))(params, toks)
+  lp = jax.nn.log_softmax(logits, -1)
+  assert got.shape == (2, 7)
+  np.testing.assert_allclose(np.asarray(got[1, 3]), -float(lp[1, 3, toks[1, 4]]), rtol=1e-5)
