@@ -23,6 +23,7 @@ EXPERIMENTS: dict[str, str] = {
     'cot': 'experiments.cot:run',
     'tools_qa': 'experiments.tools:run',
     'preferences': 'experiments.preferences:run',
+    'label': 'experiments.label:run',
     'ppo': 'experiments.ppo:run',
     'dpo': 'experiments.dpo:run',
     'pg': 'experiments.pg:run',
