@@ -27,6 +27,8 @@ EXPERIMENTS: dict[str, str] = {
     'ppo': 'experiments.ppo:run',
     'dpo': 'experiments.dpo:run',
     'pg': 'experiments.pg:run',
+    'icl_induction': 'experiments.induction:run',
+    'icl_sweep': 'experiments.icl:run',
 }
 
 
