@@ -23,6 +23,8 @@ EXPERIMENTS: dict[str, str] = {
     'cot': 'experiments.cot:run',
     'tools_qa': 'experiments.tools:run',
     'preferences': 'experiments.preferences:run',
+    'bon': 'experiments.bon:run',
+    'overoptimisation': 'experiments.overoptimisation:run',
     'label': 'experiments.label:run',
     'ppo': 'experiments.ppo:run',
     'dpo': 'experiments.dpo:run',
