@@ -1,0 +1,235 @@
+"""Best-of-n sampling on the RLHF testbed: the reference point of Gao et al. (2022) for how
+much gold reward optimising a proxy buys per nat of KL.
+
+  init_from (SFT policy) -> N samples per held-out prompt at temperature 1 -> each scored by
+  every proxy RM in reward_from and by the gold reward -> for n = 1, 2, 4, ..., N the expected
+  proxy and gold reward of the best-of-n choice (selected by that proxy), estimated without
+  bias from the N samples -> KL_bon(n) = log n - (n - 1) / n (rl.bon.kl_bon)
+
+Writes results.json (one series per proxy RM, plus 'oracle': best-of-n selected by gold
+itself, the ceiling of any proxy), scores.npz (the raw [P, N] gold and proxy scores, for
+refitting), a printed table and bon.png (gold and proxy against sqrt(KL)).
+
+The estimator (Gao et al. 2022, appendix; Nakano et al. 2021): sort a prompt's N samples by
+proxy, ascending; the best of a uniformly random n-subset is the i-th (1-based) with
+probability C(i - 1, n - 1) / C(N, n), so E[value of the best of n] = sum_i value_(i) *
+C(i - 1, n - 1) / C(N, n). It uses all N samples for every n (lower variance than drawing
+disjoint groups of n) and is exact for the empirical distribution.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+from experiments import policy, trainer
+from lm import sharding
+from lm.config import ConfigError
+from rl import bon as bon_lib
+from rl import gold
+
+RESULTS = 'results.json'
+SCORES = 'scores.npz'
+
+
+# ---------------------------------------------------------------------------------------------
+# The estimator (pure numpy).
+
+def ns_of(n_samples: int) -> list[int]:
+  """1, 2, 4, ... up to n_samples, and n_samples itself if it is not a power of 2."""
+  ns, n = [], 1
+  while n <= n_samples:
+    ns.append(n)
+    n *= 2
+  return ns if ns[-1] == n_samples else ns + [n_samples]
+
+
+def bon_weights(N: int, n: int) -> np.ndarray:
+  """[N] probability that the i-th smallest of N (0-based i) is the best of a random n-subset:
+  C(i, n - 1) / C(N, n) (exact integer arithmetic, then one rounding)."""
+  if not 1 <= n <= N:
+    raise ValueError(f'n={n} must be in [1, N={N}].')
+  total = math.comb(N, n)
+  return np.array([math.comb(i, n - 1) / total for i in range(N)], np.float64)
+
+
+def rank_order(select: np.ndarray) -> np.ndarray:
+  """[..., N] indices sorting each row by `select`, ascending; among equal scores the lower
+  index ranks higher, so the winner is the first of the tied (as argmax / rl.bon picks)."""
+  idx = np.broadcast_to(np.arange(select.shape[-1]), select.shape)
+  return np.lexsort((-idx, select), axis=-1)
+
+
+def expected_best(select: np.ndarray, values: np.ndarray, ns) -> np.ndarray:
+  """Unbiased E[values of the best-of-n by `select`] per row.
+
+  select, values [P, N] -> [len(ns), P]: for each n, over all n-subsets of a row's N samples
+  (uniformly), the mean of `values` at the subset's argmax of `select`."""
+  select, values = np.asarray(select, np.float64), np.asarray(values, np.float64)
+  order = rank_order(select)
+  ranked = np.take_along_axis(values, order, axis=-1)
+  N = select.shape[-1]
+  return np.stack([ranked @ bon_weights(N, n) for n in ns])
+
+
+def curve(select: np.ndarray, gold_scores: np.ndarray, proxy: np.ndarray | None, ns) -> list[dict]:
+  """One series' points: n, KL_bon, d = sqrt(KL), expected gold (+ stderr over prompts) and proxy."""
+  g = expected_best(select, gold_scores, ns)
+  p = expected_best(select, proxy, ns) if proxy is not None else None
+  pts = []
+  for j, n in enumerate(ns):
+    kl = bon_lib.kl_bon(n)
+    pt = {'n': int(n), 'kl': kl, 'd': math.sqrt(kl), 'gold': float(g[j].mean()),
+          'gold_stderr': float(g[j].std() / math.sqrt(g.shape[1]))}
+    if p is not None:
+      pt['proxy'] = float(p[j].mean())
+    pts.append(pt)
+  return pts
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment.
+
+def reward_dirs(reward_from) -> list[str]:
+  """reward_from as a list: a comma-separated string or a list / tuple of workdirs."""
+  if isinstance(reward_from, str):
+    dirs = [p.strip() for p in reward_from.split(',') if p.strip()]
+  else:
+    dirs = [str(p) for p in reward_from or ()]
+  return dirs
+
+
+def labels_of(dirs: list[str]) -> list[str]:
+  """Series names: each workdir's basename, or the whole path where basenames collide."""
+  base = [os.path.basename(os.path.normpath(d)) for d in dirs]
+  return [b if base.count(b) == 1 else os.path.normpath(d) for b, d in zip(base, dirs)]
+
+
+def check(config: ConfigDict) -> list[str]:
+  dirs = reward_dirs(config.reward_from)
+  if not dirs:
+    raise ConfigError('bon needs --config.reward_from=DIR[,DIR...] (finished `reward` workdirs).')
+  if config.n_samples < 1:
+    raise ConfigError(f'n_samples={config.n_samples}: draw at least 1 sample per prompt.')
+  if config.max_new_tokens < 1 or config.temperature <= 0:
+    raise ConfigError('max_new_tokens must be >= 1 and temperature > 0 (samples, not greedy).')
+  if config.prompts.n_eval < 1:
+    raise ConfigError(f'prompts.n_eval={config.prompts.n_eval}: evaluate at least 1 prompt.')
+  if config.temperature != 1.0:
+    print(f'note: temperature={config.temperature}: KL_bon is measured from the temperature-'
+          f'{config.temperature} sampling distribution, not from the policy itself.')
+  gold.check(config.gold)
+  return dirs
+
+
+def run(config: ConfigDict, workdir: str):
+  dirs = check(config)
+  os.makedirs(workdir, exist_ok=True)
+  pol = policy.open_policy(config.init_from)
+  max_prompt = pol.cfg.max_seq_len - config.max_new_tokens
+  texts = policy.prompt_texts(config, 'eval')
+  prompts = policy.encode_prompts(pol, texts, max_prompt)
+  max_len = max(len(p) for p in prompts) + config.max_new_tokens
+  mesh_cfg = config.mesh.to_dict()
+  rms = [policy.open_reward(d, pol, mesh_cfg, max_len) for d in dirs]   # errors before sampling
+  labels = labels_of(dirs)
+  mesh = sharding.make_mesh(mesh_cfg)
+  trainer.write_config(config, workdir, {'source': pol.source.record(), 'reward_dirs': dirs})
+  params = pol.source.restore_params(mesh, pol.cfg)
+  s = policy.sampling_config(pol, config.max_new_tokens, config.temperature)
+  P, N = len(prompts), config.n_samples
+
+  # N samples of each prompt: the prompt list with each prompt repeated N times, one per row.
+  t0 = time.time()
+  reps = [p for p in prompts for _ in range(N)]
+  responses, proxies, lengths = [], [[] for _ in rms], []
+  bar = tqdm(total=len(reps), desc='sampling', unit='resp')
+  for gen in policy.sample(params, pol, reps, jax.random.key(config.seed), s, mesh, config.batch_size):
+    responses += policy.texts_of(pol, gen)
+    lengths.append(np.asarray(gen.lengths))
+    seq = gen.sequences()
+    for j, (_, score) in enumerate(rms):
+      proxies[j].append(np.asarray(score(*seq)))
+    bar.update(len(gen.lengths))
+  bar.close()
+  sample_s = time.time() - t0
+  g = gold.score(responses, config.gold).reshape(P, N)
+  proxy = [np.concatenate(p).reshape(P, N) for p in proxies]
+  np.savez(os.path.join(workdir, SCORES), gold=g, **{f'proxy_{i}': p for i, p in enumerate(proxy)},
+           labels=np.array(labels), lengths=np.concatenate(lengths).reshape(P, N))
+
+  ns = ns_of(N)
+  series = {}
+  for label, d, p in zip(labels, dirs, proxy):
+    series[label] = {'reward_from': os.path.abspath(d), 'points': curve(p, g, p, ns),
+                     'best_samples': _best_samples(texts, responses, p, g, N)}
+  oracle = {'reward_from': None, 'points': curve(g, g, None, ns)}
+  results = {'init_from': pol.source.path, 'prompts': P, 'n_samples': N, 'ns': ns,
+             'gold_kind': config.gold, 'temperature': config.temperature,
+             'sft_gold': float(g.mean()), 'series': series, 'oracle': oracle,
+             'responses_per_s': len(reps) / sample_s,
+             'duplicate_share': float(1 - np.mean([len(set(r)) / N for r in
+                                                   np.array(responses, object).reshape(P, N)]))}
+  with open(os.path.join(workdir, RESULTS), 'w') as f:
+    json.dump(results, f, indent=2)
+  print(table(results))
+  plot(results, os.path.join(workdir, 'bon.png'))
+  return results
+
+
+def _best_samples(texts, responses, proxy, g, N, k: int = 3) -> list[dict]:
+  """The best-of-N response under this proxy for the first k prompts (for the log)."""
+  out = []
+  for i in range(min(k, len(texts))):
+    j = int(np.argmax(proxy[i]))
+    out.append({'prompt': texts[i], 'response': responses[i * N + j], 'proxy': float(proxy[i, j]),
+                'gold': float(g[i, j])})
+  return out
+
+
+def table(results: dict) -> str:
+  names = list(results['series'])
+  head = f'{"n":>5} {"KL":>7} {"sqrtKL":>7}' + ''.join(f' {n[:14] + " proxy":>20} {"gold":>7}' for n in names)
+  head += f' {"oracle gold":>12}'
+  rows = [f'best-of-n on {results["prompts"]} held-out prompts x {results["n_samples"]} samples '
+          f'(SFT gold {results["sft_gold"]:+.4f}; {results["responses_per_s"]:.0f} responses/s)', head]
+  for j, n in enumerate(results['ns']):
+    pt0 = results['oracle']['points'][j]
+    r = f'{n:>5} {pt0["kl"]:>7.3f} {pt0["d"]:>7.3f}'
+    for name in names:
+      pt = results['series'][name]['points'][j]
+      r += f' {pt["proxy"]:>+20.4f} {pt["gold"]:>+7.4f}'
+    rows.append(r + f' {pt0["gold"]:>+12.4f}')
+  return '\n'.join(rows)
+
+
+def plot(results: dict, path: str) -> str:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, (ax_g, ax_p) = plt.subplots(1, 2, figsize=(11, 4.2))
+  for name, s in results['series'].items():
+    d = [p['d'] for p in s['points']]
+    line, = ax_g.plot(d, [p['gold'] for p in s['points']], 'o-', label=name)
+    ax_p.plot(d, [p['proxy'] for p in s['points']], 'o-', color=line.get_color(), label=name)
+  o = results['oracle']['points']
+  ax_g.plot([p['d'] for p in o], [p['gold'] for p in o], 'k:', label='oracle (select by gold)')
+  for ax, what in ((ax_g, 'gold reward'), (ax_p, 'proxy reward (normalised)')):
+    ax.set_xlabel('d = sqrt(KL_bon) (nats^0.5)')
+    ax.set_ylabel(what)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  top = ax_g.secondary_xaxis('top', functions=(lambda d: d, lambda d: d))
+  top.set_ticks([p['d'] for p in o][1::2], labels=[str(n) for n in results['ns']][1::2])
+  top.set_xlabel('n')
+  fig.suptitle(f'best-of-n, {results["prompts"]} prompts x {results["n_samples"]} samples')
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
