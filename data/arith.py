@@ -152,17 +152,18 @@ def generate(n: int, *, seed: int = 0, split: str = 'train', steps: Sequence[int
     raise ArithError(f'ablation={ablation!r}; choose one of {ABLATIONS}.')
   rng = np.random.default_rng([seed, _SPLITS[split], 0xA817])
   seen = set(exclude)
-  out, tries = [], 0
+  out, misses = [], 0
   while len(out) < n:
-    tries += 1
-    if tries > 50 * n + 1000:
-      raise ArithError(f'Only {len(out)} distinct problems after {tries} draws; ask for fewer or '
+    if misses > 2000:   # that many repeats in a row: (nearly) every question is taken
+      raise ArithError(f'Only {len(out)} distinct problems could be drawn; ask for fewer or '
                        'widen steps/digits.')
     s = int(rng.integers(steps[0], steps[1] + 1))
     d = int(rng.integers(digits[0], digits[1] + 1))
     p = make_problem(rng, s, d, ops)
     if p['question'] in seen:
+      misses += 1
       continue
+    misses = 0
     seen.add(p['question'])
     if ablation != 'none':
       p = ablated(p, ablation)
