@@ -66,7 +66,7 @@ def _rm_of(workdir: str) -> str:
   if isinstance(rm, (list, tuple)):
     rm = rm[0] if rm else ''
   rm = str(rm).split(',')[0].strip()
-  return os.path.abspath(rm) if rm else NO_RM
+  return os.path.realpath(rm) if rm else NO_RM
 
 
 def _pt(kl, gold, proxy=None, **extra) -> dict:
@@ -83,7 +83,7 @@ def read_bon(workdir: str) -> list[dict]:
   for label, s in res['series'].items():
     pts = [_pt(p['kl'], p['gold'], p.get('proxy'), n=p['n']) for p in s['points']]
     out.append({'name': f'bon {label}', 'method': 'bon', 'form': 'bon', 'source': workdir,
-                'rm': os.path.abspath(s['reward_from']) if s.get('reward_from') else NO_RM,
+                'rm': os.path.realpath(s["reward_from"]) if s.get('reward_from') else NO_RM,
                 'points': pts})
   return out
 
