@@ -10,6 +10,17 @@ to rank preferred responses above the others.
 The trainable tree is {'trunk', 'head'}; with peft.method != none it is {'adapters', 'head'}
 and the trunk is the frozen argument of the step. `load_reward_model(workdir)` gives the
 normalised scoring function later stages (PPO, best-of-n) use.
+
+Ensembles (ensemble.members = M > 1; Coste et al. 2023): every leaf of the trainable tree
+gains a leading M axis (replicated; the rules table shards the rest), the trunk (or the PEFT
+base) comes from the same init_from, and member m is exactly the single model of seed
+config.seed + m: head init key(seed + m), data order RewardData.train_rows(epoch, m) (one
+[B, M, K, T] batch of M independently shuffled streams), step rng fold_in(key(seed + m), step).
+One jitted step vmaps lm.train.update over the members: the objective is the sum of their
+K-wise losses, and since members share no parameter each one's gradient, pair-count
+normalisation, clipping, AdamW state and non-finite skip are its own. Held-out metrics per
+member and for every combination of the normalised member scores (rl.reward.ensemble);
+reward_norm.json holds per-member (gain, bias).
 """
 from __future__ import annotations
 
@@ -22,6 +33,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from ml_collections import ConfigDict
 
 from data import pipeline, tokenizers
@@ -66,6 +78,119 @@ def _trees(config, cfg, pcfg, source, mesh):
   return axes, init, None, frozen, jax.tree.map(lambda x: x.sharding, frozen)
 
 
+# Ensembles ------------------------------------------------------------------------------------
+def ensemble_config(config: ConfigDict) -> ConfigDict:
+  """config.ensemble, checked (one sentence each); configs without the section are one model."""
+  e = ConfigDict(dict(members=1, combine='mean', lam=0.5))
+  if config.get('ensemble') is not None:
+    e.update(config.ensemble.to_dict())
+  if not isinstance(e.members, int) or e.members < 1:
+    raise ConfigError(f'ensemble.members={e.members!r}: an ensemble needs at least one reward model; '
+                      'set ensemble.members to an integer >= 1 (1 = a single model).')
+  if e.combine not in reward_lib.ENSEMBLES:
+    raise ConfigError(f'ensemble.combine={e.combine!r} is not a known combination; use one of '
+                      f'{list(reward_lib.ENSEMBLES)}.')
+  if e.lam < 0:
+    raise ConfigError(f'ensemble.lam={e.lam} would reward disagreement between members; use lam >= 0.')
+  return e
+
+
+def stacked_axes(axes):
+  """Each leaf's logical axes with a leading unnamed (replicated) member axis."""
+  return jax.tree.map(lambda ax: (None, *ax), axes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _ensemble_trees(config, cfg, pcfg, source, mesh, m: int):
+  """_trees with a leading member axis: member i initialised as the single model of seed + i."""
+  axes, init1, initial1, frozen, frozen_sh = _trees(config, cfg, pcfg, source, mesh)
+  seeds = config.seed + jnp.arange(m)
+  # `key` is build's key(config.seed): each member derives its own from seed + i instead.
+  init = lambda key: jax.vmap(lambda s: init1(jax.random.key(s)))(seeds)
+  initial = None
+  if initial1 is not None:
+    def initial():
+      trunk = source.restore_params(mesh, cfg)
+      head = jax.vmap(lambda s: heads.init(cfg, 1, jax.random.fold_in(jax.random.key(s), 1)))(seeds)
+      return {'trunk': jax.tree.map(lambda x: jnp.broadcast_to(x, (m, *x.shape)), trunk), 'head': head}
+  return axes, init, initial, frozen, frozen_sh
+
+
+def ensemble_build(config, workdir, mesh, *, axes, init_params, initial_params, total_steps):
+  """stage.build for a stacked trainable tree: the optimizer of ONE member (its decay mask and
+  groups from the member's axes), vmapped, so each member keeps its own moments, count and
+  gradient clipping. Returns (stage.Setup, the member optimizer)."""
+  tx1, schedule = train_lib.make_optimizer(config.optim.to_dict(), axes, total_steps)
+  tx = optax.GradientTransformation(jax.vmap(tx1.init), jax.vmap(tx1.update))
+  key = jax.random.key(config.seed)
+
+  def start(params):
+    return train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  abstract = jax.eval_shape(lambda k: start(init_params(k)), key)
+  param_sh = sharding.tree_shardings(stacked_axes(axes), abstract.params, mesh)
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  # The stacked state has the member optimizer's structure: moments follow the params; the
+  # [M] counts are replicated.
+  opt_sh = optax.tree_map_params(tx1, lambda p, s: p if masked(p) else s, abstract.opt_state,
+                                 param_sh, transform_non_params=lambda _: sharding.replicated(mesh),
+                                 is_leaf=masked)
+  shardings = train_lib.TrainState(step=sharding.replicated(mesh), params=param_sh, opt_state=opt_sh)
+
+  def fresh():
+    if initial_params is None:
+      return jax.jit(lambda k: start(init_params(k)), out_shardings=shardings)(key)
+    return jax.jit(start, out_shardings=shardings)(initial_params())
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                       config.train.get('keep_checkpoints', 3))
+  found = checkpointer.restore_or_none(train_lib.abstract_with_shardings(abstract, shardings))
+  if found is None:
+    return stage.Setup(mesh, tx, schedule, shardings, fresh(), 0, None, {}, checkpointer), tx1
+  step, state, data_state, meta = found
+  return stage.Setup(mesh, tx, schedule, shardings, state, step, data_state, meta, checkpointer), tx1
+
+
+def member_metrics(metrics: dict, m: int) -> dict:
+  """[M] metrics of one vmapped update -> logged scalars: the objective `loss` (the sum of
+  the members' losses), `<name>_m<i>` per member, `<name>` the mean (skipped: any member)."""
+  out = {}
+  for k, v in metrics.items():
+    if k == 'lr':
+      out[k] = v[0]
+      continue
+    out[k] = jnp.max(v) if k == 'skipped' else jnp.sum(v) if k in ('loss', 'tokens') else jnp.mean(v)
+    if k in ('loss', 'accuracy', 'margin', 'grad_norm'):
+      out.update({f'{k}_m{i}': v[i] for i in range(m)})
+  out['loss_mean'] = jnp.mean(metrics['loss'])
+  return out
+
+
+def make_ensemble_step(loss_fn, tx1, mesh, shardings, member_param_sh, batch_sh, *, m: int,
+                       frozen_sh=None, grad_accum: int = 1, seed: int = 0, schedule=None):
+  """step(state, batch [B, M, ...][, frozen]) -> (state, metrics): lm.train.update vmapped over
+  the members (state donated; the frozen tree shared, unbatched)."""
+  upd = functools.partial(train_lib.update, loss_fn=loss_fn, tx=tx1, grad_accum=grad_accum,
+                          mesh=mesh, grad_sh=member_param_sh, schedule=schedule)
+  seeds = seed + jnp.arange(m)
+
+  def step(state, batch, frozen=None):
+    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), state.step))(seeds)
+
+    def one(params, opt_state, b, key):
+      new, metrics = upd(train_lib.TrainState(state.step, params, opt_state), b, key, frozen)
+      return new.params, new.opt_state, metrics
+    params, opt_state, metrics = jax.vmap(one, in_axes=(0, 0, 1, 0))(
+        state.params, state.opt_state, batch, keys)
+    return train_lib.TrainState(state.step + 1, params, opt_state), member_metrics(metrics, m)
+
+  in_sh = (shardings, batch_sh) if frozen_sh is None else (shardings, batch_sh, frozen_sh)
+  jitted = jax.jit(step, in_shardings=in_sh, out_shardings=(shardings, sharding.replicated(mesh)),
+                   donate_argnums=(0,))
+
+  def call(*args):
+    with sharding.activation_sharding(mesh):   # layers' activation constraints see the mesh
+      return jitted(*args)
+  return call
+
+
 def run(config: ConfigDict, workdir: str):
   os.makedirs(workdir, exist_ok=True)
   t = config.train
@@ -75,6 +200,8 @@ def run(config: ConfigDict, workdir: str):
   if config.data.k < 2:
     raise ConfigError(f'data.k={config.data.k}: a reward model learns from comparisons, so each '
                       'prompt needs at least 2 responses; set data.k >= 2.')
+  ens = ensemble_config(config)
+  m = ens.members
   pcfg = sft.peft_config(config)
   source = stage.read_source(config.init_from)
   cfg = stage.model_from_source(config, source)
@@ -94,16 +221,28 @@ def run(config: ConfigDict, workdir: str):
     tok.save(os.path.join(workdir, tokenizers.RUN_FILE))
 
   # 2. Trainable and frozen trees, sharded by the rules table.
-  axes, init_params, initial, frozen, frozen_sh = _trees(config, cfg, pcfg, source, mesh)
+  # Ensembles: a leading member axis on the params, and on the batch after its batch axis.
   spec = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in data.train.items()}
-  batch_sh = train_lib.batch_shardings(mesh, spec)
-  rows = pipeline.local_rows(batch_sh['ranks'], t.batch_size, config.data.k)
-  batches = pipeline.RowBatches(data.train_rows, t.batch_size, rows)
-  setup = stage.build(config, workdir, mesh, axes=axes, init_params=init_params,
-                      total_steps=t.steps, initial_params=initial)
+  val_sh = train_lib.batch_shardings(mesh, spec)
+  if m == 1:
+    axes, init_params, initial, frozen, frozen_sh = _trees(config, cfg, pcfg, source, mesh)
+    batch_sh = val_sh
+    batches = pipeline.RowBatches(data.train_rows, t.batch_size,
+                                  pipeline.local_rows(batch_sh['ranks'], t.batch_size, config.data.k))
+    setup = stage.build(config, workdir, mesh, axes=axes, init_params=init_params,
+                        total_steps=t.steps, initial_params=initial)
+  else:
+    axes, init_params, initial, frozen, frozen_sh = _ensemble_trees(config, cfg, pcfg, source, mesh, m)
+    batch_sh = train_lib.batch_shardings(
+        mesh, {k: jax.ShapeDtypeStruct((m, *v.shape), v.dtype) for k, v in spec.items()})
+    batches = pipeline.RowBatches(lambda e: data.ensemble_rows(e, m), t.batch_size,
+                                  pipeline.local_rows(batch_sh['ranks'], t.batch_size, m))
+    setup, tx1 = ensemble_build(config, workdir, mesh, axes=axes, init_params=init_params,
+                                initial_params=initial, total_steps=t.steps)
+  rows = pipeline.local_rows(val_sh['ranks'], t.batch_size, config.data.k)
   if setup.data_state is not None:
     batches.restore(setup.data_state)
-  trainable = sft.peft_counts(cfg, pcfg)['trainable'] + cfg.d_model + 1
+  trainable = (sft.peft_counts(cfg, pcfg)['trainable'] + cfg.d_model + 1) * m
   trainer.write_config(config, workdir, {
       'model': dataclasses.asdict(cfg),   # the network itself, so load_reward_model needs no source
       'resolved': {'vocab_size': cfg.vocab_size, 'seq_len': seq_len, 'params': cfg.num_params(),
@@ -112,7 +251,8 @@ def run(config: ConfigDict, workdir: str):
       'source': source.record()})
   rep = data.report
   print(f'reward from {source.path} (step {source.step}): {cfg.num_params():,} params, '
-        f'{trainable:,} trainable ({pcfg.method}); {rep["used"]["train"]:,} training / '
+        f'{trainable:,} trainable ({pcfg.method}' + (f', ensemble of {m}' if m > 1 else '') +
+        f'); {rep["used"]["train"]:,} training / '
         f'{rep["used"]["validation"]:,} held-out groups of K={config.data.k} '
         f'(skipped: {rep["skipped"] or "none"}; truncated: {rep["truncated"]["train"]}); '
         f'mesh {dict(mesh.shape)}; ' + (f'resuming at step {setup.start}' if setup.start else 'starting'))
@@ -126,60 +266,104 @@ def run(config: ConfigDict, workdir: str):
   def loss_fn(params, batch, rng, frozen=None):
     return ranking_loss(scores_of(trunk_of(params, frozen), params['head'], batch, cfg), batch, margin)
 
-  step_fn = train_lib.make_train_step(loss_fn, setup.tx, mesh, setup.shardings, batch_sh,
-                                      frozen_sh=frozen_sh, grad_accum=t.grad_accum,
-                                      seed=config.seed, schedule=setup.schedule)
+  def ensemble_loss(params, batch, rng, frozen=None):
+    """Held-out loss of all members on the same batch: sums over members (val_* = member mean)."""
+    out = jax.vmap(lambda p: loss_fn(p, batch, rng, frozen))(params)
+    return jax.tree.map(lambda x: jnp.sum(x, 0), out)
+
+  if m == 1:
+    step_fn = train_lib.make_train_step(loss_fn, setup.tx, mesh, setup.shardings, batch_sh,
+                                        frozen_sh=frozen_sh, grad_accum=t.grad_accum,
+                                        seed=config.seed, schedule=setup.schedule)
+  else:
+    member_sh = sharding.tree_shardings(axes, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+        jax.eval_shape(init_params, jax.random.key(0))), mesh)
+    step_fn = make_ensemble_step(loss_fn, tx1, mesh, setup.shardings, member_sh, batch_sh, m=m,
+                                 frozen_sh=frozen_sh, grad_accum=t.grad_accum, seed=config.seed,
+                                 schedule=setup.schedule)
   extra = () if frozen is None else (frozen,)
   if frozen is not None:
     step_fn = functools.partial(sft._with_frozen, step_fn, frozen)
   to_global = functools.partial(pipeline.to_global, shardings=batch_sh, global_batch=t.batch_size)
-  local = lambda c: to_global({k: v[rows[0]:rows[1]] for k, v in c.items()})
+  val_global = functools.partial(pipeline.to_global, shardings=val_sh, global_batch=t.batch_size)
+  local = lambda c: val_global({k: v[rows[0]:rows[1]] for k, v in c.items()})
   evaluate = None
   if t.eval_every and len(data.val['ranks']):
-    eval_step = train_lib.make_eval_step(loss_fn, mesh, setup.shardings.params, batch_sh, frozen_sh)
+    eval_step = train_lib.make_eval_step(loss_fn if m == 1 else ensemble_loss, mesh,
+                                         setup.shardings.params, val_sh, frozen_sh)
     val = [c for c, _ in reward_eval.chunks(data.val, t.batch_size)]
     evaluate = trainer.eval_fn(lambda p, b: eval_step(p, b, *extra), val, local)
   state = trainer.train(trainer.Run(
       config=config, workdir=workdir, mesh=mesh, state=setup.state, start_step=setup.start,
       step_fn=step_fn, batches=batches, to_global=to_global, evaluate=evaluate,
       checkpointer=setup.checkpointer, flops_per_token=cfg.flops_per_token(seq_len),
-      tokens_per_step=t.batch_size * config.data.k * seq_len))
+      tokens_per_step=t.batch_size * config.data.k * seq_len * m))
   setup.checkpointer.close()
   if int(state.step) < t.steps:
     return state
 
   # 4. Held-out evaluation beside the baselines; the normaliser on the training responses.
-  score_jit = jax.jit(lambda p, b, *f: scores_of(trunk_of(p, *f), p['head'], b, cfg),
-                      in_shardings=(setup.shardings.params, batch_sh, *([frozen_sh] if extra else [])),
+  def group_scores(p, b, *f):
+    if m == 1:
+      return scores_of(trunk_of(p, *f), p['head'], b, cfg)
+    per = jax.vmap(lambda q: scores_of(trunk_of(q, *f), q['head'], b, cfg))(p)   # [M, B, K]
+    return jnp.swapaxes(per, 0, 1)                                                  # [B, M, K]
+  score_jit = jax.jit(group_scores,
+                      in_shardings=(setup.shardings.params, val_sh, *([frozen_sh] if extra else [])),
                       out_shardings=sharding.replicated(mesh))
 
   def score_fn(chunk):
     with sharding.activation_sharding(mesh):
       return score_jit(state.params, local(chunk), *extra)
   results = evaluate_pairs(config, data, functools.partial(reward_eval.scores, score_fn,
-                                                           b=t.batch_size))
+                                                           b=t.batch_size), ens)
   results['data'] = data.report
   write_norm(workdir, results['norm'])
   reward_eval.write(workdir, results)
   return state
 
 
-def evaluate_pairs(config, data: reward_data.RewardData, scores: Callable[[dict], np.ndarray]) -> dict:
-  """Held-out metrics, baselines, and reward_norm's gain and bias (returned under 'norm')."""
+def evaluate_pairs(config, data: reward_data.RewardData, scores: Callable[[dict], np.ndarray],
+                   ens: ConfigDict | None = None) -> dict:
+  """Held-out metrics, baselines, and reward_norm's gain and bias (returned under 'norm').
+
+  `scores(arrays)` gives [N, K] (one model) or [N, M, K] (an ensemble) raw scores. An
+  ensemble reports each member ('members', raw units), every combination of the normalised
+  member scores ('combined'), and under 'reward_model' the one ensemble.combine names."""
+  ens = ens or ensemble_config(config)
   val = scores(data.val)
   g, w, l = reward_eval.pair_index(data.val['ranks'], data.val['valid'])
-  rm = reward_eval.pair_metrics(val[g, w] - val[g, l], config.data.margin)
   held = reward_eval.record_pairs(data.val_records)
   train_pairs = reward_eval.record_pairs(data.train_records)
   bow = reward_eval.BagOfWords(config.eval.bow_words, config.eval.bow_l2).fit(train_pairs)
   n = config.eval.norm_groups or len(data.train['ranks'])
   sub = {k: v[:n] for k, v in data.train.items()}
-  train_scores = scores(sub)[sub['valid'] > 0]
-  gain, bias = (float(x) for x in reward_lib.normalizer(jnp.asarray(train_scores)))
-  return {'reward_model': rm, 'longer_wins': reward_eval.longer_wins(held),
-          'bag_of_words': bow.evaluate(held),
-          'norm': {'gain': gain, 'bias': bias, 'responses': int(train_scores.size),
-                   'raw_mean': float(train_scores.mean()), 'raw_std': float(train_scores.std())}}
+  train_scores = scores(sub)
+  out = {'longer_wins': reward_eval.longer_wins(held), 'bag_of_words': bow.evaluate(held)}
+  margin = config.data.margin
+  if val.ndim == 2:
+    train_scores = train_scores[sub['valid'] > 0]
+    gain, bias = (float(x) for x in reward_lib.normalizer(jnp.asarray(train_scores)))
+    out['reward_model'] = reward_eval.pair_metrics(val[g, w] - val[g, l], margin)
+    out['norm'] = {'gain': gain, 'bias': bias, 'responses': int(train_scores.size),
+                   'raw_mean': float(train_scores.mean()), 'raw_std': float(train_scores.std())}
+    return out
+  m = val.shape[1]
+  per = [train_scores[:, i][sub['valid'] > 0] for i in range(m)]       # [responses] per member
+  gb = [tuple(float(x) for x in reward_lib.normalizer(jnp.asarray(p))) for p in per]
+  gain, bias = np.asarray([x[0] for x in gb]), np.asarray([x[1] for x in gb])
+  out['members'] = [reward_eval.pair_metrics(val[g, i, w] - val[g, i, l], margin) for i in range(m)]
+  normed = val * gain[None, :, None] + bias[None, :, None]             # [N, M, K]
+  out['combined'] = {}
+  for how in reward_lib.ENSEMBLES:
+    c = np.asarray(reward_lib.ensemble(jnp.moveaxis(jnp.asarray(normed), 1, 0), how, ens.lam))
+    out['combined'][how] = reward_eval.pair_metrics(c[g, w] - c[g, l], margin)
+  out['reward_model'] = out['combined'][ens.combine]
+  out['norm'] = {'gain': gain.tolist(), 'bias': bias.tolist(), 'members': m,
+                 'combine': ens.combine, 'lam': float(ens.lam), 'responses': int(per[0].size),
+                 'raw_mean': [float(p.mean()) for p in per], 'raw_std': [float(p.std()) for p in per]}
+  return out
 
 
 def write_norm(workdir: str, norm: dict) -> None:
@@ -191,17 +375,29 @@ def write_norm(workdir: str, norm: dict) -> None:
 @dataclasses.dataclass
 class RewardModel:
   """A trained reward model: `score(params, tokens, mask)` -> [B] normalised rewards for
-  [B, T] token rows (any padding, left or right, 1 = real token; end each row with eos)."""
+  [B, T] token rows (any padding, left or right, 1 = real token; end each row with eos).
+
+  An ensemble of `members` models: params carry a leading member axis, `score_members`
+  gives the [M, B] normalised member scores and `score` their `combine` (rl.reward.ensemble
+  with `lam`); gain and bias are then per-member lists. A single model has members = 1 and
+  score_members = score[None]."""
   params: Any                 # {'trunk': params for model.forward (adapters hooked in), 'head'}
   score: Callable
   cfg: ModelConfig
   tokenizer: Any
-  gain: float
-  bias: float
+  gain: float | list
+  bias: float | list
   seq_len: int
+  members: int = 1
+  combine: str = 'mean'
+  lam: float = 0.0
+  score_members: Callable | None = None
 
 
-def load_reward_model(workdir: str, mesh_cfg: dict | None = None) -> RewardModel:
+def load_reward_model(workdir: str, mesh_cfg: dict | None = None, combine: str | None = None,
+                      lam: float | None = None) -> RewardModel:
+  """The finished reward run in `workdir` (one model or an ensemble), normalised by its
+  reward_norm.json; `combine` / `lam` override an ensemble's saved combination."""
   with open(os.path.join(workdir, 'config.json')) as f:
     saved = json.load(f)
   norm_path = os.path.join(workdir, NORM_FILE)
@@ -210,6 +406,10 @@ def load_reward_model(workdir: str, mesh_cfg: dict | None = None) -> RewardModel
                                    'rerun it to train.steps.')
   with open(norm_path) as f:
     norm = json.load(f)
+  ens = ensemble_config(ConfigDict({'ensemble': {
+      **saved.get('ensemble', {}), **({} if combine is None else {'combine': combine}),
+      **({} if lam is None else {'lam': lam})}}))
+  m = ens.members
   cfg = ModelConfig.from_dict(saved['model'])
   pcfg = peft.PeftConfig.from_dict(saved['peft'])
   mesh = sharding.make_mesh(mesh_cfg or {'data': -1})
@@ -219,6 +419,9 @@ def load_reward_model(workdir: str, mesh_cfg: dict | None = None) -> RewardModel
   else:
     axes = {'adapters': peft.logical_axes(cfg, pcfg), 'head': heads.logical_axes(cfg, 1)}
     init = lambda k: {'adapters': peft.init(cfg, pcfg, k), 'head': heads.init(cfg, 1, k)}
+  if m > 1:
+    axes, one = stacked_axes(axes), init
+    init = lambda k: jax.vmap(one)(jax.random.split(k, m))
   abstract = jax.eval_shape(init, jax.random.key(0))
   target = train_lib.abstract_with_shardings(abstract, sharding.tree_shardings(axes, abstract, mesh))
   ck = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
@@ -229,12 +432,28 @@ def load_reward_model(workdir: str, mesh_cfg: dict | None = None) -> RewardModel
   if pcfg.method != 'none':
     src = saved['source']
     base = stage.read_source(src['path']).restore_params(mesh, cfg)
-    params = {'trunk': peft.combine(base, params['adapters'], cfg, pcfg), 'head': params['head']}
+    merge = lambda a: peft.combine(base, a, cfg, pcfg)
+    trunk = merge(params['adapters']) if m == 1 else jax.vmap(merge)(params['adapters'])
+    params = {'trunk': trunk, 'head': params['head']}
   gain, bias = norm['gain'], norm['bias']
+  tok = tokenizers.load(tokenizers.run_file(workdir))
+  seq_len = saved['resolved']['seq_len']
+  if m == 1:
+    @jax.jit
+    def score(p, tokens, mask):
+      raw = heads.score(p['trunk'], p['head'], tokens, mask, cfg)[:, 0]
+      return reward_lib.normalize(raw, gain, bias)
+    return RewardModel(params, score, cfg, tok, gain, bias, seq_len,
+                       score_members=jax.jit(lambda p, t, k: score(p, t, k)[None]))
+  g, b = jnp.asarray(gain, jnp.float32)[:, None], jnp.asarray(bias, jnp.float32)[:, None]
 
   @jax.jit
-  def score(p, tokens, mask):
-    raw = heads.score(p['trunk'], p['head'], tokens, mask, cfg)[:, 0]
-    return reward_lib.normalize(raw, gain, bias)
-  tok = tokenizers.load(tokenizers.run_file(workdir))
-  return RewardModel(params, score, cfg, tok, gain, bias, saved['resolved']['seq_len'])
+  def score_members(p, tokens, mask):
+    raw = jax.vmap(lambda q: heads.score(q['trunk'], q['head'], tokens, mask, cfg)[:, 0])(p)
+    return reward_lib.normalize(raw, g, b)                                   # [M, B]
+
+  @jax.jit
+  def score_ens(p, tokens, mask):
+    return reward_lib.ensemble(score_members(p, tokens, mask), ens.combine, ens.lam)
+  return RewardModel(params, score_ens, cfg, tok, gain, bias, seq_len, members=m,
+                     combine=ens.combine, lam=float(ens.lam), score_members=score_members)

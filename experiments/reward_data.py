@@ -92,10 +92,19 @@ class RewardData:
   report: dict
   seed: int
 
-  def train_rows(self, epoch: int) -> dict[str, np.ndarray]:
-    """Epoch `epoch`'s groups in a seeded permutation: pure in (seed, epoch)."""
-    order = np.random.default_rng([self.seed, 0x52D, epoch]).permutation(len(self.train['ranks']))
+  def train_rows(self, epoch: int, member: int = 0) -> dict[str, np.ndarray]:
+    """Epoch `epoch`'s groups in a seeded permutation: pure in (seed + member, epoch), so
+    ensemble member m sees the data order of a single model trained with seed + m."""
+    order = np.random.default_rng([self.seed + member, 0x52D, epoch]).permutation(
+        len(self.train['ranks']))
     return {key: v[order] for key, v in self.train.items()}
+
+  def ensemble_rows(self, epoch: int, members: int) -> dict[str, np.ndarray]:
+    """[N, M, ...]: row i holds member m's i-th group of the epoch in slot m. Every member
+    has the same N groups per epoch, so one batch stream of these rows equals M independently
+    shuffled streams (and one iterator state resumes all of them)."""
+    per = [self.train_rows(epoch, m) for m in range(members)]
+    return {key: np.stack([p[key] for p in per], axis=1) for key in self.train}
 
 
 def load(config: ConfigDict, tokenizer, seq_len: int) -> RewardData:

@@ -1,6 +1,9 @@
 """Held-out evaluation of a reward model beside two trivial baselines, and its normaliser.
 
-  reward model      accuracy, loss, mean margin and accuracy by |margin| bucket on held-out pairs
+  reward model      accuracy, loss, mean margin and calibration on held-out pairs: accuracy
+                    by fixed |margin| bucket, and by |margin| quantile beside the accuracy
+                    the Bradley-Terry model predicts there (mean sigmoid|margin|) and their
+                    gap (expected calibration error); for an ensemble per member and combined
   longer wins       the longer response (in characters) is preferred; equal lengths score 1/2
   bag of words      L2-regularised logistic regression on word counts of (winner - loser),
                     fitted on the training pairs (no bias: swapping a pair flips the sign)
@@ -22,6 +25,7 @@ import scipy.sparse
 from data import pipeline
 
 BUCKETS = (0.0, 0.25, 0.5, 1.0, 2.0, float('inf'))   # |margin| edges for the calibration table
+QUANTILES = 5                                         # equal-count |margin| buckets (scale-free)
 WORD = re.compile(r"[a-z0-9']+")
 
 
@@ -53,7 +57,26 @@ def pair_metrics(diff: np.ndarray, margin: float = 0.0) -> dict:
     sel = (np.abs(diff) >= lo) & (np.abs(diff) < hi)
     out['calibration'].append({'abs_margin': [lo, hi], 'pairs': int(sel.sum()),
                                'accuracy': float(acc[sel].mean()) if sel.any() else None})
+  out['calibration_quantiles'], out['ece'] = quantile_calibration(diff, acc)
   return out
+
+
+def quantile_calibration(diff: np.ndarray, acc: np.ndarray, q: int = QUANTILES):
+  """Pairs sorted by |margin| in q equal-count buckets: each one's |margin| range, accuracy,
+  and predicted accuracy mean(sigmoid(|margin|)) (a calibrated Bradley-Terry model's); and
+  the expected calibration error sum_b n_b / n * |accuracy_b - predicted_b|."""
+  if not diff.size:
+    return [], None
+  a = np.abs(diff)
+  order = np.argsort(a, kind='stable')
+  rows, ece = [], 0.0
+  for idx in np.array_split(order, min(q, diff.size)):
+    pred = float(np.mean(1.0 / (1.0 + np.exp(-a[idx]))))
+    hit = float(acc[idx].mean())
+    ece += idx.size / diff.size * abs(hit - pred)
+    rows.append({'abs_margin': [float(a[idx].min()), float(a[idx].max())], 'pairs': int(idx.size),
+                 'accuracy': hit, 'predicted': pred})
+  return rows, float(ece)
 
 
 def longer_wins(pairs: list[tuple[str, str]]) -> dict:
@@ -117,15 +140,28 @@ def scores(score_fn, arrays: dict, b: int) -> np.ndarray:
 def table(results: dict) -> str:
   rm, lw, bow = results['reward_model'], results['longer_wins'], results['bag_of_words']
   f = lambda v: '' if v is None else f'{v:.3f}'
+  row = lambda name, r: (f"{name:<24}{f(r['accuracy']):>10}{f(r.get('loss')):>10}"
+                         f"{f(r.get('mean_margin')):>10}{f(r.get('ece')):>10}").rstrip()
+  norm = results.get('norm', {})
+  name = 'reward model' if 'members' not in results else f"ensemble ({norm.get('combine', '')})"
   lines = [f"held-out pairs: {rm['pairs']}",
-           f"{'':<24}{'accuracy':>10}{'loss':>10}{'margin':>10}",
-           f"{'reward model':<24}{f(rm['accuracy']):>10}{f(rm['loss']):>10}{f(rm['mean_margin']):>10}",
-           f"{'longer response wins':<24}{f(lw['accuracy']):>10}",
-           f"{'bag-of-words logreg':<24}{f(bow['accuracy']):>10}{f(bow.get('loss')):>10}",
-           'reward model accuracy by |margin|:']
+           f"{'':<24}{'accuracy':>10}{'loss':>10}{'margin':>10}{'ECE':>10}",
+           row(name, rm)]
+  for i, r in enumerate(results.get('members', [])):
+    lines.append(row(f'  member {i}', r))
+  for how, r in results.get('combined', {}).items():
+    lam = f" (lam {norm['lam']:g})" if how in ('mean_minus_std', 'uwo') else ''
+    lines.append(row(f'  combined {how}{lam}', r))
+  lines += [row('longer response wins', lw), row('bag-of-words logreg', bow),
+            f'{name} accuracy by |margin|:']
   for c in rm['calibration']:
     lo, hi = c['abs_margin']
     lines.append(f"{f'  [{lo:g}, {hi:g})':<24}{f(c['accuracy']):>10}{c['pairs']:>10} pairs")
+  lines.append(f"{name} by |margin| quantile:{'accuracy':>9}{'predicted':>10}{'pairs':>8}")
+  for c in rm.get('calibration_quantiles', []):
+    lo, hi = c['abs_margin']
+    lines.append(f"{f'  [{lo:.3g}, {hi:.3g}]':<24}{f(c['accuracy']):>10}{f(c['predicted']):>10}"
+                 f"{c['pairs']:>8}")
   return '\n'.join(lines)
 
 

@@ -21,6 +21,11 @@ def reward() -> ConfigDict:
       max_val=0,             # cap on held-out groups (0: all)
       margin=0.0,            # m in -log sigmoid(r_w - r_l - m)
   ))
+  c.ensemble = ConfigDict(dict(
+      members=1,             # M reward models in one vmapped step (Coste et al. 2023); 1 = one model
+      combine='mean',        # how load_reward_model scores: mean | min | mean_minus_std | uwo
+      lam=0.5,               # lambda of mean - lam * std (mean_minus_std) and mean - lam * var (uwo)
+  ))
   c.peft = ConfigDict({k: v for k, v in dataclasses.asdict(peft.PeftConfig()).items()})
   c.train = ConfigDict(dict(
       steps=200, batch_size=16, grad_accum=1, log_every=10, eval_every=100,
