@@ -109,7 +109,7 @@ def test_self_consistency_votes_over_samples():
 
 
 def test_pal_runs_programs_counting_crashes_timeouts_and_silence():
-  programs = ['x = 2\nx = x + 3\nprint(x)', 'raise ValueError("bad")',
+  programs = ['x = 2\nx = x + 3\nprint(x)', 'print(5)\nraise ValueError("bad")',
               'import time\ntime.sleep(30)', 'x = 5']
   lm = ScriptLM(programs)
   ex = [dict(Q1, id=str(i)) for i in range(4)]
