@@ -411,12 +411,16 @@ def run(config: ConfigDict, workdir: str) -> dict:
   out = os.path.abspath(config.out or os.path.join(workdir, FILE))
   os.makedirs(os.path.dirname(out), exist_ok=True)
   server = serve(None, config.port)                      # a busy port fails before the model loads
-  trainer.write_config(config, workdir, {'source': pol.source.record(), 'out': out})
-  mesh = sharding.make_mesh(config.mesh.to_dict())
-  params = pol.source.restore_params(mesh, pol.cfg)
-  lab = Labeller(texts, policy_sampler(pol, params, dict(zip(texts, ids)), config, mesh), out,
-                 queue_size=config.queue, batch_prompts=max(1, config.batch_size // config.k),
-                 max_items=config.max_items)
+  try:
+    trainer.write_config(config, workdir, {'source': pol.source.record(), 'out': out})
+    mesh = sharding.make_mesh(config.mesh.to_dict())
+    params = pol.source.restore_params(mesh, pol.cfg)
+    lab = Labeller(texts, policy_sampler(pol, params, dict(zip(texts, ids)), config, mesh), out,
+                   queue_size=config.queue, batch_prompts=max(1, config.batch_size // config.k),
+                   max_items=config.max_items)
+  except BaseException:
+    server.server_close()
+    raise
   server.set_app(make_app(lab))
   url = f'http://{HOST}:{server.server_port}/'
   with open(os.path.join(workdir, 'server.json'), 'w') as f:
