@@ -57,6 +57,20 @@ def response_values(trunk, head, tokens, mask, n_prompt: int, cfg: ModelConfig) 
   return heads.apply(head, h.reshape(-1, h.shape[-1])).reshape(h.shape[:2]) * mask[:, n_prompt:]
 
 
+def response_logprobs_values(params, head, tokens, mask, n_prompt: int, cfg: ModelConfig,
+                             temperature: float = 1.0, with_entropy: bool = False):
+  """(log-probs, entropy or None, values) [B, N] from ONE pass of a policy whose value head
+  sits on its own trunk (shared-trunk actor-critic): the same numbers as response_logprobs
+  and response_values(params, head, ...), without running the trunk twice."""
+  h = response_hidden(params, tokens, mask, n_prompt, cfg)
+  logits = model.logits_from_hidden(params, h, cfg)
+  resp, rmask = tokens[:, n_prompt:], mask[:, n_prompt:].astype(jnp.float32)
+  logp = ppo.logprobs_from_logits(logits, resp, temperature) * rmask
+  ent = ppo.entropy_from_logits(logits, temperature) * rmask if with_entropy else None
+  values = heads.apply(head, h.reshape(-1, h.shape[-1])).reshape(h.shape[:2]) * rmask
+  return logp, ent, values
+
+
 def last_token_scores(trunk, head, tokens, mask, cfg: ModelConfig) -> jax.Array:
   """[B] the scalar head at each row's last real token (a reward model reads the EOS)."""
   return heads.score(trunk, head, tokens, mask, cfg)[:, 0]

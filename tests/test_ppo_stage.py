@@ -1,0 +1,246 @@
+"""The `ppo` experiment on tiny random-weight workdirs (tests/rl_fixtures): sharding
+invariance, the scanned update against updates one by one, exact resume, the reward
+switches, both value models, LoRA's reference, and the start-up errors."""
+import dataclasses as dc
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from data import tokenizers
+from experiments import ppo, ppo_step
+from experiments.configs import rlhf_ppo
+from lm import heads, model, sharding, train as train_lib
+from lm.config import ConfigError
+from rl import ppo as ppo_lib, rollout
+from tests import rl_fixtures
+
+
+@pytest.fixture(scope='module')
+def dirs(tmp_path_factory):
+  root = tmp_path_factory.mktemp('ppo')
+  pol = rl_fixtures.policy_run(root / 'sft', n_layers=1)
+  return root, pol, rl_fixtures.reward_run(root / 'rm', pol)
+
+
+def config(dirs, **kw):
+  root, pol, rm = dirs
+  c = rlhf_ppo.get_config()
+  c.init_from, c.reward_from = pol, rm
+  c.prompts.update(n_train=64, n_eval=16)
+  c.rollout.update(batch_size=16, max_new_tokens=8)
+  c.ppo.update(epochs=2, minibatches=2)
+  c.train.update(iterations=2, checkpoint_every=1)
+  c.eval.update(every=0, before=False, batch_size=16)
+  c.kl.update(mode='adaptive', beta=0.1, target=0.001, horizon=100)   # beta moves visibly
+  c.optim.lr = 1e-3
+  for section, values in kw.items():
+    c[section].update(values)
+  return c
+
+
+def leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def assert_trees_close(a, b, atol):
+  for x, y in zip(leaves(a), leaves(b), strict=True):
+    np.testing.assert_allclose(x, y, atol=atol, rtol=0)
+
+
+@pytest.fixture(scope='module')
+def full_run(dirs):
+  """Two iterations straight through (adaptive KL, evaluation at the end)."""
+  wd = str(dirs[0] / 'full')
+  c = config(dirs, eval={'every': 2})
+  return wd, ppo.run(c, wd)
+
+
+def test_run_writes_logs_evals_and_the_adaptive_controller_moves_beta(full_run, dirs):
+  wd, out = full_run
+  rows = [json.loads(l) for l in open(os.path.join(wd, 'metrics.jsonl'))]
+  assert [r['step'] for r in rows] == [1, 2]
+  for k in ('loss', 'gold', 'proxy', 'kl', 'entropy', 'clipfrac', 'approx_kl', 'value_error',
+            'length', 'eos_rate', 'beta', 'gen_s', 'score_s', 'update_s', 'tokens_per_sec'):
+    assert all(np.isfinite(r[k]) for r in rows), k
+  # Ziegler et al.: beta <- beta * (1 + clip(KL / target - 1, +-0.2) * B / horizon)
+  c = config(dirs)
+  e = np.clip(rows[0]['kl'] / c.kl.target - 1, -0.2, 0.2)
+  np.testing.assert_allclose(rows[1]['beta'], rows[0]['beta'] * (1 + e * 16 / 100), rtol=1e-6)
+  assert rows[0]['beta'] == pytest.approx(0.1) and rows[1]['beta'] != rows[0]['beta']
+  assert rows[0]['kl'] == pytest.approx(0.0, abs=1e-5)      # the policy starts at the reference
+  evals = ppo.read_evals(wd)
+  assert [e['iteration'] for e in evals] == [2]
+  assert set(evals[0]) >= {'iteration', 'gold', 'proxy', 'kl', 'beta'}
+  assert os.path.exists(os.path.join(wd, 'ppo.png'))
+  # The fixed controller keeps beta.
+  assert ppo.next_beta(config(dirs, kl={'mode': 'fixed'}), 0.1, 5.0, 16) == 0.1
+
+
+def test_resumed_run_continues_exactly(full_run, dirs):
+  wd_full, out = full_run
+  wd = str(dirs[0] / 'resumed')
+  c = config(dirs, train={'stop_after': 1}, eval={'every': 2})
+  first = ppo.run(c, wd)
+  assert first['iterations'] == 1
+  second = ppo.run(c, wd)
+  # It picked up at iteration 1 (KL controller, reward moments, rollout RNG restored) and
+  # ran only the second iteration, landing on the uninterrupted run's params.
+  assert second['started_at'] == 1 and second['iterations'] == 2
+  assert_trees_close(second['state'].params, out['state'].params, atol=0)
+  full = [json.loads(l) for l in open(os.path.join(wd_full, 'metrics.jsonl'))]
+  resumed = [json.loads(l) for l in open(os.path.join(wd, 'metrics.jsonl'))]
+  for a, b in zip(full, resumed, strict=True):
+    assert a['beta'] == b['beta'] and a['loss'] == b['loss'] and a['gold'] == b['gold']
+
+
+@pytest.fixture(scope='module')
+def pieces(dirs):
+  """The 8-device setup of the full run's configuration plus one scored rollout."""
+  p = ppo.prepare(config(dirs), str(dirs[0] / 'pieces'))
+  _, ro, _, _ = ppo.collect(p, p.st['train'].params, jax.random.key(7))
+  return p, ro
+
+
+def _copy(state):
+  return jax.tree.map(jnp.copy, state)
+
+
+def test_scanned_update_equals_updates_one_by_one(pieces):
+  p, ro = pieces
+  s, key = p.s, jax.random.key(11)
+  beta, moments = jnp.float32(0.1), ppo_lib.running_moments()
+  scanned, _, _ = p.update(_copy(p.st['train']), p.frozen, ro, beta, moments, key)
+  batch, _, _ = jax.jit(lambda r: ppo_step.advantages(r, beta, moments, s))(ro)
+  one = jax.jit(lambda st, mb, k, f: train_lib.update(
+      st, mb, k, f, loss_fn=lambda *a, **kw: ppo_step.loss_fn(*a, s=s, **kw), tx=p.setup.tx))
+  state = _copy(p.st['train'])
+  n = 0
+  for ek in jax.random.split(key, s.epochs):
+    mbs = ppo_step.minibatches(batch, ek, s.minibatches)
+    for i in range(s.minibatches):
+      state, _ = one(state, jax.tree.map(lambda x: x[i], mbs), jax.random.fold_in(ek, i), p.frozen)
+      n += 1
+  assert n == 4 and int(state.step) == int(scanned.step) == 4
+  assert_trees_close(scanned.params, state.params, atol=2e-6)
+  moved = max(np.abs(a - b).max() for a, b in zip(leaves(state.params), leaves(p.st['train'].params)))
+  assert moved > 1e-4                                     # the updates did something
+
+
+def test_update_on_8_devices_equals_1_device(pieces, dirs):
+  p8, ro = pieces
+  p1 = ppo.prepare(config(dirs, mesh={'data': 1}), str(dirs[0] / 'one'), devices=jax.devices()[:1])
+  assert p8.mesh.size == 8 and p1.mesh.size == 1
+  key, beta, moments = jax.random.key(3), jnp.float32(0.1), ppo_lib.running_moments()
+  out = {}
+  for name, p in (('8', p8), ('1', p1)):
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    r = {k: v for k, v in ro.items()}
+    if p is p1:
+      r = jax.device_put(jax.device_get(r), one)
+    scored = p.score(p.st['train'].params, p.frozen, r['tokens'], r['mask'])
+    r.update(scored)
+    state, _, m = p.update(_copy(p.st['train']), p.frozen, r, beta, moments, key)
+    out[name] = (jax.device_get(state.params), jax.device_get(m), jax.device_get(scored))
+  assert_trees_close(out['8'][2], out['1'][2], atol=2e-5)
+  assert_trees_close(out['8'][0], out['1'][0], atol=2e-5)
+  np.testing.assert_allclose(out['8'][1]['loss'], out['1'][1]['loss'], rtol=1e-4)
+
+
+def test_kl_estimator_and_reward_switches(pieces):
+  p, ro = pieces
+  s, beta, moments = p.s, 0.5, ppo_lib.running_moments()
+  ro = dict(ro, ref_logp=ro['ref_logp'] - 0.3 * ro['mask'][:, p.s.n_prompt:])   # a KL to penalise
+  rmask = np.asarray(ro['mask'][:, s.n_prompt:], np.float32)
+  log_r = np.asarray(ro['ref_logp'] - ro['logp'])
+  def rewards(**kw):
+    return ppo_step.advantages(ro, beta, moments, dc.replace(s, **kw))[2]
+  m1, m3 = rewards(kl_estimator='k1'), rewards(kl_estimator='k3')
+  # Per sequence: sum_t R_t = score - beta * sum_t KL_t, with KL_t by the chosen estimator.
+  k1 = (-log_r * rmask).sum(1)
+  k3 = ((np.expm1(log_r) - log_r) * rmask).sum(1)
+  np.testing.assert_allclose(float(m1['kl_penalty']), beta * k1.mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(m3['kl_penalty']), beta * k3.mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(m1['reward_total'] - m3['reward_total']),
+                             -beta * (k1 - k3).mean(), rtol=1e-4)
+  # The missing-EOS penalty lowers exactly the truncated rows' total reward.
+  mp = rewards(missing_eos_penalty=2.0)
+  truncated = 1 - np.asarray(ro['has_eos'], np.float32)
+  np.testing.assert_allclose(float(mp['reward_total'] - m1['reward_total']), -2.0 * truncated.mean(),
+                             atol=1e-5)
+  # Running score scaling divides by the running std and updates the moments.
+  st = dc.replace(s, score_scale='running')
+  _, new, ms = ppo_step.advantages(ro, 0.0, moments, st)
+  sc = np.asarray(ro['scores'])
+  assert float(new.count) == 16
+  np.testing.assert_allclose(float(ms['reward_total']), (sc / np.sqrt(sc.var() + 1e-8)).mean(),
+                             rtol=1e-4)
+  # Clipping the score bounds each row's terminal reward.
+  _, _, mc = ppo_step.advantages(ro, 0.0, moments, dc.replace(s, score_clip=0.1))
+  np.testing.assert_allclose(float(mc['reward_total']), np.clip(sc, -0.1, 0.1).mean(), rtol=1e-5)
+
+
+def test_lora_policy_head_and_ptx_variant(dirs, tmp_path):
+  """LoRA policy with a value head on its trunk, k3 KL and PPO-ptx: one iteration runs; the
+  reference is the base itself and the first rollout's KL is exactly 0 (B = 0 at init)."""
+  corpus = tmp_path / 'works.txt'
+  corpus.write_text('Now is the winter of our discontent, made glorious summer.\n' * 40)
+  c = config(dirs, peft={'method': 'lora', 'lora_rank': 2}, value={'init': 'policy_head'},
+             ptx={'coef': 0.5, 'chars': 5000, 'seq_len': 16, 'corpus': str(corpus)},
+             reward={'kl_estimator': 'k3'},
+             kl={'mode': 'fixed'}, train={'iterations': 1})
+  wd = str(dirs[0] / 'lora')
+  p = ppo.prepare(c, wd)
+  assert 'ref' not in p.frozen and ppo_step.reference_params(p.frozen, p.s) is p.frozen['base']
+  assert set(p.st['train'].params) == {'adapters', 'value_head'}
+  assert not np.any(leaves(p.st['train'].params['value_head'])[0])     # zero-init head
+  p.checkpointer.close()
+  out = ppo.run(c, wd)
+  row = json.loads(open(os.path.join(wd, 'metrics.jsonl')).readline())
+  assert row['kl'] == 0.0 and np.isfinite(row['ptx_loss']) and row['ptx_loss'] > 0
+  assert out['iterations'] == 1
+
+
+def test_logprobs_and_values_in_one_pass_match_the_separate_functions():
+  cfg = rl_fixtures.tiny_cfg(40)
+  params = model.init(cfg, jax.random.key(0))
+  head = heads.init(cfg, 1, jax.random.key(1), init_std=0.5)
+  tokens = jax.random.randint(jax.random.key(2), (3, 12), 1, 40)
+  mask = jnp.ones((3, 12), jnp.int32).at[0, :3].set(0).at[1, 10:].set(0)
+  logp, ent, values = rollout.response_logprobs_values(params, head, tokens, mask, 5, cfg, 0.7, True)
+  want_lp, want_ent = rollout.response_logprobs(params, tokens, mask, 5, cfg, 0.7, True)
+  np.testing.assert_allclose(logp, want_lp, atol=1e-6)
+  np.testing.assert_allclose(ent, want_ent, atol=1e-6)
+  np.testing.assert_allclose(values, rollout.response_values(params, head, tokens, mask, 5, cfg),
+                             atol=1e-6)
+
+
+def test_bad_input_is_one_sentence_at_start_up(dirs, tmp_path):
+  root, pol, rm = dirs
+  other_rm = str(tmp_path / 'rm_other')
+  shutil.copytree(rm, other_rm)
+  tok = tokenizers.add_special_tokens(tokenizers.CharTokenizer.from_texts(['xyz abc']), ['eos'])
+  tok.save(tokenizers.run_file(other_rm))
+  cases = [
+      (dict(kl={'target': 0.0}), 'kl.target=0.0'),
+      (dict(kl={'mode': 'pid'}), "kl.mode='pid' is not known"),
+      (dict(reward={'kl_estimator': 'k2'}), "reward.kl_estimator='k2' is not known"),
+      (dict(reward={'score_scale': 'batch'}), "reward.score_scale='batch' is not known"),
+      (dict(value={'init': 'random'}), "value.init='random' is not known"),
+      (dict(peft={'method': 'prefix'}), "peft.method='prefix' is not known"),
+      (dict(rollout={'max_new_tokens': 60}), 'more than the'),            # prompt > context
+      (dict(rollout={'batch_size': 12}), 'rollout.batch_size=12 must split'),
+      (dict(ppo={'minibatches': 3}), 'must split'),
+  ]
+  for kw, match in cases:
+    with pytest.raises(ConfigError, match=match):
+      ppo.prepare(config(dirs, **kw), str(tmp_path / 'bad'))
+  c = config(dirs)
+  c.reward_from = other_rm
+  with pytest.raises(ConfigError, match='different tokenizer'):
+    ppo.prepare(c, str(tmp_path / 'bad'))
+  assert not os.path.exists(tmp_path / 'bad' / 'checkpoints')    # nothing built
