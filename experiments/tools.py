@@ -114,10 +114,12 @@ def train_model(config: ConfigDict, workdir: str, segments: dict, source=None):
   t = config.train
   mesh = sharding.make_mesh(config.mesh.to_dict())
   texts = [''.join(s for s, _ in ex) for m in METHODS for ex in segments[m]]
-  if source is None:
+  if source is None:   # the vocabulary: the training examples and a few plays' text
     plays = [sources.read_text(f) for f in sources.resolve_files('shakespeare_works')[:8]]
-    tok = tokenizers.build('bpe', texts + plays, config.vocab_size,
-                           prefix=os.path.join(workdir, 'tokenizer', 'bpe'), max_lines=200_000)
+    tok = tokenizers.build(config.tokenizer, texts + plays, config.vocab_size,
+                           prefix=os.path.join(workdir, 'tokenizer', config.tokenizer), max_lines=200_000)
+    if tok.eos_id is None:   # a character vocabulary: answers still need an end
+      tok = tokenizers.add_special_tokens(tok, ['eos'])
     cfg = ModelConfig.from_dict({**config.model.to_dict(), 'vocab_size': tok.vocab_size})
   else:
     tok = source.tokenizer
@@ -187,6 +189,8 @@ def check(config: ConfigDict) -> None:
     raise ConfigError(f'data.families={config.data.families!r} must name some of {list(works_qa.FAMILIES)}.')
   if config.max_steps < 1 or config.rag_k < 1 or not config.recall_k or min(config.recall_k) < 1:
     raise ConfigError('max_steps, rag_k and every recall_k must be >= 1.')
+  if not config.init_from and config.tokenizer not in ('bpe', 'unigram', 'char'):
+    raise ConfigError(f"tokenizer={config.tokenizer!r}: a model trained here uses 'bpe', 'unigram' or 'char'.")
   if not config.init_from and config.train.steps < 1:
     raise ConfigError('With init_from empty a model is trained here: set train.steps >= 1 '
                       '(or give --config.init_from=DIR|hf:PATH).')
@@ -201,9 +205,14 @@ def _demos(config, segments, method) -> str:
 def run(config: ConfigDict, workdir: str):
   check(config)
   os.makedirs(workdir, exist_ok=True)
+  if config.train.steps:
+    from experiments import trainer
+    from lm import sharding
+    trainer.check_batch(config, sharding.make_mesh(config.mesh.to_dict()))
   d = config.data
   fams = [f for f in d.families.split(',') if f]
-  docs, coll_report = retrieval.load_collection(d.collection)   # ConfigError if empty / missing
+  plays = [p.strip() for p in d.plays.split(',') if p.strip()] or None
+  docs, coll_report = retrieval.load_collection(d.collection, plays)   # ConfigError if empty / missing
   source = None
   if config.init_from:
     from experiments import stage
@@ -211,7 +220,7 @@ def run(config: ConfigDict, workdir: str):
   t0 = time.perf_counter()
   index = retrieval.BM25Index([f'{x.title}\n{x.text}' for x in docs], config.bm25.k1, config.bm25.b)
   env = react.Env(docs, index, config.obs_lines)
-  wdocs = works_qa.collection()
+  wdocs = works_qa.collection(plays=plays)
   kw = dict(families=fams, seed=d.seed, eval_fraction=d.eval_fraction)
   train_q = works_qa.questions(wdocs, 'train', n_per_family=d.n_train, **kw)
   eval_q = works_qa.questions(wdocs, 'eval', n_per_family=d.n_eval, **kw)

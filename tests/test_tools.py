@@ -211,3 +211,40 @@ def test_config_errors_at_start_up():
 def test_normalize_answers():
   assert tools_exp.normalize('  "Hamlet." ') == tools_exp.normalize('hamlet') == 'hamlet'
   assert tools_exp.normalize(None) == ''
+
+
+def test_mean_pooled_ignores_padding_and_batching():
+  import jax
+  from experiments.evaluation import model as eval_model
+  from lm import model
+  from lm.config import ModelConfig
+  tok = tokenizers.CharTokenizer.from_texts(['abcdefgh xyz'])
+  cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_layers=1, n_heads=2, max_seq_len=32)
+  lm = eval_model.LanguageModel(model.init(cfg, jax.random.key(0)), cfg, tok, batch_size=2)
+  texts = ['abc', 'defgh xy', 'z']
+  got = retrieval.mean_pooled(lm, texts)
+  for t, row in zip(texts, got):   # naive: one unpadded text at a time
+    h, _ = model.hidden_states(lm.params, np.asarray([tok.encode(t)]), cfg)
+    np.testing.assert_allclose(row, np.asarray(h[0]).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_tools_qa_end_to_end(tmp_path):
+  c = tools_works.get_config()
+  c.update_from_flattened_dict({
+      'data.plays': 'Macbeth,The Tempest', 'data.n_train': 12, 'data.n_eval': 2, 'tokenizer': 'char',
+      'model.d_model': 16, 'model.n_layers': 1, 'model.n_heads': 2, 'model.d_ff': 32,
+      'model.max_seq_len': 512, 'seq_len': 512, 'train.steps': 2, 'train.batch_size': 8,
+      'train.log_every': 1, 'max_steps': 2, 'max_step_tokens': 6, 'max_answer_tokens': 4,
+      'batch_size': 8, 'dense': True, 'recall_k': (1, 3)})
+  res = tools_exp.run(c, str(tmp_path))
+  for m in ('closed_book', 'rag', 'react', 'react_oracle'):
+    assert res[m]['all']['n'] == 6 and 0 <= res[m]['all']['value'] <= 1
+  rec = res['_retrieval']['recall_at_k']
+  assert set(rec['bm25']) == set(rec['dense']) == {'1', '3'} and rec['bm25']['3'] >= rec['bm25']['1']
+  assert res['_react']['episodes'] == 6 and res['_react']['steps'] <= 12
+  assert res['_react']['finished'] + res['_react']['step_limit'] == 6
+  rows = [json.loads(l) for l in (tmp_path / 'samples.jsonl').read_text().splitlines()]
+  assert len(rows) == 6 and all(r['react_transcript'].startswith('Question: ') for r in rows)
+  assert all(r['rag_prompt'].startswith('Passage: [') for r in rows)
+  assert (tmp_path / 'tools_qa.png').stat().st_size > 0
+  assert json.loads((tmp_path / 'results.json').read_text())['_meta']['documents'] == res['_meta']['documents']

@@ -23,6 +23,7 @@ def get_config():
   c.methods = ('closed_book', 'rag', 'react')
   c.data = ConfigDict(dict(
       collection='works',     # 'works' (every speech) or a JSON-lines file of {title, text}
+      plays='',               # comma-separated titles: only these plays ('' = all 37)
       families='play,speaker,next',
       n_train=500,            # training questions per family
       n_eval=100,             # held-out questions per family
@@ -39,10 +40,11 @@ def get_config():
   c.dense = False             # also rank by mean-pooled hidden states (cosine)
   c.batch_size = 64           # generation batch
   c.seq_len = 256             # training rows and the evaluation context (<= the model's)
-  c.vocab_size = 1024         # BPE vocabulary of a model trained here
+  c.tokenizer = 'bpe'         # of a model trained here: bpe | unigram | char
+  c.vocab_size = 1024         # its subword vocabulary
   c.model = base.model(d_model=64, n_layers=2, n_heads=2, d_ff=256, max_seq_len=256,
                        positions='rope', norm='rmsnorm', activation='swiglu', use_bias=False)
-  c.train = ConfigDict(dict(steps=1500, batch_size=16, log_every=100, keep_checkpoints=1))
+  c.train = ConfigDict(dict(steps=1500, batch_size=16, grad_accum=1, log_every=100, keep_checkpoints=1))
   c.optim = ConfigDict(dict(
       lr=3e-3, min_lr=1e-4, warmup_steps=50, decay_steps=0, schedule='cosine',
       b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip=1.0, mu_dtype=''))

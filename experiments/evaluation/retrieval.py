@@ -40,13 +40,16 @@ class Passage:
     return '\n'.join(self.lines)
 
 
-def load_collection(source: str = 'works') -> tuple[list[Passage], dict]:
-  """(documents, report). 'works': every speech of the shipped plays (title 'Play | Speaker');
-  PATH: JSON lines of {title, text} (text split into lines; bad or empty records counted in
-  report['skipped']). A missing or empty collection is a ConfigError."""
+def load_collection(source: str = 'works', plays=None) -> tuple[list[Passage], dict]:
+  """(documents, report). 'works': every speech of the shipped plays (title 'Play | Speaker';
+  `plays` keeps those titles only); PATH: JSON lines of {title, text} (text split into
+  lines; bad or empty records counted in report['skipped']). A missing or empty collection is a ConfigError."""
   if source == 'works':
     from data import works_qa
-    return [Passage(d.title, d.lines) for d in works_qa.collection()], {'skipped': 0}
+    docs = [Passage(d.title, d.lines) for d in works_qa.collection(plays=plays)]
+    if not docs:
+      raise ConfigError(f'No play of the works is among {plays}; name titles as data/tasks.load_plays gives them.')
+    return docs, {'skipped': 0}
   path = os.path.expanduser(source)
   if not os.path.isfile(path):
     raise ConfigError(f'The retrieval collection {source!r} does not exist; give a JSON-lines file '
