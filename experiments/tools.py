@@ -233,6 +233,8 @@ def run(config: ConfigDict, workdir: str):
   hits = [[i for i, _ in index.search(q['question'], kmax)] for q in eval_q]
   gold = retrieval.gold_docs(docs, [q['quote'] for q in eval_q])
   recall = {'bm25': {str(k): retrieval.recall_at_k(hits, gold, k) for k in config.recall_k}}
+  qhits = [[i for i, _ in index.search(q['quote'], kmax)] for q in eval_q]   # ReAct's search query
+  recall['bm25_quote_only'] = {str(k): retrieval.recall_at_k(qhits, gold, k) for k in config.recall_k}
 
   # The ceiling the tools allow: the gold plan through the real tools.
   oracle = []
@@ -296,7 +298,8 @@ def run(config: ConfigDict, workdir: str):
     timing['react'] = time.perf_counter() - t1
 
   results = {m: accuracy(rows, m) for m in [*methods, 'react_oracle']}
-  results['_retrieval'] = {'recall_at_k': recall, 'query': 'the question text', 'rag_k': config.rag_k}
+  results['_retrieval'] = {'recall_at_k': recall, 'rag_k': config.rag_k,
+                           'query': 'the question text (bm25_quote_only: the quoted line, as the gold search action)'}
   results['_react'] = react_counts
   results['_meta'] = {
       'model': source.record() if source else 'trained here from scratch', 'train': train_report,
