@@ -140,12 +140,12 @@ def scores(score_fn, arrays: dict, b: int) -> np.ndarray:
 def table(results: dict) -> str:
   rm, lw, bow = results['reward_model'], results['longer_wins'], results['bag_of_words']
   f = lambda v: '' if v is None else f'{v:.3f}'
-  row = lambda name, r: (f"{name:<24}{f(r['accuracy']):>10}{f(r.get('loss')):>10}"
+  row = lambda name, r: (f"{name:<36}{f(r['accuracy']):>10}{f(r.get('loss')):>10}"
                          f"{f(r.get('mean_margin')):>10}{f(r.get('ece')):>10}").rstrip()
   norm = results.get('norm', {})
   name = 'reward model' if 'members' not in results else f"ensemble ({norm.get('combine', '')})"
   lines = [f"held-out pairs: {rm['pairs']}",
-           f"{'':<24}{'accuracy':>10}{'loss':>10}{'margin':>10}{'ECE':>10}",
+           f"{'':<36}{'accuracy':>10}{'loss':>10}{'margin':>10}{'ECE':>10}",
            row(name, rm)]
   for i, r in enumerate(results.get('members', [])):
     lines.append(row(f'  member {i}', r))
@@ -156,11 +156,11 @@ def table(results: dict) -> str:
             f'{name} accuracy by |margin|:']
   for c in rm['calibration']:
     lo, hi = c['abs_margin']
-    lines.append(f"{f'  [{lo:g}, {hi:g})':<24}{f(c['accuracy']):>10}{c['pairs']:>10} pairs")
-  lines.append(f"{name} by |margin| quantile:{'accuracy':>9}{'predicted':>10}{'pairs':>8}")
+    lines.append(f"{f'  [{lo:g}, {hi:g})':<36}{f(c['accuracy']):>10}{c['pairs']:>10} pairs")
+  lines.append(f"{name + ' by |margin| quantile:':<36}{'accuracy':>10}{'predicted':>10}{'pairs':>8}")
   for c in rm.get('calibration_quantiles', []):
     lo, hi = c['abs_margin']
-    lines.append(f"{f'  [{lo:.3g}, {hi:.3g}]':<24}{f(c['accuracy']):>10}{f(c['predicted']):>10}"
+    lines.append(f"{f'  [{lo:.3g}, {hi:.3g}]':<36}{f(c['accuracy']):>10}{f(c['predicted']):>10}"
                  f"{c['pairs']:>8}")
   return '\n'.join(lines)
 
