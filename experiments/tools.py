@@ -108,7 +108,7 @@ def train_model(config: ConfigDict, workdir: str, segments: dict, source=None):
   vocabulary from the training texts) trained on the segments for train.steps."""
   import jax
   from data import formats, sources, tokenizers
-  from experiments import stage
+  from experiments import stage, trainer
   from lm import model, objectives, sharding, train as train_lib
   from lm.config import ModelConfig
   t = config.train
@@ -128,6 +128,7 @@ def train_model(config: ConfigDict, workdir: str, segments: dict, source=None):
   seq_len = min(config.seq_len or cfg.max_seq_len, cfg.max_seq_len)
   report = {'params': cfg.num_params(), 'too_long': 0, 'steps': int(t.steps)}
   if source is not None and not t.steps:
+    trainer.write_config(config, workdir, {'source': source.record()})
     return source.restore_params(mesh, cfg), cfg, tok, report
   rendered = []
   for m in METHODS:
@@ -145,7 +146,9 @@ def train_model(config: ConfigDict, workdir: str, segments: dict, source=None):
                       'lower train.batch_size or raise data.n_train.')
   axes = model.logical_axes(cfg)
   initial = None if source is None else (lambda: source.restore_params(mesh, cfg))
-  setup = stage.build(config, None, mesh, axes=axes, init_params=functools.partial(model.init, cfg),
+  # WORKDIR/checkpoints: a rerun resumes (or, finished, skips training); init_from=WORKDIR
+  # with train.steps=0 evaluates the trained model again
+  setup = stage.build(config, workdir, mesh, axes=axes, init_params=functools.partial(model.init, cfg),
                       total_steps=t.steps, initial_params=initial)
   spec = {k: jax.ShapeDtypeStruct((seq_len,), v.dtype) for k, v in rows.items()}
   batch_sh = train_lib.batch_shardings(mesh, spec)
@@ -153,19 +156,39 @@ def train_model(config: ConfigDict, workdir: str, segments: dict, source=None):
   step_fn = train_lib.make_train_step(loss_fn, setup.tx, mesh, setup.shardings, batch_sh,
                                       seed=config.seed, schedule=setup.schedule)
   state, n = setup.state, len(rows['inputs'])
-  order, losses, t0 = np.zeros(0, np.int64), [], time.perf_counter()
-  for step in range(t.steps):
-    if len(order) < t.batch_size:   # a fresh seeded permutation per epoch
-      order = np.concatenate([order, np.random.default_rng([config.seed, step]).permutation(n)])
-    pick, order = order[:t.batch_size], order[t.batch_size:]
-    batch = {k: jax.device_put(v[pick], batch_sh[k]) for k, v in rows.items()}
+  losses, inflight, t0 = [], [], time.perf_counter()
+  for step in range(setup.start, t.steps):
+    batch = {k: jax.device_put(v[batch_rows(config.seed, step, t.batch_size, n)], batch_sh[k])
+             for k, v in rows.items()}
     state, metrics = step_fn(state, batch)
+    inflight.append(metrics['loss'])
+    trainer.bounded(inflight)   # XLA:CPU collectives stall with many steps queued
     if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
       loss = float(metrics['loss'])
       losses.append((step + 1, loss))
       print(f'step {step + 1}/{t.steps} loss {loss:.4f} ({time.perf_counter() - t0:.0f}s)', flush=True)
-  report.update(losses=losses, train_seconds=time.perf_counter() - t0)
+  if setup.start < t.steps:
+    setup.checkpointer.save(t.steps, state, {}, force=True)
+  setup.checkpointer.close()
+  if jax.process_index() == 0:
+    tok.save(os.path.join(workdir, tokenizers.RUN_FILE))
+  trainer.write_config(config, workdir, {'resolved': {'vocab_size': cfg.vocab_size, 'data': report},
+                                         'model': dataclasses.asdict(cfg),   # what init_from reads
+                                         **({'source': source.record()} if source else {})})
+  report.update(losses=losses, train_seconds=time.perf_counter() - t0, resumed_at=setup.start)
   return state.params, cfg, tok, report
+
+
+def batch_rows(seed: int, step: int, batch: int, n: int) -> np.ndarray:
+  """Rows of batch `step`: the stream of per-epoch seeded permutations of n rows, cut into
+  batches; a pure function of (seed, step), so a resumed run sees the same batches."""
+  start = step * batch
+  out = []
+  while len(out) < batch:
+    epoch, at = divmod(start + len(out), n)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    out.extend(perm[at:at + batch - len(out)])
+  return np.asarray(out)
 
 
 # Evaluation ------------------------------------------------------------------------------------
@@ -242,8 +265,6 @@ def run(config: ConfigDict, workdir: str):
     segs, seen = react.gold_trajectory(works_qa.gold_plan(q), q['answer'], env)
     oracle.append({'family': q['family'], 'react_oracle': float(seen)})
 
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
   params, cfg, tok, train_report = train_model(config, workdir, segments, source)
   from experiments.evaluation import model as eval_model
   from lm import sharding

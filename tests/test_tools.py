@@ -230,7 +230,7 @@ def test_mean_pooled_ignores_padding_and_batching():
 
 def test_tools_qa_end_to_end(tmp_path):
   c = tools_works.get_config()
-  c.update_from_flattened_dict({
+  c.update_from_flattened_dict(over := {
       'data.plays': 'Macbeth,The Tempest', 'data.n_train': 12, 'data.n_eval': 2, 'tokenizer': 'char',
       'model.d_model': 16, 'model.n_layers': 1, 'model.n_heads': 2, 'model.d_ff': 32,
       'model.max_seq_len': 512, 'seq_len': 512, 'train.steps': 2, 'train.batch_size': 8,
@@ -248,3 +248,19 @@ def test_tools_qa_end_to_end(tmp_path):
   assert all(r['rag_prompt'].startswith('Passage: [') for r in rows)
   assert (tmp_path / 'tools_qa.png').stat().st_size > 0
   assert json.loads((tmp_path / 'results.json').read_text())['_meta']['documents'] == res['_meta']['documents']
+  # the workdir is a model source: evaluated again without training, the same greedy answers
+  c2 = tools_works.get_config()
+  c2.update_from_flattened_dict({k: v for k, v in over.items() if not k.startswith('model.')} | {
+      'init_from': str(tmp_path), 'train.steps': 0, 'methods': ('closed_book',), 'dense': False})
+  again = tools_exp.run(c2, str(tmp_path / 'again'))
+  assert again['closed_book'] == res['closed_book']
+  outs = [json.loads(l)['closed_book_output'] for l in (tmp_path / 'again' / 'samples.jsonl').read_text().splitlines()]
+  assert outs == [r['closed_book_output'] for r in rows]
+
+
+def test_batch_rows_are_pure_epochs():
+  got = [tools_exp.batch_rows(3, s, 4, 10) for s in range(5)]   # 20 rows = two epochs of 10
+  assert all(np.array_equal(g, tools_exp.batch_rows(3, s, 4, 10)) for s, g in enumerate(got))
+  flat = np.concatenate(got)
+  assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
+  assert not np.array_equal(flat[:10], flat[10:])   # a new permutation each epoch
