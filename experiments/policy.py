@@ -193,9 +193,6 @@ def same_tokenizer(a, b) -> bool:
   the policy's token ids as the policy meant them)."""
   if a.vocab_size != b.vocab_size or a.eos_id != b.eos_id:
     return False
-  probe = 'To be, or not to be: that is the question. 0123456789'
-  if not np.array_equal(np.asarray(a.encode(probe)), np.asarray(b.encode(probe))):
-    return False
   return all(a.decode([i]) == b.decode([i]) for i in range(a.vocab_size))
 
 
