@@ -35,6 +35,8 @@ from experiments.evaluation import answers, prompting, sandbox
 from lm.config import ConfigError
 
 STYLES = ('direct', 'cot', 'zero_shot_cot', 'pal')
+# data settings a trained model depends on (the evaluation ones may change between runs)
+TRAINING_DATA = ('n_train', 'train_steps', 'train_digits', 'ops', 'ablation', 'problems_per_doc')
 
 
 # 1. Start-up checks ----------------------------------------------------------------------------
@@ -169,16 +171,25 @@ def train_models(config: ConfigDict, workdir: str, train: list[dict], held: list
   for name, mix in config.models.items():
     sub = os.path.join(workdir, 'runs', name)
     out[name] = sub
-    if os.path.exists(os.path.join(sub, 'done.json')):
-      continue
     corpus = os.path.join(data_dir, f'{name}.jsonl')
+    pconfig = pretrain_config(config, corpus, tok_path)
+    # what the model depends on: a finished model is reused only when all of it is unchanged
+    recipe = {'pretrain': pconfig.to_dict(), 'mix': dict(mix),
+              'data': {k: config.data[k] for k in TRAINING_DATA}}
+    done = os.path.join(sub, 'done.json')
+    if os.path.exists(done):
+      with open(done) as f:
+        if json.load(f).get('recipe') != json.loads(json.dumps(recipe)):
+          raise ConfigError(f'{sub} holds a model trained with other data/model/train settings; '
+                            'use a new --workdir (or the same settings) to evaluate again.')
+      continue
     with open(corpus, 'w', encoding='utf-8') as f:
       for doc in documents(train, dict(mix), fmt, config.data.problems_per_doc, config.seed):
         f.write(json.dumps({'text': doc}) + '\n')
     t0 = time.perf_counter()
-    pretrain.run(pretrain_config(config, corpus, tok_path), sub)
-    with open(os.path.join(sub, 'done.json'), 'w') as f:
-      json.dump({'seconds': time.perf_counter() - t0, 'mix': dict(mix)}, f)
+    pretrain.run(pconfig, sub)
+    with open(done, 'w') as f:
+      json.dump({'seconds': time.perf_counter() - t0, 'recipe': recipe}, f)
   return out
 
 

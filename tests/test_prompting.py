@@ -162,3 +162,35 @@ def test_bad_configs_fail_at_start_up(over, match, tmp_path):
   with pytest.raises(ConfigError, match=match):
     cot.run(_config(**over), str(tmp_path))
   assert not os.listdir(tmp_path)   # nothing written, nothing trained
+
+
+@pytest.mark.slow
+def test_cot_experiment_end_to_end_and_on_a_gsm8k_file(tmp_path):
+  """A few training steps, every method on 6 problems; then cot_gsm8k on that model."""
+  import json
+
+  from data import arith
+  from experiments import cot
+  from experiments.configs import cot_gsm8k
+  c = _config(**{'train.steps': 4, 'data.n_train': 200, 'data.n_eval': 6, 'sc.n': 2,
+                 'sc.ks': (1, 2), 'prompt.max_new_tokens': 24, 'eval.batch_size': 16})
+  out = cot.run(c, str(tmp_path / 'arith'))
+  r = out['mixed']
+  assert set(r['accuracy']) == set(prompting.METHODS) and r['n'] == 6
+  assert set(r['maj_at_k']) == {1, 2} and r['counts']['pal']['execution']
+  lines = [json.loads(l) for l in open(tmp_path / 'arith' / 'samples.jsonl')]
+  assert {l['method'] for l in lines} == set(prompting.METHODS) and len(lines) == 30
+  assert (tmp_path / 'arith' / 'cot.png').exists() and (tmp_path / 'arith' / 'cot.txt').exists()
+  # GSM8K format: a file the char model can encode runs; one it cannot is a start-up error
+  path = tmp_path / 'g.jsonl'
+  path.write_text(''.join(json.dumps(r) + '\n' for r in arith.to_gsm8k(arith.generate(5, seed=9))))
+  g = cot_gsm8k.get_config()
+  g.init_from = str(tmp_path / 'arith' / 'runs' / 'mixed')
+  g.data.path = str(path)
+  g.prompt.update(k=1, max_new_tokens=24)
+  g.sc.update(n=2, ks=(1, 2))
+  res = cot.run(g, str(tmp_path / 'gsm8k'))['init_from']
+  assert res['n'] == 4 and res['skipped_unencodable'] == 0   # 5 records, 1 demonstration
+  g.data.path = os.path.join(os.path.dirname(__file__), 'data', 'gsm8k_sample.jsonl')
+  with pytest.raises(ConfigError, match='encoded'):
+    cot.run(g, str(tmp_path / 'gsm8k2'))

@@ -47,7 +47,7 @@ def get_config():
       k=1,                # demonstrations per prompt (the same seeded draw for every query)
       demo_max_steps=2,   # arith: demonstrations drawn among training problems this short
       extract='strict',   # answers.extract: strict ('#### N') | flexible (the last number)
-      max_new_tokens=72,  # rationale / program budget
+      max_new_tokens=96,  # rationale / program budget
       direct_tokens=8))   # answer budget (direct, zero-shot CoT's second stage)
   c.sc = ConfigDict(dict(n=16, ks=(1, 2, 4, 8, 16), temperature=0.8, top_k=0))
   c.pal = ConfigDict(dict(wall_s=3.0, cpu_s=2, memory_mb=512, workers=2))
