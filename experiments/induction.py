@@ -35,7 +35,9 @@ from lm.config import ConfigError, ModelConfig
 
 LETTERS = 'abcdefghijklmnopqrstuvwxyz'
 DIGITS = '0123456789'
-ALPHABET = LETTERS + DIGITS + ' '
+# Repeated segments draw from every printable character: with a large alphabet a segment rarely
+# repeats a character, so "copy what followed this token last time" is rarely ambiguous.
+ALPHABET = LETTERS + DIGITS + ' ' + LETTERS.upper() + '!"#$%&\'()*+,-./:;<=>?@[\\]^_`{|}~'
 
 
 def tokenizer() -> tokenizers.CharTokenizer:
@@ -85,7 +87,7 @@ def bursty_tokens(rng: np.random.Generator, rows: int, length: int, s: ConfigDic
   ent = np.concatenate([rng.integers(0, 26, (rows, n_max, w - 1)), last[..., None]], -1)
   lab = rng.integers(0, s.n_labels, (rows, n_max)) + 26                  # digits follow letters
   pick = (rng.random((rows, pairs)) * n[:, None]).astype(int)             # which entity per item
-  space = len(ALPHABET) - 1
+  space = ALPHABET.index(' ')
   item = np.concatenate([rng.integers(0, 26, (rows, pairs, w)), np.full((rows, pairs, 1), space),
                          ent[np.arange(rows)[:, None], pick],
                          np.take_along_axis(lab, pick, 1)[..., None],

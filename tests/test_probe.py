@@ -138,3 +138,64 @@ def test_token_losses_match_the_model():
   lp = jax.nn.log_softmax(logits, -1)
   assert got.shape == (2, 7)
   np.testing.assert_allclose(np.asarray(got[1, 3]), -float(lp[1, 3, toks[1, 4]]), rtol=1e-5)
+
+
+# The mechanism lab's synthetic data (experiments/induction.py) ---------------------------------
+def test_bursty_rows_follow_the_item_layout_and_mark_labels():
+  import re
+  from experiments import induction
+  from experiments.configs import icl_induction
+  s = icl_induction.get_config().synthetic
+  tok = induction.tokenizer()
+  toks, kinds, marks = induction.batch(np.random.default_rng(0), tok, 16, 64, s)
+  assert toks.shape == (16, 65) and marks.shape == (16, 64)
+  assert 0 < kinds.sum() < 16
+  for row, kind, mark in zip(toks, kinds, marks):
+    text = tok.decode(row)
+    if not kind:                     # a repeated segment: some period p <= 32 divides it
+      assert any(text[p:] == text[:-p] for p in range(s.min_period, 33))
+      assert not mark.any()
+      continue
+    items = re.findall(r'([a-z]{2}) ([a-z]{2})([0-3]) ', text)
+    assert ''.join(f'{d} {e}{y} ' for d, e, y in items) == text[:len(items) * 7]
+    label_of, seen = {}, set()
+    for j, (_, e, y) in enumerate(items):
+      assert label_of.setdefault(e, y) == y              # an entity keeps its label in a row
+      assert mark[j * 7 + 4] == (1 if e in seen else 2)  # label char j*7+5 is target j*7+4
+      seen.add(e)
+    assert len({e[-1] for e in label_of}) == len(label_of)   # distinct last letters
+    assert set(np.flatnonzero(mark)) <= {j * 7 + 4 for j in range(10)}
+
+
+def test_induction_config_errors_and_rise_step():
+  from experiments import induction
+  from experiments.configs import icl_induction
+  from lm.config import ConfigError
+  c = icl_induction.get_config()
+  c.synthetic.repeat_fraction = 1.5
+  with pytest.raises(ConfigError, match='repeat_fraction'):
+    induction.check(c)
+  rows = [{'step': 0, 'x': 0.1}, {'step': 50, 'x': 0.2}, {'step': 100, 'x': 0.6}, {'step': 150, 'x': 0.9}]
+  assert induction.rise_step(rows, 'x', 0.5) == 100
+  assert induction.rise_step(rows, 'x', 0.95) is None
+
+
+@pytest.mark.slow
+def test_icl_induction_trains_probes_and_its_workdir_can_be_probed(tmp_path):
+  """A few steps of the mechanism lab, then the probe-only mode on the workdir it wrote."""
+  import json
+  from experiments import induction
+  from experiments.configs import icl_induction
+  c = icl_induction.get_config()
+  c.train.update(steps=4, batch_size=8)
+  c.probe.update(every=2, batch=8)
+  res = induction.run(c, str(tmp_path / 'run'))
+  rows = [json.loads(line) for line in open(tmp_path / 'run' / 'metrics.jsonl')]
+  assert [r['step'] for r in rows] == [0, 2, 4] and res['rows'] == 3
+  assert np.asarray(rows[-1]['induction']).shape == (2, 4)
+  assert (tmp_path / 'run' / 'induction.png').exists()
+  c2 = icl_induction.get_config()
+  c2.init_from = str(tmp_path / 'run')
+  c2.probe.batch = 8
+  out = induction.run(c2, str(tmp_path / 'probe'))
+  assert np.asarray(out['copying']).shape == (2, 4) and np.isfinite(out['icl_score'])
