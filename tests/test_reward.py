@@ -90,12 +90,15 @@ def test_normaliser_gives_mean_0_std_1_on_training_responses(source, trained):
   wd, _ = trained
   _, pairs = source
   rm = reward.load_reward_model(wd)
+  norm = json.load(open(os.path.join(wd, reward.NORM_FILE)))   # stored with the model ...
+  assert (rm.gain, rm.bias, rm.members) == (norm['gain'], norm['bias'], 1) and norm['gain'] != 1.0
   recs = reward_data.read(pairs, 2, 0.25)[0]['train']
   arr, _ = reward_data.encode(recs, rm.tokenizer, 2, rm.seq_len)
   t = arr['tokens'].reshape(-1, rm.seq_len)
   m = arr['mask'].reshape(-1, rm.seq_len)
   s = np.asarray(rm.score(rm.params, jnp.asarray(t), jnp.asarray(m)))
-  assert abs(s.mean()) < 1e-3 and abs(s.std() - 1) < 1e-3, (s.mean(), s.std())
+  assert abs(s.mean()) < 1e-3 and abs(s.std() - 1) < 1e-3, (s.mean(), s.std())   # ... and applied
+  np.testing.assert_array_equal(np.asarray(rm.score_members(rm.params, jnp.asarray(t), jnp.asarray(m)))[0], s)
   # The normalised scores still rank the training pairs: chosen (slot 0) above rejected.
   assert np.mean(s.reshape(-1, 2)[:, 0] > s.reshape(-1, 2)[:, 1]) > 0.8
 
