@@ -84,11 +84,7 @@ def check_batch(config: ConfigDict, mesh) -> None:
 
 
 def check_tokenizers(pol_tok, rm_tok) -> None:
-  probe = "O Romeo, Romeo! wherefore art thou Romeo? 'Tis but thy name that is my enemy;"
-  rm_tok = tokenizers.add_special_tokens(rm_tok, ['eos'])
-  same = (rm_tok.vocab_size == pol_tok.vocab_size and rm_tok.eos_id == pol_tok.eos_id
-          and np.array_equal(rm_tok.encode(probe), pol_tok.encode(probe)))
-  if not same:
+  if not policy_lib.same_tokenizer(tokenizers.add_special_tokens(rm_tok, ['eos']), pol_tok):
     raise ConfigError('The reward model (reward_from) uses a different tokenizer from the policy '
                       '(init_from); train the reward model from this policy\'s SFT or pretraining run.')
 

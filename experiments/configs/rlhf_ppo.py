@@ -26,7 +26,7 @@ def get_config():
       max_new_tokens=24,              # truncation; rows without eos are "missing EOS"
       temperature=1.0))               # sampling AND every log-prob (ratios, KL) use it
   c.ppo = ConfigDict(dict(
-      epochs=4, minibatches=4, grad_accum=1,
+      epochs=2, minibatches=4, grad_accum=1,
       clip_eps=0.2,                   # policy ratio clip
       vf_clip_eps=0.2,                # value clipping around the rollout's values (0: off)
       vf_coef=0.1, entropy_coef=0.0,
@@ -49,10 +49,10 @@ def get_config():
       corpus='shakespeare_works', chars=400000, seq_len=48))
   c.peft = ConfigDict({k: v for k, v in dataclasses.asdict(peft.PeftConfig()).items()})
   c.train = ConfigDict(dict(
-      iterations=60, checkpoint_every=20, keep_checkpoints=2, stop_after=0))
+      iterations=40, checkpoint_every=10, keep_checkpoints=2, stop_after=0))
   c.eval = ConfigDict(dict(every=10, before=True, batch_size=128, max_new_tokens=0))
   c.optim = ConfigDict(dict(
-      lr=3e-5, min_lr=3e-5, warmup_steps=0, decay_steps=0, schedule='constant',
+      lr=1e-4, min_lr=1e-4, warmup_steps=0, decay_steps=0, schedule='constant',
       b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.0, grad_clip=1.0, mu_dtype=''))
   c.mesh = rlhf_base.mesh()
   return c
