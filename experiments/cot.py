@@ -262,6 +262,7 @@ def evaluate(config: ConfigDict, lm, demos: list[dict], held: list[dict]) -> tup
     res['by_digits'][m] = prompting.accuracy_by(recs, 'digits')
     res['counts'][m] = counts
     samples += recs
+    print(f'  {m}: accuracy {acc:.3f} on {len(recs)} problems ({res["seconds"][m]:.0f} s)', flush=True)
   res['truncated_prompts'] = dict(getattr(lm, 'stats', {}))
   return res, samples
 
@@ -327,12 +328,15 @@ def plot(results: dict, path: str) -> str:
     ax.set(xlabel='samples k', ylabel='accuracy (%)', title=f'{name}: held-out accuracy')
     ax.legend(fontsize=8)
     for ax, key in zip(row[1:], ('by_steps', 'by_digits')):
+      xs = sorted({x for accs in r[key].values() for x in accs})
       for i, (m, accs) in enumerate(r[key].items()):
-        xs = sorted(accs)
-        ax.plot(xs, [100 * accs[x] for x in xs], 'o-', color=f'C{i}', label=m)
+        xm = sorted(accs)
+        ax.plot(xm, [100 * accs[x] for x in xm], 'o-', color=f'C{i}', label=m)
+      ax.set_xticks(xs)
       ax.set(xlabel=key.split('_')[1], ylabel='accuracy (%)', title=f'{name}: accuracy {key.replace("_", " ")}')
       ax.legend(fontsize=8)
     for ax in row:
+      ax.set_ylim(-3, 103)
       ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
