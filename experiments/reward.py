@@ -342,14 +342,15 @@ def evaluate_pairs(config, data: reward_data.RewardData, scores: Callable[[dict]
   train_scores = scores(sub)
   out = {'longer_wins': reward_eval.longer_wins(held), 'bag_of_words': bow.evaluate(held)}
   margin = config.data.margin
-  if val.ndim == 2:
+  if ens.members == 1:
     train_scores = train_scores[sub['valid'] > 0]
     gain, bias = (float(x) for x in reward_lib.normalizer(jnp.asarray(train_scores)))
     out['reward_model'] = reward_eval.pair_metrics(val[g, w] - val[g, l], margin)
     out['norm'] = {'gain': gain, 'bias': bias, 'responses': int(train_scores.size),
                    'raw_mean': float(train_scores.mean()), 'raw_std': float(train_scores.std())}
     return out
-  m = val.shape[1]
+  m = ens.members
+  val = val.reshape(len(val), m, -1)               # (an empty held-out split comes back [0, K])
   per = [train_scores[:, i][sub['valid'] > 0] for i in range(m)]       # [responses] per member
   gb = [tuple(float(x) for x in reward_lib.normalizer(jnp.asarray(p))) for p in per]
   gain, bias = np.asarray([x[0] for x in gb]), np.asarray([x[1] for x in gb])
