@@ -18,11 +18,11 @@ def get_config():
   c.model = base.model(d_model=64, n_layers=2, n_heads=4, max_seq_len=64, positions='rope',
                        use_bias=False, norm='layernorm', activation='gelu', tie_embeddings=True,
                        vocab_multiple=8)
-  c.train = ConfigDict(dict(steps=1500, batch_size=32, keep_checkpoints=1))
+  c.train = ConfigDict(dict(steps=1500, batch_size=64, keep_checkpoints=1))
   c.optim = base.pretrain().optim
   c.optim.update(lr=1e-3, min_lr=1e-4, warmup_steps=50, weight_decay=0.0)
   c.synthetic = ConfigDict(dict(
-      repeat_fraction=0.5,   # share of repeated random segments; the rest bursty entity/label items
+      repeat_fraction=0.75,  # share of repeated random segments; the rest bursty entity/label items
       min_entities=2, max_entities=4,   # entities per bursty sequence (fresh each sequence)
       n_labels=4,            # label digits 0..n-1
       word_len=2,            # letters per entity / distractor word

@@ -37,8 +37,8 @@ def get_config():
       combos=('random/random', 'class_balanced/random', 'bm25/random', 'knn/random',
               'diversity/random', 'random/similar_last', 'random/global_entropy',
               'bm25/similar_last'),
-      n_perms=6,              # global_entropy: candidate permutations (all of them when k! <= this)
-      n_probe=8,              # global_entropy: probe examples from the pool
+      n_perms=4,              # global_entropy: candidate permutations (all of them when k! <= this)
+      n_probe=4,              # global_entropy: probe examples from the pool
   ))
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
   return c
