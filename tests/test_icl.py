@@ -225,3 +225,18 @@ def test_tiny_sweep_end_to_end(tmp_path):
   rows = [json.loads(line) for line in open(tmp_path / 'samples.jsonl')]
   assert len(rows) == 4 * 3 * 2 * 8
   assert all(len(r['context']) <= 64 for r in rows)
+
+
+def test_mean_pooled_is_the_mean_of_the_models_hidden_states():
+  import jax
+  from data import tokenizers
+  from lm import model
+  from lm.config import ModelConfig
+  tok = tokenizers.CharTokenizer('abcdefgh ')
+  cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_layers=1, n_heads=2, max_seq_len=32,
+                    vocab_multiple=8, init_std=0.2)
+  params = jax.jit(lambda k: model.init(cfg, k))(jax.random.key(0))
+  got = icl.mean_pooled(params, cfg, tok, ['abc', 'hgfedcba ab'], batch_size=4)
+  h = jax.jit(lambda p, x: model.hidden_states(p, x, cfg)[0])(params, tok.encode('abc')[None])
+  np.testing.assert_allclose(got[0], np.asarray(h[0]).mean(0), rtol=1e-4, atol=1e-5)  # pads unseen
+  assert got.shape == (2, 16)

@@ -10,13 +10,12 @@ from lm import model, probe
 from lm.config import ModelConfig
 
 VARIANTS = {
-    'gpt2_learned': dict(),
+    'learned_sandwich_q_blocks': dict(attention_q_block=4, norm_position='sandwich'),
     'rope_gqa_rmsnorm': dict(positions='rope', n_kv_heads=2, norm='rmsnorm', use_bias=False,
                              activation='swiglu', tie_embeddings=False),
     'alibi_parallel': dict(positions='alibi', parallel_block=True),
     'relative_post': dict(positions='relative', rel_buckets=8, rel_max_distance=12,
                           norm_position='post', scale_attention=False),
-    'q_blocks_sandwich': dict(attention_q_block=4, norm_position='sandwich'),
 }
 
 
