@@ -315,7 +315,11 @@ def probe_checkpoint(config: ConfigDict, workdir: str) -> dict:
   repeated = probe.repeated_tokens(jax.random.key(config.seed), p.batch, period, cfg.vocab_size,
                                    repeats=reps)[:, :length]
   with open(corpora.path('tinyshakespeare'), encoding='utf-8') as f:
-    ids = np.asarray(source.tokenizer.encode(f.read()[:200_000]), np.int32)
+    raw = f.read()[:200_000]
+  if hasattr(source.tokenizer, 'chars'):   # a character vocabulary: unknown characters -> spaces
+    known = set(source.tokenizer.chars)
+    raw = ''.join(ch if ch in known else ' ' for ch in raw)
+  ids = np.asarray(source.tokenizer.encode(raw), np.int32)
   if len(ids) < length * p.batch:
     raise ConfigError('tinyshakespeare is too short for probe.batch windows of this length.')
   starts = np.random.default_rng(config.seed).choice(len(ids) - length, p.batch, replace=False)
