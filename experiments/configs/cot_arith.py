@@ -36,10 +36,12 @@ def get_config():
   c.models = ConfigDict(dict(
       mixed=ConfigDict(dict(direct=1.0, cot=1.0, zero_shot_cot=0.5, pal=1.0)),
   ))
-  c.model = base.model(d_model=96, n_layers=3, n_heads=4, max_seq_len=320, use_bias=False,
-                       norm='layernorm', activation='gelu', positions='learned',
+  # 3 layers with rotary positions: a 2-layer learned-position model of the same width did not
+  # learn to copy operands into its rationale in 600 steps (about 1% on every method).
+  c.model = base.model(d_model=64, n_layers=3, n_heads=4, max_seq_len=320, use_bias=False,
+                       norm='layernorm', activation='gelu', positions='rope',
                        tie_embeddings=True)
-  c.train = ConfigDict(dict(steps=600, batch_size=8, log_every=50, checkpoint_every=600))
+  c.train = ConfigDict(dict(steps=1200, batch_size=8, log_every=50, checkpoint_every=1200))
   c.optim = ConfigDict(dict(lr=3e-3, min_lr=3e-4, warmup_steps=50, weight_decay=0.1))
   c.methods = ('direct', 'cot', 'zero_shot_cot', 'self_consistency', 'pal')
   c.prompt = ConfigDict(dict(
