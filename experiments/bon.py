@@ -106,9 +106,16 @@ def reward_dirs(reward_from) -> list[str]:
 
 
 def labels_of(dirs: list[str]) -> list[str]:
-  """Series names: each workdir's basename, or the whole path where basenames collide."""
-  base = [os.path.basename(os.path.normpath(d)) for d in dirs]
-  return [b if base.count(b) == 1 else os.path.normpath(d) for b, d in zip(base, dirs)]
+  """Series names: for each workdir the fewest trailing path components no other one ends
+  with (runs/rlhf/rm, runs/small/rm, runs/rlhf/rm_ens -> rlhf/rm, small/rm, rm_ens)."""
+  parts = [os.path.normpath(os.path.abspath(d)).split(os.sep) for d in dirs]
+  labels = []
+  for i, p in enumerate(parts):
+    for k in range(1, len(p) + 1):
+      if all(q[-k:] != p[-k:] for j, q in enumerate(parts) if j != i):
+        break
+    labels.append('/'.join(p[-k:]))
+  return labels
 
 
 def check(config: ConfigDict) -> list[str]:

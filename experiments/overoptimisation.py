@@ -187,9 +187,10 @@ def fit_series(s: dict, panel_bon: list[dict]) -> dict:
 
 
 def panel_names(rms: list[str]) -> dict[str, str]:
-  base = {rm: os.path.basename(os.path.normpath(rm)) if rm != NO_RM else NO_RM for rm in rms}
-  vals = list(base.values())
-  return {rm: (b if vals.count(b) == 1 else rm) for rm, b in base.items()}
+  """Panel titles: the fewest trailing path components that tell the RMs apart."""
+  from experiments.bon import labels_of
+  real = [rm for rm in rms if rm != NO_RM]
+  return {**dict(zip(real, labels_of(real))), **({NO_RM: NO_RM} if NO_RM in rms else {})}
 
 
 def run(config: ConfigDict, workdir: str):
