@@ -1,0 +1,279 @@
+"""Offline preference optimisation from an SFT policy: DPO, IPO and conservative DPO.
+
+  init_from (SFT workdir) -> preference records (the testbed's K-wise preferences.jsonl, or
+  hh-rlhf chosen / rejected) -> (chosen, rejected) pairs -> rl.preference loss on summed
+  response log-probs of the policy and of the frozen reference -> the shared train loop
+  (metrics.jsonl, TensorBoard, checkpoints, resume) -> eval.json
+
+Pairs from a K-wise record (config data.pairs): 'best' pairs the best-ranked response with
+each worse one (K - 1 pairs); 'all' takes every ranked pair (C(K, 2) minus ties). Records are
+read by experiments.reward_data (ties, empty responses, missing fields and identical
+responses are counted skips) and split into train / held-out by prompt.
+
+A pair is two rows [prompt | response + eos] (prompt as the SFT template laid it out, cut
+from the left to fit data.seq_len); only response tokens are scored. The reference
+log-probs come from the frozen tree, an argument of the jitted step computed once per batch
+under stop_gradient, never a constant: full fine-tuning trains a copy of init_from against
+the original; LoRA trains adapters and the reference is the base without them.
+
+Metrics: loss and implicit-reward accuracy / margin / chosen / rejected (beta * log-ratio)
+on training batches, and the same on held-out pairs (val_*) every eval_every steps. At the
+end, eval.json holds the held-out pair metrics and experiments.policy.evaluate's gold /
+proxy / KL of one sample per held-out prompt (the point on the over-optimisation axes),
+beside the same evaluation of the reference policy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+
+from data import formats, pipeline, sources, tokenizers
+from experiments import policy, reward_data, sft, stage, trainer
+from lm import model, sharding, train as train_lib
+from lm.config import ConfigError
+from rl import preference
+
+KINDS = ('dpo', 'ipo', 'cdpo')
+PAIRINGS = ('best', 'all')
+
+
+def check(config: ConfigDict) -> None:
+  """Every start-up error of the config (one sentence each), before anything is read."""
+  l, d = config.loss, config.data
+  if l.kind not in KINDS:
+    raise ConfigError(f'loss.kind={l.kind!r} is not known; choose one of {KINDS}.')
+  if not l.beta > 0:
+    raise ConfigError(f'loss.beta={l.beta}: the KL strength (IPO: tau) must be > 0.')
+  if l.kind == 'cdpo' and not 0 < l.label_smoothing < 0.5:
+    raise ConfigError(f'loss.label_smoothing={l.label_smoothing}: conservative DPO flips labels with '
+                      'probability eps in (0, 0.5).')
+  if l.kind != 'cdpo' and l.label_smoothing:
+    raise ConfigError(f'loss.label_smoothing={l.label_smoothing} is only used by loss.kind=cdpo; set '
+                      'it to 0 or use cdpo.')
+  if d.pairs not in PAIRINGS:
+    raise ConfigError(f'data.pairs={d.pairs!r} is not known; choose one of {PAIRINGS}.')
+  if d.max_k < 2:
+    raise ConfigError(f'data.max_k={d.max_k}: a preference needs at least 2 responses per prompt.')
+  if not d.path:
+    raise ConfigError('dpo needs --config.data.path=FILE (preferences.jsonl or hh-rlhf JSON lines).')
+
+
+# Pairs -------------------------------------------------------------------------------------
+def pairs_of(ranks, pairing: str) -> list[tuple[int, int]]:
+  """(chosen, rejected) response indices of one K-wise record (rank 0 = best; ties unpaired)."""
+  n = len(ranks)
+  if pairing == 'best':
+    best = min(ranks)
+    return [(i, j) for i in range(n) if ranks[i] == best for j in range(n) if ranks[j] > best]
+  if pairing == 'all':
+    return [(i, j) for i in range(n) for j in range(n) if ranks[i] < ranks[j]]
+  raise ValueError(f'unknown pairing {pairing!r}; choose one of {PAIRINGS}')
+
+
+def _row(prompt: np.ndarray, resp: np.ndarray, seq_len: int):
+  """(tokens, response mask, truncated?) of one row, prompt cut from the left (at least one
+  prompt token stays: the first response token is predicted from it), then the response
+  from the right."""
+  cut = len(resp) > seq_len - 1
+  resp = resp[:seq_len - 1]
+  keep = seq_len - len(resp)
+  cut = cut or len(prompt) > keep
+  ids = np.concatenate([prompt[-keep:], resp])
+  learn = np.concatenate([np.zeros(len(ids) - len(resp)), np.ones(len(resp))])
+  return ids, learn, cut
+
+
+def encode_pairs(records: list[dict], pol: policy.Policy, seq_len: int, pairing: str):
+  """{'tokens', 'mask', 'resp': [N, 2, T] int32} (index 0 chosen, 1 rejected), right-padded,
+  and counts {'pairs', 'truncated', 'empty_prompt'}."""
+  tok = pol.tok
+  rows, counts = [], {'pairs': 0, 'truncated': 0, 'empty_prompt': 0}
+  for r in records:
+    prompt = formats.prompt_tokens({'instruction': '', 'input': r['prompt']}, pol.template, tok)
+    if len(prompt) == 0:
+      counts['empty_prompt'] += 1       # nothing to predict the first response token from
+      continue
+    resp = [np.concatenate([tok.encode(x), [pol.eos]]).astype(np.int32) for x in r['responses']]
+    for i, j in pairs_of(r['ranks'], pairing):
+      rows.append([_row(np.asarray(prompt, np.int32), resp[i], seq_len),
+                   _row(np.asarray(prompt, np.int32), resp[j], seq_len)])
+  n = len(rows)
+  out = {k: np.zeros((n, 2, seq_len), np.int32) for k in ('tokens', 'mask', 'resp')}
+  for a, pair in enumerate(rows):
+    for b, (ids, learn, cut) in enumerate(pair):
+      out['tokens'][a, b, :len(ids)] = ids
+      out['mask'][a, b, :len(ids)] = 1
+      out['resp'][a, b, :len(ids)] = learn
+      counts['truncated'] += cut
+  counts['pairs'] = n
+  return out, counts
+
+
+def load_pairs(config: ConfigDict, pol: policy.Policy, seq_len: int):
+  """(train arrays, held-out arrays, report); ConfigError at start-up when unusable."""
+  d = config.data
+  if not 0 <= d.val_fraction < 1:
+    raise ConfigError(f'data.val_fraction={d.val_fraction} must be in [0, 1).')
+  try:
+    split, report = reward_data.read(d.path, d.max_k, d.val_fraction)
+  except sources.CorpusError as e:
+    raise ConfigError(str(e)) from None
+  train, t_counts = encode_pairs(split['train'], pol, seq_len, d.pairs)
+  val, v_counts = encode_pairs(split['validation'], pol, seq_len, d.pairs)
+  b = config.train.batch_size
+  if t_counts['pairs'] < b:
+    raise ConfigError(f'{d.path} gave {t_counts["pairs"]} training pairs (skipped records: '
+                      f'{report["skipped"] or "none"}), fewer than one batch of {b}; lower '
+                      'train.batch_size or add data.')
+  # Held-out pairs in whole batches (the loss has no per-pair weights to mask padding).
+  n_val = min(v_counts['pairs'], d.max_val or v_counts['pairs']) // b * b
+  val = {k: v[:n_val] for k, v in val.items()}
+  report.update(path=d.path, pairing=d.pairs, seq_len=seq_len,
+                pairs={'train': t_counts['pairs'], 'validation': n_val},
+                truncated={'train': t_counts['truncated'], 'validation': v_counts['truncated']},
+                empty_prompt=t_counts['empty_prompt'] + v_counts['empty_prompt'])
+  return train, val, report
+
+
+# Loss --------------------------------------------------------------------------------------
+def sequence_logprobs(params, batch, cfg) -> jax.Array:
+  """[B, 2, T] pair rows -> [B, 2] summed log-probs of the response tokens (temperature 1)."""
+  b, two, t = batch['tokens'].shape
+  tokens = batch['tokens'].reshape(b * two, t)
+  mask = batch['mask'].reshape(b * two, t)
+  resp = batch['resp'].reshape(b * two, t)
+  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+  logits = model.forward(params, tokens, cfg, positions=positions, segment_ids=mask)[0]
+  logp = preference.sequence_logprob(logits[:, :-1], tokens[:, 1:], resp[:, 1:])
+  return logp.reshape(b, two)
+
+
+def make_loss(trees: policy.Trees, kind: str, beta: float, label_smoothing: float = 0.0):
+  """loss_fn(params, batch, rng, frozen) for lm.train: the policy is trees.full(params,
+  frozen), the reference is the frozen tree itself."""
+  base = 'ipo' if kind == 'ipo' else 'dpo'
+  ls = label_smoothing if kind == 'cdpo' else 0.0
+
+  def loss_fn(params, batch, rng, frozen):
+    del rng
+    pi = sequence_logprobs(trees.full(params, frozen), batch, trees.cfg)
+    ref = jax.lax.stop_gradient(sequence_logprobs(frozen, batch, trees.cfg))
+    return preference.preference_loss(base, pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], beta, ls)
+  return loss_fn
+
+
+def _rows(data: dict, seed: int):
+  def make(epoch):
+    order = np.random.default_rng([seed, 0xD90, epoch]).permutation(len(data['tokens']))
+    return {k: v[order] for k, v in data.items()}
+  return make
+
+
+# The stage ---------------------------------------------------------------------------------
+def run(config: ConfigDict, workdir: str):
+  os.makedirs(workdir, exist_ok=True)
+  t = config.train
+  # 1. Everything a user can get wrong, before any compile.
+  check(config)
+  pol = policy.open_policy(config.init_from)
+  cfg = pol.cfg
+  seq_len = config.data.seq_len or cfg.max_seq_len
+  if seq_len > cfg.max_seq_len:
+    raise ConfigError(f'data.seq_len={seq_len} is longer than the model context {cfg.max_seq_len}.')
+  e = config.eval
+  held_ids = policy.encode_prompts(pol, policy.prompt_texts(config, 'eval'),
+                                   cfg.max_seq_len - e.max_new_tokens)
+  mesh_cfg = config.mesh.to_dict()
+  rm, reward = (policy.open_reward(config.reward_from, pol, mesh_cfg) if config.reward_from
+                else (None, None))
+  train_data, val_data, report = load_pairs(config, pol, seq_len)
+  mesh = sharding.make_mesh(mesh_cfg)
+  trainer.check_batch(config, mesh)
+  sft.check_resume_source(workdir, pol.source)
+  if jax.process_index() == 0:
+    pol.tok.save(os.path.join(workdir, tokenizers.RUN_FILE))
+
+  # 2. Trainable tree (full or LoRA) and the frozen reference.
+  trees = policy.trees(config, pol, mesh)
+  spec = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in train_data.items()}
+  batch_sh = train_lib.batch_shardings(mesh, spec)
+  rows = pipeline.local_rows(sharding.batch_sharding(mesh, 2), t.batch_size, 2)
+  batches = pipeline.RowBatches(_rows(train_data, config.seed), t.batch_size, rows)
+  setup = stage.build(config, workdir, mesh, axes=trees.axes, init_params=trees.init_params,
+                      total_steps=t.steps, initial_params=trees.initial)
+  if setup.data_state is not None:
+    batches.restore(setup.data_state)
+  trainer.write_config(config, workdir, {
+      'model': dataclasses.asdict(cfg),
+      'resolved': {'vocab_size': cfg.vocab_size, 'seq_len': seq_len, 'params': cfg.num_params(),
+                   'devices': jax.device_count(), 'mesh': dict(mesh.shape), 'data': report},
+      'source': pol.source.record()})
+  print(f'dpo ({config.loss.kind}, beta={config.loss.beta}) from {pol.source.path} (step '
+        f'{pol.source.step}), peft {trees.pcfg.method}: {report["pairs"]["train"]:,} training / '
+        f'{report["pairs"]["validation"]:,} held-out pairs ({config.data.pairs}) from '
+        f'{sum(report["records"].values()):,} records (skipped: {report["skipped"] or "none"}; '
+        f'truncated: {report["truncated"]["train"]}); mesh {dict(mesh.shape)}; '
+        + (f'resuming at step {setup.start}' if setup.start else 'starting'))
+
+  # 3. The step: frozen reference as an argument.
+  loss_fn = make_loss(trees, config.loss.kind, config.loss.beta, config.loss.label_smoothing)
+  step_fn = train_lib.make_train_step(loss_fn, setup.tx, mesh, setup.shardings, batch_sh,
+                                      frozen_sh=trees.frozen_sh, grad_accum=t.grad_accum,
+                                      seed=config.seed, schedule=setup.schedule)
+  step_fn = functools.partial(sft._with_frozen, step_fn, trees.frozen)
+  to_global = functools.partial(pipeline.to_global, shardings=batch_sh, global_batch=t.batch_size)
+  evaluate = None
+  if len(val_data['tokens']):
+    eval_step = train_lib.make_eval_step(loss_fn, mesh, setup.shardings.params, batch_sh,
+                                         trees.frozen_sh)
+    val = [{k: v[i:i + t.batch_size][rows[0]:rows[1]] for k, v in val_data.items()}
+           for i in range(0, len(val_data['tokens']), t.batch_size)]
+    evaluate = trainer.eval_fn(lambda p, b: eval_step(p, b, trees.frozen), val, to_global)
+  state = trainer.train(trainer.Run(
+      config=config, workdir=workdir, mesh=mesh, state=setup.state, start_step=setup.start,
+      step_fn=step_fn, batches=batches, to_global=to_global,
+      evaluate=evaluate if t.eval_every else None, checkpointer=setup.checkpointer,
+      flops_per_token=cfg.flops_per_token(seq_len) * 4 / 3, tokens_per_step=t.batch_size * 2 * seq_len))
+  setup.checkpointer.close()
+  if int(state.step) < t.steps:
+    return state
+
+  # 4. Held-out pairs, then the testbed evaluation of the policy and of its reference.
+  results = {'loss': {'kind': config.loss.kind, 'beta': config.loss.beta,
+                      'label_smoothing': config.loss.label_smoothing}, 'data': report}
+  if evaluate is not None:
+    results['pairs'] = evaluate(state.params)
+  key = jax.random.fold_in(jax.random.key(config.seed), 0xE7A1)   # same prompts & draws for both
+  common = dict(max_new_tokens=e.max_new_tokens, gold_kind=e.gold, reward=reward, mesh=mesh,
+                batch=e.batch_size, temperature=e.temperature)
+  gen_params = trees.generation(state.params, trees.frozen)
+  results['after'] = policy.evaluate(gen_params, trees.frozen, pol, held_ids, key, **common)
+  if e.before:
+    results['before'] = policy.evaluate(trees.frozen, None, pol, held_ids, key, **common)
+  write(workdir, results)
+  return state
+
+
+def write(workdir: str, results: dict) -> None:
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, 'eval.json'), 'w') as f:
+    json.dump(results, f, indent=2)
+  fmt = lambda r: (f"gold {r['gold']:+.3f} ± {r['gold_stderr']:.3f}, "
+                   + (f"proxy {r['proxy']:+.3f}, " if 'proxy' in r else '')
+                   + f"KL {r['kl']:.3f}, length {r['length']:.1f}, eos {r['eos_rate']:.2f}")
+  print('held-out prompts (one sample each):')
+  for name in ('before', 'after'):
+    if name in results:
+      print(f'  {name:6s} {fmt(results[name])}')
+  if 'pairs' in results:
+    p = results['pairs']
+    print(f"  held-out pairs: loss {p['val_loss']:.4f}, implicit-reward accuracy "
+          f"{p['val_rewards/accuracy']:.3f}, margin {p['val_rewards/margin']:+.3f}")

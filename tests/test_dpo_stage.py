@@ -1,0 +1,191 @@
+"""The `dpo` stage on tiny random-weight policies (tests/rl_fixtures): pairs from a K-wise
+record by hand; the jitted step's DPO / IPO / cDPO loss against the formulas applied to
+sequence log-probs computed row by row; the reference is the frozen step argument (another
+frozen tree gives another loss; training never changes it); counted skips and start-up errors."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from data import tokenizers
+from experiments import dpo, policy, stage
+from experiments.configs import rlhf_dpo
+from lm import model, sharding, train as train_lib
+from lm.config import ConfigError
+from tests import rl_fixtures
+
+RECORDS = [{'prompt': 'Of thee', 'responses': ['a sad day', 'a glad day', 'no day', 'a day'],
+            'ranks': [2, 0, 3, 1]},
+           {'prompt': 'And yet', 'responses': ['we love', 'we hate', 'we go'], 'ranks': [0, 2, 1]},
+           {'prompt': 'My lord', 'responses': ['good', 'bad'], 'ranks': [0, 1]}]
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  d = tmp_path_factory.mktemp('dpo')
+  pol = rl_fixtures.policy_run(d / 'sft')
+  return {'dir': d, 'policy': pol, 'other': rl_fixtures.policy_run(d / 'other', seed=1),
+          'rm': rl_fixtures.reward_run(d / 'rm', pol)}
+
+
+def config(runs, **loss):
+  c = rlhf_dpo.get_config()
+  c.init_from, c.reward_from = runs['policy'], runs['rm']
+  c.data.path = str(runs['dir'] / 'prefs.jsonl')
+  c.loss.update(loss)
+  c.train.batch_size = 8
+  c.prompts.update(n_train=8, n_eval=8)
+  return c
+
+
+def test_pairs_from_a_kwise_record():
+  ranks = [1, 0, 2, 0]                         # two responses tie for best
+  assert dpo.pairs_of(ranks, 'best') == [(1, 0), (1, 2), (3, 0), (3, 2)]
+  assert dpo.pairs_of(ranks, 'all') == [(0, 2), (1, 0), (1, 2), (3, 0), (3, 2)]
+  assert dpo.pairs_of([0, 1, 2], 'all') == [(0, 1), (0, 2), (1, 2)]
+
+
+def test_encoded_pair_rows(runs):
+  pol = policy.open_policy(runs['policy'])
+  arrays, counts = dpo.encode_pairs(RECORDS[2:], pol, 16, 'best')
+  assert counts == {'pairs': 1, 'truncated': 0, 'empty_prompt': 0}
+  p, good, bad = (list(pol.tok.encode(x)) for x in ('My lord', 'good', 'bad'))
+  for j, resp in enumerate([good, bad]):
+    row = p + resp + [pol.eos]
+    assert arrays['tokens'][0, j, :len(row)].tolist() == row
+    assert arrays['mask'][0, j].tolist() == [1] * len(row) + [0] * (16 - len(row))
+    assert arrays['resp'][0, j].tolist() == [0] * len(p) + [1] * (len(resp) + 1) + [0] * (16 - len(row))
+  # Too long: the prompt loses its start (one token stays), then the response its end.
+  arrays, counts = dpo.encode_pairs(RECORDS[2:], pol, 6, 'best')
+  assert counts['truncated'] == 2
+  assert arrays['tokens'][0, 0].tolist() == p[-1:] + good + [pol.eos]
+  assert arrays['tokens'][0, 1].tolist() == p[-2:] + bad + [pol.eos]
+  arrays, counts = dpo.encode_pairs(RECORDS[2:], pol, 4, 'best')
+  assert arrays['tokens'][0, 0].tolist() == p[-1:] + good[:3]
+  assert arrays['resp'][0, 0].tolist() == [0, 1, 1, 1]
+
+
+def by_hand_logps(params, cfg, arrays):
+  """[N, 2] summed response log-probs, one unpadded row at a time."""
+  out = np.zeros(arrays['tokens'].shape[:2])
+  for i in range(out.shape[0]):
+    for j in range(2):
+      n = int(arrays['mask'][i, j].sum())
+      toks = arrays['tokens'][i, j, :n]
+      logits = np.asarray(model.forward(params, toks[None], cfg)[0][0], np.float64)
+      logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+          - logits.max(-1, keepdims=True)
+      resp = arrays['resp'][i, j, :n]
+      out[i, j] = sum(logp[t - 1, toks[t]] for t in range(1, n) if resp[t])
+  return out
+
+
+def formula(kind, h, beta, eps):
+  log_sig = lambda z: -np.logaddexp(0.0, -z)
+  if kind == 'ipo':
+    return np.mean((h - 1 / (2 * beta)) ** 2)
+  return np.mean(-(1 - eps) * log_sig(beta * h) - eps * log_sig(-beta * h))
+
+
+@pytest.mark.parametrize('kind,eps', [('dpo', 0.0), ('ipo', 0.0), ('cdpo', 0.2)])
+def test_step_loss_is_the_formula_on_sequence_logprobs(runs, kind, eps):
+  c = config(runs, kind=kind, beta=0.5, label_smoothing=eps)
+  mesh = sharding.make_mesh({'data': -1})
+  pol = policy.open_policy(runs['policy'])
+  trees = policy.trees(c, pol, mesh)                     # trainable = frozen = init_from
+  other = stage.read_source(runs['other']).restore_params(mesh, pol.cfg)
+  arrays, _ = dpo.encode_pairs(RECORDS * 2, pol, 24, 'best')
+  arrays = {k: v[:8] for k, v in arrays.items()}
+  setup = stage.build(c, None, mesh, axes=trees.axes, init_params=trees.init_params,
+                      total_steps=10, initial_params=trees.initial)
+  batch_sh = train_lib.batch_shardings(mesh, {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype)
+                                              for k, v in arrays.items()})
+  loss_fn = dpo.make_loss(trees, kind, 0.5, eps)
+  step = train_lib.make_train_step(loss_fn, setup.tx, mesh, setup.shardings, batch_sh,
+                                   frozen_sh=trees.frozen_sh)
+  evaluate = train_lib.make_eval_step(loss_fn, mesh, setup.shardings.params, batch_sh, trees.frozen_sh)
+  batch = {k: jax.device_put(v, batch_sh[k]) for k, v in arrays.items()}
+  before = jax.device_get(other)
+  pi = by_hand_logps(jax.device_get(trees.frozen), pol.cfg, arrays)
+  ref = by_hand_logps(before, pol.cfg, arrays)
+  h = (pi[:, 0] - ref[:, 0]) - (pi[:, 1] - ref[:, 1])
+  # Another frozen tree, another loss: the reference is the argument, not a baked constant
+  # (with itself as the reference the policy's log-ratios are 0: h = 0).
+  same = float(evaluate(setup.state.params, batch, trees.frozen)[0]) / 8
+  assert same == pytest.approx(formula(kind, np.zeros(8), 0.5, eps), rel=1e-5)
+  state, m = step(setup.state, batch, other)             # reference: another model
+  assert float(m['loss']) == pytest.approx(formula(kind, h, 0.5, eps), rel=1e-4)
+  assert float(m['loss']) != pytest.approx(same, rel=1e-3)
+  acc = np.mean(pi[:, 0] - ref[:, 0] > pi[:, 1] - ref[:, 1])
+  assert float(m['rewards/accuracy']) == pytest.approx(acc)
+  assert float(m['rewards/margin']) == pytest.approx(0.5 * h.mean(), rel=1e-4, abs=1e-6)
+  # Training moves the policy; the reference stays as it was.
+  for _ in range(2):
+    state, _ = step(state, batch, other)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(other), before)
+  moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), jax.device_get(state.params),
+                       jax.device_get(trees.frozen))
+  assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_lora_reference_is_the_base(runs):
+  c = config(runs)
+  c.peft.method = 'lora'
+  mesh = sharding.make_mesh({'data': -1})
+  pol = policy.open_policy(runs['policy'])
+  trees = policy.trees(c, pol, mesh)
+  adapters = trees.init_params(jax.random.key(0))        # LoRA b = 0: policy == base
+  arrays, _ = dpo.encode_pairs(RECORDS * 2, pol, 24, 'best')
+  arrays = {k: v[:8] for k, v in arrays.items()}
+  loss, n, _ = jax.jit(dpo.make_loss(trees, 'dpo', 0.1))(adapters, arrays, None, trees.frozen)
+  assert float(loss / n) == pytest.approx(np.log(2.0), rel=1e-6)
+
+
+def write(path, lines):
+  with open(path, 'w') as f:
+    f.writelines((l if isinstance(l, str) else json.dumps(l)) + '\n' for l in lines)
+
+
+def test_bad_records_are_counted_skips(runs):
+  c = config(runs)
+  c.data.val_fraction = 0.0
+  write(c.data.path, RECORDS * 3 + [
+      {'prompt': 'Tie', 'responses': ['a', 'b'], 'ranks': [0, 0]},
+      {'prompt': 'Empty', 'responses': ['a', ' '], 'ranks': [0, 1]},
+      {'prompt': 'Missing', 'responses': ['a', 'b']},
+      {'prompt': 'Same', 'responses': ['a', 'a'], 'ranks': [0, 1]},
+      {'chosen': '\n\nHuman: hi\n\nAssistant: yes', 'rejected': '\n\nHuman: hi\n\nAssistant: yes'},
+      {'chosen': '\n\nHuman: hi\n\nAssistant: yes', 'rejected': '\n\nHuman: hi\n\nAssistant: no'},
+      'not json'])
+  pol = policy.open_policy(runs['policy'])
+  train, val, report = dpo.load_pairs(c, pol, 32)
+  skipped = report['skipped']
+  assert skipped.get('tie') == 1 and skipped.get('empty_response') == 1
+  assert skipped.get('missing_field') == 1 or skipped.get('bad_ranks') == 1
+  assert sum(v for k, v in skipped.items() if 'identical' in k) == 2
+  assert sum(skipped.values()) == 6
+  assert report['pairs']['train'] == 3 * (3 + 2 + 1) + 1 == len(train['tokens'])
+
+
+def test_start_up_errors(runs, tmp_path):
+  write(str(runs['dir'] / 'prefs.jsonl'), RECORDS * 4)
+  for loss, match in [({'beta': 0.0}, 'beta'), ({'beta': -1.0}, 'beta'), ({'kind': 'kto'}, 'kind'),
+                      ({'kind': 'cdpo'}, 'label_smoothing'), ({'label_smoothing': 0.1}, 'cdpo')]:
+    with pytest.raises(ConfigError, match=match):
+      dpo.run(config(runs, **loss), str(tmp_path / 'a'))
+  c = config(runs)
+  c.data.pairs = 'some'
+  with pytest.raises(ConfigError, match='data.pairs'):
+    dpo.run(c, str(tmp_path / 'b'))
+  c = config(runs)
+  c.train.batch_size = 64                    # more than the file's pairs
+  with pytest.raises(ConfigError, match='fewer than one batch'):
+    dpo.run(c, str(tmp_path / 'c'))
+  other = rl_fixtures.reward_run(tmp_path / 'rm2', runs['policy'])
+  tok = tokenizers.add_special_tokens(tokenizers.CharTokenizer.from_texts([rl_fixtures.TEXT + '0']), ['eos'])
+  tok.save(tokenizers.run_file(other))
+  c = config(runs)
+  c.reward_from = other
+  with pytest.raises(ConfigError, match='different tokenizer'):
+    dpo.run(c, str(tmp_path / 'd'))
