@@ -362,7 +362,8 @@ def run(config: ConfigDict, workdir: str):
     print(f'induction score reaches {p.threshold} at step {res["induction_rise_step"]}; '
           f'label accuracy (entity seen) reaches 0.5 at step {res["label_acc_rise_step"]}')
     print('step   induction  prev-token  ICL score  label acc seen/first')
-    for r in rows[::max(1, len(rows) // 12)] + ([rows[-1]] if len(rows) > 12 else []):
+    shown = rows[::max(1, len(rows) // 12)]
+    for r in shown + ([rows[-1]] if shown[-1] is not rows[-1] else []):
       print(f'{r["step"]:5d}  {r["induction_max"]:9.3f}  {r["previous_token_max"]:10.3f}  '
             f'{r["icl_score"]:+9.3f}  {r["label_acc_seen"]:.3f}/{r["label_acc_first"]:.3f}')
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
