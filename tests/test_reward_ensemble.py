@@ -19,21 +19,25 @@ from tests.test_reward import rm_config, source  # noqa: F401  (module fixture: 
 STEPS = 3
 
 
-def _run(src, pairs, wd, seed=0, **ensemble):
+def _run(src, pairs, wd, seed=0, mesh=None, **ensemble):
   c = rm_config(src, pairs, steps=STEPS, checkpoint_every=STEPS, log_every=1)
   c.eval.norm_groups = 16
   c.seed = seed
   c.ensemble.update(ensemble)
-  reward.run(c, wd)
-  return wd
+  c.mesh.update(mesh or {})
+  state = reward.run(c, wd)
+  return wd, {str(x.sharding.spec) for x in jax.tree.leaves(state.params)}
 
 
 @pytest.fixture(scope='module')
 def runs(source, tmp_path_factory):  # noqa: F811
   src, pairs = source
   d = tmp_path_factory.mktemp('ens')
-  ens = _run(src, pairs, str(d / 'ens'), members=2, combine='min')
-  singles = [_run(src, pairs, str(d / f'seed{s}'), seed=s) for s in (0, 1)]
+  # The ensemble on a data x fsdp mesh, the single models data-parallel: the member axis is
+  # replicated, the rules table shards the rest, and the numbers do not depend on it.
+  ens, specs = _run(src, pairs, str(d / 'ens'), mesh={'data': 4, 'fsdp': 2}, members=2, combine='min')
+  assert all(spec.startswith('P(None') for spec in specs) and any('fsdp' in x for x in specs), specs
+  singles = [_run(src, pairs, str(d / f'seed{s}'), seed=s)[0] for s in (0, 1)]
   return ens, singles, pairs
 
 
@@ -160,3 +164,23 @@ def test_ensemble_rows_are_independent_member_streams():
   np.testing.assert_array_equal(data.train_rows(2, 1)['tokens'],
                                 reward_data.RewardData(train, train, [], [], {}, seed=6).train_rows(2)['tokens'])
   assert not np.array_equal(rows['tokens'][:, 0], rows['tokens'][:, 1])
+
+
+@pytest.mark.slow
+def test_ensemble_resume_equals_uninterrupted(source, tmp_path):  # noqa: F811
+  src, pairs = source
+
+  def cfg(**train):
+    c = rm_config(src, pairs, steps=4, checkpoint_every=2, log_every=1, **train)
+    c.eval.norm_groups = 16
+    c.ensemble.members = 2
+    return c
+  full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
+  reward.run(cfg(), full)
+  reward.run(cfg(stop_after=2), part)
+  assert not os.path.exists(os.path.join(part, 'eval.json'))
+  reward.run(cfg(), part)
+  a, b = losses(full)[1], losses(part)[1]
+  for key in ('loss_m0', 'loss_m1'):
+    got = {r['step']: r[key] for r in b}
+    np.testing.assert_allclose([r[key] for r in a if r['step'] > 2], [got[s] for s in (3, 4)], rtol=1e-6)
