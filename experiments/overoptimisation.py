@@ -228,7 +228,7 @@ def table(out: dict) -> str:
     if not fit:
       return f'{"-":>32}'
     if 'error' in fit:
-      return f'{"(" + fit["error"][:28] + ")":>32}'
+      return f'{"(no fit: < 3 points at d > 0)":>32}'
     return f'{fit["alpha"]:>+9.4f} {fit["beta"]:>+9.4f} {fit["r2"]:>6.3f} {fit.get("d_peak", float("nan")):>5.2f}'
   rows = [f'{"panel (RM)":<14} {"series":<26} {"pts":>4} {"max d":>6} {"gold@max":>9} '
           f'{"gold: alpha":>9} {"beta":>9} {"R2":>6} {"dpk":>5} {"proxy: alpha":>9} {"beta":>9} {"R2":>6} {"dpk":>5}']
