@@ -302,7 +302,7 @@ def run(config: ConfigDict, workdir: str):
       g = gold.score(policy.texts_of(pol, gen), e.gold)
       t4 = time.perf_counter()
       row = {**{k: float(v) for k, v in m.items()}, 'gold': float(g.mean()),
-             **{k: float(v) for k, v in um.items() if k != 'tokens'},
+             **{('kl_loss' if k == 'kl' else k): float(v) for k, v in um.items() if k != 'tokens'},
              'time_generate': t1 - t0, 'time_score': t2 - t1, 'time_update': t3 - t2,
              'time_gold': t4 - t3, 'tokens_per_sec': float(m['response_tokens']) / (t4 - t0)}
       writer.write(it + 1, row)

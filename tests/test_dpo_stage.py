@@ -67,17 +67,17 @@ def test_encoded_pair_rows(runs):
 
 
 def by_hand_logps(params, cfg, arrays):
-  """[N, 2] summed response log-probs, one unpadded row at a time."""
+  """[N, 2] summed response log-probs: each row on its own through a plain causal forward
+  (trailing padding cannot reach earlier positions), summed in a Python loop."""
+  forward = jax.jit(lambda p, x: model.forward(p, x, cfg)[0])
   out = np.zeros(arrays['tokens'].shape[:2])
   for i in range(out.shape[0]):
     for j in range(2):
-      n = int(arrays['mask'][i, j].sum())
-      toks = arrays['tokens'][i, j, :n]
-      logits = np.asarray(model.forward(params, toks[None], cfg)[0][0], np.float64)
-      logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-          - logits.max(-1, keepdims=True)
-      resp = arrays['resp'][i, j, :n]
-      out[i, j] = sum(logp[t - 1, toks[t]] for t in range(1, n) if resp[t])
+      toks, resp = arrays['tokens'][i, j], arrays['resp'][i, j]
+      logits = np.asarray(forward(params, toks[None])[0], np.float64)
+      top = logits.max(-1, keepdims=True)
+      logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+      out[i, j] = sum(logp[t - 1, toks[t]] for t in range(1, len(toks)) if resp[t])
   return out
 
 
@@ -88,45 +88,68 @@ def formula(kind, h, beta, eps):
   return np.mean(-(1 - eps) * log_sig(beta * h) - eps * log_sig(-beta * h))
 
 
-@pytest.mark.parametrize('kind,eps', [('dpo', 0.0), ('ipo', 0.0), ('cdpo', 0.2)])
-def test_step_loss_is_the_formula_on_sequence_logprobs(runs, kind, eps):
-  c = config(runs, kind=kind, beta=0.5, label_smoothing=eps)
+@pytest.fixture(scope='module')
+def pairs(runs):
+  """A batch of 8 pairs on the 8-device mesh, the trees (policy = init_from), another model as
+  a reference, and the pairs' log-probs under both computed by hand."""
   mesh = sharding.make_mesh({'data': -1})
   pol = policy.open_policy(runs['policy'])
-  trees = policy.trees(c, pol, mesh)                     # trainable = frozen = init_from
+  trees = policy.trees(config(runs), pol, mesh)
   other = stage.read_source(runs['other']).restore_params(mesh, pol.cfg)
   arrays, _ = dpo.encode_pairs(RECORDS * 2, pol, 24, 'best')
   arrays = {k: v[:8] for k, v in arrays.items()}
-  setup = stage.build(c, None, mesh, axes=trees.axes, init_params=trees.init_params,
-                      total_steps=10, initial_params=trees.initial)
   batch_sh = train_lib.batch_shardings(mesh, {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype)
                                               for k, v in arrays.items()})
-  loss_fn = dpo.make_loss(trees, kind, 0.5, eps)
-  step = train_lib.make_train_step(loss_fn, setup.tx, mesh, setup.shardings, batch_sh,
-                                   frozen_sh=trees.frozen_sh)
-  evaluate = train_lib.make_eval_step(loss_fn, mesh, setup.shardings.params, batch_sh, trees.frozen_sh)
-  batch = {k: jax.device_put(v, batch_sh[k]) for k, v in arrays.items()}
-  before = jax.device_get(other)
   pi = by_hand_logps(jax.device_get(trees.frozen), pol.cfg, arrays)
-  ref = by_hand_logps(before, pol.cfg, arrays)
+  ref = by_hand_logps(jax.device_get(other), pol.cfg, arrays)
+  return dict(mesh=mesh, trees=trees, other=other, batch_sh=batch_sh, pi=pi, ref=ref,
+              batch={k: jax.device_put(v, batch_sh[k]) for k, v in arrays.items()})
+
+
+def test_dpo_step_reference_is_the_frozen_argument(runs, pairs):
+  c = config(runs, kind='dpo', beta=0.5)
+  trees, other, batch, mesh = pairs['trees'], pairs['other'], pairs['batch'], pairs['mesh']
+  setup = stage.build(c, None, mesh, axes=trees.axes, init_params=trees.init_params,
+                      total_steps=10, initial_params=trees.initial)
+  loss_fn = dpo.make_loss(trees, 'dpo', 0.5)
+  step = train_lib.make_train_step(loss_fn, setup.tx, mesh, setup.shardings, pairs['batch_sh'],
+                                   frozen_sh=trees.frozen_sh)
+  evaluate = train_lib.make_eval_step(loss_fn, mesh, setup.shardings.params, pairs['batch_sh'],
+                                      trees.frozen_sh)
+  pi, ref = pairs['pi'], pairs['ref']
   h = (pi[:, 0] - ref[:, 0]) - (pi[:, 1] - ref[:, 1])
-  # Another frozen tree, another loss: the reference is the argument, not a baked constant
-  # (with itself as the reference the policy's log-ratios are 0: h = 0).
+  before = jax.device_get(other)
+  # With itself as the reference every log-ratio is 0: loss log 2. Another frozen tree gives
+  # another loss: the reference is the step's argument, not a constant baked into it.
   same = float(evaluate(setup.state.params, batch, trees.frozen)[0]) / 8
-  assert same == pytest.approx(formula(kind, np.zeros(8), 0.5, eps), rel=1e-5)
-  state, m = step(setup.state, batch, other)             # reference: another model
-  assert float(m['loss']) == pytest.approx(formula(kind, h, 0.5, eps), rel=1e-4)
+  assert same == pytest.approx(np.log(2.0), rel=1e-6)
+  state, m = step(setup.state, batch, other)
+  assert float(m['loss']) == pytest.approx(formula('dpo', h, 0.5, 0.0), rel=1e-4)
   assert float(m['loss']) != pytest.approx(same, rel=1e-3)
   acc = np.mean(pi[:, 0] - ref[:, 0] > pi[:, 1] - ref[:, 1])
   assert float(m['rewards/accuracy']) == pytest.approx(acc)
   assert float(m['rewards/margin']) == pytest.approx(0.5 * h.mean(), rel=1e-4, abs=1e-6)
   # Training moves the policy; the reference stays as it was.
   for _ in range(2):
-    state, _ = step(state, batch, other)
+    state, m2 = step(state, batch, other)
+  assert float(m2['loss']) < float(m['loss'])
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(other), before)
   moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), jax.device_get(state.params),
                        jax.device_get(trees.frozen))
   assert max(jax.tree.leaves(moved)) > 0
+
+
+@pytest.mark.parametrize('kind,eps', [('ipo', 0.0), ('cdpo', 0.2)])
+def test_ipo_and_cdpo_switches(pairs, kind, eps):
+  trees, mesh = pairs['trees'], pairs['mesh']
+  loss_fn = dpo.make_loss(trees, kind, 0.5, eps)
+  param_sh = jax.tree.map(lambda x: x.sharding, trees.frozen)
+  evaluate = train_lib.make_eval_step(loss_fn, mesh, param_sh, pairs['batch_sh'], trees.frozen_sh)
+  pi, ref = pairs['pi'], pairs['ref']
+  h = (pi[:, 0] - ref[:, 0]) - (pi[:, 1] - ref[:, 1])
+  loss = float(evaluate(trees.frozen, pairs['batch'], pairs['other'])[0]) / 8
+  assert loss == pytest.approx(formula(kind, h, 0.5, eps), rel=1e-4)
+  assert loss != pytest.approx(formula('dpo', h, 0.5, 0.0), rel=1e-3)
 
 
 def test_lora_reference_is_the_base(runs):
