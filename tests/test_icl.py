@@ -235,7 +235,10 @@ def test_mean_pooled_is_the_mean_of_the_models_hidden_states():
   tok = tokenizers.CharTokenizer('abcdefgh ')
   cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_layers=1, n_heads=2, max_seq_len=32,
                     vocab_multiple=8, init_std=0.2)
-  params = jax.jit(lambda k: model.init(cfg, k))(jax.random.key(0))
+  rng = np.random.default_rng(0)   # numpy params from the specs: no init program to compile
+  params = jax.tree.map(lambda s: np.ones(s.shape, np.float32) if s.init == 'ones' else
+                        (s.std * rng.normal(size=s.shape)).astype(np.float32),
+                        model.param_specs(cfg), is_leaf=lambda x: hasattr(x, 'init'))
   got = icl.mean_pooled(params, cfg, tok, ['abc', 'hgfedcba ab'], batch_size=4)
   h = jax.jit(lambda p, x: model.hidden_states(p, x, cfg)[0])(params, tok.encode('abc')[None])
   np.testing.assert_allclose(got[0], np.asarray(h[0]).mean(0), rtol=1e-4, atol=1e-5)  # pads unseen

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import model, probe
+from lm import layers, model, probe
 from lm.config import ModelConfig
 
 VARIANTS = {
@@ -19,16 +19,28 @@ VARIANTS = {
 }
 
 
-def probs_and_hidden(params, tokens, cfg):
-  return jax.jit(functools.partial(probe.attention_probs, cfg=cfg, return_hidden=True))(params, tokens)
-
-
-def hidden(params, tokens, cfg):
-  return jax.jit(lambda p, t: model.hidden_states(p, t, cfg)[0])(params, tokens)
-
-
 def init(cfg, seed):
-  return jax.jit(functools.partial(model.init, cfg))(jax.random.key(seed))
+  """Params from the model's specs with numpy (no init program to compile)."""
+  rng = np.random.default_rng(seed)
+  def leaf(spec):
+    if spec.init == 'zeros':
+      return np.zeros(spec.shape, np.float32)
+    if spec.init == 'ones':
+      return np.ones(spec.shape, np.float32)
+    return (spec.std * rng.normal(size=spec.shape)).astype(np.float32)
+  return jax.tree.map(leaf, model.param_specs(cfg), is_leaf=lambda x: isinstance(x, layers.Spec))
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(cfg):
+  """One program per config: the probe's attention, rebuilt hidden states and token losses
+  beside the model's own hidden states and logits."""
+  def f(params, tokens):
+    probs, h = probe.attention_probs(params, tokens, cfg, return_hidden=True)
+    want, _ = model.hidden_states(params, tokens, cfg)
+    logits, _ = model.forward(params, tokens, cfg)
+    return probs, h, want, probe.token_losses(params, tokens, cfg), logits
+  return jax.jit(f)
 
 
 def small(**kw):
@@ -41,8 +53,7 @@ def test_recomputed_attention_rebuilds_the_models_hidden_states(name):
   cfg = small(**VARIANTS[name])
   params = init(cfg, 1)
   tokens = jax.random.randint(jax.random.key(2), (2, 11), 0, cfg.vocab_size)
-  probs, h = probs_and_hidden(params, tokens, cfg)
-  want = hidden(params, tokens, cfg)
+  probs, h, want, _, _ = compiled(cfg)(params, tokens)
   np.testing.assert_allclose(np.asarray(h), np.asarray(want), atol=2e-5, rtol=1e-5)
   assert probs.shape == (2, 2, 4, 11, 11)
   np.testing.assert_allclose(np.asarray(probs.sum(-1)), 1.0, atol=1e-5)
@@ -51,13 +62,13 @@ def test_recomputed_attention_rebuilds_the_models_hidden_states(name):
 
 def test_recomputed_attention_differs_from_a_wrong_layer():
   """The equality above has teeth: dropping one layer's attention changes the hidden states."""
-  cfg = small()
+  cfg = small(**VARIANTS['learned_sandwich_q_blocks'])
   params = init(cfg, 1)
-  tokens = jax.random.randint(jax.random.key(2), (1, 9), 0, cfg.vocab_size)
-  broken = jax.tree.map(lambda a: a, params)
-  broken['layers']['attn']['wo'] = broken['layers']['attn']['wo'].at[1].set(0.0)
-  _, h = probs_and_hidden(broken, tokens, cfg)
-  want = hidden(params, tokens, cfg)
+  tokens = jax.random.randint(jax.random.key(2), (2, 11), 0, cfg.vocab_size)
+  broken = jax.tree.map(np.copy, params)
+  broken['layers']['attn']['wo'][1] = 0.0
+  _, h, _, _, _ = compiled(cfg)(broken, tokens)
+  _, _, want, _, _ = compiled(cfg)(params, tokens)
   assert np.abs(np.asarray(h) - np.asarray(want)).max() > 1e-3
 
 
@@ -91,12 +102,12 @@ def test_induction_score_perfect_and_uniform():
 def test_induction_score_on_a_hand_built_two_layer_model():
   """An induction head in a real recomputed pattern: tokens repeated with period P give high
   scores only where attention points at t - P + 1 (sanity of indices on random params)."""
-  cfg = small(n_layers=1, n_heads=1, positions='learned')
+  cfg = small(**VARIANTS['learned_sandwich_q_blocks'])
   params = init(cfg, 0)
-  toks = probe.repeated_tokens(jax.random.key(3), 4, 6, cfg.vocab_size)
-  assert toks.shape == (4, 12) and bool((toks[:, :6] == toks[:, 6:]).all())
-  s = probe.induction_scores(probs_and_hidden(params, toks, cfg)[0], 6)
-  assert s.shape == (1, 1) and 0.0 < float(s[0, 0]) < 0.5    # untrained: near uniform
+  toks = probe.repeated_tokens(jax.random.key(3), 2, 6, cfg.vocab_size)
+  assert toks.shape == (2, 12) and bool((toks[:, :6] == toks[:, 6:]).all())
+  s = probe.induction_scores(compiled(cfg)(params, toks[:, :11])[0], 6)
+  assert s.shape == (2, 4) and 0.0 < float(s.max()) < 0.6    # untrained: far from 1
 
 
 def test_copying_score_of_identity_and_negated_ov():
@@ -129,13 +140,12 @@ def test_icl_score_on_hand_built_losses():
 
 
 def test_token_losses_match_the_model():
-  cfg = small()
+  cfg = small(**VARIANTS['learned_sandwich_q_blocks'])
   params = init(cfg, 0)
-  toks = jax.random.randint(jax.random.key(1), (2, 8), 0, cfg.vocab_size)
-  got = jax.jit(functools.partial(probe.token_losses, cfg=cfg))(params, toks)
-  logits, _ = jax.jit(functools.partial(model.forward, cfg=cfg))(params, toks)
+  toks = jax.random.randint(jax.random.key(1), (2, 11), 0, cfg.vocab_size)
+  _, _, _, got, logits = compiled(cfg)(params, toks)
   lp = jax.nn.log_softmax(logits, -1)
-  assert got.shape == (2, 7)
+  assert got.shape == (2, 10)
   np.testing.assert_allclose(np.asarray(got[1, 3]), -float(lp[1, 3, toks[1, 4]]), rtol=1e-5)
 
 
