@@ -211,12 +211,14 @@ def test_logprobs_and_values_in_one_pass_match_the_separate_functions():
   head = heads.init(cfg, 1, jax.random.key(1), init_std=0.5)
   tokens = jax.random.randint(jax.random.key(2), (3, 12), 1, 40)
   mask = jnp.ones((3, 12), jnp.int32).at[0, :3].set(0).at[1, 10:].set(0)
-  logp, ent, values = rollout.response_logprobs_values(params, head, tokens, mask, 5, cfg, 0.7, True)
-  want_lp, want_ent = rollout.response_logprobs(params, tokens, mask, 5, cfg, 0.7, True)
-  np.testing.assert_allclose(logp, want_lp, atol=1e-6)
-  np.testing.assert_allclose(ent, want_ent, atol=1e-6)
-  np.testing.assert_allclose(values, rollout.response_values(params, head, tokens, mask, 5, cfg),
-                             atol=1e-6)
+  @jax.jit   # one compile, not one per eager op
+  def both(params, head, tokens, mask):
+    one = rollout.response_logprobs_values(params, head, tokens, mask, 5, cfg, 0.7, True)
+    lp, ent = rollout.response_logprobs(params, tokens, mask, 5, cfg, 0.7, True)
+    return one, (lp, ent, rollout.response_values(params, head, tokens, mask, 5, cfg))
+  got, want = both(params, head, tokens, mask)
+  for a, b in zip(got, want, strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_bad_input_is_one_sentence_at_start_up(dirs, tmp_path):
