@@ -243,3 +243,20 @@ def test_mean_pooled_is_the_mean_of_the_models_hidden_states():
   h = jax.jit(lambda p, x: model.hidden_states(p, x, cfg)[0])(params, tok.encode('abc')[None])
   np.testing.assert_allclose(got[0], np.asarray(h[0]).mean(0), rtol=1e-4, atol=1e-5)  # pads unseen
   assert got.shape == (2, 16)
+
+
+def test_jsonl_task_splits_pool_and_eval(tmp_path):
+  p = tmp_path / 'task.jsonl'
+  p.write_text('\n'.join(json.dumps({'text': f'review {i}', 'label': 'pos' if i % 2 else 'neg'})
+                         for i in range(10)) + '\n')
+  c = sweep_config.get_config().task
+  c.update(source='jsonl', path=str(p), input_field='text', label_field='label', n_pool=4, n_eval=3,
+           input_template='Review: {x}\nSentiment:', output_template=' {y}', separator='\n\n')
+  pool, evals, labels, t = sweep.jsonl_task(c)
+  assert [e['x'] for e in pool] == [f'review {i}' for i in range(4)]
+  assert [e['x'] for e in evals] == ['review 4', 'review 5', 'review 6'] and labels == ['neg', 'pos']
+  assert icl.Prompt('', t, (pool[1],), evals[0]).context() == \
+      'Review: review 1\nSentiment: pos\n\nReview: review 4\nSentiment:'
+  c.n_pool = 10
+  with pytest.raises(ConfigError, match='non-empty'):
+    sweep.jsonl_task(c)
