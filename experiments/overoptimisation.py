@@ -223,13 +223,18 @@ def run(config: ConfigDict, workdir: str):
   return out
 
 
+def _peak(d) -> str:
+  """Where the fitted gold turns down ('-': it never does; '>99': far outside the data)."""
+  return f'{"-":>5}' if d is None else (f'{">99":>5}' if d > 99 else f'{d:>5.2f}')
+
+
 def table(out: dict) -> str:
   def f(fit):
     if not fit:
       return f'{"-":>32}'
     if 'error' in fit:
       return f'{"(no fit: < 3 points at d > 0)":>32}'
-    return f'{fit["alpha"]:>+9.4f} {fit["beta"]:>+9.4f} {fit["r2"]:>6.3f} {fit.get("d_peak", float("nan")):>5.2f}'
+    return f'{fit["alpha"]:>+9.4f} {fit["beta"]:>+9.4f} {fit["r2"]:>6.3f} {_peak(fit.get("d_peak"))}'
   rows = [f'{"panel (RM)":<14} {"series":<26} {"pts":>4} {"max d":>6} {"gold@max":>9} '
           f'{"gold: alpha":>9} {"beta":>9} {"R2":>6} {"dpk":>5} {"proxy: alpha":>9} {"beta":>9} {"R2":>6} {"dpk":>5}']
   for pname, p in out['panels'].items():
