@@ -1,0 +1,351 @@
+"""RL throughput (`bench_rl`): where a PPO iteration's time goes, and GRPO beside TRL.
+
+A tiny random GPT-2-shaped policy and a reward model on its trunk (written like
+tests/rl_fixtures, or init_from / reward_from of real runs) drive the `ppo` stage's own
+pieces (experiments.ppo.prepare / collect and the jitted score and update of
+experiments/ppo_step). After `warmup` iterations (compiles), per iteration:
+
+  gen_s, score_s, update_s   seconds in generation / the one scoring jit / the update jit
+  rollout tokens/s           response tokens / iteration seconds
+  overhead                   iteration / (generation + one scoring pass + E x M forward/
+                             backward passes of the PPO loss on one minibatch) - 1, the
+                             pieces timed alone (best of `repeats`) with the same shapes;
+                             what the optimizer, GAE, the scan and the host add (goal <= 30%)
+
+GRPO side by side: the `pg` stage's programs (experiments.pg.programs: scoring and update
+jits) against TRL's GRPOTrainer on the same weights (exported with lm.convert through
+experiments.export), the same prompts, k, response length and one update per rollout,
+torch on the CPU, with the same cheap reward (response length in characters) on the TRL
+side. tokens/s = response tokens / (generation + scoring + update seconds); ratio = ours /
+TRL (goal >= 2). Without `trl` installed that column is skipped with a printed line.
+Writes bench.json and prints a table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from data import tokenizers
+from experiments import export as export_lib
+from experiments import pg as pg_stage
+from experiments import policy as policy_lib
+from experiments import ppo, ppo_step, reward as reward_stage, stage
+from experiments.configs import base, reward_base, rlhf_grpo, rlhf_ppo
+from lm import checkpoint as ckpt_lib
+from lm import decode, heads, model, sharding, train as train_lib
+from lm.config import ConfigError, ModelConfig
+from rl import ppo as ppo_lib
+
+CHARS = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ,.;:!?'-\n"
+
+
+# 1. Tiny random runs (what pretrain/sft and reward leave; no training) ----------------------
+def _save(workdir: str, tree, config: dict) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(config, f, default=str)
+  state = train_lib.TrainState(step=jax.numpy.zeros((), 'int32'), params=tree, opt_state=())
+  ck = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
+  ck.save(1, state, {}, {}, force=True)
+  ck.wait()
+  ck.close()
+
+
+def tiny_runs(workdir: str, model_kw: dict, seed: int) -> tuple[str, str]:
+  """(policy dir, reward dir): a char-tokenizer GPT-2 with eos, and an RM on its own trunk."""
+  from data import sources
+  text = ''.join(sorted({c for f in sources.resolve_files('shakespeare_works')
+                         for c in sources.read_text(f)} | set(CHARS)))
+  tok = tokenizers.add_special_tokens(tokenizers.CharTokenizer.from_texts([text]), ['eos'])
+  cfg = ModelConfig(vocab_size=tok.vocab_size, **model_kw)
+  pol_dir, rm_dir = os.path.join(workdir, 'policy'), os.path.join(workdir, 'rm')
+  c = base.pretrain().to_dict()
+  c['model'], c['resolved'] = dataclasses.asdict(cfg), {'vocab_size': cfg.vocab_size}
+  _save(pol_dir, model.init(cfg, jax.random.key(seed)), c)
+  tok.save(tokenizers.run_file(pol_dir))
+  c = reward_base.reward().to_dict()
+  c['model'] = dataclasses.asdict(cfg)
+  c['resolved'] = {'vocab_size': cfg.vocab_size, 'seq_len': cfg.max_seq_len}
+  c['source'] = {'path': os.path.abspath(pol_dir)}
+  _save(rm_dir, {'trunk': model.init(cfg, jax.random.key(seed + 1)),
+                 'head': heads.init(cfg, 1, jax.random.key(seed + 2), init_std=0.5)}, c)
+  tok.save(tokenizers.run_file(rm_dir))
+  reward_stage.write_norm(rm_dir, {'gain': 1.0, 'bias': 0.0})
+  return pol_dir, rm_dir
+
+
+def best_time(fn, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return min(times)
+
+
+# 2. PPO: the time split and the overhead ---------------------------------------------------
+def ppo_config(config: ConfigDict, pol_dir: str, rm_dir: str) -> ConfigDict:
+  c = rlhf_ppo.get_config()
+  c.init_from, c.reward_from, c.seed = pol_dir, rm_dir, config.seed
+  c.prompts.update(n_train=max(256, config.batch_size), n_eval=16)
+  c.rollout.update(batch_size=config.batch_size, max_new_tokens=config.max_new_tokens)
+  c.ppo.update(epochs=config.ppo_epochs, minibatches=config.ppo_minibatches, grad_accum=1)
+  c.train.update(iterations=config.warmup + config.iterations, checkpoint_every=0)
+  c.eval.update(every=0, before=False)
+  return c
+
+
+def bench_ppo(config: ConfigDict, workdir: str, pol_dir: str, rm_dir: str) -> dict:
+  c = ppo_config(config, pol_dir, rm_dir)
+  p = ppo.prepare(c, os.path.join(workdir, 'ppo'))
+  s, state, beta = p.s, p.st['train'], p.st['beta']
+  moments = ppo_lib.RunningMoments(**p.st['moments'])
+  rng = jax.random.key(config.seed)
+  rows = []
+  for it in range(config.warmup + config.iterations):
+    key = jax.random.fold_in(rng, it)
+    t0 = time.perf_counter()
+    gen, ro, gen_s, score_s = ppo.collect(p, state.params, key)
+    t1 = time.perf_counter()
+    state, moments, um = p.update(state, p.frozen, ro, beta, moments, jax.random.fold_in(key, 1))
+    jax.device_get(um)
+    t2 = time.perf_counter()
+    if it >= config.warmup:
+      rows.append({'iteration_s': t2 - t0, 'gen_s': gen_s, 'score_s': score_s,
+                   'update_s': t2 - t1, 'tokens': float(np.asarray(gen.mask).sum())})
+  p.checkpointer.close()
+
+  # The denominator's pieces alone, same shapes: generation, one scoring pass, and one
+  # forward/backward of the PPO loss on a minibatch (x epochs x minibatches).
+  params, frozen, tokens, mask = state.params, p.frozen, ro['tokens'], ro['mask']
+  r = c.rollout
+  toks, pmask = decode.left_pad([p.train_ids[i] for i in range(r.batch_size)], s.n_prompt)
+  sampling = policy_lib.sampling_config(p.pol, r.max_new_tokens, r.temperature)
+  gen_alone = best_time(lambda: decode.generate_padded(
+      ppo.sampling_params(p, params), toks, pmask, jax.random.key(1), p.pol.cfg, sampling,
+      mesh=p.mesh).sequences(), config.repeats)
+  score_alone = best_time(lambda: p.score(params, frozen, tokens, mask), config.repeats)
+  batch, _, _ = jax.jit(ppo_step.advantages, static_argnames='s')(ro, beta, moments, s=s)
+  mb = jax.tree.map(lambda x: x[:r.batch_size // s.minibatches], batch)
+
+  def loss(prm, b):
+    total, n, _ = ppo_step.loss_fn(prm, b, jax.random.key(0), frozen, s=s)
+    return total / n
+  grad = jax.jit(jax.value_and_grad(loss))
+  with sharding.activation_sharding(p.mesh):
+    grad(params, mb)
+    fb = best_time(lambda: grad(params, mb), config.repeats)
+  n_passes = s.epochs * s.minibatches
+  mean = lambda k: float(np.mean([x[k] for x in rows]))
+  it_s = mean('iteration_s')
+  floor = gen_alone + score_alone + n_passes * fb
+  return {'batch': r.batch_size, 'prompt_len': s.n_prompt, 'max_new_tokens': r.max_new_tokens,
+          'epochs': s.epochs, 'minibatches': s.minibatches, 'iterations': len(rows),
+          'iteration_s': it_s, 'gen_s': mean('gen_s'), 'score_s': mean('score_s'),
+          'update_s': mean('update_s'), 'host_s': it_s - mean('gen_s') - mean('score_s') - mean('update_s'),
+          'tokens_per_s': mean('tokens') / it_s,
+          'alone': {'gen_s': gen_alone, 'score_s': score_alone, 'fwd_bwd_s': fb,
+                    'fwd_bwd_passes': n_passes, 'sum_s': floor},
+          'overhead': it_s / floor - 1.0, 'per_iteration': rows}
+
+
+# 3. GRPO: ours (the pg stage's programs) and TRL's GRPOTrainer ----------------------------
+def grpo_config(config: ConfigDict, pol_dir: str, rm_dir: str) -> ConfigDict:
+  c = rlhf_grpo.get_config()
+  c.init_from, c.reward_from, c.seed = pol_dir, rm_dir, config.seed
+  c.k, c.max_new_tokens = config.grpo_k, config.max_new_tokens
+  c.prompts.update(n_train=max(256, config.batch_size), n_eval=16)
+  c.train.update(iterations=config.warmup + config.iterations,
+                 prompts_per_iter=config.batch_size // config.grpo_k, epochs=1, minibatches=1,
+                 eval_every=0, checkpoint_every=0)
+  return c
+
+
+def bench_grpo(config: ConfigDict, workdir: str, pol_dir: str, rm_dir: str) -> tuple[dict, list]:
+  """Ours; also returns the prompt texts used, for TRL."""
+  c = grpo_config(config, pol_dir, rm_dir)
+  pol = policy_lib.open_policy(c.init_from)
+  n_new, t = c.max_new_tokens, c.train
+  texts = policy_lib.prompt_texts(c, 'train')
+  train_ids = policy_lib.encode_prompts(pol, texts, pol.cfg.max_seq_len - n_new)
+  width = max(len(x) for x in train_ids)
+  mesh_cfg = c.mesh.to_dict()
+  mesh = sharding.make_mesh(mesh_cfg)
+  rows_n = t.prompts_per_iter * c.k
+  rm, _ = policy_lib.open_reward(c.reward_from, pol, mesh_cfg, max_len=width + n_new)
+  trees = policy_lib.trees(c, pol, mesh)
+  setup = stage.build(c, None, mesh, axes=trees.axes, init_params=trees.init_params,
+                      total_steps=t.iterations, initial_params=trees.initial)
+  progs = pg_stage.programs(c, trees, setup, mesh, width, rm, pol.eos)
+  sampling = policy_lib.sampling_config(pol, n_new, c.temperature)
+  state, frozen, rows, used = setup.state, trees.frozen, [], []
+  for it in range(t.iterations):
+    idx = pg_stage.prompt_indices(len(train_ids), t.prompts_per_iter, it, c.seed)
+    used.append([texts[i] for i in idx])
+    ptoks, pmask = decode.left_pad([train_ids[i] for i in idx for _ in range(c.k)], width, rows_n)
+    t0 = time.perf_counter()
+    gen = decode.generate_padded(trees.generation(state.params, frozen), ptoks, pmask,
+                                 jax.random.key(it), pol.cfg, sampling, mesh=mesh)
+    tokens, mask = jax.block_until_ready(gen.sequences())
+    t1 = time.perf_counter()
+    batch, m = progs.score(state.params, frozen, rm.params, tokens, mask)
+    m = jax.device_get(m)
+    t2 = time.perf_counter()
+    state, um = progs.update(state, batch, frozen, jax.random.key(it))
+    jax.device_get(um)
+    t3 = time.perf_counter()
+    if it >= config.warmup:
+      rows.append({'gen_s': t1 - t0, 'score_s': t2 - t1, 'update_s': t3 - t2,
+                   'tokens': float(m['response_tokens'])})
+  setup.checkpointer and setup.checkpointer.close()
+  return summarise(rows, rows_n, c.k, width, n_new), used
+
+
+def summarise(rows: list[dict], n_rows: int, k: int, width: int, n_new: int) -> dict:
+  mean = lambda key: float(np.mean([x[key] for x in rows]))
+  it_s = mean('gen_s') + mean('score_s') + mean('update_s')
+  return {'rows': n_rows, 'k': k, 'prompt_len': width, 'max_new_tokens': n_new,
+          'iterations': len(rows), 'iteration_s': it_s, 'gen_s': mean('gen_s'),
+          'score_s': mean('score_s'), 'update_s': mean('update_s'),
+          'response_tokens': mean('tokens'), 'tokens_per_s': mean('tokens') / it_s}
+
+
+def bench_trl_grpo(config: ConfigDict, workdir: str, pol_dir: str, prompts: list[list[str]],
+                   width: int) -> dict:
+  """TRL's GRPOTrainer on the exported policy; step times from a callback after warm-up."""
+  import datasets
+  import torch
+  import transformers
+  import trl
+  if config.torch_threads:
+    torch.set_num_threads(config.torch_threads)
+  hf_dir = export_lib.export(pol_dir, os.path.join(workdir, 'hf_policy'))
+  hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(hf_dir)
+  hf_tok.padding_side = 'left'
+  if hf_tok.pad_token is None:
+    hf_tok.pad_token = hf_tok.eos_token
+  hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+  k, n_new = config.grpo_k, config.max_new_tokens
+  flat = [x for group in prompts for x in group]
+  ds = datasets.Dataset.from_dict({'prompt': flat})
+
+  def reward_len(completions, **_):   # cheap: the length in characters
+    return [float(len(x)) for x in completions]
+
+  times, lengths = [], []
+
+  class Clock(transformers.TrainerCallback):
+    def on_step_begin(self, args, state, control, **kw):
+      self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+      times.append(time.perf_counter() - self.t0)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+      if logs and 'completions/mean_length' in logs:
+        lengths.append(float(logs['completions/mean_length']))
+
+  steps = config.warmup + config.iterations
+  args = trl.GRPOConfig(
+      output_dir=os.path.join(workdir, 'trl_grpo'), per_device_train_batch_size=len(prompts[0]) * k,
+      num_generations=k, max_completion_length=n_new, max_steps=steps, num_iterations=1,
+      learning_rate=5e-5, beta=0.04, temperature=1.0, logging_steps=1, report_to='none',
+      save_strategy='no', use_cpu=True, seed=config.seed, shuffle_dataset=False,
+      dataloader_num_workers=0, bf16=False, fp16=False)
+  trainer = trl.GRPOTrainer(model=hf, reward_funcs=reward_len, args=args, train_dataset=ds,
+                            processing_class=hf_tok, callbacks=[Clock()])
+  trainer.train()
+  timed = times[config.warmup:] or times
+  mean_len = float(np.mean(lengths[config.warmup:] or lengths)) if lengths else float(n_new)
+  rows = len(prompts[0]) * k
+  step_s = float(np.mean(timed))
+  return {'trl_version': trl.__version__, 'torch_threads': torch.get_num_threads(),
+          'rows': rows, 'k': k, 'max_new_tokens': n_new, 'steps': len(timed), 'step_s': step_s,
+          'response_tokens': mean_len * rows, 'tokens_per_s': mean_len * rows / step_s,
+          'step_times': times}
+
+
+# 4. The run ---------------------------------------------------------------------------------
+def check(config: ConfigDict) -> None:
+  if config.iterations < 1 or config.warmup < 0 or config.repeats < 1:
+    raise ConfigError('bench_rl needs iterations >= 1, warmup >= 0 and repeats >= 1.')
+  if config.batch_size % config.grpo_k or config.grpo_k < 2:
+    raise ConfigError(f'batch_size={config.batch_size} must be a multiple of grpo_k='
+                      f'{config.grpo_k} >= 2 (GRPO groups of k responses per prompt).')
+  if config.batch_size % config.ppo_minibatches:
+    raise ConfigError(f'batch_size={config.batch_size} must split into ppo_minibatches='
+                      f'{config.ppo_minibatches}.')
+
+
+def run(config: ConfigDict, workdir: str) -> dict:
+  check(config)
+  os.makedirs(workdir, exist_ok=True)
+  if config.init_from:
+    pol_dir, rm_dir = config.init_from, config.reward_from
+  else:
+    pol_dir, rm_dir = tiny_runs(os.path.join(workdir, 'runs'), config.model.to_dict(), config.seed)
+  out = {'backend': jax.default_backend(), 'devices': jax.device_count(),
+         'policy': pol_dir, 'reward': rm_dir}
+  out['ppo'] = bench_ppo(config, workdir, pol_dir, rm_dir)
+  print(ppo_table(out['ppo']), flush=True)
+  if config.grpo:
+    out['grpo'], prompts = bench_grpo(config, workdir, pol_dir, rm_dir)
+    out['trl_grpo'] = None
+    if config.trl:
+      try:
+        import trl  # noqa: F401
+      except ImportError:
+        out['trl_skipped'] = 'trl is not installed (pip install -e ".[bench]"): TRL column skipped'
+        print(out['trl_skipped'])
+      else:
+        try:
+          out['trl_grpo'] = bench_trl_grpo(config, workdir, pol_dir, prompts,
+                                           out['grpo']['prompt_len'])
+        except Exception as e:   # TRL's API moves between versions: report, keep our numbers
+          out['trl_error'] = f'{type(e).__name__}: {e}'
+          print(f'TRL GRPOTrainer failed: {out["trl_error"]}')
+    if out['trl_grpo']:
+      out['grpo_ratio'] = out['grpo']['tokens_per_s'] / out['trl_grpo']['tokens_per_s']
+    print(grpo_table(out), flush=True)
+  with open(os.path.join(workdir, 'bench.json'), 'w') as f:
+    json.dump(out, f, indent=2)
+  return out
+
+
+def ppo_table(r: dict) -> str:
+  a = r['alone']
+  head = (f"PPO iteration ({r['batch']} x {r['prompt_len']}+{r['max_new_tokens']} tokens, "
+          f"{r['epochs']} epochs x {r['minibatches']} minibatches; mean of {r['iterations']} "
+          'after warm-up)')
+  lines = [head, '-' * len(head),
+           f"{'':>12} {'seconds':>9} {'alone':>9}",
+           f"{'generation':>12} {r['gen_s']:>9.4f} {a['gen_s']:>9.4f}",
+           f"{'scoring':>12} {r['score_s']:>9.4f} {a['score_s']:>9.4f}",
+           f"{'update':>12} {r['update_s']:>9.4f} {a['fwd_bwd_passes'] * a['fwd_bwd_s']:>9.4f}"
+           f"   ({a['fwd_bwd_passes']} x fwd/bwd {a['fwd_bwd_s']:.4f})",
+           f"{'host':>12} {r['host_s']:>9.4f}",
+           f"{'iteration':>12} {r['iteration_s']:>9.4f} {a['sum_s']:>9.4f}",
+           f"rollout tokens/s {r['tokens_per_s']:,.0f}; overhead {100 * r['overhead']:.1f}% "
+           '(goal <= 30%)']
+  return '\n'.join(lines)
+
+
+def grpo_table(out: dict) -> str:
+  o, t = out['grpo'], out.get('trl_grpo')
+  head = (f"GRPO iteration ({o['rows']} rows = {o['rows'] // o['k']} prompts x k={o['k']}, "
+          f"{o['max_new_tokens']} new tokens, one update)   ours        TRL")
+  lines = [head, '-' * len(head)]
+  tv = lambda key, fmt: format(t[key], fmt) if t else '-'
+  lines.append(f"{'seconds per iteration':<52}{o['iteration_s']:>9.4f} {tv('step_s', '>11.4f')}")
+  lines.append(f"{'response tokens per iteration':<52}{o['response_tokens']:>9.0f} "
+               f"{tv('response_tokens', '>11.0f')}")
+  lines.append(f"{'tokens/s':<52}{o['tokens_per_s']:>9.0f} {tv('tokens_per_s', '>11.0f')}")
+  if t:
+    lines.append(f"ratio ours / TRL: {out['grpo_ratio']:.2f}x (goal >= 2x)")
+  return '\n'.join(lines)

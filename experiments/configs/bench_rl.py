@@ -1,0 +1,35 @@
+"""RL throughput benchmark: the PPO iteration's time split and overhead, GRPO beside TRL.
+
+python -m experiments.run --config=experiments/configs/bench_rl.py --workdir=/tmp/bench_rl
+
+A random GPT-2-shaped policy (d_model 128, 4 layers, char tokenizer) and a reward model on
+its own trunk, written in a second; or --config.init_from=runs/rlhf/sft
+--config.reward_from=runs/rlhf/rm (GPT-2-shaped runs, for the TRL export). TRL's column
+needs the [bench] extra (pip install -e '.[bench]'); without it the bench says so.
+"""
+from ml_collections import ConfigDict
+
+
+def get_config():
+  c = ConfigDict()
+  c.experiment = 'bench_rl'
+  c.seed = 0
+  c.init_from = ''          # '' : tiny random runs in WORKDIR/runs
+  c.reward_from = ''
+  # GPT-2's layout (what lm.convert exports); vocab_size comes from the tokenizer
+  c.model = ConfigDict(dict(d_model=128, n_layers=4, n_heads=4, max_seq_len=64, init_std=0.02,
+                            norm='layernorm', positions='learned', activation='gelu_tanh',
+                            use_bias=True, tie_embeddings=True, dtype='float32'))
+  c.batch_size = 32         # rollouts per iteration (PPO rows; GRPO prompts x k)
+  c.max_new_tokens = 24
+  c.ppo_epochs = 2
+  c.ppo_minibatches = 2
+  c.grpo_k = 4
+  c.warmup = 1              # iterations that compile, not timed
+  c.iterations = 3
+  c.repeats = 3             # best of, for the pieces timed alone
+  c.grpo = True             # the GRPO side by side
+  c.trl = True              # False: ours only
+  c.torch_threads = 0       # 0: torch's default
+  c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+  return c
