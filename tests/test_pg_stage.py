@@ -30,9 +30,10 @@ def config(runs, method='rloo', **train):
   c.k, c.max_new_tokens = 2, 6
   c.prompts.update(n_train=12, n_eval=8)
   c.optim.lr = 1e-2                    # big steps: a lost update shows in the params
-  c.train.update(iterations=3, prompts_per_iter=4, eval_every=0, checkpoint_every=1,
-                 **({'epochs': 2, 'minibatches': 2, 'prompts_per_iter': 8} if method == 'grpo' else {}),
-                 **train)
+  t = dict(iterations=3, prompts_per_iter=4, eval_every=0, checkpoint_every=1)
+  if method == 'grpo':           # 2 epochs x 2 shuffled minibatches of 8 rollouts
+    t.update(epochs=2, minibatches=2, prompts_per_iter=8)
+  c.train.update(**t, **train)
   c.eval.before = False
   return c
 
