@@ -1,0 +1,93 @@
+"""bench_rl on a tiny random policy + RM: the table, bench.json's fields, and that the time
+split adds up (PPO iteration = generation + scoring + update + host; overhead against the
+pieces timed alone; GRPO tokens/s = tokens / seconds). TRL's column is skipped here (its
+absence prints a line); the full comparison is the experiment itself."""
+import builtins
+import json
+
+import pytest
+
+from experiments import bench_rl
+from experiments.configs import bench_rl as bench_config
+from lm.config import ConfigError
+
+
+def tiny(**kw):
+  c = bench_config.get_config()
+  c.model.update(d_model=32, n_layers=1, n_heads=2)
+  c.update({**dict(batch_size=8, max_new_tokens=6, ppo_epochs=1, ppo_minibatches=1, grpo_k=2,
+                   warmup=0, iterations=1, repeats=1), **kw})
+  return c
+
+
+def no_trl_run(wd, **kw):
+  real_import = builtins.__import__
+
+  def no_trl(name, *a, **k):     # as if trl were not installed
+    if name == 'trl':
+      raise ImportError('no trl')
+    return real_import(name, *a, **k)
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(builtins, '__import__', no_trl)
+    out = bench_rl.run(tiny(**kw), str(wd))
+  return wd, out
+
+
+@pytest.fixture(scope='module')
+def bench(tmp_path_factory):
+  """PPO only: the GRPO programs compile for another ~30 s (the slow test below)."""
+  return no_trl_run(tmp_path_factory.mktemp('bench_rl'), grpo=False)
+
+
+def test_ppo_time_split_adds_up(bench):
+  wd, out = bench
+  r = out['ppo']
+  assert r['iterations'] == 1 and r['batch'] == 8 and r['max_new_tokens'] == 6
+  for k in ('gen_s', 'score_s', 'update_s', 'iteration_s'):
+    assert r[k] > 0
+  parts = r['gen_s'] + r['score_s'] + r['update_s']
+  assert parts <= r['iteration_s'] + 1e-6
+  assert r['host_s'] == pytest.approx(r['iteration_s'] - parts, abs=1e-9)
+  assert r['host_s'] < 0.5 * r['iteration_s']      # the host adds little to the jitted pieces
+  a = r['alone']
+  assert a['fwd_bwd_passes'] == 1
+  assert a['sum_s'] == pytest.approx(a['gen_s'] + a['score_s'] + a['fwd_bwd_s'])
+  assert r['overhead'] == pytest.approx(r['iteration_s'] / a['sum_s'] - 1)
+  tokens = r['per_iteration'][0]['tokens']
+  assert 0 < tokens <= 8 * 6
+  assert r['tokens_per_s'] == pytest.approx(tokens / r['iteration_s'])
+  assert json.loads((wd / 'bench.json').read_text())['ppo']['overhead'] == pytest.approx(r['overhead'])
+
+
+@pytest.mark.slow
+def test_grpo_and_trl_skipped(tmp_path):
+  wd, out = no_trl_run(tmp_path)
+  g = out['grpo']
+  assert (g['rows'], g['k'], g['iterations']) == (8, 2, 1)
+  assert g['iteration_s'] == pytest.approx(g['gen_s'] + g['score_s'] + g['update_s'])
+  assert 0 < g['response_tokens'] <= 8 * 6
+  assert g['tokens_per_s'] == pytest.approx(g['response_tokens'] / g['iteration_s'])
+  assert out['trl_grpo'] is None and 'grpo_ratio' not in out
+  assert 'trl is not installed' in out['trl_skipped']
+  saved = json.loads((wd / 'bench.json').read_text())
+  assert saved['trl_skipped'] == out['trl_skipped'] and saved['trl_grpo'] is None
+
+
+def test_table_rows(bench):
+  out = bench[1]
+  t = bench_rl.ppo_table(out['ppo'])
+  for word in ('generation', 'scoring', 'update', 'iteration', 'tokens/s', 'overhead'):
+    assert word in t
+  grpo = {'rows': 8, 'k': 2, 'max_new_tokens': 6, 'iteration_s': 0.5, 'response_tokens': 40.0,
+          'tokens_per_s': 80.0}
+  g = bench_rl.grpo_table({'grpo': grpo, 'trl_grpo': None})
+  assert 'tokens/s' in g and 'ratio ours' not in g
+  with_trl = dict(grpo=grpo, trl_grpo={'step_s': 2.0, 'response_tokens': 40.0, 'tokens_per_s': 20.0},
+                  grpo_ratio=3.5)
+  assert 'ratio ours / TRL: 3.50x' in bench_rl.grpo_table(with_trl)
+
+
+@pytest.mark.parametrize('kw', [{'iterations': 0}, {'grpo_k': 3}, {'ppo_minibatches': 3}])
+def test_bad_config(tmp_path, kw):
+  with pytest.raises(ConfigError):
+    bench_rl.run(tiny(**kw), str(tmp_path))
