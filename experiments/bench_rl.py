@@ -67,13 +67,14 @@ def tiny_runs(workdir: str, model_kw: dict, seed: int) -> tuple[str, str]:
   pol_dir, rm_dir = os.path.join(workdir, 'policy'), os.path.join(workdir, 'rm')
   c = base.pretrain().to_dict()
   c['model'], c['resolved'] = dataclasses.asdict(cfg), {'vocab_size': cfg.vocab_size}
-  _save(pol_dir, model.init(cfg, jax.random.key(seed)), c)
+  init = jax.jit(model.init, static_argnums=0)   # one compile for both trunks, not eager ops
+  _save(pol_dir, init(cfg, jax.random.key(seed)), c)
   tok.save(tokenizers.run_file(pol_dir))
   c = reward_base.reward().to_dict()
   c['model'] = dataclasses.asdict(cfg)
   c['resolved'] = {'vocab_size': cfg.vocab_size, 'seq_len': cfg.max_seq_len}
   c['source'] = {'path': os.path.abspath(pol_dir)}
-  _save(rm_dir, {'trunk': model.init(cfg, jax.random.key(seed + 1)),
+  _save(rm_dir, {'trunk': init(cfg, jax.random.key(seed + 1)),
                  'head': heads.init(cfg, 1, jax.random.key(seed + 2), init_std=0.5)}, c)
   tok.save(tokenizers.run_file(rm_dir))
   reward_stage.write_norm(rm_dir, {'gain': 1.0, 'bias': 0.0})
@@ -226,7 +227,8 @@ def bench_trl_grpo(config: ConfigDict, workdir: str, pol_dir: str, prompts: list
   if config.torch_threads:
     torch.set_num_threads(config.torch_threads)
   hf_dir = export_lib.export(pol_dir, os.path.join(workdir, 'hf_policy'))
-  hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(hf_dir)
+  # (the export splits special-token text; TRL appends eos as text, so keep '</s>' whole)
+  hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(hf_dir, split_special_tokens=False)
   hf_tok.padding_side = 'left'
   if hf_tok.pad_token is None:
     hf_tok.pad_token = hf_tok.eos_token
@@ -271,7 +273,89 @@ def bench_trl_grpo(config: ConfigDict, workdir: str, pol_dir: str, prompts: list
           'step_times': times}
 
 
-# 4. The run ---------------------------------------------------------------------------------
+# 4. DPO: ours (the dpo stage's loss in lm.train's step) and TRL's DPOTrainer ----------------
+def dpo_records(config: ConfigDict, prompts: list[str]) -> list[dict]:
+  """Pairs of random letter strings of max_new_tokens characters (one token each with the
+  char tokenizer) after real prompts: fixed lengths on both sides."""
+  rng = np.random.default_rng(config.seed)
+  word = lambda: ''.join(rng.choice(list('abcdefghij klmnop'), config.max_new_tokens - 1))
+  return [{'prompt': p, 'responses': [word(), word()], 'ranks': [0, 1]}
+          for p in prompts[:config.dpo_batch * (config.warmup + config.iterations)]]
+
+
+def bench_dpo(config: ConfigDict, pol_dir: str, records: list[dict]) -> dict:
+  from experiments import dpo as dpo_stage
+  from experiments.configs import rlhf_dpo
+  c = rlhf_dpo.get_config()
+  c.init_from, c.seed = pol_dir, config.seed
+  c.train.update(steps=config.warmup + config.iterations, batch_size=config.dpo_batch)
+  pol = policy_lib.open_policy(pol_dir)
+  seq_len = pol.cfg.max_seq_len
+  data, _ = dpo_stage.encode_pairs(records, pol, seq_len, 'best')
+  mesh = sharding.make_mesh(c.mesh.to_dict())
+  trees = policy_lib.trees(c, pol, mesh)
+  spec = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in data.items()}
+  batch_sh = train_lib.batch_shardings(mesh, spec)
+  setup = stage.build(c, None, mesh, axes=trees.axes, init_params=trees.init_params,
+                      total_steps=c.train.steps, initial_params=trees.initial)
+  loss_fn = dpo_stage.make_loss(trees, 'dpo', c.loss.beta)
+  step = train_lib.make_train_step(loss_fn, setup.tx, mesh, setup.shardings, batch_sh,
+                                   frozen_sh=trees.frozen_sh, seed=c.seed, schedule=setup.schedule)
+  state, b, times, tokens = setup.state, config.dpo_batch, [], []
+  for i in range(c.train.steps):
+    part = {k: jax.device_put(v[i * b:(i + 1) * b], batch_sh[k]) for k, v in data.items()}
+    t0 = time.perf_counter()
+    state, m = step(state, part, trees.frozen)
+    jax.device_get(m)
+    if i >= config.warmup:
+      times.append(time.perf_counter() - t0)
+      tokens.append(float(np.asarray(data['mask'][i * b:(i + 1) * b]).sum()))
+  step_s = float(np.mean(times))
+  return {'pairs': b, 'seq_len': seq_len, 'steps': len(times), 'step_s': step_s,
+          'tokens': float(np.mean(tokens)), 'tokens_per_s': float(np.mean(tokens)) / step_s}
+
+
+def bench_trl_dpo(config: ConfigDict, workdir: str, records: list[dict]) -> dict:
+  """TRL's DPOTrainer on the exported policy (the folder bench_trl_grpo wrote)."""
+  import datasets
+  import torch
+  import transformers
+  import trl
+  hf_dir = os.path.join(workdir, 'hf_policy')
+  # (the export splits special-token text; TRL appends eos as text, so keep '</s>' whole)
+  hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(hf_dir, split_special_tokens=False)
+  if hf_tok.pad_token is None:
+    hf_tok.pad_token = hf_tok.eos_token
+  hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+  ds = datasets.Dataset.from_dict({'prompt': [r['prompt'] for r in records],
+                                   'chosen': [r['responses'][0] for r in records],
+                                   'rejected': [r['responses'][1] for r in records]})
+  times, tokens = [], []
+
+  class Clock(transformers.TrainerCallback):
+    def on_step_begin(self, args, state, control, **kw):
+      self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+      times.append(time.perf_counter() - self.t0)
+
+  steps = config.warmup + config.iterations
+  args = trl.DPOConfig(
+      output_dir=os.path.join(workdir, 'trl_dpo'), per_device_train_batch_size=config.dpo_batch,
+      max_steps=steps, learning_rate=5e-6, beta=0.1, logging_steps=1, report_to='none',
+      save_strategy='no', use_cpu=True, seed=config.seed, dataloader_num_workers=0)
+  trainer = trl.DPOTrainer(model=hf, args=args, train_dataset=ds, processing_class=hf_tok,
+                           callbacks=[Clock()])
+  trainer.train()
+  n_tok = sum(len(hf_tok(r['prompt'])['input_ids']) * 2 + sum(len(hf_tok(x)['input_ids']) + 1
+              for x in r['responses']) for r in records[:config.dpo_batch])
+  step_s = float(np.mean(times[config.warmup:] or times))
+  return {'trl_version': trl.__version__, 'torch_threads': torch.get_num_threads(),
+          'pairs': config.dpo_batch, 'steps': len(times), 'step_s': step_s, 'tokens': float(n_tok),
+          'tokens_per_s': n_tok / step_s, 'step_times': times}
+
+
+# 5. The run ---------------------------------------------------------------------------------
 def check(config: ConfigDict) -> None:
   if config.iterations < 1 or config.warmup < 0 or config.repeats < 1:
     raise ConfigError('bench_rl needs iterations >= 1, warmup >= 0 and repeats >= 1.')
@@ -313,6 +397,18 @@ def run(config: ConfigDict, workdir: str) -> dict:
     if out['trl_grpo']:
       out['grpo_ratio'] = out['grpo']['tokens_per_s'] / out['trl_grpo']['tokens_per_s']
     print(grpo_table(out), flush=True)
+    if config.dpo:
+      records = dpo_records(config, [x for group in prompts for x in group] * 4)
+      out['dpo'] = bench_dpo(config, pol_dir, records)
+      out['trl_dpo'] = None
+      if out['trl_grpo']:
+        try:
+          out['trl_dpo'] = bench_trl_dpo(config, workdir, records)
+          out['dpo_ratio'] = out['dpo']['tokens_per_s'] / out['trl_dpo']['tokens_per_s']
+        except Exception as e:
+          out['trl_dpo_error'] = f'{type(e).__name__}: {e}'
+          print(f'TRL DPOTrainer failed: {out["trl_dpo_error"]}')
+      print(dpo_table(out), flush=True)
   with open(os.path.join(workdir, 'bench.json'), 'w') as f:
     json.dump(out, f, indent=2)
   return out
@@ -333,6 +429,16 @@ def ppo_table(r: dict) -> str:
            f"{'iteration':>12} {r['iteration_s']:>9.4f} {a['sum_s']:>9.4f}",
            f"rollout tokens/s {r['tokens_per_s']:,.0f}; overhead {100 * r['overhead']:.1f}% "
            '(goal <= 30%)']
+  return '\n'.join(lines)
+
+
+def dpo_table(out: dict) -> str:
+  o, t = out['dpo'], out.get('trl_dpo')
+  lines = [f"DPO step ({o['pairs']} pairs, chosen + rejected rows, reference log-probs each step)"
+           f"   ours: {o['step_s']:.4f} s, {o['tokens_per_s']:,.0f} tokens/s"]
+  if t:
+    lines.append(f"   TRL: {t['step_s']:.4f} s, {t['tokens_per_s']:,.0f} tokens/s; ratio ours / "
+                 f"TRL: {out['dpo_ratio']:.2f}x (goal >= 2x)")
   return '\n'.join(lines)
 
 

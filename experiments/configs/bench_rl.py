@@ -29,6 +29,8 @@ def get_config():
   c.iterations = 3
   c.repeats = 3             # best of, for the pieces timed alone
   c.grpo = True             # the GRPO side by side
+  c.dpo = True              # the DPO side by side (after GRPO; TRL's only if its GRPO ran)
+  c.dpo_batch = 8           # pairs per step
   c.trl = True              # False: ours only
   c.torch_threads = 0       # 0: torch's default
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
