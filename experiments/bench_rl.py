@@ -17,7 +17,11 @@ jits) against TRL's GRPOTrainer on the same weights (exported with lm.convert th
 experiments.export), the same prompts, k, response length and one update per rollout,
 torch on the CPU, with the same cheap reward (response length in characters) on the TRL
 side. tokens/s = response tokens / (generation + scoring + update seconds); ratio = ours /
-TRL (goal >= 2). Without `trl` installed that column is skipped with a printed line.
+TRL (goal >= 2). DPO likewise: the dpo stage's loss (experiments.dpo.make_loss, reference
+log-probs each step) in lm.train's step against TRL's DPOTrainer, on `dpo_batch` pairs of
+fixed-length random responses after the same prompts; tokens/s counts prompt + response
+tokens of both rows. Without `trl` installed the TRL columns are skipped with a printed line;
+a TRL failure is printed and recorded (trl_error / trl_dpo_error) and our numbers kept.
 Writes bench.json and prints a table.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """bench_rl on a tiny random policy + RM: the table, bench.json's fields, and that the time
 split adds up (PPO iteration = generation + scoring + update + host; overhead against the
-pieces timed alone; GRPO tokens/s = tokens / seconds). TRL's column is skipped here (its
+pieces timed alone; GRPO and DPO tokens/s = tokens / seconds). TRL's column is skipped here (its
 absence prints a line); the full comparison is the experiment itself."""
 import builtins
 import json
@@ -36,7 +36,7 @@ def no_trl_run(wd, **kw):
 @pytest.fixture(scope='module')
 def bench(tmp_path_factory):
   """PPO only: the GRPO programs compile for another ~30 s (the slow test below)."""
-  return no_trl_run(tmp_path_factory.mktemp('bench_rl'), grpo=False)
+  return no_trl_run(tmp_path_factory.mktemp('bench_rl'), grpo=False, ppo_epochs=2)
 
 
 def test_ppo_time_split_adds_up(bench):
@@ -50,8 +50,8 @@ def test_ppo_time_split_adds_up(bench):
   assert r['host_s'] == pytest.approx(r['iteration_s'] - parts, abs=1e-9)
   assert r['host_s'] < 0.5 * r['iteration_s']      # the host adds little to the jitted pieces
   a = r['alone']
-  assert a['fwd_bwd_passes'] == 1
-  assert a['sum_s'] == pytest.approx(a['gen_s'] + a['score_s'] + a['fwd_bwd_s'])
+  assert a['fwd_bwd_passes'] == 2        # epochs x minibatches
+  assert a['sum_s'] == pytest.approx(a['gen_s'] + a['score_s'] + 2 * a['fwd_bwd_s'])
   assert r['overhead'] == pytest.approx(r['iteration_s'] / a['sum_s'] - 1)
   tokens = r['per_iteration'][0]['tokens']
   assert 0 < tokens <= 8 * 6
@@ -71,6 +71,10 @@ def test_grpo_and_trl_skipped(tmp_path):
   assert 'trl is not installed' in out['trl_skipped']
   saved = json.loads((wd / 'bench.json').read_text())
   assert saved['trl_skipped'] == out['trl_skipped'] and saved['trl_grpo'] is None
+  d = out['dpo']
+  assert (d['pairs'], d['steps']) == (8, 1) and out['trl_dpo'] is None
+  assert 0 < d['tokens'] <= 8 * 2 * d['seq_len']
+  assert d['tokens_per_s'] == pytest.approx(d['tokens'] / d['step_s'])
 
 
 def test_table_rows(bench):
@@ -85,6 +89,9 @@ def test_table_rows(bench):
   with_trl = dict(grpo=grpo, trl_grpo={'step_s': 2.0, 'response_tokens': 40.0, 'tokens_per_s': 20.0},
                   grpo_ratio=3.5)
   assert 'ratio ours / TRL: 3.50x' in bench_rl.grpo_table(with_trl)
+  dpo = {'dpo': {'pairs': 8, 'step_s': 0.1, 'tokens_per_s': 6000.0}, 'dpo_ratio': 17.5,
+         'trl_dpo': {'step_s': 2.0, 'tokens_per_s': 300.0}}
+  assert '17.50x' in bench_rl.dpo_table(dpo) and 'TRL' not in bench_rl.dpo_table(dict(dpo, trl_dpo=None))
 
 
 @pytest.mark.parametrize('kw', [{'iterations': 0}, {'grpo_k': 3}, {'ppo_minibatches': 3}])
