@@ -100,7 +100,7 @@ def make_score(s: Settings, mesh):
   out_sh = {'logp': rows(2), 'ref_logp': rows(2), 'entropy': rows(2), 'values': rows(2),
             'scores': rows(1)}
   jitted = jax.jit(functools.partial(score, s=s), out_shardings=out_sh)
-  return _with_mesh(jitted, mesh)
+  return train_lib.with_mesh(jitted, mesh)
 
 
 # Rewards and advantages -----------------------------------------------------------------------
@@ -199,12 +199,4 @@ def make_update(s: Settings, tx, mesh, shardings: train_lib.TrainState):
   fn = functools.partial(iteration_update, s=s, tx=tx, mesh=mesh, grad_sh=shardings.params)
   rep = sharding.replicated(mesh)
   jitted = jax.jit(fn, out_shardings=(shardings, rep, rep), donate_argnums=(0,))
-  return _with_mesh(jitted, mesh)
-
-
-def _with_mesh(jitted, mesh):
-  @functools.wraps(jitted)
-  def call(*args):
-    with sharding.activation_sharding(mesh):
-      return jitted(*args)
-  return call
+  return train_lib.with_mesh(jitted, mesh)

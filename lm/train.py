@@ -259,7 +259,7 @@ def make_train_step(loss_fn: LossFn, tx, mesh: Mesh, shardings: TrainState, batc
   in_sh = (shardings, batch_sh) if frozen_sh is None else (shardings, batch_sh, frozen_sh)
   jitted = jax.jit(step, in_shardings=in_sh,
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
-  return _with_mesh(jitted, mesh)
+  return with_mesh(jitted, mesh)
 
 
 def make_eval_step(loss_fn: LossFn, mesh: Mesh, param_sh, batch_sh, frozen_sh=None) -> Callable:
@@ -269,10 +269,10 @@ def make_eval_step(loss_fn: LossFn, mesh: Mesh, param_sh, batch_sh, frozen_sh=No
     return loss_fn(params, batch, jax.random.key(0), **extra)
   in_sh = (param_sh, batch_sh) if frozen_sh is None else (param_sh, batch_sh, frozen_sh)
   jitted = jax.jit(evaluate, in_shardings=in_sh, out_shardings=sharding.replicated(mesh))
-  return _with_mesh(jitted, mesh)
+  return with_mesh(jitted, mesh)
 
 
-def _with_mesh(jitted, mesh):
+def with_mesh(jitted, mesh):
   """Trace under the mesh so that layers' activation constraints see it (T5X-style)."""
   @functools.wraps(jitted)
   def call(*args):
