@@ -31,7 +31,11 @@ def test_bad_config_is_one_sentence():
     preferences.check(c)
 
 
-def test_preferences_file_reads_back_as_ranked_groups(tmp_path):
+def test_preferences_file_reads_back_as_ranked_groups(tmp_path, monkeypatch):
+  # A random tiny policy writes no sentiment words (VADER scores 0: every group tied), so a
+  # stand-in gold that varies with the text makes the ranking observable.
+  fake = lambda texts, kind='vader': np.array([float(len(t) % 7) - 3.0 for t in texts])
+  monkeypatch.setattr(gold, 'score', fake)
   src = rl_fixtures.policy_run(tmp_path / 'sft', text=rl_fixtures.works_text())
   c = rlhf_preferences.get_config()
   c.init_from = src
@@ -47,6 +51,7 @@ def test_preferences_file_reads_back_as_ranked_groups(tmp_path):
     assert r['ranks'] == gold.ranks(r['gold'])             # 0 = best, by gold
     np.testing.assert_allclose(gold.score(r['responses']), r['gold'])
     assert len(set(r['responses'])) == len(r['responses'])
+  assert sum(len(set(r['ranks'])) > 1 for r in rows) >= 1      # not a vacuous ranking
   data, rep = reward_data.read(path, 3, 0.0)
   tied = sum(len(set(r['gold'])) == 1 for r in rows)
   assert len(data['train']) == len(rows) - tied and rep['skipped'].get('tie', 0) == tied
