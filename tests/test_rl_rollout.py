@@ -92,3 +92,9 @@ def test_gold_vader_and_ranks():
   assert gold.ranks([0.5, 0.1, 0.5, -1.0]) == [0, 1, 0, 2]
   with pytest.raises(Exception, match='not a gold reward'):
     gold.score(['x'], 'bleu')
+
+
+def test_has_eos_on_hand_built_rows():
+  tokens = jnp.array([[5, EOS, 0], [5, 6, 6], [0, 0, 0], [EOS, 0, 0]])
+  mask = jnp.array([[1, 1, 0], [1, 1, 1], [0, 0, 0], [1, 0, 0]])
+  assert np.asarray(rollout.has_eos(tokens, mask, EOS)).tolist() == [True, False, False, True]
