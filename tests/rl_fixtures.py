@@ -78,3 +78,12 @@ def reward_run(workdir, policy_dir, seed: int = 1, gain: float = 2.0, bias: floa
   tokenizers.load(tokenizers.run_file(policy_dir)).save(tokenizers.run_file(workdir))
   reward_stage.write_norm(workdir, {'gain': gain, 'bias': bias})
   return workdir
+
+
+def reward_run_other_tokenizer(workdir, policy_dir) -> str:
+  """A reward run whose tokenizer is not the policy's (one extra character): the stages must
+  refuse it at start-up."""
+  workdir = reward_run(workdir, policy_dir)
+  tok = tokenizers.add_special_tokens(tokenizers.CharTokenizer.from_texts([TEXT + '0']), ['eos'])
+  tok.save(tokenizers.run_file(workdir))
+  return workdir

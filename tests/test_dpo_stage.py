@@ -8,7 +8,6 @@ import jax
 import numpy as np
 import pytest
 
-from data import tokenizers
 from experiments import dpo, policy, stage
 from experiments.configs import rlhf_dpo
 from lm import model, sharding, train as train_lib
@@ -205,9 +204,7 @@ def test_start_up_errors(runs, tmp_path):
   c.train.batch_size = 64                    # more than the file's pairs
   with pytest.raises(ConfigError, match='fewer than one batch'):
     dpo.run(c, str(tmp_path / 'c'))
-  other = rl_fixtures.reward_run(tmp_path / 'rm2', runs['policy'])
-  tok = tokenizers.add_special_tokens(tokenizers.CharTokenizer.from_texts([rl_fixtures.TEXT + '0']), ['eos'])
-  tok.save(tokenizers.run_file(other))
+  other = rl_fixtures.reward_run_other_tokenizer(tmp_path / 'rm2', runs['policy'])
   c = config(runs)
   c.reward_from = other
   with pytest.raises(ConfigError, match='different tokenizer'):

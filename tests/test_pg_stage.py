@@ -8,7 +8,6 @@ import jax
 import numpy as np
 import pytest
 
-from data import tokenizers
 from experiments import pg, policy, stage
 from experiments.configs import rlhf_grpo, rlhf_rloo
 from lm import checkpoint as ckpt_lib
@@ -141,9 +140,7 @@ def test_start_up_errors(runs, tmp_path):
   with pytest.raises(ConfigError, match='kl_coef'):
     pg.run(c, str(tmp_path / 'b'))
   # A reward model whose tokenizer is not the policy's: one sentence before anything compiles.
-  other = rl_fixtures.reward_run(tmp_path / 'rm2', runs['policy'])
-  tok = tokenizers.add_special_tokens(tokenizers.CharTokenizer.from_texts([rl_fixtures.TEXT + '0']), ['eos'])
-  tok.save(tokenizers.run_file(other))
+  other = rl_fixtures.reward_run_other_tokenizer(tmp_path / 'rm2', runs['policy'])
   c = config(runs)
   c.reward_from = other
   with pytest.raises(ConfigError, match='different tokenizer'):
