@@ -37,18 +37,24 @@ def _rows(workdir):
     return [json.loads(l) for l in f]
 
 
-def test_two_processes_equal_one_process(tiny_corpus, tmp_path):
+def run_two_and_one(args_for, multi, single, timeout=600):
+  """`args_for(workdir)` as two processes of 4 CPU devices each (jax.distributed over
+  127.0.0.1) into `multi`, then as one process of 8 devices into `single`; both must exit 0."""
   port = _free_port()
-  multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
-  procs = [subprocess.Popen(_args(tiny_corpus, multi) + [f'--coordinator=127.0.0.1:{port}',
-                                                         '--num_processes=2', f'--process_id={i}'],
+  procs = [subprocess.Popen(args_for(multi) + [f'--coordinator=127.0.0.1:{port}',
+                                               '--num_processes=2', f'--process_id={i}'],
                             cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True) for i in range(2)]
-  outs = [p.communicate(timeout=600)[0] for p in procs]
+  outs = [p.communicate(timeout=timeout)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
-  r = subprocess.run(_args(tiny_corpus, single), cwd=ROOT, env=_env(8), capture_output=True,
-                     text=True, timeout=600)
+  r = subprocess.run(args_for(single), cwd=ROOT, env=_env(8), capture_output=True, text=True,
+                     timeout=timeout)
   assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_two_processes_equal_one_process(tiny_corpus, tmp_path):
+  multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
+  run_two_and_one(lambda w: _args(tiny_corpus, w), multi, single)
   a, b = _rows(multi), _rows(single)
   assert [x['step'] for x in a] == [x['step'] for x in b] == list(range(1, 9))
   np.testing.assert_allclose([x['loss'] for x in a], [x['loss'] for x in b], rtol=1e-5)

@@ -3,13 +3,12 @@ stage exactly like one process with 8 devices: init_from restored collectively o
 2-process mesh, packed instruction rows split by process, the same losses and val losses."""
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 
 from tests import rl_fixtures
-from tests.test_multihost import ROOT, _env, _free_port, _rows
+from tests.test_multihost import _rows, run_two_and_one
 
 
 def _args(source, workdir):
@@ -23,17 +22,8 @@ def _args(source, workdir):
 
 def test_two_processes_sft_equal_one_process(tmp_path):
   source = rl_fixtures.policy_run(tmp_path / 'base', text=rl_fixtures.works_text())
-  port = _free_port()
   multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
-  procs = [subprocess.Popen(_args(source, multi) + [f'--coordinator=127.0.0.1:{port}',
-                                                    '--num_processes=2', f'--process_id={i}'],
-                            cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True) for i in range(2)]
-  outs = [p.communicate(timeout=900)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
-  r = subprocess.run(_args(source, single), cwd=ROOT, env=_env(8), capture_output=True,
-                     text=True, timeout=900)
-  assert r.returncode == 0, r.stderr[-3000:]
+  run_two_and_one(lambda w: _args(source, w), multi, single, timeout=900)
   a, b = _rows(multi), _rows(single)
   assert [x['step'] for x in a] == [x['step'] for x in b] == list(range(1, 7))
   np.testing.assert_allclose([x['loss'] for x in a], [x['loss'] for x in b], rtol=1e-5)
