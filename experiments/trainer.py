@@ -115,25 +115,50 @@ def restore_or_init(checkpointer, init_state: Callable, abstract, shardings):
 
 class _StopSignals:
   """SIGTERM / SIGINT set a flag the loop reads at the next step boundary; a second one
-  stops at once. Single-process only: several hosts would have to agree on the step."""
+  stops at once. With several processes the hosts must stop at one step (the checkpoint save
+  is collective) though the signal may reach one host only, or each at a different step:
+  every `check_every` steps they all-gather their local flags, and all stop at that step if
+  any host was signalled, exiting with the first signalled host's signal number."""
 
-  def __init__(self):
-    self.signum, self._old = None, {}
+  def __init__(self, check_every: int = 1):
+    if check_every < 1:
+      raise ConfigError(f'train.preempt_check_every={check_every} must be at least 1.')
+    self.signum = None        # agreed: every host stops at this step boundary
+    self.local = None         # this host's signal, not yet agreed on with the others
+    self.check_every, self._old = check_every, {}
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+    if threading.current_thread() is threading.main_thread():
       for s in (signal.SIGTERM, signal.SIGINT):
         self._old[s] = signal.signal(s, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    if self.signum is not None:
+    if self.local is not None:
       raise KeyboardInterrupt
-    self.signum = signum
+    self.local = signum
+
+  def should_stop(self, step: int) -> bool:
+    """At a step boundary, reached by every host in the same order: stop here?"""
+    if self.signum is None and self.local is not None and jax.process_count() == 1:
+      self.signum = self.local
+    elif self.signum is None and jax.process_count() > 1 and step % self.check_every == 0:
+      self.signum = agree_on_signal(self.local)
+    return self.signum is not None
 
   def __exit__(self, *exc):
     for s, h in self._old.items():
       signal.signal(s, h)
+
+
+def agree_on_signal(local: int | None) -> int | None:
+  """A collective over all processes: the first signalled process's signal, or None if none
+  was signalled. One int32 per host, so the cost is the round trip (and draining the steps
+  already queued before it), paid once per train.preempt_check_every steps."""
+  from jax.experimental import multihost_utils
+  flags = np.ravel(multihost_utils.process_allgather(np.int32(local or 0)))
+  hit = [int(f) for f in flags if f]
+  return hit[0] if hit else None
 
 
 def _abstract(state):
@@ -245,7 +270,7 @@ def train(run: Run) -> Any:
     saved.append(at_step)
     run.checkpointer.save(at_step, state, run.batches.state(), {'step': at_step, **counts})
 
-  stop = _StopSignals()
+  stop = _StopSignals(cfg.get('preempt_check_every', 10))
   try:
     with stop:
       while step < end:
@@ -279,7 +304,7 @@ def train(run: Run) -> Any:
           continue
         if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == end):
           save(step)
-        if stop.signum is not None:
+        if stop.should_stop(step):
           break
       if pending is not None:
         publish(pending[0], measure(*pending))
