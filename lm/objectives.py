@@ -25,12 +25,14 @@ TOKEN_KEYS = ('inputs', 'targets', 'positions', 'segment_ids')
 
 
 def check_batch(batch: dict) -> None:
-  """The loss boundary: integer [B, T] tokens, and targets / weights / positions / segment ids
+  """The loss boundary: integer [B, T] tokens, float weights, and targets / weights / positions / segment ids
   of exactly that shape (a [B, 1] weight would silently broadcast). chex looks only at
   shapes and dtypes, so under jit this runs once at trace time and costs the step nothing."""
   chex.assert_rank(batch['inputs'], 2)
   chex.assert_equal_shape([batch[k] for k in (*TOKEN_KEYS, 'weights') if k in batch])
   chex.assert_type([batch[k] for k in TOKEN_KEYS if k in batch], int)
+  if 'weights' in batch:
+    chex.assert_type(batch['weights'], float)
 
 
 def _forward(params, tokens, batch, cfg, **kw):

@@ -16,6 +16,7 @@ import functools
 import re
 from typing import Any, Callable, Mapping
 
+import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -177,6 +178,9 @@ def _split_microbatches(batch, k: int, mesh: Mesh | None):
   return jax.tree.map(split, batch)
 
 
+NO_KEEP = False
+
+
 def _grads(loss_fn: LossFn, params, batch, rng, frozen):
   extra = {} if frozen is None else {'frozen': frozen}
 
@@ -187,9 +191,19 @@ def _grads(loss_fn: LossFn, params, batch, rng, frozen):
   return loss_sum, weight, aux, grads
 
 
+def check_batch_rows(batch, grad_accum: int = 1) -> None:
+  """The step boundary: every batch array has the same number of rows, and grad_accum divides
+  it (else the microbatch reshape fails obscurely, or mismatched rows pair silently). chex
+  reads only static shapes: under jit this runs once, at trace time, and adds no op."""
+  leaves = jax.tree.leaves(batch)
+  chex.assert_equal_shape_prefix(leaves, 1)
+  chex.assert_is_divisible(leaves[0].shape[0], grad_accum)
+
+
 def accumulate_grads(loss_fn: LossFn, params, batch, rng, frozen=None, *, grad_accum: int = 1,
                      mesh: Mesh | None = None, grad_sh=None):
   """(loss_sum, weight, metric_sums, grad_sum) over `grad_accum` microbatches (a lax.scan)."""
+  check_batch_rows(batch, grad_accum)
   if grad_accum == 1:
     return _grads(loss_fn, params, batch, rng, frozen)
   micro = _split_microbatches(batch, grad_accum, mesh)
@@ -229,6 +243,8 @@ def update(state: TrainState, batch, rng: jax.Array, frozen=None, *, loss_fn: Lo
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  if NO_KEEP:
+    keep = lambda new, old: new
   metrics = {'loss': loss_sum / denom, 'grad_norm': grad_norm, 'tokens': weight,
              'skipped': 1.0 - finite.astype(jnp.float32)}
   metrics.update({k: v / denom for k, v in aux.items()})
