@@ -178,9 +178,6 @@ def _split_microbatches(batch, k: int, mesh: Mesh | None):
   return jax.tree.map(split, batch)
 
 
-NO_KEEP = False
-
-
 def _grads(loss_fn: LossFn, params, batch, rng, frozen):
   extra = {} if frozen is None else {'frozen': frozen}
 
@@ -243,8 +240,6 @@ def update(state: TrainState, batch, rng: jax.Array, frozen=None, *, loss_fn: Lo
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-  if NO_KEEP:
-    keep = lambda new, old: new
   metrics = {'loss': loss_sum / denom, 'grad_norm': grad_norm, 'tokens': weight,
              'skipped': 1.0 - finite.astype(jnp.float32)}
   metrics.update({k: v / denom for k, v in aux.items()})
