@@ -3,6 +3,7 @@ import dataclasses
 
 from ml_collections import ConfigDict
 
+from data import tasks
 from experiments.configs import base
 from lm import peft
 
@@ -22,14 +23,22 @@ def sft() -> ConfigDict:
       seq_len=0,             # 0: the model's context
       pack=True,             # several examples per row (segment ids keep them apart)
       val_fraction=0.1,      # for hh / files: held-out share (by content hash)
-      pretrain_rate=0.0,     # share of the stream that is pretraining text (OPT-IML)
+      mixture=ConfigDict(dict(   # how the stream draws its sources (data/tasks.task_mixture)
+          cap=0,             # T5's K: a source counts as at most this many examples (0: no cap)
+          temperature=1.0,   # rates ** (1/T), T > 1 flattens towards uniform
+          weights=ConfigDict({f: 0.0 for f in tasks.FAMILIES}),   # explicit per-family
+                             # proportions instead of examples-proportional (all 0: proportional)
+      )),
+      pretrain_rate=0.0,     # fixed share of the stream that is pretraining text (OPT-IML)
       pretrain_weight=1.0,   # its loss weight
       pretrain_chunk_chars=512,
       works=ConfigDict(dict(
           families='',       # comma-separated subset of data/tasks.FAMILIES ('' = all)
           held_out_family='play',   # never trained on; evaluated on held-out plays (options listed,
                                   # so a model that learned to answer from options can transfer)
-          n_per_family=2000, seed=0)),
+          n_per_family=2000, seed=0,
+          sizes=ConfigDict({f: 0 for f in tasks.FAMILIES}),   # a family's own example count
+      )),                                                     # (0: n_per_family)
   ))
   c.peft = ConfigDict({k: v for k, v in dataclasses.asdict(peft.PeftConfig()).items()})
   c.train = ConfigDict(dict(
