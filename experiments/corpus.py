@@ -18,6 +18,7 @@ from ml_collections import ConfigDict
 from data import mixture as mixture_lib
 from data import pipeline, sources, tokenizers
 from experiments import trainer
+from lm import paths
 from lm.config import ConfigError
 
 JSON_LINES = ('.jsonl', '.jsonl.gz', '.json', '.json.gz')
@@ -67,6 +68,9 @@ def load(config: ConfigDict, workdir: str, tokenizer=None) -> Corpus:
   """Splits, tokenizer (`tokenizer` if given: an init_from source's) and token streams."""
   check_config(config)
   d = config.data
+  if not d.data_dir and paths.is_url(workdir):
+    raise ConfigError(f'--workdir={workdir} is a URL, and the prepared corpus is plain local '
+                      'files: set --config.data.data_dir to a local or shared folder.')
   data_dir = d.data_dir or os.path.join(workdir, 'data')
   splits = {}
   for name, (path, field) in source_paths(config).items():
@@ -78,7 +82,7 @@ def load(config: ConfigDict, workdir: str, tokenizer=None) -> Corpus:
   if tokenizer is not None:
     tok = tokenizer
     if jax.process_index() == 0:
-      tok.save(os.path.join(workdir, tokenizers.RUN_FILE))
+      save_tokenizer(tok, workdir)
   else:
     tok = trainer.process_zero_first(lambda: make_tokenizer(config, workdir, train_docs, all_docs),
                                      'build tokenizer')
@@ -92,17 +96,34 @@ def load(config: ConfigDict, workdir: str, tokenizer=None) -> Corpus:
 def make_tokenizer(config: ConfigDict, workdir: str, train_docs: list[str], all_docs: list[str]):
   """The run's tokenizer, built once and then reused from WORKDIR/tokenizer_ref.json."""
   d = config.data
-  path = tokenizers.run_file(workdir)  # or a pre-rename workdir's tokenizer.json
-  if os.path.exists(path):  # a resumed run (or another host) keeps this vocabulary
-    return tokenizers.load(path)
+  if paths.is_url(workdir):
+    if (paths.path(workdir) / tokenizers.RUN_FILE).exists():   # resumed: keep this vocabulary
+      return load_tokenizer(workdir)
+  else:
+    path = tokenizers.run_file(workdir)  # or a pre-rename workdir's tokenizer.json
+    if os.path.exists(path):  # a resumed run (or another host) keeps this vocabulary
+      return tokenizers.load(path)
   if d.tokenizer not in tokenizers.TOKENIZER_KINDS:  # a file: e.g. the prepare experiment's
     tok = tokenizers.load(d.tokenizer)
   elif d.tokenizer == 'char':  # nanoGPT's convention: every character of the corpus
     tok = tokenizers.build('char', all_docs, 0, '')
   else:  # subwords are learned from the training split only
     tok = tokenizers.build(d.tokenizer, train_docs, d.vocab_size, os.path.join(workdir, 'tokenizer'))
-  tok.save(path)
+  save_tokenizer(tok, workdir)
   return tok
+
+
+def save_tokenizer(tok, workdir: str) -> None:
+  """WORKDIR/tokenizer_ref.json, through epath when the workdir is a bucket (gs://)."""
+  with paths.local_copy(paths.path(workdir) / tokenizers.RUN_FILE, write=True) as local:
+    tok.save(local)
+
+
+def load_tokenizer(workdir: str):
+  if not paths.is_url(workdir):
+    return tokenizers.load(tokenizers.run_file(workdir))
+  with paths.local_copy(paths.path(workdir) / tokenizers.RUN_FILE) as local:
+    return tokenizers.load(local)
 
 
 def make_mixture(config: ConfigDict, corpus: Corpus, seq_len: int) -> mixture_lib.Mixture:

@@ -32,16 +32,6 @@ def _env(pairs) -> str:
   return ' '.join(f'{k}={shlex.quote(v)}' for k, v in pairs)
 
 
-def workdir_warning(workdir: str) -> str | None:
-  """gs:// is the intended form, but today lm/checkpoint.py makes paths absolute with os.path
-  and the drivers write config.json / metrics.jsonl with open(): they need etils.epath first."""
-  if '://' not in workdir:
-    return None
-  return (f'warning: workdir {workdir} is a URL, which lm/checkpoint.py (os.path.abspath) and the '
-          'drivers (open, os.makedirs) do not handle yet; until they use etils.epath, give a path '
-          'every host shares (NFS, or the bucket mounted with gcsfuse).')
-
-
 # TPU VM pods ---------------------------------------------------------------------------------
 TPU_ENV = (('PYTHONUNBUFFERED', '1'),   # logs stream back through ssh as they happen
            ('JAX_PLATFORMS', 'tpu'))    # fail on a worker without TPUs instead of running on CPU
@@ -144,9 +134,6 @@ def parse(argv):
 
 def main(argv=None) -> int:
   a = parse(sys.argv[1:] if argv is None else argv)
-  warning = workdir_warning(a.workdir)
-  if warning:
-    print(f'# {warning}' if a.dry_run else warning, file=sys.stdout if a.dry_run else sys.stderr)
   if a.target == 'tpu-vm':
     cmds = tpu_vm_commands(a)
     if a.dry_run:

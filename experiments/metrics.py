@@ -1,15 +1,21 @@
 """Where metrics go: metrics.jsonl (one JSON object per logged step), TensorBoard, and a PNG.
 
 Only process 0 writes. On resume, rows past the restored step are dropped from
-metrics.jsonl because the resumed run logs those steps again (identically).
+metrics.jsonl because the resumed run logs those steps again (identically). The workdir
+may be a bucket URL (gs://): files go through etils.epath (lm.paths).
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import shutil
+import tempfile
 
 import jax
+
+from lm import paths
 
 
 def _clean(v):
@@ -20,25 +26,34 @@ def _clean(v):
 class MetricsWriter:
   def __init__(self, workdir: str, resume_step: int | None = None):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, 'metrics.jsonl')
-    self._tb = None
+    self.path = paths.path(workdir) / 'metrics.jsonl'
+    self._tb = self._tb_local = None
     if not self.enabled:
       return
-    if resume_step is not None and os.path.exists(self.path):
-      rows = [l for l in open(self.path) if l.strip() and json.loads(l)['step'] <= resume_step]
-      with open(self.path, 'w') as f:
-        f.writelines(rows)
-    elif os.path.exists(self.path):
-      os.remove(self.path)  # a fresh run (no checkpoint) starts a fresh log
+    if resume_step is not None and self.path.exists():
+      rows = [l for l in paths.read_text(self.path).splitlines(keepends=True)
+              if l.strip() and json.loads(l)['step'] <= resume_step]
+      paths.write_text(self.path, ''.join(rows))
+    elif self.path.exists():
+      self.path.unlink()  # a fresh run (no checkpoint) starts a fresh log
     from tensorboardX import SummaryWriter
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self._tb_dir = paths.path(workdir) / 'tensorboard'
+    if paths.is_url(workdir):  # tensorboardX's own gs:// writer needs google-cloud-storage:
+      self._tb_local = tempfile.mkdtemp(prefix='tensorboard')   # write here, copy up on close
+    self._tb = SummaryWriter(self._tb_local or os.fspath(self._tb_dir))
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return
     row = {'step': int(step), **{k: _clean(v) for k, v in metrics.items() if v is not None}}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(row) + '\n')
+    # An object store cannot append: a bucket file is rewritten whole (a run logs hundreds
+    # to thousands of rows, so this stays small); a local file is appended to as before.
+    if paths.is_url(self.path):
+      old = paths.read_text(self.path) if self.path.exists() else ''
+      paths.write_text(self.path, old + json.dumps(row) + '\n')
+    else:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(row) + '\n')
     for k, v in row.items():
       if k != 'step' and v is not None:
         self._tb.add_scalar(k, v, step)
@@ -46,11 +61,16 @@ class MetricsWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+    if self._tb_local is not None:
+      self._tb_dir.mkdir(parents=True, exist_ok=True)
+      for name in os.listdir(self._tb_local):
+        (self._tb_dir / name).write_bytes(open(os.path.join(self._tb_local, name), 'rb').read())
+      shutil.rmtree(self._tb_local, ignore_errors=True)
+      self._tb_local = None
 
 
 def read(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(l) for l in f if l.strip()]
+  return [json.loads(l) for l in paths.read_text(path).splitlines() if l.strip()]
 
 
 def plot_losses(metrics_path: str, png_path: str, title: str = '') -> str:
@@ -72,6 +92,8 @@ def plot_losses(metrics_path: str, png_path: str, title: str = '') -> str:
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(png_path, dpi=120)
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png', dpi=120)
   plt.close(fig)
+  paths.path(png_path).write_bytes(buf.getvalue())
   return png_path

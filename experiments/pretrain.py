@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,7 @@ from ml_collections import ConfigDict
 
 from data import pipeline
 from experiments import corpus, stage, trainer
-from lm import decode, model, objectives, sharding, train as train_lib
+from lm import decode, model, objectives, paths, sharding, train as train_lib
 from lm.config import ConfigError, ModelConfig
 
 
@@ -69,7 +68,7 @@ def seq_len_of(config: ConfigDict, cfg: ModelConfig) -> int:
 
 
 def run(config: ConfigDict, workdir: str):
-  os.makedirs(workdir, exist_ok=True)
+  paths.path(workdir).mkdir(parents=True, exist_ok=True)   # a local folder or a gs:// bucket
   t = config.train
   # 1. Data and model config, validated (init_from: the source's model and tokenizer).
   source = stage.read_source(config.init_from) if config.init_from else None
@@ -142,8 +141,7 @@ def run(config: ConfigDict, workdir: str):
     report = batches.report()
     print('mixture, target rates vs. rows drawn:\n' + corpus.format_report(report))
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, 'mixture.json'), 'w') as f:
-        json.dump(report, f, indent=2)
+      paths.write_text(paths.path(workdir) / 'mixture.json', json.dumps(report, indent=2))
 
   # 5. Samples from the trained model.
   if t.samples and int(state.step) >= t.steps:
@@ -164,8 +162,7 @@ def write_samples(params, cfg: ModelConfig, tok, prompt: np.ndarray, config: Con
                         max_new_tokens=t.sample_tokens, temperature=t.temperature, top_k=t.top_k)
   texts = [tok.decode(np.asarray(row)) for row in out]
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'samples.txt'), 'w', encoding='utf-8') as f:
-      f.write('\n\n-----\n\n'.join(texts))
+    paths.write_text(paths.path(workdir) / 'samples.txt', '\n\n-----\n\n'.join(texts))
     for i, s in enumerate(texts):
       print(f'--- sample {i} ---\n{s}')
   return texts

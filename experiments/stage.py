@@ -27,7 +27,7 @@ from ml_collections import ConfigDict
 
 from data import tokenizers
 from lm import checkpoint as ckpt_lib
-from lm import model, sharding, train as train_lib
+from lm import model, paths, sharding, train as train_lib
 from lm.config import ConfigError, ModelConfig
 
 # Model fields a later stage may change without changing the network the weights belong to.
@@ -48,7 +48,7 @@ class Source:
 
   def record(self) -> dict:
     """What a new workdir stores about where it came from."""
-    return {'path': os.path.abspath(self.path), 'kind': self.kind, 'step': self.step,
+    return {'path': str(paths.absolute(self.path)), 'kind': self.kind, 'step': self.step,
             'config_hash': self.config_hash}
 
   def restore_params(self, mesh, cfg: ModelConfig | None = None) -> Any:
@@ -61,7 +61,7 @@ class Source:
       from lm import convert
       params, _ = convert.import_hf(self.path, dtype=np.dtype(cfg.param_dtype))
       return jax.device_put(params, shardings)
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(self.path, 'checkpoints'), async_save=False)
+    checkpointer = ckpt_lib.Checkpointer(paths.path(self.path) / 'checkpoints', async_save=False)
     try:
       return checkpointer.restore_params(self.step, train_lib.abstract_with_shardings(abstract, shardings))
     finally:
@@ -89,18 +89,17 @@ def read_source(init_from: str) -> Source:
       raise ConfigError(f'init_from={init_from} has no tokenizer.json; save the tokenizer with the '
                         'model (tokenizer.save_pretrained(PATH)).')
     return Source('hf', path, cfg, tokenizers.load(tok_path), None, 0, _hash(hf))
-  path = os.path.expanduser(init_from)
-  cfg_path = os.path.join(path, 'config.json')
-  if not os.path.exists(cfg_path):
+  path = init_from if paths.is_url(init_from) else os.path.expanduser(init_from)
+  cfg_path = paths.path(path) / 'config.json'
+  if not cfg_path.exists():
     raise ConfigError(f'init_from={init_from} holds no config.json, so it is not the workdir of a '
                       'finished run; point it at the --workdir of an earlier stage.')
-  steps = ckpt_lib.Checkpointer.steps_in(os.path.join(path, 'checkpoints'))
+  steps = ckpt_lib.Checkpointer.steps_in(paths.path(path) / 'checkpoints')
   if not steps:
     raise ckpt_lib.CheckpointError(f'{path} has no checkpoints to start from; train it first '
                                    '(train.checkpoint_every > 0).')
   try:
-    with open(cfg_path) as f:
-      saved = json.load(f)
+    saved = json.loads(paths.read_text(cfg_path))
     resolved = saved.pop('resolved', {})
     saved.pop('source', None)
     config = ConfigDict(saved)
@@ -110,7 +109,8 @@ def read_source(init_from: str) -> Source:
   except (ValueError, KeyError, AttributeError) as e:
     raise ConfigError(f'{cfg_path} is not a readable run config ({type(e).__name__}: {e}); point '
                       'init_from at the --workdir of a run of this codebase.') from None
-  tokenizer = tokenizers.load(tokenizers.run_file(path))
+  from experiments import corpus   # corpus imports trainer, which a stage need not load early
+  tokenizer = corpus.load_tokenizer(path)
   return Source('run', path, cfg, tokenizer, config, steps[-1], _hash(saved))
 
 
@@ -189,7 +189,7 @@ def build(config: ConfigDict, workdir: str | None, mesh, *, axes, init_params: C
 
   if workdir is None:
     return Setup(mesh, tx, schedule, shardings, fresh(), 0, None, {}, None)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+  checkpointer = ckpt_lib.Checkpointer(paths.path(workdir) / 'checkpoints',
                                        config.train.get('keep_checkpoints', 3))
   found = checkpointer.restore_or_none(train_lib.abstract_with_shardings(abstract, shardings))
   if found is None:

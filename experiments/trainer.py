@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 import signal
 import threading
 import time
@@ -22,6 +21,7 @@ from tqdm import tqdm
 
 from lm import checkpoint as ckpt_lib
 from lm import mfu as mfu_lib
+from lm import paths
 from lm.config import ConfigError
 from lm import sharding, train as train_lib
 from experiments import metrics as metrics_lib
@@ -52,9 +52,9 @@ def process_zero_first(fn: Callable, name: str):
 
 
 def write_config(config: ConfigDict, workdir: str, extra: dict | None = None) -> None:
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      json.dump({**config.to_dict(), **(extra or {})}, f, indent=2, default=str)
+  if jax.process_index() == 0:   # epath: the workdir may be a bucket (gs://)
+    paths.write_text(paths.path(workdir) / 'config.json',
+                     json.dumps({**config.to_dict(), **(extra or {})}, indent=2, default=str))
 
 
 # XLA:CPU's collectives deadlock (a rendezvous times out and aborts the process) once
@@ -317,9 +317,9 @@ def train(run: Run) -> Any:
     bar.close()
     run.checkpointer.wait()
     writer.close()
-  if jax.process_index() == 0 and os.path.exists(writer.path):
-    metrics_lib.plot_losses(writer.path, os.path.join(run.workdir, 'loss.png'),
-                            title=os.path.basename(os.path.abspath(run.workdir)))
+  if jax.process_index() == 0 and writer.path.exists():
+    metrics_lib.plot_losses(writer.path, paths.path(run.workdir) / 'loss.png',
+                            title=paths.absolute(run.workdir).name)
   if stop.signum is not None and step < end:
     print(f'{signal.Signals(stop.signum).name} received: saved a checkpoint at step {step}; '
           'rerun the same command to continue.', flush=True)

@@ -7,11 +7,12 @@ fresh); checkpoints that cannot be read -> CheckpointError, never a silent resta
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from typing import Any
 
 import orbax.checkpoint as ocp
+
+from lm import paths
 
 
 class CheckpointError(RuntimeError):
@@ -20,7 +21,8 @@ class CheckpointError(RuntimeError):
 
 class Checkpointer:
   def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    # an epath.Path: orbax writes gs:// itself (tensorstore's GCS driver); local paths absolute
+    self.directory = paths.absolute(directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
@@ -32,7 +34,8 @@ class Checkpointer:
   @staticmethod
   def steps_in(directory: str) -> list[int]:
     """Steps saved in `directory`, without creating it."""
-    if not os.path.isdir(directory):
+    directory = paths.path(directory)
+    if not directory.is_dir():
       return []
     return sorted(ocp.utils.checkpoint_steps(directory))
 
@@ -101,15 +104,15 @@ class Checkpointer:
     import jax
     moved = []
     for s in steps:
-      src = os.path.join(self.directory, str(s))
-      dst = src + '.unreadable'
+      src = self.directory / str(s)
+      dst = self.directory / f'{s}.unreadable'
       n = 1
-      while os.path.exists(dst):
+      while dst.exists():
         n += 1
-        dst = f'{src}.unreadable{n}'
-      if jax.process_index() == 0 and os.path.exists(src):
-        os.rename(src, dst)
-      moved.append(os.path.basename(dst))
+        dst = self.directory / f'{s}.unreadable{n}'
+      if jax.process_index() == 0 and src.exists():
+        src.rename(dst)
+      moved.append(dst.name)
     if jax.process_count() > 1:   # every host sees the renamed directory before going on
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices('checkpoint_set_aside')

@@ -1,0 +1,103 @@
+"""A gs:// workdir: everything a run writes goes through etils.epath (files) or Orbax (the
+checkpoints), never through os.path / open(), which would turn the URL into a local
+'./gs:/...' folder. Offline, gs:// is served by a stand-in: fsspec's 'gcs' protocol (epath's
+backend for gs:// without TensorFlow) mapped onto a local folder; Orbax, which handles
+gs:// itself, is checked to receive the URL unchanged and then writes the same folder."""
+import json
+import os
+
+import sys
+import types
+
+import fsspec
+import pytest
+from etils.epath import backend as epath_backend
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.utils import stringify_path
+import orbax.checkpoint as ocp
+
+from experiments import pretrain
+from lm import checkpoint as ckpt_lib
+from lm import paths
+from tests.test_pretrain import tiny_config
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+  """gs://NAME/... lives in the returned folder; the test runs in an empty cwd, where any
+  write that treated the URL as a local path would show up."""
+  store = tmp_path / 'gcs'
+  store.mkdir()
+
+  class FakeGCS(LocalFileSystem):
+    protocol = ('gs', 'gcs')
+
+    def __init__(self, *args, **kwargs):
+      super().__init__(auto_mkdir=True)   # an object store has no folders to create first
+
+    @classmethod
+    def _strip_protocol(cls, path):
+      path = stringify_path(path)
+      if path.startswith('gs://'):
+        path = f'{store}/{path[len("gs://"):]}'
+      return super()._strip_protocol(path)
+
+  registry = sys.modules['fsspec.registry']._registry   # (fsspec.registry is a read-only view)
+  saved = dict(registry)
+  fsspec.register_implementation('gcs', FakeGCS, clobber=True)
+  fsspec.register_implementation('gs', FakeGCS, clobber=True)
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()
+  # Orbax reads and writes gs:// itself, through TensorStore's gcs driver and
+  # google-cloud-storage, which need the real service; the stand-in checks that Orbax is handed
+  # the URL unchanged (not os.path.abspath'd), then lets it write the mapped local folder.
+  handed = []
+
+  class Manager(ocp.CheckpointManager):
+    def __init__(self, directory, *args, **kwargs):
+      handed.append(os.fspath(directory))
+      if os.fspath(directory).startswith('gs://'):
+        directory = f'{store}/{os.fspath(directory)[len("gs://"):]}'
+      super().__init__(directory, *args, **kwargs)
+
+  monkeypatch.setattr(ckpt_lib.ocp, 'CheckpointManager', Manager)
+  (tmp_path / 'cwd').mkdir()
+  monkeypatch.chdir(tmp_path / 'cwd')
+  yield types.SimpleNamespace(root=store, handed=handed)
+  registry.clear()
+  registry.update(saved)
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()
+  assert not os.listdir(tmp_path / 'cwd'), 'a gs:// path was written as a local path'
+
+
+def test_checkpointer_keeps_a_url():
+  assert os.fspath(paths.absolute('gs://bkt/run/checkpoints')) == 'gs://bkt/run/checkpoints'
+  assert os.fspath(paths.absolute('run/checkpoints')) == os.path.abspath('run/checkpoints')
+
+
+def test_pretraining_in_a_bucket_writes_through_epath_and_resumes(bucket, tiny_corpus, tmp_path,
+                                                                    capsys):
+  wd = 'gs://bkt/runs/r'
+  c = tiny_config(tiny_corpus, steps=6, checkpoint_every=3, eval_every=3, stop_after=3)
+  c.data.data_dir = str(tmp_path / 'data')            # the prepared corpus stays local
+  pretrain.run(c, wd)
+  run = bucket.root / 'bkt' / 'runs' / 'r'
+  assert sorted(os.listdir(run / 'checkpoints')) == ['3']
+  c.train.stop_after = 0
+  capsys.readouterr()
+  pretrain.run(c, wd)                                 # the same command again: resumes
+  assert 'resuming at step 3' in capsys.readouterr().out
+  for name in ('config.json', 'metrics.jsonl', 'tokenizer_ref.json', 'loss.png', 'samples.txt'):
+    assert (run / name).stat().st_size > 0, name
+  assert any(f.startswith('events') for f in os.listdir(run / 'tensorboard'))
+  assert sorted(os.listdir(run / 'checkpoints')) == ['3', '6']
+  rows = [json.loads(l) for l in (run / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows] == [1, 2, 3, 4, 5, 6]
+  assert [r['step'] for r in rows if 'val_loss' in r] == [3, 6]
+  assert json.loads((run / 'config.json').read_text())['resolved']['seq_len'] == 32
+  assert set(bucket.handed) == {'gs://bkt/runs/r/checkpoints'}
+
+
+def test_bucket_workdir_needs_a_local_data_dir(bucket, tiny_corpus):
+  from lm.config import ConfigError
+  with pytest.raises(ConfigError, match='data.data_dir'):
+    pretrain.run(tiny_config(tiny_corpus), 'gs://bkt/runs/r')
