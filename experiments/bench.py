@@ -22,15 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from experiments import stage, trainer
+from experiments import bench_nanogpt, bench_profile, stage, trainer
 from experiments.configs import base
 from lm import mfu as mfu_lib
 from lm import model, objectives, sharding, train as train_lib
-from lm.config import ModelConfig
+from lm.config import ConfigError, ModelConfig
 
 
 def bench_one(name: str, spec: ConfigDict, config: ConfigDict, scan_unroll: int | None = None,
-              keep_state: bool = False) -> dict:
+              keep_state: bool = False, profile_steps: int = 0) -> dict:
   m = base.model().to_dict()
   m.update(spec.model.to_dict())
   if scan_unroll is not None:
@@ -71,12 +71,16 @@ def bench_one(name: str, spec: ConfigDict, config: ConfigDict, scan_unroll: int 
     jax.block_until_ready(metrics)
     times.append((time.perf_counter() - t0) / spec.steps)
   dt = min(times)
+  profile = None
+  if profile_steps:   # the same steps again under the profiler, which records each op
+    profile, state = bench_profile.xla_breakdown(step, state, batch, profile_steps)
   tps = b * t / dt
   util = mfu_lib.mfu(tps, cfg.flops_per_token(t), jax.device_count(), mfu_lib.peak_flops())
   return {'model': name, 'params': cfg.num_params(), 'd_model': cfg.d_model, 'layers': cfg.n_layers,
           'batch': b, 'seq_len': t, 'ms_per_step': 1000 * dt, 'median_ms_per_step': 1000 * float(np.median(times)),
           'tokens_per_sec': tps, 'mfu': util, 'compile_s': compile_s,
           'flops_per_token': cfg.flops_per_token(t), 'scan_unroll': cfg.scan_unroll,
+          **({'profile_ms': profile} if profile else {}),
           **({'state': state} if keep_state else {})}
 
 
@@ -101,6 +105,52 @@ def checkpoint_stall(state, repeats: int) -> dict:
     out[f'save_block_ms_{mode}'] = float(np.median(block))
     out[f'save_total_ms_{mode}'] = float(np.median(total))
   return out
+
+
+def side_by_side(config: ConfigDict, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+  """nanoGPT's step at each bench model's sizes (config.nanogpt_dir: a nanoGPT checkout; ''
+  skips it), ours re-timed in alternation with it (config.rounds), and with config.profile
+  where each step's time goes. Single-process, single-device comparisons only."""
+  nano_dir, rounds = config.get('nanogpt_dir', ''), config.get('rounds', 2)
+  if not nano_dir:
+    print('config.nanogpt_dir is empty: the nanoGPT side-by-side is skipped '
+          '(git clone https://github.com/karpathy/nanoGPT and pass its path).')
+  nano, breakdown = [], []
+  for (name, spec), r in zip(config.models.items(), rows):
+    profile = config.get('profile', False)
+    if nano_dir:
+      m = {**base.model().to_dict(), **spec.model.to_dict()}
+      run_nano = functools.partial(bench_nanogpt.bench_nanogpt, nano_dir, m, spec.batch_size, spec.seq_len,
+                                   spec.steps, config.warmup_steps, config.repeats, config.optim)
+      theirs = run_nano(profile_steps=spec.steps if profile else 0)
+      ours = r
+      for _ in range(rounds - 1):   # alternate: a noisy neighbour hits both sides alike
+        again = bench_one(name, spec, config)
+        ours = again if again['ms_per_step'] < ours['ms_per_step'] else ours
+        t2 = run_nano()
+        theirs.update({k: t2[k] for k in ('ms_per_step', 'tokens_per_sec')}
+                      if t2['ms_per_step'] < theirs['ms_per_step'] else {})
+      nano.append({'model': name, 'ours_ms_per_step': ours['ms_per_step'],
+                   'ours_tokens_per_sec': ours['tokens_per_sec'],
+                   'nanogpt_ms_per_step': theirs['ms_per_step'],
+                   'nanogpt_tokens_per_sec': theirs['tokens_per_sec'],
+                   'speed_ratio': ours['tokens_per_sec'] / theirs['tokens_per_sec'],
+                   'nanogpt_params': theirs['params'], 'torch_threads': theirs['torch_threads']})
+      if profile:
+        breakdown.append({'model': name, 'framework': 'nanoGPT', 'ms': theirs['profile_ms'],
+                          'step_ms': theirs['ms_per_step']})
+    if profile:
+      breakdown.append({'model': name, 'framework': 'ours', 'ms': r['profile_ms'], 'step_ms': r['ms_per_step']})
+  return nano, breakdown
+
+
+def format_nano(rows: list[dict]) -> str:
+  head = f"{'model':<18}{'ours tok/s':>12}{'nanoGPT tok/s':>15}{'ours / nanoGPT':>16}"
+  lines = [head, '-' * len(head)]
+  for r in rows:
+    lines.append(f"{r['model']:<18}{r['ours_tokens_per_sec']:>12,.0f}{r['nanogpt_tokens_per_sec']:>15,.0f}"
+                 f"{r['speed_ratio']:>15.2f}x")
+  return '\n'.join(lines)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -134,15 +184,26 @@ def format_stall(rows: list[dict]) -> str:
 
 
 def run(config: ConfigDict, workdir: str):
+  nano_dir = config.get('nanogpt_dir', '')
+  if nano_dir and not os.path.isfile(os.path.join(nano_dir, 'model.py')):
+    raise ConfigError(f'config.nanogpt_dir={nano_dir!r} has no model.py; give the path of a nanoGPT '
+                      'checkout (git clone https://github.com/karpathy/nanoGPT) or "" to skip it.')
   os.makedirs(workdir, exist_ok=True)
   device = jax.devices()[0]
   peak = mfu_lib.peak_flops()
   print(f'devices: {jax.device_count()} x {device.device_kind}; peak per device: '
         + ('n/a' if peak is None else f'{peak / 1e9:,.0f} GFLOP/s'
            + (' (measured fp32 matmul)' if device.platform == 'cpu' else '')))
-  rows = [bench_one(name, spec, config, keep_state=config.get('checkpoint_stall', False))
+  rows = [bench_one(name, spec, config, keep_state=config.get('checkpoint_stall', False),
+                    profile_steps=spec.steps if config.get('profile', False) else 0)
           for name, spec in config.models.items()]
+  nano, breakdown = side_by_side(config, rows)
   table = format_table(rows)
+  if nano:
+    table += '\n\nnanoGPT (PyTorch eager, same machine, same run; best window of each, alternated):\n' + format_nano(nano)
+  if breakdown:
+    table += ('\n\nwhere the step time goes (ms per step, op times summed over threads):\n'
+              + bench_profile.format_breakdown(breakdown))
   unroll, stall = [], []
   if config.get('unroll_study', False):
     for (name, spec), r in zip(config.models.items(), rows):
@@ -168,7 +229,7 @@ def run(config: ConfigDict, workdir: str):
     with open(os.path.join(workdir, 'bench.json'), 'w') as f:
       json.dump({'device': device.device_kind, 'n_devices': jax.device_count(),
                  'peak_flops_per_device': peak, 'rows': rows, 'unroll': unroll,
-                 'checkpoint_stall': stall}, f, indent=2)
+                 'checkpoint_stall': stall, 'nanogpt': nano, 'profile': breakdown}, f, indent=2)
     with open(os.path.join(workdir, 'bench.txt'), 'w') as f:
       f.write(table + '\n')
   return rows

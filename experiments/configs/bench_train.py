@@ -1,6 +1,7 @@
 """Train-step throughput benchmark: the shakespeare_char model and a d_model=512 model.
 
-python -m experiments.run --config=experiments/configs/bench_train.py --workdir=/tmp/bench
+python -m experiments.run --config=experiments/configs/bench_train.py --workdir=/tmp/bench \
+    --config.nanogpt_dir=PATH_TO_NANOGPT_CHECKOUT
 """
 from ml_collections import ConfigDict
 
@@ -15,6 +16,11 @@ def get_config():
   c.unroll_study = True      # compile s and ms/step with the layer scan unrolled fully vs rolled
   c.checkpoint_stall = True  # ms the training thread blocks per checkpoint save, async vs sync
   c.checkpoint_repeats = 3
+  # Side by side with nanoGPT (PyTorch eager): the path of a nanoGPT checkout, or '' to skip
+  # (git clone https://github.com/karpathy/nanoGPT; its model.py is imported, not copied).
+  c.nanogpt_dir = ''
+  c.rounds = 2               # ours and nanoGPT timed alternately this many times; best of each
+  c.profile = True           # ms per step by kind of op (matmul, data movement, ...), both sides
   c.models = ConfigDict({
       'shakespeare_char': ConfigDict(dict(
           model=dict(vocab_size=65, d_model=128, n_layers=4, n_heads=4, max_seq_len=64,
