@@ -8,7 +8,7 @@ from lm import peft
 
 def test_bench_peft_smoke(tmp_path):
   c = bench_peft_config.get_config()
-  c.model.update(d_model=64, n_heads=2, n_layers=2, vocab_size=256, max_seq_len=32)
+  c.model.update(d_model=32, n_heads=2, n_layers=1, vocab_size=128, max_seq_len=32)   # compile-bound: 1 layer
   c.update(batch_size=8, seq_len=32, steps=1, repeats=1, warmup_steps=0)
   rows = bench_peft.run(c, str(tmp_path))
   by = {r['method']: r for r in rows}
