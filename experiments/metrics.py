@@ -12,10 +12,14 @@ import math
 import os
 import shutil
 import tempfile
+import time
 
 import jax
 
 from lm import paths
+
+
+FLUSH_SECONDS = 30   # a bucket's metrics.jsonl is rewritten at most this often (and on close)
 
 
 def _clean(v):
@@ -27,7 +31,7 @@ class MetricsWriter:
   def __init__(self, workdir: str, resume_step: int | None = None):
     self.enabled = jax.process_index() == 0
     self.path = paths.path(workdir) / 'metrics.jsonl'
-    self._tb = self._tb_local = None
+    self._tb = self._tb_local = self._rows = None
     if not self.enabled:
       return
     if resume_step is not None and self.path.exists():
@@ -36,6 +40,9 @@ class MetricsWriter:
       paths.write_text(self.path, ''.join(rows))
     elif self.path.exists():
       self.path.unlink()  # a fresh run (no checkpoint) starts a fresh log
+    if paths.is_url(workdir):   # the rows kept, so far, for whole-file rewrites
+      self._rows = paths.read_text(self.path).splitlines(keepends=True) if self.path.exists() else []
+      self._flushed = time.monotonic()
     from tensorboardX import SummaryWriter
     self._tb_dir = paths.path(workdir) / 'tensorboard'
     if paths.is_url(workdir):  # tensorboardX's own gs:// writer needs google-cloud-storage:
@@ -46,11 +53,12 @@ class MetricsWriter:
     if not self.enabled:
       return
     row = {'step': int(step), **{k: _clean(v) for k, v in metrics.items() if v is not None}}
-    # An object store cannot append: a bucket file is rewritten whole (a run logs hundreds
-    # to thousands of rows, so this stays small); a local file is appended to as before.
+    # An object store cannot append: a bucket's file is rewritten whole from memory, at most
+    # every FLUSH_SECONDS and on close; a local file is appended to as before.
     if paths.is_url(self.path):
-      old = paths.read_text(self.path) if self.path.exists() else ''
-      paths.write_text(self.path, old + json.dumps(row) + '\n')
+      self._rows.append(json.dumps(row) + '\n')
+      if time.monotonic() - self._flushed > FLUSH_SECONDS:
+        self.flush()
     else:
       with open(self.path, 'a') as f:
         f.write(json.dumps(row) + '\n')
@@ -58,7 +66,13 @@ class MetricsWriter:
       if k != 'step' and v is not None:
         self._tb.add_scalar(k, v, step)
 
+  def flush(self) -> None:
+    if self._rows:
+      paths.write_text(self.path, ''.join(self._rows))
+      self._flushed = time.monotonic()
+
   def close(self) -> None:
+    self.flush()
     if self._tb is not None:
       self._tb.close()
     if self._tb_local is not None:
