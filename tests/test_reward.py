@@ -22,10 +22,20 @@ def hh(prompt, response):
   return f'\n\nHuman: {prompt}\n\nAssistant: {response}'
 
 
-@pytest.fixture(scope='module')
+_SOURCE = {}   # one pretrain run per session: test_reward_ensemble imports this fixture, and
+               # pytest would otherwise run an imported fixture again for that module
+
+
+@pytest.fixture(scope='session')
 def source(tmp_path_factory):
   """A tiny char model pretrained a few steps, and an hh-format file where the chosen response
   always ends with the word 'kind' (plus four bad records)."""
+  if not _SOURCE:
+    _SOURCE['run'] = _pretrain_and_pairs(tmp_path_factory)
+  return _SOURCE['run']
+
+
+def _pretrain_and_pairs(tmp_path_factory):
   from tests.conftest import TINY_SHAKESPEARE
   d = tmp_path_factory.mktemp('rm_src')
   corpus = d / 'corpus.txt'

@@ -14,7 +14,7 @@ from experiments import reward, reward_data, reward_eval
 from lm.config import ConfigError
 from rl import reward as reward_lib
 from tests.test_pretrain import losses
-from tests.test_reward import rm_config, source  # noqa: F401  (module fixture: tiny model + pairs)
+from tests.test_reward import rm_config, source  # noqa: F401  (session fixture: tiny model + pairs)
 
 STEPS = 3
 
