@@ -110,7 +110,7 @@ def test_kl_bon_against_sampling_continuous(n):
 @pytest.fixture(scope='module')
 def dirs(tmp_path_factory):
   d = tmp_path_factory.mktemp('bon')
-  pol = rl_fixtures.policy_run(d / 'sft')
+  pol = rl_fixtures.policy_run(d / 'sft', n_layers=1)   # compile-bound: one layer (as test_ppo_stage)
   rm_a = rl_fixtures.reward_run(d / 'rm', pol, seed=1)
   rm_b = rl_fixtures.reward_run(d / 'rm_small', pol, seed=5, gain=1.0, bias=0.0)
   return d, pol, rm_a, rm_b

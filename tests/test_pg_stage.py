@@ -19,7 +19,7 @@ from tests import rl_fixtures
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   d = tmp_path_factory.mktemp('pg')
-  pol = rl_fixtures.policy_run(d / 'sft')
+  pol = rl_fixtures.policy_run(d / 'sft', n_layers=1)   # compile-bound: one layer (as test_ppo_stage)
   return {'dir': d, 'policy': pol, 'rm': rl_fixtures.reward_run(d / 'rm', pol)}
 
 
