@@ -23,8 +23,8 @@ RECORDS = [{'prompt': 'Of thee', 'responses': ['a sad day', 'a glad day', 'no da
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   d = tmp_path_factory.mktemp('dpo')
-  pol = rl_fixtures.policy_run(d / 'sft')
-  return {'dir': d, 'policy': pol, 'other': rl_fixtures.policy_run(d / 'other', seed=1),
+  pol = rl_fixtures.policy_run(d / 'sft', n_layers=1)   # compile-bound: one layer (as test_ppo_stage)
+  return {'dir': d, 'policy': pol, 'other': rl_fixtures.policy_run(d / 'other', seed=1, n_layers=1),
           'rm': rl_fixtures.reward_run(d / 'rm', pol)}
 
 

@@ -37,7 +37,7 @@ def setup(tmp_path_factory):
   """A tiny random policy, a prompts file, and a sampler of K responses per prompt (compiled
   once for the module: run() below reuses the same program)."""
   d = tmp_path_factory.mktemp('label')
-  pol_dir = rl_fixtures.policy_run(d / 'pol')
+  pol_dir = rl_fixtures.policy_run(d / 'pol', n_layers=1)   # compile-bound: one layer
   (d / 'prompts.txt').write_text('\n'.join(PROMPTS) + '\n', encoding='utf-8')
   c = config(pol_dir, str(d / 'prompts.txt'))
   pol = policy.open_policy(pol_dir)
