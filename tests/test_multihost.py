@@ -28,8 +28,11 @@ def _args(corpus, workdir):
 
 
 def _env(n_devices):
+  # conftest's other XLA flags (LLVM -O0: compiling is most of these runs) with this count
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
   return dict(os.environ, JAX_PLATFORMS='cpu',
-              XLA_FLAGS=f'--xla_force_host_platform_device_count={n_devices}')
+              XLA_FLAGS=' '.join(flags + [f'--xla_force_host_platform_device_count={n_devices}']))
 
 
 def _rows(workdir):
