@@ -12,9 +12,32 @@ python -m experiments.run --config=experiments/configs/sft_works.py --workdir=ru
 
 Why characters: the families a small model can answer exactly are copy tasks (spell a word
 letter by letter; pick one of the listed options and write it out), and with characters
-spelling *is* copying; a BPE model has to know each piece's letters. The chat template, because
-the Alpaca one writes '#', which the works never do (so no character id exists for it).
-The mixture puts most of the stream on those copy families (weights below).
+spelling *is* copying; a BPE model has to know each piece's letters (the BPE 2048 base,
+d128 x 4, 950 steps, tuned 600 steps on all families equally: 0.000 everywhere before and
+after, a constant memorised answer). The chat template, because the Alpaca one writes '#',
+which the works never do (so no character id exists for it). The mixture puts most of the
+stream on the copy families (weights below; realised 0.444 / 0.444 spelling / speaker).
+
+Measured (2 shared CPU cores; pretrain 100 steps 13 min, SFT 800 steps 22 min + eval 3 min;
+exact match of greedy answers, 40 held-out-play examples per family, eval.json):
+
+                          before     after
+val_loss (responses)       2.791     2.252
+acc cloze                  0.000     0.000
+acc continue               0.000     0.000
+acc play (held out)        0.000     0.000
+acc previous               0.000     0.000
+acc speaker                0.000     0.000
+acc spelling               0.000     0.850
+choice play (held out)     0.225     0.175
+choice speaker             0.225     0.150
+acc seen families          0.000     0.170
+acc held-out family        0.000     0.000
+
+Seen families gain (spelling 34/40: the model copies the word letter by letter); the
+held-out family does not: speaker and play answers are invented names that start like an
+option ('King' for the option Kent) but are not copied out, so no option is written exactly.
+The training loss fell from 1.9 to 0.4 only in the last 200 steps (copying switched on late).
 
 Parameter-efficient: --config.peft.method=lora (or prefix, prompt, adapter; knobs under peft.).
 """
