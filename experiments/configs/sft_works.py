@@ -38,6 +38,9 @@ Seen families gain (spelling 34/40: the model copies the word letter by letter);
 held-out family does not: speaker and play answers are invented names that start like an
 option ('King' for the option Kent) but are not copied out, so no option is written exactly.
 The training loss fell from 1.9 to 0.4 only in the last 200 steps (copying switched on late).
+A further 600 steps from that run with speaker weight 6 (realised 0.66, lr 1e-3): spelling
+0.950, speaker 0.000, play 0.000; the speaker answers become memorised training-play names
+('King Richard' for the option Kent), i.e. the speaker family teaches names, not copying.
 
 Parameter-efficient: --config.peft.method=lora (or prefix, prompt, adapter; knobs under peft.).
 """
