@@ -128,8 +128,9 @@ def test_kv_cache_decode_equals_recomputation(name):
   prompt = jax.random.randint(jax.random.key(3), (2, 4), 0, cfg.vocab_size)
   out = decode.generate(params, prompt, jax.random.key(0), cfg=cfg, max_new_tokens=8, temperature=0.0)
   ref = prompt
+  fwd = jax.jit(lambda p, r: model.forward(p, r, cfg)[0])   # one compile per length, not per eager op
   for _ in range(8):
-    logits, _ = model.forward(params, ref, cfg)
+    logits = fwd(params, ref)
     ref = jnp.concatenate([ref, jnp.argmax(logits[:, -1], -1)[:, None].astype(ref.dtype)], 1)
   np.testing.assert_array_equal(out, ref)
 
@@ -147,11 +148,12 @@ def test_sampling_top_k_and_temperature():
 def test_query_blocks_give_the_same_loss_and_gradients():
   toks = jax.random.randint(jax.random.key(1), (2, 16), 0, 50)
   loss = lambda p, c: jnp.mean(model.forward(p, toks, c)[0][..., :50] ** 2)
+  value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)   # one compile per config
   for kw in (VARIANTS['gpt2'], VARIANTS['llama_gqa']):
     cfg = small(**kw)
     params = model.init(cfg, jax.random.key(0))
-    l0, g0 = jax.value_and_grad(loss)(params, cfg)
-    l1, g1 = jax.value_and_grad(loss)(params, small(**kw, attention_q_block=5))
+    l0, g0 = value_and_grad(params, cfg)
+    l1, g1 = value_and_grad(params, small(**kw, attention_q_block=5))
     np.testing.assert_allclose(l0, l1, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g0, g1)
 
@@ -161,8 +163,9 @@ def test_remat_gives_same_gradients():
   params = model.init(cfg, jax.random.key(0))
   toks = jax.random.randint(jax.random.key(1), (2, 8), 0, 50)
   loss = lambda p, c: jnp.mean(model.forward(p, toks, c)[0][..., :50] ** 2)
-  g0 = jax.grad(loss)(params, cfg)
-  g1 = jax.grad(loss)(params, small(**VARIANTS['gpt2'], remat='full'))
+  grad = jax.jit(jax.grad(loss), static_argnums=1)   # one compile per config, not per eager op
+  g0 = grad(params, cfg)
+  g1 = grad(params, small(**VARIANTS['gpt2'], remat='full'))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g0, g1)
 
 
