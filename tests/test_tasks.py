@@ -223,3 +223,17 @@ def test_pretraining_text_at_a_fixed_rate_with_its_own_loss_weight():
   w = batch['weights']
   assert set(np.unique(w).tolist()) == {0.0, 0.5, 1.0}
   assert w.sum() == pytest.approx(sum((ex.loss_mask[1:] * ex.weight).sum() for ex in kept))
+
+
+def test_cloze_options_copies_one_of_four_listed_words(plays):
+  exs = tasks.works_tasks('eval', families=['cloze_options'], n_per_family=30, seed=0)
+  assert len(exs) == 30 and {e['family'] for e in exs} == {'cloze_options'}
+  for e in exs:
+    line, options = e['input'].split('\n\nOptions:\n')
+    options = [o[2:] for o in options.split('\n')]
+    assert len(options) == len(set(options)) == 4 and e['output'] in options
+    assert line.count('____') == 1 and e['output'].isalpha()
+    assert any(line.replace('____', e['output']) in s.lines for s in plays[e['play']])
+    assert all(abs(len(o) - len(e['output'])) <= 1 for o in options)   # no length give-away
+    assert len({o.lower() for o in options}) == 4
+  assert tasks.works_tasks('eval', families=['cloze_options'], n_per_family=30, seed=0) == exs
