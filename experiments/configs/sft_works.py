@@ -42,6 +42,25 @@ A further 600 steps from that run with speaker weight 6 (realised 0.66, lr 1e-3)
 0.950, speaker 0.000, play 0.000; the speaker answers become memorised training-play names
 ('King Richard' for the option Kent), i.e. the speaker family teaches names, not copying.
 
+An option-copying family, cloze_options (a line with a blank, four words of similar length from
+the play listed, answer = the word; base 0.000), continued from that 800-step run (40 held-out-
+play examples per family; 'writes an option' = the answer is one of the listed options):
+
+                    sft4 (600 steps, lr 1e-3,      sft5 (+600 from sft4, lr 3e-3,
+                    cloze_options/speaker/          cloze_options/speaker/spelling
+                    spelling weight 4/2/1, rest     8/1/1, continue 0.25, cloze and
+                    as above)                       previous 0)
+acc cloze_options        0.050 (option 0.05)            0.200 (option 0.50)
+acc speaker              0.000 (option 0.00)            0.025 (option 0.30)
+acc play (held out)      0.000 (option 0.00)            0.000 (option 0.00)
+acc spelling             0.850                          0.950
+choice cloze_options     0.450                          0.400
+choice speaker / play    0.275 / 0.175                  0.225 / 0.200
+
+Copying a listed single word is learned slowly (training loss 1.9 -> 0.8 only in sft5) and
+carries over to speaker (answers become listed names: 'Antonio', 'King'), not to play: the play
+answers stay invented one-word names ('Calius', 'Angooo') against multi-word titles.
+
 Parameter-efficient: --config.peft.method=lora (or prefix, prompt, adapter; knobs under peft.).
 """
 from experiments.configs import sft_base
