@@ -142,7 +142,7 @@ def test_evaluate_reference_reaches_every_ceiling(tmp_path):
   saved = json.loads((tmp_path / 'results.json').read_text())
   assert saved['works_cloze']['acc']['n'] == 20
   samples = [json.loads(l) for l in (tmp_path / 'samples.jsonl').read_text().splitlines()]
-  assert len(samples) == 20 + 3 + 18 + 5 + 10
+  assert len(samples) == 20 + 3 + n_instruct + 5 + 10
   g = [s for s in samples if s['task'] == 'gsm8k']
   assert all(len(s['demo_ids']) == 2 and s['doc_id'] not in s['demo_ids'] for s in g)
   assert g[0]['extracted'] == {'strict': '12', 'flexible': '12'}
