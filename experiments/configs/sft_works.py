@@ -57,9 +57,14 @@ acc spelling             0.850                          0.950
 choice cloze_options     0.450                          0.400
 choice speaker / play    0.275 / 0.175                  0.225 / 0.200
 
+sft6 (+500 from sft5, lr 2e-3, weights 8/2/1): cloze_options 0.325 (option 0.85), speaker 0.175
+(option 0.525), spelling 0.950, play 0.000 (option 0.00); choice cloze_options / speaker / play
+0.400 / 0.375 / 0.200; acc seen families 0.242, held-out family 0.000.
+
 Copying a listed single word is learned slowly (training loss 1.9 -> 0.8 only in sft5) and
-carries over to speaker (answers become listed names: 'Antonio', 'King'), not to play: the play
-answers stay invented one-word names ('Calius', 'Angooo') against multi-word titles.
+carries over to speaker (answers become listed names: 'Borachio', 'Helena', 'Beatrice'), not to
+play: the play answers stay invented name-like strings ('King Sing', 'Comeoo', 'Wheat') and never
+a listed multi-word title, so the held-out family stays at 0.000.
 
 Parameter-efficient: --config.peft.method=lora (or prefix, prompt, adapter; knobs under peft.).
 """
