@@ -331,15 +331,26 @@ def pack(examples: Sequence[TokenizedExample], seq_len: int, rows: int | None = 
   fit are counted in report['overflow'] (an error without a report)."""
   _check_lengths(examples, seq_len)
   order = range(len(examples)) if seed is None else np.random.default_rng(seed).permutation(len(examples))
-  assignment: list[list[int]] = []
-  free = np.zeros(rows if rows is not None else len(examples), np.int64)
-  if rows is not None:
-    free[:] = seq_len
-    assignment = [[] for _ in range(rows)]
-  used = len(assignment)
-  overflow = 0
-  for k in order:
-    n = len(examples[k])
+  placed, overflow = first_fit([len(examples[k]) for k in order], seq_len, rows)
+  assignment = [[int(order[i]) for i in row] for row in placed]
+  if overflow:
+    if report is None:
+      raise FormatError(f'{overflow} of {len(examples)} examples do not fit in {rows} rows of '
+                        f'{seq_len} tokens; pass report= to count and drop them, or give fewer examples.')
+    report['overflow'] = report.get('overflow', 0) + overflow
+  if report is not None:
+    report['packed'] = report.get('packed', 0) + len(examples) - overflow
+  return _rows(examples, assignment, seq_len)
+
+
+def first_fit(lengths: Sequence[int], seq_len: int, rows: int | None = None) -> tuple[list[list[int]], int]:
+  """Greedy first fit of items of these lengths, in order, into rows of seq_len: (each row's
+  item indices, how many items did not fit). With rows=None a new row opens when none fits,
+  so every item is placed; with `rows`, exactly that many rows and the rest overflow."""
+  assignment: list[list[int]] = [[] for _ in range(rows or 0)]
+  free = np.full(rows if rows is not None else len(lengths), seq_len if rows is not None else 0, np.int64)
+  used, overflow = len(assignment), 0
+  for k, n in enumerate(lengths):
     fits = np.flatnonzero(free[:used] >= n)
     if len(fits):
       r = int(fits[0])
@@ -350,16 +361,9 @@ def pack(examples: Sequence[TokenizedExample], seq_len: int, rows: int | None = 
     else:
       overflow += 1
       continue
-    assignment[r].append(int(k))
+    assignment[r].append(k)
     free[r] -= n
-  if overflow:
-    if report is None:
-      raise FormatError(f'{overflow} of {len(examples)} examples do not fit in {rows} rows of '
-                        f'{seq_len} tokens; pass report= to count and drop them, or give fewer examples.')
-    report['overflow'] = report.get('overflow', 0) + overflow
-  if report is not None:
-    report['packed'] = report.get('packed', 0) + len(examples) - overflow
-  return _rows(examples, assignment, seq_len)
+  return assignment, overflow
 
 
 def pad(examples: Sequence[TokenizedExample], seq_len: int) -> dict[str, np.ndarray]:

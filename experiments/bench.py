@@ -112,24 +112,22 @@ def side_by_side(config: ConfigDict, rows: list[dict]) -> tuple[list[dict], list
   skips it), ours re-timed in alternation with it (config.rounds), and with config.profile
   where each step's time goes. Single-process, single-device comparisons only."""
   nano_dir, rounds = config.get('nanogpt_dir', ''), config.get('rounds', 2)
+  profile = config.get('profile', False)
   if not nano_dir:
     print('config.nanogpt_dir is empty: the nanoGPT side-by-side is skipped '
           '(git clone https://github.com/karpathy/nanoGPT and pass its path).')
+  fastest = lambda a, b: b if b['ms_per_step'] < a['ms_per_step'] else a
   nano, breakdown = [], []
   for (name, spec), r in zip(config.models.items(), rows):
-    profile = config.get('profile', False)
     if nano_dir:
       m = {**base.model().to_dict(), **spec.model.to_dict()}
       run_nano = functools.partial(bench_nanogpt.bench_nanogpt, nano_dir, m, spec.batch_size, spec.seq_len,
                                    spec.steps, config.warmup_steps, config.repeats, config.optim)
-      theirs = run_nano(profile_steps=spec.steps if profile else 0)
-      ours = r
+      first = run_nano(profile_steps=spec.steps if profile else 0)
+      ours, theirs = r, first
       for _ in range(rounds - 1):   # alternate: a noisy neighbour hits both sides alike
-        again = bench_one(name, spec, config)
-        ours = again if again['ms_per_step'] < ours['ms_per_step'] else ours
-        t2 = run_nano()
-        theirs.update({k: t2[k] for k in ('ms_per_step', 'tokens_per_sec')}
-                      if t2['ms_per_step'] < theirs['ms_per_step'] else {})
+        ours = fastest(ours, bench_one(name, spec, config))
+        theirs = fastest(theirs, run_nano())
       nano.append({'model': name, 'ours_ms_per_step': ours['ms_per_step'],
                    'ours_tokens_per_sec': ours['tokens_per_sec'],
                    'nanogpt_ms_per_step': theirs['ms_per_step'],
@@ -137,7 +135,7 @@ def side_by_side(config: ConfigDict, rows: list[dict]) -> tuple[list[dict], list
                    'speed_ratio': ours['tokens_per_sec'] / theirs['tokens_per_sec'],
                    'nanogpt_params': theirs['params'], 'torch_threads': theirs['torch_threads']})
       if profile:
-        breakdown.append({'model': name, 'framework': 'nanoGPT', 'ms': theirs['profile_ms'],
+        breakdown.append({'model': name, 'framework': 'nanoGPT', 'ms': first['profile_ms'],
                           'step_ms': theirs['ms_per_step']})
     if profile:
       breakdown.append({'model': name, 'framework': 'ours', 'ms': r['profile_ms'], 'step_ms': r['ms_per_step']})

@@ -86,7 +86,9 @@ class SftData:
       src = np.array([m for m, _ in elements])
       if self.pack:
         lengths = [len(self.sources[names[m]][j]) for m, j in elements]
-        row = first_fit_rows(lengths, self.seq_len)
+        row = np.empty(len(elements), np.int64)
+        for r, members in enumerate(formats.first_fit(lengths, self.seq_len)[0]):
+          row[members] = r
       else:
         row = np.arange(len(elements))
       n_rows = int(row.max()) + 1
@@ -94,23 +96,6 @@ class SftData:
       rows -= n_rows
       epoch += 1
     return dict(zip(names, counts.tolist()))
-
-
-def first_fit_rows(lengths, seq_len: int) -> np.ndarray:
-  """The row formats.pack gives each example (greedy first fit, in order)."""
-  free = np.zeros(len(lengths), np.int64)
-  out = np.zeros(len(lengths), np.int64)
-  used = 0
-  for k, n in enumerate(lengths):
-    fits = np.flatnonzero(free[:used] >= n)
-    if len(fits):
-      r = int(fits[0])
-    else:
-      r, used = used, used + 1
-      free[r] = seq_len
-    free[r] -= n
-    out[k] = r
-  return out
 
 
 def one_per_row(rows: dict) -> dict:

@@ -140,10 +140,11 @@ class _StopSignals:
 
   def should_stop(self, step: int) -> bool:
     """At a step boundary, reached by every host in the same order: stop here?"""
-    if self.signum is None and self.local is not None and jax.process_count() == 1:
-      self.signum = self.local
-    elif self.signum is None and jax.process_count() > 1 and step % self.check_every == 0:
-      self.signum = agree_on_signal(self.local)
+    if self.signum is None:
+      if jax.process_count() == 1:
+        self.signum = self.local
+      elif step % self.check_every == 0:
+        self.signum = agree_on_signal(self.local)
     return self.signum is not None
 
   def __exit__(self, *exc):
