@@ -113,8 +113,13 @@ def test_sandbox_cpu_limit_is_a_timeout():
 
 
 def test_sandbox_memory_hog_is_stopped():
-  r = sandbox.run_program('a = []\nwhile True:\n  a.append(" " * 10**7)', FAST)
+  # bytes(n) is calloc'd: address space grows without touching pages, so the hog reaches the
+  # RLIMIT_AS cap in well under a CPU second anywhere (CI's slower page faults once took a
+  # page-touching hog past a 2 s CPU limit first), and a machine without the cap is not filled.
+  r = sandbox.run_program('a = []\nwhile True:\n  a.append(bytes(10**7))',
+                          sandbox.Limits(wall_s=20, cpu_s=10, memory_mb=256))
   assert (r.status, r.reason) == ('error', 'memory')
+  assert 'MemoryError' in r.stderr
 
 
 def test_sandbox_forks_are_limited_and_killed():
