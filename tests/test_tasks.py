@@ -237,3 +237,35 @@ def test_cloze_options_copies_one_of_four_listed_words(plays):
     assert all(abs(len(o) - len(e['output'])) <= 1 for o in options)   # no length give-away
     assert len({o.lower() for o in options}) == 4
   assert tasks.works_tasks('eval', families=['cloze_options'], n_per_family=30, seed=0) == exs
+
+
+def test_phrase_options_copies_one_of_four_listed_multi_word_phrases(plays):
+  exs = tasks.works_tasks('eval', families=['phrase_options'], n_per_family=200, seed=0)
+  assert len(exs) == 200 and {e['family'] for e in exs} == {'phrase_options'}
+  words = lambda s: re.findall(r"[A-Za-z]+(?:'[A-Za-z]+)*", s.lower())
+  has = lambda line, phrase: f' {" ".join(words(phrase))} ' in f' {" ".join(words(line))} '
+  for e in exs:
+    line, options = e['input'].split('\n\nOptions:\n')
+    options = [o[2:] for o in options.split('\n')]
+    assert len(options) == len({o.lower() for o in options}) == 4 and e['output'] in options
+    assert any(line in s.lines for s in plays[e['play']]) and len(words(line)) >= 6
+    # the answer is a run of the line's words, title-cased like 'Romeo and Juliet'; no other
+    # option occurs in the line, so exactly one is right
+    assert [o for o in options if has(line, o)] == [e['output']]
+    assert not set(options) & set(plays)    # the held-out family's titles are not used
+    for o in options:
+      ws = o.split(' ')
+      assert 2 <= len(ws) <= 4 and len(o) <= tasks.MAX_PHRASE_CHARS and ws[0][0].isupper()
+      assert all(w[0].isupper() or w in ('a', 'an', 'and', 'of', 'the', 'to', 'in') for w in ws)
+  assert any("'" in e['output'] for e in exs)                            # "All's", "o'er"
+  assert tasks.works_tasks('eval', families=['phrase_options'], n_per_family=200, seed=0) == exs
+  assert not {e['play'] for e in exs} & set(tasks.split_plays(list(plays))['train'])
+  # a play whose other lines share the target's phrases: those are never offered as distractors
+  line = 'I am your king, and master of this house'
+  play = [tasks.Speech('P', 'A', (line,)), tasks.Speech('P', 'B', ('I am your king', 'Master of this')),
+          tasks.Speech('P', 'C', ('Good night sweet prince', 'Hold your tongue now', 'Come away with me'))]
+  for seed in range(40):
+    made = tasks._phrase_options_task(np.random.default_rng(seed), play[0], {'speeches': {'P': play}})
+    if made is not None:
+      options = [o[2:] for o in made[0].split('\n\nOptions:\n')[1].split('\n')]
+      assert [o for o in options if has(line, o)] == [made[1]]
