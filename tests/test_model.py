@@ -22,6 +22,7 @@ VARIANTS = {
     'alibi_6_heads_parallel': dict(positions='alibi', parallel_block=True, d_model=48, n_heads=6),
     'deepnorm_rmsnorm': dict(norm_position='deepnorm', norm='rmsnorm', activation='relu'),
     'bidirectional_encoder': dict(causal=False, positions='sinusoidal'),
+    'no_positions_gelu_tanh': dict(positions='none', activation='gelu_tanh'),
     # T5 relative bias; 16 positions > max_distance 12 exercise the log-spaced and last buckets
     'relative_unscaled_rmsnorm': dict(positions='relative', rel_buckets=8, rel_max_distance=12,
                                       scale_attention=False, norm='rmsnorm', use_bias=False),
