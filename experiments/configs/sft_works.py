@@ -1,7 +1,7 @@
 """Instruction tuning on FLAN-style tasks formatted from the complete works (offline).
 
 Two commands: pretrain a character-level model (rope positions, 384-character context), then
-tune it on the tasks (training plays, five families mixed by data.mixture) and evaluate on
+tune it on the tasks (training plays, the seen families mixed by data.mixture) and evaluate on
 held-out plays, including the never-trained `play` family:
 
 python -m experiments.run --config=experiments/configs/shakespeare_works.py --workdir=runs/works_char \
