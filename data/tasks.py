@@ -265,6 +265,10 @@ def _previous_task(rng, speech, ctx):
   return None if i is None else (speech.lines[i + 1], speech.lines[i])
 
 
+# A whole word: letters with no apostrophe or hyphen joined to it (cloze answers and their options).
+_WHOLE_WORD = re.compile(r"(?<![A-Za-z'\-])[A-Za-z]+(?![A-Za-z'\-])")
+
+
 def _pick_word(rng, speech, lo=4, hi=12):
   """(line, start, end) of a random whole word of lo..hi letters (no apostrophe or hyphen
   joined to it) in a line of at least five words."""
@@ -272,7 +276,7 @@ def _pick_word(rng, speech, lo=4, hi=12):
   if i is None:
     return None
   line = speech.lines[i]
-  spans = [m.span() for m in re.finditer(r"(?<![A-Za-z'\-])[A-Za-z]+(?![A-Za-z'\-])", line)
+  spans = [m.span() for m in _WHOLE_WORD.finditer(line)
            if lo <= len(m.group()) <= hi]
   return (line, *spans[rng.integers(len(spans))]) if spans else None
 
@@ -290,7 +294,7 @@ def _words_by_length(speeches: Sequence[Speech]) -> dict[int, list[str]]:
   found: dict[int, set[str]] = {}
   for s in speeches:
     for line in s.lines:
-      for m in re.finditer(r"(?<![A-Za-z'\-])[A-Za-z]+(?![A-Za-z'\-])", line):
+      for m in _WHOLE_WORD.finditer(line):
         found.setdefault(len(m.group()), set()).add(m.group())
   return {n: sorted(ws) for n, ws in found.items()}
 
@@ -346,7 +350,8 @@ def _phrase_options_task(rng, speech, ctx):
     return None
   padded = lambda ws: ' ' + ' '.join(w.lower() for w in ws) + ' '
   in_line = padded(_WORD.findall(speech.lines[i]))
-  found, play = {padded(answer): _title_case(answer)}, ctx['speeches'][speech.play]
+  title = _title_case(answer)
+  found, play = {padded(answer): title}, ctx['speeches'][speech.play]
   for _ in range(20):   # lines without a phrase, or with one the line also has, are redrawn
     if len(found) == N_OPTIONS:
       break
@@ -357,7 +362,7 @@ def _phrase_options_task(rng, speech, ctx):
   if len(found) < N_OPTIONS:
     return None
   opts = sorted(found.values())
-  return _with_options(speech.lines[i], [opts[j] for j in rng.permutation(N_OPTIONS)]), _title_case(answer)
+  return _with_options(speech.lines[i], [opts[j] for j in rng.permutation(N_OPTIONS)]), title
 
 
 def _spelling_task(rng, speech, ctx):
