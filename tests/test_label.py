@@ -294,9 +294,14 @@ def test_headless_chromium_ranks_by_clicking(setup, tmp_path):
       assert 'max_items=2' in page.inner_text('#message')
       browser.close()
   finally:
+    t.join(20)                          # after max_items run() closes the server by itself
     if t.is_alive():
-      _post(url + 'api/shutdown')
+      try:
+        _post(url + 'api/shutdown')
+      except OSError:                   # it closed between the check and the post
+        pass
     t.join(60)
+  assert not t.is_alive()
   if os.environ.get('LABEL_SCREENSHOT'):
     shutil.copy(tmp_path / 'label.png', os.environ['LABEL_SCREENSHOT'])
   recs = [json.loads(l) for l in open(path, encoding='utf-8')]
