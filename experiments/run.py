@@ -59,11 +59,13 @@ def parse_flags(argv):
 def main(argv):
   del argv
   import jax
-  from experiments import registry
+  from experiments import registry, trainer
   if FLAGS.coordinator:
     jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   elif FLAGS.multihost:
     jax.distributed.initialize()
+  if FLAGS.coordinator or FLAGS.multihost:
+    trainer.hold_stop_signals()   # JAX's own handler would swallow a SIGTERM before the loop
   config = FLAGS.config
   global USER_ERRORS
   USER_ERRORS = _user_errors()

@@ -113,6 +113,24 @@ def restore_or_init(checkpointer, init_state: Callable, abstract, shardings):
   return state, step, data_state
 
 
+_HELD: list[int] = []   # stop signals that arrived before the training loop (see hold_stop_signals)
+
+
+def hold_stop_signals() -> None:
+  """Call right after jax.distributed.initialize. It installs a SIGTERM handler that only
+  notifies JAX's preemption service, so a SIGTERM during data preparation or compile would be
+  lost and the run would train on until the scheduler's SIGKILL. Hold SIGTERM / SIGINT here
+  instead: the loop's _StopSignals takes the held signal and stops at its first check step
+  (with a checkpoint); a second signal stops at once."""
+  def hold(signum, frame):
+    if _HELD:
+      raise KeyboardInterrupt
+    _HELD.append(signum)
+  if threading.current_thread() is threading.main_thread():
+    for s in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(s, hold)
+
+
 class _StopSignals:
   """SIGTERM / SIGINT set a flag the loop reads at the next step boundary; a second one
   stops at once. With several processes the hosts must stop at one step (the checkpoint save
@@ -131,6 +149,8 @@ class _StopSignals:
     if threading.current_thread() is threading.main_thread():
       for s in (signal.SIGTERM, signal.SIGINT):
         self._old[s] = signal.signal(s, self._handle)
+    if _HELD:                 # signalled before the loop: treated as if signalled at its start
+      self.local = _HELD.pop()
     return self
 
   def _handle(self, signum, frame):

@@ -87,6 +87,34 @@ def test_agree_on_signal_between_two_real_processes():
     assert 'none None\none 15\nboth 2\n' in out, out[-3000:]
 
 
+EARLY = textwrap.dedent('''
+  import os, signal, sys, time
+  from absl import app
+  from experiments import registry, run, trainer
+
+  def stage(config, workdir):        # a SIGTERM during data preparation / compile
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)
+    print('alive before the loop', flush=True)
+    with trainer._StopSignals(check_every=1) as stop:
+      print('stops at the first step:', stop.should_stop(1), flush=True)
+  registry.get = lambda name: stage
+  sys.argv = ['run', '--config=experiments/configs/shakespeare_char.py', '--workdir=' + sys.argv[1],
+              '--coordinator=' + sys.argv[2], '--num_processes=1', '--process_id=0']
+  app.run(run.main, flags_parser=run.parse_flags)
+''')
+
+
+def test_a_sigterm_before_the_loop_is_held_for_it_not_swallowed_by_jax(tmp_path):
+  """After jax.distributed.initialize, JAX's own SIGTERM handler only notifies its preemption
+  service, so a signal during data preparation or compile was lost and the run trained on. The
+  launcher holds it instead, and the loop stops at its first check step."""
+  out = subprocess.run([sys.executable, '-c', EARLY, str(tmp_path / 'w'), f'127.0.0.1:{_free_port()}'],
+                       cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+  assert 'alive before the loop\nstops at the first step: True\n' in out.stdout, out.stdout
+
+
 # End to end: a real signal to one of two processes (slow) ------------------------------------
 OVER = {'train.steps': 24, 'train.checkpoint_every': 10, 'train.preempt_check_every': 4,
         'mesh.data': 4, 'mesh.fsdp': 2}
