@@ -11,6 +11,7 @@ corpus, checkpoints) or a run that cannot go on; 128 + N after signal N (143 SIG
 from __future__ import annotations
 
 import ast
+import keyword
 import sys
 
 from absl import app, flags
@@ -53,6 +54,14 @@ def parse_flags(argv):
     if isinstance(e, (AttributeError, KeyError)):
       bad = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
       msg = f'no such config key {msg} (overrides given: {", ".join(bad)})'
+    for a in argv[1:]:         # e.g. the task family `continue`: a key that is a Python keyword
+      name, _, value = a.partition('=')
+      path = name.split('.')
+      if name.startswith('--config.') and any(keyword.iskeyword(k) for k in path[1:]):
+        key = next(k for k in path[1:] if keyword.iskeyword(k))
+        fixed = ''.join(f"['{k}']" if keyword.iskeyword(k) else f'.{k}' for k in path[1:])
+        msg = (f'{name} cannot be parsed because {key!r} is a Python keyword; write it as a '
+               f'subscript: "--config{fixed}={value}"')
     sys.exit(f'error: {msg}; the keys and types are those of the --config file.')
 
 

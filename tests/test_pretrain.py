@@ -234,3 +234,20 @@ def test_cli_overrides_reach_the_run(tiny_corpus, tmp_path):
   cfg = json.load(open(wd / 'config.json'))
   assert cfg['train']['steps'] == 3 and cfg['model']['n_layers'] == 1
   assert max(losses(str(wd))[0]) == 3
+
+
+def test_a_config_key_that_is_a_python_keyword_gets_its_subscript_spelling(tmp_path):
+  """The task family `continue` is a mixture weight; ml_collections cannot parse `.continue`.
+  The error says how to write it, and that spelling is accepted (the run goes on to its next
+  check: here, that init_from is not a finished run)."""
+  def cli(flag):
+    return subprocess.run([sys.executable, '-m', 'experiments.run', '--config=experiments/configs/sft_works.py',
+                           f'--workdir={tmp_path / "w"}', f'--config.init_from={tmp_path}', flag],
+                          cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
+                          text=True, timeout=120)
+  r = cli('--config.data.mixture.weights.continue=0.5')
+  assert r.returncode != 0 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+  fixed = "--config.data.mixture.weights['continue']=0.5"
+  assert r.stderr.strip().splitlines()[-1].startswith('error: ') and f'"{fixed}"' in r.stderr, r.stderr
+  r = cli(fixed)
+  assert 'holds no config.json' in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
