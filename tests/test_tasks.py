@@ -260,12 +260,18 @@ def test_phrase_options_copies_one_of_four_listed_multi_word_phrases(plays):
   assert any("'" in e['output'] for e in exs)                            # "All's", "o'er"
   assert tasks.works_tasks('eval', families=['phrase_options'], n_per_family=200, seed=0) == exs
   assert not {e['play'] for e in exs} & set(tasks.split_plays(list(plays))['train'])
-  # a play whose other lines share the target's phrases: those are never offered as distractors
+  # a play whose other lines share the target's phrases: those are never offered as distractors;
+  # and whose phrases recur in other cases: each is offered once
   line = 'I am your king, and master of this house'
   play = [tasks.Speech('P', 'A', (line,)), tasks.Speech('P', 'B', ('I am your king', 'Master of this')),
-          tasks.Speech('P', 'C', ('Good night sweet prince', 'Hold your tongue now', 'Come away with me'))]
+          tasks.Speech('P', 'C', ('Good night sweet prince', 'Hold your tongue now', 'Come away with me')),
+          tasks.Speech('P', 'D', ('GOOD NIGHT', 'good night', 'hold YOUR tongue', 'COME AWAY'))]
+  made_any = 0
   for seed in range(40):
     made = tasks._phrase_options_task(np.random.default_rng(seed), play[0], {'speeches': {'P': play}})
     if made is not None:
+      made_any += 1
       options = [o[2:] for o in made[0].split('\n\nOptions:\n')[1].split('\n')]
       assert [o for o in options if has(line, o)] == [made[1]]
+      assert len({o.lower() for o in options}) == 4, options
+  assert made_any >= 20
