@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from typing import Any, Callable
 
 import jax
@@ -39,7 +38,7 @@ from ml_collections import ConfigDict
 from data import pipeline, tokenizers
 from experiments import reward_data, reward_eval, sft, stage, trainer
 from lm import checkpoint as ckpt_lib
-from lm import heads, model, peft, sharding, train as train_lib
+from lm import heads, model, paths, peft, sharding, train as train_lib
 from lm.config import ConfigError, ModelConfig
 from rl import reward as reward_lib
 
@@ -139,7 +138,7 @@ def ensemble_build(config, workdir, mesh, *, axes, init_params, initial_params, 
     if initial_params is None:
       return jax.jit(lambda k: start(init_params(k)), out_shardings=shardings)(key)
     return jax.jit(start, out_shardings=shardings)(initial_params())
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+  checkpointer = ckpt_lib.Checkpointer(paths.path(workdir) / 'checkpoints',
                                        config.train.get('keep_checkpoints', 3))
   found = checkpointer.restore_or_none(train_lib.abstract_with_shardings(abstract, shardings))
   if found is None:
@@ -192,7 +191,7 @@ def make_ensemble_step(loss_fn, tx1, mesh, shardings, member_param_sh, batch_sh,
 
 
 def run(config: ConfigDict, workdir: str):
-  os.makedirs(workdir, exist_ok=True)
+  paths.path(workdir).mkdir(parents=True, exist_ok=True)   # a local folder or a gs:// bucket
   t = config.train
   # 1. Everything a user can get wrong, before any compile.
   if not config.init_from:
@@ -218,7 +217,7 @@ def run(config: ConfigDict, workdir: str):
   trainer.check_batch(config, mesh)
   sft.check_resume_source(workdir, source)
   if jax.process_index() == 0:
-    tok.save(os.path.join(workdir, tokenizers.RUN_FILE))
+    stage.save_tokenizer(tok, workdir)
 
   # 2. Trainable and frozen trees, sharded by the rules table.
   # Ensembles: a leading member axis on the params, and on the batch after its batch axis.
@@ -369,8 +368,7 @@ def evaluate_pairs(config, data: reward_data.RewardData, scores: Callable[[dict]
 
 def write_norm(workdir: str, norm: dict) -> None:
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, NORM_FILE), 'w') as f:
-      json.dump(norm, f, indent=2)
+    paths.write_text(paths.path(workdir) / NORM_FILE, json.dumps(norm, indent=2))
 
 
 @dataclasses.dataclass
@@ -399,14 +397,12 @@ def load_reward_model(workdir: str, mesh_cfg: dict | None = None, combine: str |
                       lam: float | None = None) -> RewardModel:
   """The finished reward run in `workdir` (one model or an ensemble), normalised by its
   reward_norm.json; `combine` / `lam` override an ensemble's saved combination."""
-  with open(os.path.join(workdir, 'config.json')) as f:
-    saved = json.load(f)
-  norm_path = os.path.join(workdir, NORM_FILE)
-  if not os.path.exists(norm_path):
+  saved = json.loads(paths.read_text(paths.path(workdir) / 'config.json'))
+  norm_path = paths.path(workdir) / NORM_FILE   # epath: the workdir may be a bucket (gs://)
+  if not norm_path.exists():
     raise ckpt_lib.CheckpointError(f'{workdir} has no {NORM_FILE}: the reward run did not finish; '
                                    'rerun it to train.steps.')
-  with open(norm_path) as f:
-    norm = json.load(f)
+  norm = json.loads(paths.read_text(norm_path))
   ens = ensemble_config(ConfigDict({'ensemble': {
       **saved.get('ensemble', {}), **({} if combine is None else {'combine': combine}),
       **({} if lam is None else {'lam': lam})}}))
@@ -425,7 +421,7 @@ def load_reward_model(workdir: str, mesh_cfg: dict | None = None, combine: str |
     init = lambda k: jax.vmap(one)(jax.random.split(k, m))
   abstract = jax.eval_shape(init, jax.random.key(0))
   target = train_lib.abstract_with_shardings(abstract, sharding.tree_shardings(axes, abstract, mesh))
-  ck = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), async_save=False)
+  ck = ckpt_lib.Checkpointer(paths.path(workdir) / 'checkpoints', async_save=False)
   try:
     params = ck.restore_params(ckpt_lib.Checkpointer.steps_in(ck.directory)[-1], target)
   finally:
@@ -437,7 +433,7 @@ def load_reward_model(workdir: str, mesh_cfg: dict | None = None, combine: str |
     trunk = merge(params['adapters']) if m == 1 else jax.vmap(merge)(params['adapters'])
     params = {'trunk': trunk, 'head': params['head']}
   gain, bias = norm['gain'], norm['bias']
-  tok = tokenizers.load(tokenizers.run_file(workdir))
+  tok = stage.load_tokenizer(workdir)
   seq_len = saved['resolved']['seq_len']
   if m == 1:
     @jax.jit

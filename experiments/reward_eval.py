@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import re
 
 import jax
@@ -23,6 +22,7 @@ import scipy.optimize
 import scipy.sparse
 
 from data import pipeline
+from lm import paths
 
 BUCKETS = (0.0, 0.25, 0.5, 1.0, 2.0, float('inf'))   # |margin| edges for the calibration table
 QUANTILES = 5                                         # equal-count |margin| buckets (scale-free)
@@ -169,7 +169,6 @@ def write(workdir: str, results: dict) -> None:
   text = table(results)
   print(text)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'eval.json'), 'w') as fh:
-      json.dump(results, fh, indent=2)
-    with open(os.path.join(workdir, 'eval.txt'), 'w') as fh:
-      fh.write(text + '\n')
+    out = paths.path(workdir)   # epath: the workdir may be a bucket (gs://)
+    paths.write_text(out / 'eval.json', json.dumps(results, indent=2))
+    paths.write_text(out / 'eval.txt', text + '\n')

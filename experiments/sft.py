@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 
 import jax
 import numpy as np
@@ -21,7 +20,7 @@ from ml_collections import ConfigDict
 from data import formats, pipeline, tasks, tokenizers
 from experiments import sft_data, sft_eval, stage, trainer
 from lm import checkpoint as ckpt_lib
-from lm import model, objectives, peft, sharding, train as train_lib
+from lm import model, objectives, paths, peft, sharding, train as train_lib
 from lm.config import ConfigError, ModelConfig
 
 
@@ -44,11 +43,10 @@ def with_tokens(cfg: ModelConfig, tok) -> ModelConfig:
 
 def check_resume_source(workdir: str, source: stage.Source) -> None:
   """A resumed PEFT run must find the same base it was trained on."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = paths.path(workdir) / 'config.json'   # epath: the workdir may be a bucket (gs://)
+  if not path.exists():
     return
-  with open(path) as f:
-    old = json.load(f).get('source')
+  old = json.loads(paths.read_text(path)).get('source')
   if old and (old['step'], old['config_hash']) != (source.step, source.config_hash):
     raise ckpt_lib.CheckpointError(
         f'{workdir} was trained on {old["path"]} at step {old["step"]} (config {old["config_hash"]}) '
@@ -57,7 +55,7 @@ def check_resume_source(workdir: str, source: stage.Source) -> None:
 
 
 def run(config: ConfigDict, workdir: str):
-  os.makedirs(workdir, exist_ok=True)
+  paths.path(workdir).mkdir(parents=True, exist_ok=True)   # a local folder or a gs:// bucket
   t = config.train
   # 1. Everything a user can get wrong, before any compile.
   if not config.init_from:
@@ -83,7 +81,7 @@ def run(config: ConfigDict, workdir: str):
   trainer.check_batch(config, mesh)
   check_resume_source(workdir, source)
   if jax.process_index() == 0:
-    tok.save(os.path.join(workdir, tokenizers.RUN_FILE))
+    stage.save_tokenizer(tok, workdir)
 
   # 2. Trainable and frozen trees, sharded by the rules table.
   base_axes = model.logical_axes(cfg)

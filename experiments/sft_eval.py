@@ -4,7 +4,6 @@ after tuning. Written to eval.json and printed as a table."""
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import jax
@@ -14,7 +13,7 @@ from ml_collections import ConfigDict
 
 from data import formats, pipeline
 from experiments import trainer
-from lm import decode, model, peft, train as train_lib
+from lm import decode, model, paths, peft, train as train_lib
 
 
 def normalise(text: str) -> str:
@@ -200,7 +199,6 @@ def write(workdir: str, results: dict, data_report: dict) -> None:
   text = table(results)
   print(text)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'eval.json'), 'w') as f:
-      json.dump({**results, 'data': data_report}, f, indent=2)
-    with open(os.path.join(workdir, 'eval.txt'), 'w') as f:
-      f.write(text + '\n')
+    out = paths.path(workdir)   # epath: the workdir may be a bucket (gs://)
+    paths.write_text(out / 'eval.json', json.dumps({**results, 'data': data_report}, indent=2))
+    paths.write_text(out / 'eval.txt', text + '\n')

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import json
 import os
+import tempfile
 from typing import Any, Callable
 
 import jax
@@ -109,9 +110,40 @@ def read_source(init_from: str) -> Source:
   except (ValueError, KeyError, AttributeError) as e:
     raise ConfigError(f'{cfg_path} is not a readable run config ({type(e).__name__}: {e}); point '
                       'init_from at the --workdir of a run of this codebase.') from None
-  from experiments import corpus   # corpus imports trainer, which a stage need not load early
-  tokenizer = corpus.load_tokenizer(path)
+  tokenizer = load_tokenizer(path)
   return Source('run', path, cfg, tokenizer, config, steps[-1], _hash(saved))
+
+
+def save_tokenizer(tok, workdir: str) -> None:
+  """WORKDIR/tokenizer_ref.json and the files it points at (a base's .base.json, a .model,
+  a .hf.json); in a bucket (gs://) written locally first and copied up file by file, since a
+  tokenizer saves only to local files."""
+  if not paths.is_url(workdir):
+    tok.save(os.path.join(workdir, tokenizers.RUN_FILE))
+    return
+  with tempfile.TemporaryDirectory() as d:
+    tok.save(os.path.join(d, tokenizers.RUN_FILE))
+    for name in sorted(os.listdir(d)):
+      with open(os.path.join(d, name), 'rb') as f:
+        (paths.path(workdir) / name).write_bytes(f.read())
+
+
+def load_tokenizer(workdir: str):
+  """The tokenizer a workdir saved (save_tokenizer, or pretraining's). From a bucket its
+  tokenizer* files are copied to a local folder that is kept: a SentencePiece or Hugging Face
+  tokenizer reads its file by path and copies it again when the next stage saves it."""
+  if not paths.is_url(workdir):
+    return tokenizers.load(tokenizers.run_file(workdir))
+  src = paths.path(workdir)
+  if not (src / tokenizers.RUN_FILE).exists() and not (src / tokenizers.OLD_RUN_FILE).exists():
+    raise tokenizers.TokenizerError(f'{workdir} has no {tokenizers.RUN_FILE}; point init_from at the '
+                                    '--workdir of a finished run of this codebase.')
+  local = tempfile.mkdtemp(prefix='tokenizer-')
+  for f in src.iterdir():
+    if f.name.startswith('tokenizer') and f.is_file():
+      with open(os.path.join(local, f.name), 'wb') as out:
+        out.write(f.read_bytes())
+  return tokenizers.load(tokenizers.run_file(local))
 
 
 def model_from_source(config: ConfigDict, source: Source) -> ModelConfig:

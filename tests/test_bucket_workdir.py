@@ -101,3 +101,62 @@ def test_bucket_workdir_needs_a_local_data_dir(bucket, tiny_corpus):
   from lm.config import ConfigError
   with pytest.raises(ConfigError, match='data.data_dir'):
     pretrain.run(tiny_config(tiny_corpus), 'gs://bkt/runs/r')
+
+
+def test_stages_chain_through_a_bucket(bucket, tmp_path, capsys):
+  """pretrain -> gs://bkt/pre; SFT init_from gs://bkt/pre -> gs://bkt/sft; the reward model
+  init_from gs://bkt/sft -> gs://bkt/rm, which loads back from the bucket."""
+  import numpy as np
+  from experiments import reward, sft, stage
+  from tests.conftest import TINY_SHAKESPEARE
+  from tests.test_reward import hh, rm_config
+  from tests.test_sft import WORDS, sft_config
+  local = tmp_path / 'inputs'                    # corpus and instruction / preference files stay local
+  local.mkdir()
+  (local / 'corpus.txt').write_text(TINY_SHAKESPEARE.read_text(encoding='utf-8')[:30000], encoding='utf-8')
+  c = tiny_config(str(local / 'corpus.txt'), steps=2, eval_every=0, checkpoint_every=2, samples=0)
+  c.model.update(n_layers=1, max_seq_len=64)
+  c.data.data_dir = str(local / 'data')
+  pretrain.run(c, 'gs://bkt/pre')
+  rng = np.random.default_rng(0)
+  inst, pairs = [], []
+  for i in range(24):
+    a, b = rng.choice(WORDS, 2, replace=False)
+    inst.append(json.dumps({'instruction': f'Say {a} then {b}.', 'input': '', 'output': f'{a} {b}'}))
+    p = f'tell me of {a.lower()}'
+    pairs.append(json.dumps({'chosen': hh(p, f'{b.lower()} kind'), 'rejected': hh(p, b.lower())}))
+  (local / 'inst.jsonl').write_text('\n'.join(inst) + '\n', encoding='utf-8')
+  (local / 'pairs.jsonl').write_text('\n'.join(pairs) + '\n', encoding='utf-8')
+
+  sft.run(sft_config('gs://bkt/pre', str(local / 'inst.jsonl'), steps=2, checkpoint_every=2,
+                     eval_every=2), 'gs://bkt/sft')
+  reward.run(rm_config('gs://bkt/sft', str(local / 'pairs.jsonl'), steps=2, checkpoint_every=2),
+             'gs://bkt/rm')
+  root = bucket.root / 'bkt'
+  for run in ('sft', 'rm'):
+    for name in ('config.json', 'metrics.jsonl', 'eval.json', 'eval.txt', 'tokenizer_ref.json',
+                 'tokenizer_ref.base.json', 'loss.png'):
+      assert (root / run / name).stat().st_size > 0, (run, name)
+    assert os.listdir(root / run / 'checkpoints') == ['2'], run
+    assert json.loads((root / run / 'config.json').read_text())['source']['path'] == \
+        {'sft': 'gs://bkt/pre', 'rm': 'gs://bkt/sft'}[run]
+  assert (root / 'rm' / reward.NORM_FILE).stat().st_size > 0
+  assert 'reward_model' in json.loads((root / 'rm' / 'eval.json').read_text())
+  # Orbax got the URLs: each stage saves its own and reads its source's params from the bucket.
+  # (a read opens the source's Checkpointer and, for params only, a fresh manager: 1 + 2 each)
+  assert sorted(set(bucket.handed)) == [f'gs://bkt/{r}/checkpoints' for r in ('pre', 'rm', 'sft')]
+  assert [bucket.handed.count(f'gs://bkt/{r}/checkpoints') for r in ('pre', 'sft', 'rm')] == [3, 3, 1]
+  # Each stage reads its source back from the bucket: the SFT model has the template's eos id.
+  pre, tuned = stage.read_source('gs://bkt/pre'), stage.read_source('gs://bkt/sft')
+  assert tuned.tokenizer.vocab_size == pre.tokenizer.vocab_size + 1 == tuned.cfg.vocab_size
+  rm = reward.load_reward_model('gs://bkt/rm')
+  norm = json.loads((root / 'rm' / reward.NORM_FILE).read_text())
+  assert (rm.gain, rm.bias) == (norm['gain'], norm['bias'])
+  assert rm.tokenizer.vocab_size == tuned.tokenizer.vocab_size
+
+
+def test_url_init_from_errors_are_one_sentence(bucket):
+  from experiments import stage
+  from lm.config import ConfigError
+  with pytest.raises(ConfigError, match=r'init_from=gs://bkt/none holds no config.json'):
+    stage.read_source('gs://bkt/none')
