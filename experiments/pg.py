@@ -38,14 +38,13 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from data import tokenizers
-from experiments import metrics as metrics_lib
-from experiments import policy, sft, stage, trainer
+from experiments import online, policy, sft, stage, trainer
 from lm import decode, sharding, train as train_lib
 from lm.config import ConfigError
 from rl import gold, pg, ppo, rollout
 
 METHODS = ('rloo', 'grpo')
-EVAL_FILE = 'eval.jsonl'
+EVAL_FILE = online.EVAL_FILE
 
 
 def check(config: ConfigDict) -> None:
@@ -184,31 +183,6 @@ def make_programs(config: ConfigDict, trees: policy.Trees, tx, schedule, shardin
   return Programs(on_mesh(score_jit), on_mesh(update_jit))
 
 
-# Held-out evaluations ----------------------------------------------------------------------
-class EvalLog:
-  """eval.jsonl: one {iteration, gold, proxy, kl, ...} line per held-out evaluation; a resumed
-  run drops lines past the iteration it resumes from (they are evaluated again)."""
-
-  def __init__(self, workdir: str, start: int):
-    self.path = os.path.join(workdir, EVAL_FILE)
-    self.rows = []
-    if os.path.exists(self.path):
-      self.rows = [json.loads(x) for x in open(self.path) if x.strip()]
-      self.rows = [r for r in self.rows if start and r['iteration'] <= start]
-    self._flush()
-
-  def _flush(self):
-    if jax.process_index() == 0:
-      with open(self.path, 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in self.rows)
-
-  def add(self, iteration: int, report: dict) -> dict:
-    row = {'iteration': iteration, **{k: v for k, v in report.items() if k != 'samples'}}
-    self.rows.append(row)
-    self._flush()
-    return row
-
-
 # The stage ---------------------------------------------------------------------------------
 def run(config: ConfigDict, workdir: str):
   os.makedirs(workdir, exist_ok=True)
@@ -264,62 +238,53 @@ def run(config: ConfigDict, workdir: str):
   s = policy.sampling_config(pol, n_new, config.temperature)
   update_key = jax.random.fold_in(jax.random.key(config.seed), 0x0FD)
   eval_key = jax.random.fold_in(jax.random.key(config.seed), 0xE7A1)   # same draws every time
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=start or None)
-  evals = EvalLog(workdir, start)
+  evals = online.EvalLog(workdir, start)
   state, frozen = setup.state, trees.frozen
 
   def held_out(iteration):
     report = policy.evaluate(trees.generation(state.params, frozen), frozen, pol, held_ids, eval_key,
                              max_new_tokens=n_new, gold_kind=e.gold, reward=reward, mesh=mesh,
                              batch=e.batch_size, temperature=config.temperature)
-    row = evals.add(iteration, report)
-    bar.write(f"iteration {iteration}: held-out gold {row['gold']:+.3f}, proxy {row['proxy']:+.3f}, "
-              f"KL {row['kl']:.3f}, length {row['length']:.1f}, eos {row['eos_rate']:.2f}")
+    row = evals.add({'iteration': iteration, **{k: v for k, v in report.items() if k != 'samples'}})
+    tqdm.write(f"iteration {iteration}: held-out gold {row['gold']:+.3f}, proxy {row['proxy']:+.3f}, "
+               f"KL {row['kl']:.3f}, length {row['length']:.1f}, eos {row['eos_rate']:.2f}")
+
+  def iterate(it):
+    nonlocal state, rng
+    t0 = time.perf_counter()
+    rng, k_sample = jax.random.split(rng)
+    idx = prompt_indices(len(train_ids), t.prompts_per_iter, it, config.seed)
+    prompts = [train_ids[i] for i in idx for _ in range(config.k)]
+    ptoks, pmask = decode.left_pad(prompts, width, rows)
+    gen = decode.generate_padded(trees.generation(state.params, frozen), ptoks, pmask, k_sample,
+                                 cfg, s, mesh=mesh)
+    tokens, mask = gen.sequences()
+    jax.block_until_ready(tokens)
+    t1 = time.perf_counter()
+    batch, m = progs.score(state.params, frozen, rm.params, tokens, mask)
+    m = jax.device_get(m)
+    t2 = time.perf_counter()
+    state, um = progs.update(state, batch, frozen, jax.random.fold_in(update_key, it))
+    um = jax.device_get(um)
+    t3 = time.perf_counter()
+    g = gold.score(policy.texts_of(pol, gen), e.gold)
+    t4 = time.perf_counter()
+    return {**{k: float(v) for k, v in m.items()}, 'gold': float(g.mean()),
+            **{('kl_loss' if k == 'kl' else k): float(v) for k, v in um.items() if k != 'tokens'},
+            'time_generate': t1 - t0, 'time_score': t2 - t1, 'time_update': t3 - t2,
+            'time_gold': t4 - t3, 'tokens_per_sec': float(m['response_tokens']) / (t4 - t0)}
+
+  def save(done):
+    setup.checkpointer.save(done, state, {'iteration': done,
+                                          'rng': np.asarray(jax.random.key_data(rng)).tolist()},
+                            {'iteration': done})
 
   end = t.iterations if not t.stop_after else min(t.iterations, start + t.stop_after)
-  bar = tqdm(total=t.iterations, initial=start, desc=config.method, unit='it', dynamic_ncols=True,
-             disable=jax.process_index() != 0)
-  try:
-    if start == 0 and e.before:
-      held_out(0)
-    for it in range(start, end):
-      t0 = time.perf_counter()
-      rng, k_sample = jax.random.split(rng)
-      idx = prompt_indices(len(train_ids), t.prompts_per_iter, it, config.seed)
-      prompts = [train_ids[i] for i in idx for _ in range(config.k)]
-      ptoks, pmask = decode.left_pad(prompts, width, rows)
-      gen = decode.generate_padded(trees.generation(state.params, frozen), ptoks, pmask, k_sample,
-                                   cfg, s, mesh=mesh)
-      tokens, mask = gen.sequences()
-      jax.block_until_ready(tokens)
-      t1 = time.perf_counter()
-      batch, m = progs.score(state.params, frozen, rm.params, tokens, mask)
-      m = jax.device_get(m)
-      t2 = time.perf_counter()
-      state, um = progs.update(state, batch, frozen, jax.random.fold_in(update_key, it))
-      um = jax.device_get(um)
-      t3 = time.perf_counter()
-      g = gold.score(policy.texts_of(pol, gen), e.gold)
-      t4 = time.perf_counter()
-      row = {**{k: float(v) for k, v in m.items()}, 'gold': float(g.mean()),
-             **{('kl_loss' if k == 'kl' else k): float(v) for k, v in um.items() if k != 'tokens'},
-             'time_generate': t1 - t0, 'time_score': t2 - t1, 'time_update': t3 - t2,
-             'time_gold': t4 - t3, 'tokens_per_sec': float(m['response_tokens']) / (t4 - t0)}
-      writer.write(it + 1, row)
-      bar.update(1)
-      bar.set_postfix({'proxy': f"{row['proxy']:+.3f}", 'gold': f"{row['gold']:+.3f}",
-                       'kl': f"{row['kl']:.3f}", 'tok/s': f"{row['tokens_per_sec']:,.0f}"})
-      done = it + 1
-      if (t.eval_every and done % t.eval_every == 0) or done == t.iterations:
-        held_out(done)
-      if t.checkpoint_every and (done % t.checkpoint_every == 0 or done == end):
-        setup.checkpointer.save(done, state, {'iteration': done,
-                                              'rng': np.asarray(jax.random.key_data(rng)).tolist()},
-                                {'iteration': done})
-  finally:
-    bar.close()
-    setup.checkpointer.close()
-    writer.close()
+  online.run_iterations(
+      workdir, start=start, end=end, total=t.iterations, desc=config.method, iterate=iterate,
+      evaluate=held_out, save=save, checkpointer=setup.checkpointer, eval_every=t.eval_every,
+      checkpoint_every=t.checkpoint_every, eval_before=e.before,
+      postfix={'proxy': '+.3f', 'gold': '+.3f', 'kl': '.3f', 'tokens_per_sec': ',.0f'})
   if jax.process_index() == 0:
     plot(workdir, config.method)
   if end < t.iterations:

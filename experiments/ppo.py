@@ -35,7 +35,7 @@ from tqdm import tqdm
 from data import sources, tokenizers
 from experiments import metrics as metrics_lib
 from experiments import policy as policy_lib
-from experiments import ppo_step, reward as reward_stage, sft, stage, trainer
+from experiments import online, ppo_step, reward as reward_stage, sft, stage, trainer
 from lm import checkpoint as ckpt_lib
 from lm import decode, heads, model, peft, sharding
 from lm.config import ConfigError
@@ -45,7 +45,7 @@ KL_MODES = ('fixed', 'adaptive')
 VALUE_INITS = ('reward', 'policy_head')
 SCORE_SCALES = ('none', 'running')
 PEFT_METHODS = ('none', 'lora')
-EVAL_FILE = 'eval.jsonl'
+EVAL_FILE = online.EVAL_FILE
 
 
 # 1. Start-up checks: one sentence each, before any compile ------------------------------------
@@ -316,71 +316,60 @@ def run(config: ConfigDict, workdir: str):
   eval_key = jax.random.fold_in(jax.random.key(config.seed), 1 << 20)
   rep = sharding.replicated(mesh)
 
-  def evaluate(state, it, beta):
+  evals = online.EvalLog(workdir, start)
+  state, beta = p.st['train'], p.st['beta']
+  moments = ppo.RunningMoments(**p.st['moments'])
+  rng = jax.random.wrap_key_data(p.st['rng'])
+
+  def evaluate(it):
     e = policy_lib.evaluate(sampling_params(p, state.params), ref, pol, p.eval_ids, eval_key,
                             max_new_tokens=config.eval.max_new_tokens or r.max_new_tokens,
                             gold_kind=config.gold, reward=rm_score, mesh=mesh,
                             batch=config.eval.batch_size, temperature=r.temperature)
-    row = {'iteration': it, 'gold': e['gold'], 'proxy': e['proxy'], 'kl': e['kl'],
-           'beta': float(beta), 'sqrt_kl': float(np.sqrt(max(e['kl'], 0.0))),
-           'gold_stderr': e['gold_stderr'], 'length': e['length'], 'eos_rate': e['eos_rate']}
-    if jax.process_index() == 0:
-      with open(os.path.join(workdir, EVAL_FILE), 'a') as f:
-        f.write(json.dumps(row) + '\n')
+    row = evals.add({'iteration': it, 'gold': e['gold'], 'proxy': e['proxy'], 'kl': e['kl'],
+                     'beta': float(beta), 'sqrt_kl': float(np.sqrt(max(e['kl'], 0.0))),
+                     'gold_stderr': e['gold_stderr'], 'length': e['length'],
+                     'eos_rate': e['eos_rate']})
     tqdm.write(f'eval @ {it}: gold {row["gold"]:+.4f} proxy {row["proxy"]:+.3f} kl {row["kl"]:.3f}'
                f' | {e["samples"][0]!r}')
+
+  def iterate(it):
+    nonlocal state, moments, beta, rng
+    it_key, rng = jax.random.split(rng)
+    gen, ro, gen_s, score_s = collect(p, state.params, it_key)
+    t0 = time.perf_counter()
+    state, moments, um = p.update(state, p.frozen, ro, beta, moments, jax.random.fold_in(it_key, 1))
+    um = jax.device_get(um)
+    update_s = time.perf_counter() - t0
+    # Host side: gold of the rollout, KL per sequence, the KL controller.
+    kl_seq = np.asarray(jnp.sum(ro['logp'] - ro['ref_logp'], axis=1))
+    rmask = np.asarray(gen.mask, np.float32)
+    texts = policy_lib.texts_of(pol, gen)
+    row = {'loss': um['loss'], 'gold': float(gold.score(texts, config.gold).mean()),
+           'proxy': float(np.mean(ro['scores'])), 'kl': float(kl_seq.mean()),
+           'entropy': float((np.asarray(ro['entropy']) * rmask).sum() / max(rmask.sum(), 1)),
+           'length': float(np.asarray(gen.lengths).mean()),
+           'eos_rate': float(np.mean(ro['has_eos'])), 'beta': float(beta),
+           'gen_s': gen_s, 'score_s': score_s, 'update_s': update_s,
+           'tokens_per_sec': float(rmask.sum()) / (gen_s + score_s + update_s),
+           **{k: um[k] for k in ('clipfrac', 'approx_kl', 'value_error', 'value_loss',
+                                 'vf_clipfrac', 'grad_norm', 'skipped', 'reward_total',
+                                 'ptx_loss') if k in um}}
+    beta = jax.device_put(next_beta(config, beta, row['kl'], r.batch_size), rep)
     return row
 
-  _truncate_evals(workdir, start)
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=start or None)
-  state, beta = p.st['train'], p.st['beta']
-  moments = ppo.RunningMoments(**p.st['moments'])
-  rng = jax.random.wrap_key_data(p.st['rng'])
-  if start == 0 and config.eval.before:
-    evaluate(state, 0, beta)
+  def save(it):
+    p.checkpointer.save(it, {'train': state, 'beta': beta, 'moments': moments._asdict(),
+                             'rng': jax.random.key_data(rng), 'iteration': jnp.int32(it)},
+                        {}, {'iteration': it})
+
   end = t.iterations if not t.stop_after else min(t.iterations, start + t.stop_after)
-  bar = tqdm(total=t.iterations, initial=start, desc='ppo', unit='it', dynamic_ncols=True,
-             disable=jax.process_index() != 0)
-  it = start
-  try:
-    while it < end:
-      it_key, rng = jax.random.split(rng)
-      gen, ro, gen_s, score_s = collect(p, state.params, it_key)
-      t0 = time.perf_counter()
-      state, moments, um = p.update(state, p.frozen, ro, beta, moments, jax.random.fold_in(it_key, 1))
-      um = jax.device_get(um)
-      update_s = time.perf_counter() - t0
-      it += 1
-      # Host side: gold of the rollout, KL per sequence, the KL controller.
-      kl_seq = np.asarray(jnp.sum(ro['logp'] - ro['ref_logp'], axis=1))
-      rmask = np.asarray(gen.mask, np.float32)
-      texts = policy_lib.texts_of(pol, gen)
-      row = {'loss': um['loss'], 'gold': float(gold.score(texts, config.gold).mean()),
-             'proxy': float(np.mean(ro['scores'])), 'kl': float(kl_seq.mean()),
-             'entropy': float((np.asarray(ro['entropy']) * rmask).sum() / max(rmask.sum(), 1)),
-             'length': float(np.asarray(gen.lengths).mean()),
-             'eos_rate': float(np.mean(ro['has_eos'])), 'beta': float(beta),
-             'gen_s': gen_s, 'score_s': score_s, 'update_s': update_s,
-             'tokens_per_sec': float(rmask.sum()) / (gen_s + score_s + update_s),
-             **{k: um[k] for k in ('clipfrac', 'approx_kl', 'value_error', 'value_loss',
-                                   'vf_clipfrac', 'grad_norm', 'skipped', 'reward_total',
-                                   'ptx_loss') if k in um}}
-      beta = jax.device_put(next_beta(config, beta, row['kl'], r.batch_size), rep)
-      writer.write(it, row)
-      bar.update(1)
-      bar.set_postfix({'gold': f'{row["gold"]:+.3f}', 'proxy': f'{row["proxy"]:+.2f}',
-                       'kl': f'{row["kl"]:.2f}', 'tok/s': f'{row["tokens_per_sec"]:,.0f}'})
-      last = it == t.iterations
-      if config.eval.every and (it % config.eval.every == 0 or last):
-        evaluate(state, it, beta)
-      if (t.checkpoint_every and it % t.checkpoint_every == 0) or last or it == end:
-        p.checkpointer.save(it, {'train': state, 'beta': beta, 'moments': moments._asdict(),
-                                 'rng': jax.random.key_data(rng), 'iteration': jnp.int32(it)},
-                            {}, {'iteration': it})
-  finally:
-    bar.close()
-    p.checkpointer.close()
-    writer.close()
+  it = online.run_iterations(
+      workdir, start=start, end=end, total=t.iterations, desc='ppo', iterate=iterate,
+      evaluate=evaluate, save=save, checkpointer=p.checkpointer,
+      eval_every=config.eval.every, checkpoint_every=t.checkpoint_every,
+      eval_before=config.eval.before,
+      postfix={'gold': '+.3f', 'proxy': '+.2f', 'kl': '.2f', 'tokens_per_sec': ',.0f'})
   return finish(workdir, state, start, it)
 
 
@@ -389,16 +378,6 @@ def _rm_file(reward_from: str) -> str:
     raise ConfigError(f'reward_from={reward_from} holds no config.json; point it at the --workdir '
                       'of a finished reward run.')
   return tokenizers.run_file(reward_from)
-
-
-def _truncate_evals(workdir: str, start: int) -> None:
-  """A resumed run evaluates the iterations after `start` again; a fresh one starts a new file."""
-  path = os.path.join(workdir, EVAL_FILE)
-  if jax.process_index() != 0 or not os.path.exists(path):
-    return
-  rows = [l for l in open(path) if l.strip() and start and json.loads(l)['iteration'] <= start]
-  with open(path, 'w') as f:
-    f.writelines(rows)
 
 
 def read_evals(workdir: str) -> list[dict]:
