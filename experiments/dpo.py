@@ -27,16 +27,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from data import formats, pipeline, sources, tokenizers
+from data import formats, pipeline, sources
 from experiments import policy, reward_data, sft, stage, trainer
-from lm import model, sharding, train as train_lib
+from lm import model, paths, sharding, train as train_lib
 from lm.config import ConfigError
 from rl import preference
 
@@ -178,7 +177,7 @@ def _rows(data: dict, seed: int):
 
 # The stage ---------------------------------------------------------------------------------
 def run(config: ConfigDict, workdir: str):
-  os.makedirs(workdir, exist_ok=True)
+  paths.path(workdir).mkdir(parents=True, exist_ok=True)   # a local folder or a gs:// bucket
   t = config.train
   # 1. Everything a user can get wrong, before any compile.
   check(config)
@@ -198,7 +197,7 @@ def run(config: ConfigDict, workdir: str):
   trainer.check_batch(config, mesh)
   sft.check_resume_source(workdir, pol.source)
   if jax.process_index() == 0:
-    pol.tok.save(os.path.join(workdir, tokenizers.RUN_FILE))
+    stage.save_tokenizer(pol.tok, workdir)
 
   # 2. Trainable tree (full or LoRA) and the frozen reference.
   trees = policy.trees(config, pol, mesh)
@@ -264,8 +263,7 @@ def run(config: ConfigDict, workdir: str):
 def write(workdir: str, results: dict) -> None:
   if jax.process_index() != 0:
     return
-  with open(os.path.join(workdir, 'eval.json'), 'w') as f:
-    json.dump(results, f, indent=2)
+  paths.write_text(paths.path(workdir) / 'eval.json', json.dumps(results, indent=2))   # gs:// too
   fmt = lambda r: (f"gold {r['gold']:+.3f} ± {r['gold_stderr']:.3f}, "
                    + (f"proxy {r['proxy']:+.3f}, " if 'proxy' in r else '')
                    + f"KL {r['kl']:.3f}, length {r['length']:.1f}, eos {r['eos_rate']:.2f}")

@@ -128,8 +128,8 @@ def test_stages_chain_through_a_bucket(bucket, tmp_path, capsys):
   (local / 'inst.jsonl').write_text('\n'.join(inst) + '\n', encoding='utf-8')
   (local / 'pairs.jsonl').write_text('\n'.join(pairs) + '\n', encoding='utf-8')
 
-  sft.run(sft_config('gs://bkt/pre', str(local / 'inst.jsonl'), steps=2, checkpoint_every=2,
-                     eval_every=2), 'gs://bkt/sft')
+  sft.run(sft_config('gs://bkt/pre', str(local / 'inst.jsonl'), steps=2, checkpoint_every=2),
+          'gs://bkt/sft')
   reward.run(rm_config('gs://bkt/sft', str(local / 'pairs.jsonl'), steps=2, checkpoint_every=2),
              'gs://bkt/rm')
   root = bucket.root / 'bkt'
@@ -160,3 +160,30 @@ def test_url_init_from_errors_are_one_sentence(bucket):
   from lm.config import ConfigError
   with pytest.raises(ConfigError, match=r'init_from=gs://bkt/none holds no config.json'):
     stage.read_source('gs://bkt/none')
+
+
+def test_dpo_in_a_bucket(bucket, tmp_path):
+  """DPO from a policy in the bucket into gs://bkt/dpo (the policy is written straight into the
+  stand-in's folder, as the SFT stage would have put it there)."""
+  from experiments import dpo
+  from experiments.configs import rlhf_dpo
+  from tests import rl_fixtures
+  from tests.test_dpo_stage import RECORDS
+  rl_fixtures.policy_run(bucket.root / 'bkt' / 'sft', n_layers=1)
+  c = rlhf_dpo.get_config()
+  c.init_from, c.reward_from = 'gs://bkt/sft', ''
+  c.data.path = str(tmp_path / 'prefs.jsonl')
+  (tmp_path / 'prefs.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in RECORDS * 4))
+  c.train.update(steps=2, batch_size=8, log_every=1, eval_every=0, checkpoint_every=2)
+  c.prompts.update(n_train=8, n_eval=8)
+  c.eval.update(max_new_tokens=4, before=False, batch_size=8)
+  dpo.run(c, 'gs://bkt/dpo')
+  run = bucket.root / 'bkt' / 'dpo'
+  for name in ('config.json', 'metrics.jsonl', 'eval.json', 'tokenizer_ref.json',
+               'tokenizer_ref.base.json', 'loss.png'):
+    assert (run / name).stat().st_size > 0, name
+  assert os.listdir(run / 'checkpoints') == ['2']
+  assert json.loads((run / 'config.json').read_text())['source']['path'] == 'gs://bkt/sft'
+  assert 'after' in json.loads((run / 'eval.json').read_text())
+  assert {'gs://bkt/sft/checkpoints', 'gs://bkt/dpo/checkpoints'} <= set(bucket.handed)
+  assert all(h.startswith(('gs://', str(bucket.root))) for h in bucket.handed)
