@@ -18,6 +18,7 @@ disjoint groups of n) and is exact for the empirical distribution.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from experiments import policy, trainer
-from lm import sharding
+from lm import paths, sharding
 from lm.config import ConfigError
 from rl import bon as bon_lib
 from rl import gold
@@ -108,7 +109,9 @@ def reward_dirs(reward_from) -> list[str]:
 def labels_of(dirs: list[str]) -> list[str]:
   """Series names: for each workdir the fewest trailing path components no other one ends
   with (runs/rlhf/rm, runs/small/rm, runs/rlhf/rm_ens -> rlhf/rm, small/rm, rm_ens)."""
-  parts = [os.path.normpath(os.path.abspath(d)).split(os.sep) for d in dirs]
+  # (a bucket URL, gs://B/..., split as it is: os.path would make it a local '/cwd/gs:/B/...')
+  parts = [(d.rstrip('/').split('/') if paths.is_url(d) else
+            os.path.normpath(os.path.abspath(d)).split(os.sep)) for d in dirs]
   labels = []
   for i, p in enumerate(parts):
     for k in range(1, len(p) + 1):
@@ -137,7 +140,7 @@ def check(config: ConfigDict) -> list[str]:
 
 def run(config: ConfigDict, workdir: str):
   dirs = check(config)
-  os.makedirs(workdir, exist_ok=True)
+  paths.path(workdir).mkdir(parents=True, exist_ok=True)   # a local folder or a gs:// bucket
   pol = policy.open_policy(config.init_from)
   max_prompt = pol.cfg.max_seq_len - config.max_new_tokens
   texts = policy.prompt_texts(config, 'eval')
@@ -168,13 +171,15 @@ def run(config: ConfigDict, workdir: str):
   sample_s = time.time() - t0
   g = gold.score(responses, config.gold).reshape(P, N)
   proxy = [np.concatenate(p).reshape(P, N) for p in proxies]
-  np.savez(os.path.join(workdir, SCORES), gold=g, **{f'proxy_{i}': p for i, p in enumerate(proxy)},
+  buf = io.BytesIO()   # then written through epath: the workdir may be a bucket (gs://)
+  np.savez(buf, gold=g, **{f'proxy_{i}': p for i, p in enumerate(proxy)},
            labels=np.array(labels), lengths=np.concatenate(lengths).reshape(P, N))
+  (paths.path(workdir) / SCORES).write_bytes(buf.getvalue())
 
   ns = ns_of(N)
   series = {}
   for label, d, p in zip(labels, dirs, proxy):
-    series[label] = {'reward_from': os.path.abspath(d), 'points': curve(p, g, p, ns),
+    series[label] = {'reward_from': str(paths.absolute(d)), 'points': curve(p, g, p, ns),
                      'best_samples': _best_samples(texts, responses, p, g, N)}
   oracle = {'reward_from': None, 'points': curve(g, g, None, ns)}
   results = {'init_from': pol.source.path, 'prompts': P, 'n_samples': N, 'ns': ns,
@@ -183,10 +188,9 @@ def run(config: ConfigDict, workdir: str):
              'responses_per_s': len(reps) / sample_s,
              'duplicate_share': float(1 - np.mean([len(set(r)) / N for r in
                                                    np.array(responses, object).reshape(P, N)]))}
-  with open(os.path.join(workdir, RESULTS), 'w') as f:
-    json.dump(results, f, indent=2)
+  paths.write_text(paths.path(workdir) / RESULTS, json.dumps(results, indent=2))
   print(table(results))
-  plot(results, os.path.join(workdir, 'bon.png'))
+  plot(results, paths.path(workdir) / 'bon.png')
   return results
 
 
@@ -237,6 +241,8 @@ def plot(results: dict, path: str) -> str:
   top.set_xlabel('n')
   fig.suptitle(f'best-of-n, {results["prompts"]} prompts x {results["n_samples"]} samples')
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png', dpi=110)
   plt.close(fig)
+  paths.path(path).write_bytes(buf.getvalue())
   return path

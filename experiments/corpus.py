@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 
 import jax
 from ml_collections import ConfigDict
 
 from data import mixture as mixture_lib
 from data import pipeline, sources, tokenizers
-from experiments import trainer
+from experiments import stage, trainer
 from lm import paths
 from lm.config import ConfigError
 
@@ -82,7 +83,7 @@ def load(config: ConfigDict, workdir: str, tokenizer=None) -> Corpus:
   if tokenizer is not None:
     tok = tokenizer
     if jax.process_index() == 0:
-      save_tokenizer(tok, workdir)
+      stage.save_tokenizer(tok, workdir)
   else:
     tok = trainer.process_zero_first(lambda: make_tokenizer(config, workdir, train_docs, all_docs),
                                      'build tokenizer')
@@ -97,8 +98,8 @@ def make_tokenizer(config: ConfigDict, workdir: str, train_docs: list[str], all_
   """The run's tokenizer, built once and then reused from WORKDIR/tokenizer_ref.json."""
   d = config.data
   if paths.is_url(workdir):
-    if (paths.path(workdir) / tokenizers.RUN_FILE).exists():   # resumed: keep this vocabulary
-      return load_tokenizer(workdir)
+    if any((paths.path(workdir) / f).exists() for f in (tokenizers.RUN_FILE, tokenizers.OLD_RUN_FILE)):
+      return stage.load_tokenizer(workdir)   # resumed: this vocabulary (and its .model) again
   else:
     path = tokenizers.run_file(workdir)  # or a pre-rename workdir's tokenizer.json
     if os.path.exists(path):  # a resumed run (or another host) keeps this vocabulary
@@ -108,22 +109,12 @@ def make_tokenizer(config: ConfigDict, workdir: str, train_docs: list[str], all_
   elif d.tokenizer == 'char':  # nanoGPT's convention: every character of the corpus
     tok = tokenizers.build('char', all_docs, 0, '')
   else:  # subwords are learned from the training split only
-    tok = tokenizers.build(d.tokenizer, train_docs, d.vocab_size, os.path.join(workdir, 'tokenizer'))
-  save_tokenizer(tok, workdir)
+    # SentencePiece writes PREFIX.model to local files: for a bucket a kept local folder (the
+    # tokenizer reads it by path), which save_tokenizer copies up beside the pointer.
+    where = tempfile.mkdtemp(prefix='tokenizer-') if paths.is_url(workdir) else workdir
+    tok = tokenizers.build(d.tokenizer, train_docs, d.vocab_size, os.path.join(where, 'tokenizer'))
+  stage.save_tokenizer(tok, workdir)   # the pointer and the files it names (.model, .base.json)
   return tok
-
-
-def save_tokenizer(tok, workdir: str) -> None:
-  """WORKDIR/tokenizer_ref.json, through epath when the workdir is a bucket (gs://)."""
-  with paths.local_copy(paths.path(workdir) / tokenizers.RUN_FILE, write=True) as local:
-    tok.save(local)
-
-
-def load_tokenizer(workdir: str):
-  if not paths.is_url(workdir):
-    return tokenizers.load(tokenizers.run_file(workdir))
-  with paths.local_copy(paths.path(workdir) / tokenizers.RUN_FILE) as local:
-    return tokenizers.load(local)
 
 
 def make_mixture(config: ConfigDict, corpus: Corpus, seq_len: int) -> mixture_lib.Mixture:

@@ -26,8 +26,8 @@ continues exactly. A LoRA policy's reference is its base without adapters.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-import os
 import time
 from typing import Callable
 
@@ -37,9 +37,9 @@ import numpy as np
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from data import tokenizers
+from experiments import metrics as metrics_lib
 from experiments import online, policy, sft, stage, trainer
-from lm import decode, sharding, train as train_lib
+from lm import decode, paths, sharding, train as train_lib
 from lm.config import ConfigError
 from rl import gold, pg, ppo, rollout
 
@@ -185,7 +185,7 @@ def make_programs(config: ConfigDict, trees: policy.Trees, tx, schedule, shardin
 
 # The stage ---------------------------------------------------------------------------------
 def run(config: ConfigDict, workdir: str):
-  os.makedirs(workdir, exist_ok=True)
+  paths.path(workdir).mkdir(parents=True, exist_ok=True)   # a local folder or a gs:// bucket
   t, e = config.train, config.eval
   # 1. Everything a user can get wrong, before any compile.
   check(config)
@@ -212,7 +212,7 @@ def run(config: ConfigDict, workdir: str):
   rm, reward = policy.open_reward(config.reward_from, pol, mesh_cfg, max_len=width + n_new)
   sft.check_resume_source(workdir, pol.source)
   if jax.process_index() == 0:
-    pol.tok.save(os.path.join(workdir, tokenizers.RUN_FILE))
+    stage.save_tokenizer(pol.tok, workdir)
 
   # 2. Trainable tree, reference, state (fresh or resumed with its iteration and RNG).
   trees = policy.trees(config, pol, mesh)
@@ -228,7 +228,7 @@ def run(config: ConfigDict, workdir: str):
                    'updates_per_iter': per_iter, 'devices': jax.device_count(),
                    'mesh': dict(mesh.shape), 'train_prompts': len(train_ids),
                    'heldout_prompts': len(held_ids)},
-      'source': pol.source.record(), 'reward_from': os.path.abspath(config.reward_from)})
+      'source': pol.source.record(), 'reward_from': str(paths.absolute(config.reward_from))})
   print(f'{config.method} from {pol.source.path} (step {pol.source.step}) against {config.reward_from}, '
         f'peft {trees.pcfg.method}: {t.prompts_per_iter} prompts x k={config.k} per iteration, '
         f'{per_iter} updates each; {len(train_ids):,} training / {len(held_ids)} held-out prompts; '
@@ -293,8 +293,7 @@ def run(config: ConfigDict, workdir: str):
              'before': evals.rows[0] if evals.rows and evals.rows[0]['iteration'] == 0 else None,
              'after': evals.rows[-1] if evals.rows else None}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'eval.json'), 'w') as f:
-      json.dump(results, f, indent=2)
+    paths.write_text(paths.path(workdir) / 'eval.json', json.dumps(results, indent=2))
     print(f'{"iteration":>9s} {"gold":>7s} {"proxy":>7s} {"KL":>7s} {"length":>6s} {"eos":>5s}')
     for r in evals.rows:
       print(f"{r['iteration']:9d} {r['gold']:+7.3f} {r.get('proxy', float('nan')):+7.3f} "
@@ -308,11 +307,11 @@ def plot(workdir: str, title: str) -> None:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  path = paths.path(workdir) / 'metrics.jsonl'   # epath: the workdir may be a bucket (gs://)
+  if not path.exists():
     return
-  rows = [json.loads(x) for x in open(path) if x.strip()]
-  evals = [json.loads(x) for x in open(os.path.join(workdir, EVAL_FILE)) if x.strip()]
+  rows = metrics_lib.read(path)
+  evals = metrics_lib.read(paths.path(workdir) / EVAL_FILE)
   fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
   it = [r['step'] for r in rows]
   for name, color in (('proxy', 'C0'), ('gold', 'C1')):
@@ -327,5 +326,7 @@ def plot(workdir: str, title: str) -> None:
     ax.legend()
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(os.path.join(workdir, 'reward.png'), dpi=100)
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png', dpi=100)
   plt.close(fig)
+  (paths.path(workdir) / 'reward.png').write_bytes(buf.getvalue())

@@ -24,7 +24,7 @@ from ml_collections import ConfigDict
 
 from data import formats, openings, tokenizers
 from experiments import sft, stage
-from lm import decode, sharding
+from lm import decode, paths, sharding
 from lm.config import ConfigError, ModelConfig
 from rl import gold, rollout
 
@@ -199,13 +199,11 @@ def same_tokenizer(a, b) -> bool:
 def open_reward(reward_from: str, pol: Policy, mesh_cfg: dict | None = None, max_len: int = 0):
   """(RewardModel, reward(tokens, mask) -> [B] normalised scores) for scoring this policy's
   rollouts; ConfigError at start-up if its tokenizer or context does not fit the policy."""
-  import os
   from experiments import reward as reward_stage
-  if not os.path.exists(os.path.join(reward_from, 'config.json')):
+  if not (paths.path(reward_from) / 'config.json').exists():   # epath: reward_from may be gs://
     raise ConfigError(f'reward_from={reward_from} holds no config.json; point it at the workdir of '
                       'a finished `reward` run.')
-  from data import tokenizers as toks
-  rm_tok = toks.load(toks.run_file(reward_from))
+  rm_tok = stage.load_tokenizer(reward_from)
   if not same_tokenizer(rm_tok, pol.tok):
     raise ConfigError(f'The reward model in {reward_from} uses a different tokenizer from the policy '
                       f'in {pol.source.path} ({rm_tok.vocab_size} vs {pol.tok.vocab_size} ids); train '

@@ -21,8 +21,8 @@ Jitted pieces and the trainable / frozen trees: experiments/ppo_step.py.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-import os
 import time
 
 import jax
@@ -37,7 +37,7 @@ from experiments import metrics as metrics_lib
 from experiments import policy as policy_lib
 from experiments import online, ppo_step, reward as reward_stage, sft, stage, trainer
 from lm import checkpoint as ckpt_lib
-from lm import decode, heads, model, peft, sharding
+from lm import decode, heads, model, paths, peft, sharding
 from lm.config import ConfigError
 from rl import gold, ppo, rollout
 
@@ -207,11 +207,10 @@ class Pieces:
 
 def prepare(config: ConfigDict, workdir: str, devices=None) -> Pieces:
   check(config)
-  os.makedirs(workdir, exist_ok=True)
+  paths.path(workdir).mkdir(parents=True, exist_ok=True)   # a local folder or a gs:// bucket
   pol = policy_lib.open_policy(config.init_from)
-  check_tokenizers(pol.tok, tokenizers.load(_rm_file(config.reward_from)))
-  with open(os.path.join(config.reward_from, 'config.json')) as f:
-    rm_saved = json.load(f)
+  check_tokenizers(pol.tok, _rm_tokenizer(config.reward_from))
+  rm_saved = json.loads(paths.read_text(paths.path(config.reward_from) / 'config.json'))
   r = config.rollout
   max_prompt = pol.cfg.max_seq_len - r.max_new_tokens
   train_ids = policy_lib.encode_prompts(pol, policy_lib.prompt_texts(config, 'train'), max_prompt)
@@ -242,13 +241,13 @@ def prepare(config: ConfigDict, workdir: str, devices=None) -> Pieces:
         'moments': jax.device_put(ppo.running_moments()._asdict(), rep),
         'rng': jax.device_put(jax.random.key_data(jax.random.key(config.seed)), rep),
         'iteration': jax.device_put(jnp.int32(0), rep)}
-  ck = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), config.train.keep_checkpoints)
+  ck = ckpt_lib.Checkpointer(paths.path(workdir) / 'checkpoints', config.train.keep_checkpoints)
   found = ck.restore_or_none(jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), st))
   if found is not None:
     st = found[1]
   trainer.write_config(config, workdir, {
-      'source': pol.source.record(), 'reward_source': os.path.abspath(config.reward_from),
+      'source': pol.source.record(), 'reward_source': str(paths.absolute(config.reward_from)),
       'resolved': {'n_prompt': n_prompt, 'train_prompts': len(train_ids),
                    'eval_prompts': len(eval_ids), 'devices': mesh.size,
                    'mesh': dict(mesh.shape), 'updates': total,
@@ -373,31 +372,31 @@ def run(config: ConfigDict, workdir: str):
   return finish(workdir, state, start, it)
 
 
-def _rm_file(reward_from: str) -> str:
-  if not os.path.exists(os.path.join(reward_from, 'config.json')):
+def _rm_tokenizer(reward_from: str):
+  """The reward run's tokenizer (epath: reward_from may be a bucket, gs://)."""
+  if not (paths.path(reward_from) / 'config.json').exists():
     raise ConfigError(f'reward_from={reward_from} holds no config.json; point it at the --workdir '
                       'of a finished reward run.')
-  return tokenizers.run_file(reward_from)
+  return stage.load_tokenizer(reward_from)
 
 
 def read_evals(workdir: str) -> list[dict]:
-  return metrics_lib.read(os.path.join(workdir, EVAL_FILE))
+  return metrics_lib.read(paths.path(workdir) / EVAL_FILE)
 
 
 def finish(workdir: str, state, start: int, it: int) -> dict:
   """report.json (held-out before / after, mean seconds per iteration by phase), plots, table."""
-  evals = read_evals(workdir) if os.path.exists(os.path.join(workdir, EVAL_FILE)) else []
-  rows = metrics_lib.read(os.path.join(workdir, 'metrics.jsonl'))
+  evals = read_evals(workdir) if (paths.path(workdir) / EVAL_FILE).exists() else []
+  rows = metrics_lib.read(paths.path(workdir) / 'metrics.jsonl')
   timed = rows[1:] or rows          # the first iteration compiles
   split = {k: float(np.mean([r[k] for r in timed])) for k in ('gen_s', 'score_s', 'update_s')} if rows else {}
   report = {'iterations': it, 'started_at': start, 'before': evals[0] if evals else None,
             'after': evals[-1] if evals else None, 'seconds_per_iteration': split,
             'tokens_per_sec': float(np.mean([r['tokens_per_sec'] for r in timed])) if rows else None}
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'report.json'), 'w') as f:
-      json.dump(report, f, indent=2)
+    paths.write_text(paths.path(workdir) / 'report.json', json.dumps(report, indent=2))
     if evals:
-      plot(evals, os.path.join(workdir, 'ppo.png'), os.path.basename(os.path.abspath(workdir)))
+      plot(evals, paths.path(workdir) / 'ppo.png', paths.absolute(workdir).name)
     print(f'{"iteration":>9} {"gold":>8} {"proxy":>8} {"kl":>8} {"beta":>7}')
     for e in evals:
       print(f'{e["iteration"]:>9} {e["gold"]:>+8.4f} {e["proxy"]:>+8.3f} {e["kl"]:>8.3f} {e["beta"]:>7.4f}')
@@ -425,6 +424,8 @@ def plot(evals: list[dict], path: str, title: str = '') -> str:
   lines = ax.get_lines() + ax2.get_lines()
   ax.legend(lines, [l.get_label() for l in lines], loc='upper left')
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  buf = io.BytesIO()   # then written through epath: `path` may be in a bucket (gs://)
+  fig.savefig(buf, format='png', dpi=120)
   plt.close(fig)
+  paths.path(path).write_bytes(buf.getvalue())
   return path

@@ -187,3 +187,95 @@ def test_dpo_in_a_bucket(bucket, tmp_path):
   assert 'after' in json.loads((run / 'eval.json').read_text())
   assert {'gs://bkt/sft/checkpoints', 'gs://bkt/dpo/checkpoints'} <= set(bucket.handed)
   assert all(h.startswith(('gs://', str(bucket.root))) for h in bucket.handed)
+
+
+def _rl_runs(bucket):
+  """A policy (SFT-like) and a reward run written straight into the stand-in bucket."""
+  from tests import rl_fixtures
+  pol = rl_fixtures.policy_run(bucket.root / 'bkt' / 'sft', n_layers=1)
+  rl_fixtures.reward_run(bucket.root / 'bkt' / 'rm', pol)
+  return 'gs://bkt/sft', 'gs://bkt/rm'
+
+
+def _assert_rl_bucket_run(bucket, run, names, source_key):
+  d = bucket.root / 'bkt' / run
+  for name in names:
+    assert (d / name).stat().st_size > 0, (run, name)
+  assert sorted(os.listdir(d / 'checkpoints')) == ['1', '2'], run
+  assert any(f.startswith('events') for f in os.listdir(d / 'tensorboard'))
+  saved = json.loads((d / 'config.json').read_text())
+  assert saved['source']['path'] == 'gs://bkt/sft' and saved[source_key] == 'gs://bkt/rm'
+  # Orbax was handed the URLs: the policy's and the RM's to read, the run's own to write.
+  assert {'gs://bkt/sft/checkpoints', 'gs://bkt/rm/checkpoints', f'gs://bkt/{run}/checkpoints'} \
+      <= set(bucket.handed)
+  assert all(h.startswith(('gs://', str(bucket.root))) for h in bucket.handed)
+
+
+def test_grpo_in_a_bucket(bucket):
+  """GRPO (the pg stage) with init_from, reward_from and the workdir all in the bucket."""
+  from experiments import pg
+  from experiments.configs import rlhf_grpo
+  c = rlhf_grpo.get_config()
+  c.init_from, c.reward_from = _rl_runs(bucket)
+  c.k, c.max_new_tokens = 2, 6
+  c.prompts.update(n_train=12, n_eval=8)
+  c.train.update(iterations=2, prompts_per_iter=4, epochs=1, minibatches=1, eval_every=2,
+                 checkpoint_every=1)
+  c.eval.before = False
+  pg.run(c, 'gs://bkt/grpo')
+  _assert_rl_bucket_run(bucket, 'grpo', ('config.json', 'metrics.jsonl', 'eval.jsonl', 'eval.json',
+                                         'reward.png', 'tokenizer_ref.json',
+                                         'tokenizer_ref.base.json'), 'reward_from')
+  d = bucket.root / 'bkt' / 'grpo'
+  assert [json.loads(l)['step'] for l in (d / 'metrics.jsonl').read_text().splitlines()] == [1, 2]
+  assert json.loads((d / 'eval.json').read_text())['after']['iteration'] == 2
+
+
+def test_ppo_in_a_bucket(bucket):
+  """PPO with init_from, reward_from and the workdir all in the bucket."""
+  from experiments import ppo
+  from experiments.configs import rlhf_ppo
+  c = rlhf_ppo.get_config()
+  c.init_from, c.reward_from = _rl_runs(bucket)
+  c.prompts.update(n_train=16, n_eval=8)
+  c.rollout.update(batch_size=8, max_new_tokens=6)
+  c.ppo.update(epochs=1, minibatches=1)
+  c.train.update(iterations=2, checkpoint_every=1)
+  c.eval.update(every=2, before=False, batch_size=8)
+  out = ppo.run(c, 'gs://bkt/ppo')
+  assert out['iterations'] == 2
+  _assert_rl_bucket_run(bucket, 'ppo', ('config.json', 'metrics.jsonl', 'eval.jsonl', 'report.json',
+                                        'ppo.png'), 'reward_source')
+  d = bucket.root / 'bkt' / 'ppo'
+  assert json.loads((d / 'report.json').read_text())['after']['iteration'] == 2
+  assert [e['iteration'] for e in ppo.read_evals('gs://bkt/ppo')] == [2]
+
+
+def test_bpe_pretraining_in_a_bucket_keeps_its_model_file(bucket, tmp_path, capsys):
+  """A subword tokenizer built for a bucket workdir: its .model goes to the bucket beside the
+  pointer (nothing to a local './gs:/...'), the rerun resumes with it and the next stage
+  reads it back from the bucket."""
+  from data import tokenizers
+  from experiments import stage
+  from tests.conftest import TINY_SHAKESPEARE
+  text = TINY_SHAKESPEARE.read_text(encoding='utf-8')[:8000]
+  (tmp_path / 'bpe.txt').write_text(text, encoding='utf-8')
+  c = tiny_config(str(tmp_path / 'bpe.txt'), steps=2, eval_every=0, checkpoint_every=1, samples=0,
+                  stop_after=1)
+  c.data.update(tokenizer='bpe', vocab_size=400, data_dir=str(tmp_path / 'data'))
+  c.model.update(n_layers=1)
+  pretrain.run(c, 'gs://bkt/bpe')
+  run = bucket.root / 'bkt' / 'bpe'
+  pointer = json.loads((run / tokenizers.RUN_FILE).read_text())
+  assert pointer['kind'] == tokenizers.SentencePieceTokenizer.kind and (run / pointer['model']).stat().st_size > 0
+  model_bytes = (run / pointer['model']).read_bytes()
+  c.train.stop_after = 0
+  capsys.readouterr()
+  pretrain.run(c, 'gs://bkt/bpe')                     # the rerun loads the bucket's tokenizer
+  assert 'resuming at step 1' in capsys.readouterr().out
+  assert (run / pointer['model']).read_bytes() == model_bytes
+  assert sorted(os.listdir(run / 'checkpoints')) == ['1', '2']
+  tok = stage.read_source('gs://bkt/bpe').tokenizer  # what the next stage starts from
+  assert isinstance(tok, tokenizers.SentencePieceTokenizer) and tok.vocab_size == 400
+  assert tok.decode(tok.encode(text[:500])) == text[:500]
+  assert set(bucket.handed) == {'gs://bkt/bpe/checkpoints'}
