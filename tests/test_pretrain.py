@@ -118,7 +118,7 @@ def test_8_device_mesh_runs_to_the_end_through_the_launcher(tiny_corpus, tmp_pat
            '--config.train.checkpoint_every=5', '--config.train.samples=2', '--config.train.sample_tokens=40',
            '--config.model.d_model=32', '--config.model.n_layers=2', '--config.model.n_heads=2',
            '--config.model.max_seq_len=32', '--config.mesh.data=2', '--config.mesh.fsdp=2',
-           '--config.mesh.tensor=2', devices=8)
+           '--config.mesh.tensor=2', devices=8, production_compile=True)
   assert r.returncode == 0, r.stderr[-3000:]
   by_step, rows = losses(str(wd))
   assert sorted(by_step) == list(range(1, 11))
@@ -169,9 +169,14 @@ def test_bidirectional_model_is_refused_for_next_token_loss(tiny_corpus, tmp_pat
     pretrain.run(c, str(tmp_path / 'run'))
 
 
-def _cli(*args, devices=1, timeout=300):
+def _cli(*args, devices=1, timeout=300, production_compile=False):
+  # conftest's compile-time flags (LLVM -O0, no fusion emitters) unless the production compile
+  # is what is tested (the 8-device run: its collectives once deadlocked)
+  keep = [] if production_compile else [f for f in os.environ.get('XLA_FLAGS', '').split()
+                                        if not f.startswith('--xla_force_host_platform_device_count')]
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_LOG_COMPILES='1',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}' if devices > 1 else '')
+             XLA_FLAGS=' '.join(keep + ([f'--xla_force_host_platform_device_count={devices}']
+                                        if devices > 1 else [])))
   return subprocess.run([sys.executable, '-m', 'experiments.run',
                          '--config=experiments/configs/shakespeare_char.py', *args],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
