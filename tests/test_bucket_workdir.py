@@ -279,3 +279,21 @@ def test_bpe_pretraining_in_a_bucket_keeps_its_model_file(bucket, tmp_path, caps
   assert isinstance(tok, tokenizers.SentencePieceTokenizer) and tok.vocab_size == 400
   assert tok.decode(tok.encode(text[:500])) == text[:500]
   assert set(bucket.handed) == {'gs://bkt/bpe/checkpoints'}
+
+
+def test_bon_in_a_bucket(bucket, capsys):
+  """Best-of-n from a policy and an RM in the bucket into gs://bkt/bon."""
+  import numpy as np
+  from experiments import bon
+  from tests.test_bon_stage import tiny
+  pol, rm = _rl_runs(bucket)
+  bon.run(tiny(pol, rm), 'gs://bkt/bon')
+  assert 'best-of-n on 4 held-out prompts x 8 samples' in capsys.readouterr().out
+  d = bucket.root / 'bkt' / 'bon'
+  for name in ('config.json', 'results.json', 'scores.npz', 'bon.png'):
+    assert (d / name).stat().st_size > 0, name
+  saved = json.loads((d / 'results.json').read_text())
+  assert list(saved['series']) == ['rm'] and saved['series']['rm']['reward_from'] == 'gs://bkt/rm'
+  assert np.load(d / 'scores.npz')['gold'].shape == (4, 8)
+  assert {'gs://bkt/sft/checkpoints', 'gs://bkt/rm/checkpoints'} <= set(bucket.handed)
+  assert all(h.startswith(('gs://', str(bucket.root))) for h in bucket.handed)
