@@ -3,9 +3,10 @@
   python -m experiments.run --config=experiments/configs/export.py --workdir=/tmp/export \\
     --config.init_from=/tmp/sft --config.out=/tmp/hf_model
 
-init_from is a pretraining or SFT workdir. A full run's params are exported as they are; a LoRA
-SFT run's checkpoints hold only the adapters, so its base (config.json 'source') is restored
-and the adapters are folded in (peft.merge). The folder then loads offline with
+init_from is a pretraining, SFT, PPO or GRPO/RLOO workdir. A full run's params are exported as
+they are (PPO's policy without its value model); a LoRA run's checkpoints hold only the
+adapters, so its base (config.json 'source') is restored and the adapters are folded in
+(peft.merge). The folder then loads offline with
 `AutoModelForCausalLM.from_pretrained(out)` and `AutoTokenizer.from_pretrained(out)`, and the
 tokenizer gives the same ids as the run's own (data.tokenizers.export_hf).
 """
@@ -85,7 +86,7 @@ def load_merged(init_from: str, mesh):
   checkpointer = ckpt_lib.Checkpointer(os.path.join(source.path, 'checkpoints'), async_save=False)
   try:
     adapters = checkpointer.restore_params(
-        source.step, train_lib.abstract_with_shardings(abstract, shardings))
+        source.step, train_lib.abstract_with_shardings(abstract, shardings), at=source.params_at)
   finally:
     checkpointer.close()
   return cfg, source.tokenizer, peft.merge(frozen, adapters, cfg, pcfg)

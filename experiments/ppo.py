@@ -227,6 +227,8 @@ def prepare(config: ConfigDict, workdir: str, devices=None) -> Pieces:
   mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
   check_batch(config, mesh)
   sft.check_resume_source(workdir, pol.source)
+  if jax.process_index() == 0:   # the policy's tokenizer: the run is a source for later stages
+    stage.save_tokenizer(pol.tok, workdir)
 
   # (on all devices; build_trees moves it onto `mesh`, which may use fewer)
   rm = reward_stage.load_reward_model(config.reward_from, None if devices else config.mesh.to_dict())
@@ -248,7 +250,10 @@ def prepare(config: ConfigDict, workdir: str, devices=None) -> Pieces:
     st = found[1]
   trainer.write_config(config, workdir, {
       'source': pol.source.record(), 'reward_source': str(paths.absolute(config.reward_from)),
-      'resolved': {'n_prompt': n_prompt, 'train_prompts': len(train_ids),
+      'resolved': {'vocab_size': pol.cfg.vocab_size,
+                   # a later stage (init_from), export and evaluate read the policy from here
+                   'params_at': ['train', 'params', 'policy' if s.pcfg.method == 'none' else 'adapters'],
+                   'n_prompt': n_prompt, 'train_prompts': len(train_ids),
                    'eval_prompts': len(eval_ids), 'devices': mesh.size,
                    'mesh': dict(mesh.shape), 'updates': total,
                    'policy_params': pol.cfg.num_params(), 'rm_params': rm.cfg.num_params()},

@@ -46,6 +46,9 @@ class Source:
   config: ConfigDict | None    # the source run's config (None for hf)
   step: int
   config_hash: str
+  # where the model's params sit in the source's saved state: a TrainState's params, or
+  # inside a larger state (PPO's policy: train/params/policy; config.json resolved.params_at)
+  params_at: tuple = ('params',)
 
   def record(self) -> dict:
     """What a new workdir stores about where it came from."""
@@ -64,7 +67,8 @@ class Source:
       return jax.device_put(params, shardings)
     checkpointer = ckpt_lib.Checkpointer(paths.path(self.path) / 'checkpoints', async_save=False)
     try:
-      return checkpointer.restore_params(self.step, train_lib.abstract_with_shardings(abstract, shardings))
+      return checkpointer.restore_params(self.step, train_lib.abstract_with_shardings(abstract, shardings),
+                                         at=self.params_at)
     finally:
       checkpointer.close()
 
@@ -111,7 +115,8 @@ def read_source(init_from: str) -> Source:
     raise ConfigError(f'{cfg_path} is not a readable run config ({type(e).__name__}: {e}); point '
                       'init_from at the --workdir of a run of this codebase.') from None
   tokenizer = load_tokenizer(path)
-  return Source('run', path, cfg, tokenizer, config, steps[-1], _hash(saved))
+  return Source('run', path, cfg, tokenizer, config, steps[-1], _hash(saved),
+                tuple(resolved.get('params_at', ('params',))))
 
 
 def save_tokenizer(tok, workdir: str) -> None:

@@ -52,12 +52,15 @@ class Checkpointer:
     out = self.manager.restore(step, args=args)
     return out['state'], out['data'], out['meta']
 
-  def restore_params(self, step: int, abstract_params: Any) -> Any:
+  def restore_params(self, step: int, abstract_params: Any, at: tuple = ('params',)) -> Any:
     """Only the params of a saved TrainState (no optimizer state is read or allocated),
-    each leaf placed in the sharding its ShapeDtypeStruct carries (any mesh: resharding)."""
+    each leaf placed in the sharding its ShapeDtypeStruct carries (any mesh: resharding).
+    `at` is their key path in the saved state (PPO's policy: train/params/policy)."""
     # A fresh manager: one that saved with StandardSave cannot restore a partial tree.
     manager = ocp.CheckpointManager(self.directory)
-    target = {'params': abstract_params}
+    target = abstract_params
+    for key in reversed(at):
+      target = {key: target}
     try:
       out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
           item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
@@ -68,7 +71,10 @@ class Checkpointer:
                             'from a different model or damaged.') from None
     finally:
       manager.close()
-    return out['state']['params']
+    out = out['state']
+    for key in at:
+      out = out[key]
+    return out
 
   def restore_or_none(self, abstract_state: Any):
     """Latest readable checkpoint as (step, state, data_state, meta), or None if there are none.

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import pg, policy, stage
+from experiments import export, pg, policy, stage
 from experiments.configs import rlhf_grpo, rlhf_rloo
 from lm import checkpoint as ckpt_lib
 from lm import sharding
@@ -125,6 +125,12 @@ def test_resumed_run_continues_exactly(runs):
   sb, pb = final_params(halves, runs['policy'])
   assert sa == sb == 3
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7), pa, pb)
+  # the trained policy is what a later stage (init_from) and export read from the workdir
+  src = stage.read_source(straight)
+  assert src.step == 3
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(src.restore_params(one_device())), pa)
+  jax.tree.map(np.testing.assert_array_equal,
+               jax.device_get(export.load_merged(straight, one_device())[2]), pa)
   data = json.load(open(os.path.join(halves, 'eval.json')))
   assert data['method'] == 'rloo' and data['after']['iteration'] == 3
   assert os.path.exists(os.path.join(halves, 'reward.png'))

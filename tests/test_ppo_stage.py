@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from data import tokenizers
-from experiments import ppo, ppo_step
+from experiments import export, ppo, ppo_step, stage
 from experiments.configs import rlhf_ppo
-from lm import heads, model, sharding, train as train_lib
+from lm import heads, model, peft, sharding, train as train_lib
 from lm.config import ConfigError
 from rl import ppo as ppo_lib, rollout
 from tests import rl_fixtures
@@ -203,6 +203,29 @@ def test_lora_policy_head_and_ptx_variant(dirs, tmp_path):
   row = json.loads(open(os.path.join(wd, 'metrics.jsonl')).readline())
   assert row['kl'] == 0.0 and np.isfinite(row['ptx_loss']) and row['ptx_loss'] > 0
   assert out['iterations'] == 1
+  # export folds the trained adapters into the SFT base (the value head stays behind)
+  mesh = sharding.make_mesh({'data': -1})
+  _, _, merged = export.load_merged(wd, mesh)
+  cfg = stage.read_source(wd).cfg
+  base = stage.read_source(dirs[1]).restore_params(mesh, cfg)
+  assert_trees_close(merged, peft.merge(base, out['state'].params['adapters'], cfg, p.s.pcfg), atol=0)
+  assert any(np.any(a != b) for a, b in zip(leaves(merged), leaves(base)))
+
+
+def test_the_trained_policy_is_a_source_for_later_stages_and_export(full_run):
+  """init_from=PPO_WORKDIR (evaluate, sample, another stage) and export read the policy out
+  of the PPO state (train/params/policy), not the SFT model it started from."""
+  wd, out = full_run
+  mesh = sharding.make_mesh({'data': -1})
+  src = stage.read_source(wd)
+  assert src.params_at == ('train', 'params', 'policy') and src.step == 2
+  trained = out['state'].params['policy']
+  assert_trees_close(src.restore_params(mesh), trained, atol=0)
+  _, tok, exported = export.load_merged(wd, mesh)
+  assert_trees_close(exported, trained, atol=0)
+  assert tok.vocab_size <= src.cfg.vocab_size
+  sft_params = stage.read_source(src.config.init_from).restore_params(mesh, src.cfg)
+  assert any(np.any(a != b) for a, b in zip(leaves(trained), leaves(sft_params)))
 
 
 def test_logprobs_and_values_in_one_pass_match_the_separate_functions():
