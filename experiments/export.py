@@ -12,7 +12,6 @@ tokenizer gives the same ids as the run's own (data.tokenizers.export_hf).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -21,8 +20,7 @@ from ml_collections import ConfigDict
 
 from data import tokenizers
 from experiments import stage
-from lm import checkpoint as ckpt_lib
-from lm import convert, peft, sharding, train as train_lib
+from lm import convert, peft, sharding
 from lm.config import ConfigError
 
 
@@ -62,34 +60,9 @@ def load_merged(init_from: str, mesh):
     raise ConfigError(f'init_from={init_from} is a {pcfg.method}-tuned run, which cannot be exported '
                       'as a plain GPT-2/LLaMA (its extra parameters have no place there); tune with '
                       'peft.method=lora or none to export.')
-  source = stage.read_source(init_from)   # this run's tokenizer and latest step
-  record = saved.get('source') or {}
-  if not record:  # a pretraining run: its config.json holds the architecture
-    _check_exportable(source.cfg)
-    return source.cfg, source.tokenizer, source.restore_params(mesh)
-  # An SFT run keeps its base's architecture (its own config.model is the defaults), with the
-  # vocabulary grown by any added special tokens (sft.with_tokens).
-  base = stage.read_source(record['path'])
-  if base.config_hash != record.get('config_hash'):
-    raise ckpt_lib.CheckpointError(f'The base {record["path"]} is no longer the run {init_from} was '
-                                   'tuned on (its config changed); export needs the original base.')
-  cfg = dataclasses.replace(base.cfg, vocab_size=saved.get('resolved', {}).get('vocab_size',
-                                                                                base.cfg.vocab_size))
-  _check_exportable(cfg)
-  if pcfg.method == 'none':
-    return cfg, source.tokenizer, source.restore_params(mesh, cfg)
-  # The base as it was when tuning started, not a later checkpoint of it.
-  base = dataclasses.replace(base, step=record.get('step', base.step))
-  frozen = base.restore_params(mesh, cfg)   # same padded rows as the SFT model (sft.with_tokens)
-  abstract = jax.eval_shape(lambda k: peft.init(cfg, pcfg, k), jax.random.key(0))
-  shardings = sharding.tree_shardings(peft.logical_axes(cfg, pcfg), abstract, mesh)
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(source.path, 'checkpoints'), async_save=False)
-  try:
-    adapters = checkpointer.restore_params(
-        source.step, train_lib.abstract_with_shardings(abstract, shardings), at=source.params_at)
-  finally:
-    checkpointer.close()
-  return cfg, source.tokenizer, peft.merge(frozen, adapters, cfg, pcfg)
+  source = stage.read_source(init_from)   # this run's model, tokenizer and latest step
+  _check_exportable(source.cfg)
+  return source.cfg, source.tokenizer, source.restore_params(mesh)   # LoRA: merged into its base
 
 
 def export(init_from: str, out: str, mesh_cfg: dict | None = None) -> str:

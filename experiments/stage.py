@@ -49,6 +49,7 @@ class Source:
   # where the model's params sit in the source's saved state: a TrainState's params, or
   # inside a larger state (PPO's policy: train/params/policy; config.json resolved.params_at)
   params_at: tuple = ('params',)
+  base: dict | None = None     # what the source was tuned from (its config.json 'source')
 
   def record(self) -> dict:
     """What a new workdir stores about where it came from."""
@@ -65,12 +66,45 @@ class Source:
       from lm import convert
       params, _ = convert.import_hf(self.path, dtype=np.dtype(cfg.param_dtype))
       return jax.device_put(params, shardings)
+    pcfg = self.peft()
+    if pcfg.method == 'lora':
+      return self._merged_lora(mesh, cfg, pcfg)
+    if pcfg.method != 'none':
+      raise ConfigError(f'{self.path} is a {pcfg.method}-tuned run: its extra parameters have no '
+                        'place in the plain model a stage starts from or exports; tune with '
+                        'peft.method=lora (merged) or none.')
+    return self._restore(train_lib.abstract_with_shardings(abstract, shardings))
+
+  def peft(self):
+    from lm import peft
+    d = self.config.get('peft') if self.config is not None else None
+    return peft.PeftConfig.from_dict(d.to_dict() if d is not None else {})
+
+  def _restore(self, abstract):
     checkpointer = ckpt_lib.Checkpointer(paths.path(self.path) / 'checkpoints', async_save=False)
     try:
-      return checkpointer.restore_params(self.step, train_lib.abstract_with_shardings(abstract, shardings),
-                                         at=self.params_at)
+      return checkpointer.restore_params(self.step, abstract, at=self.params_at)
     finally:
       checkpointer.close()
+
+  def _merged_lora(self, mesh, cfg: ModelConfig, pcfg) -> Any:
+    """A LoRA run's checkpoints hold only its adapters: they are folded into its base, as the
+    base was when tuning started (plain params, as any other source gives)."""
+    from lm import peft
+    if not self.base:
+      raise ckpt_lib.CheckpointError(f'{self.path} is a LoRA run whose config.json records no base '
+                                     "('source'); it cannot be restored without it.")
+    base = read_source(self.base['path'])
+    if base.config_hash != self.base.get('config_hash'):
+      raise ckpt_lib.CheckpointError(f'The base {self.base["path"]} is no longer the run {self.path} '
+                                     'was tuned on (its config changed); the adapters need the '
+                                     'original base.')
+    base = dataclasses.replace(base, step=self.base.get('step', base.step))
+    frozen = base.restore_params(mesh, cfg)   # the same padded rows as the tuned model
+    abstract = jax.eval_shape(lambda k: peft.init(cfg, pcfg, k), jax.random.key(0))
+    shardings = sharding.tree_shardings(peft.logical_axes(cfg, pcfg), abstract, mesh)
+    adapters = self._restore(train_lib.abstract_with_shardings(abstract, shardings))
+    return peft.merge(frozen, adapters, cfg, pcfg)
 
 
 def _hash(obj) -> str:
@@ -106,7 +140,7 @@ def read_source(init_from: str) -> Source:
   try:
     saved = json.loads(paths.read_text(cfg_path))
     resolved = saved.pop('resolved', {})
-    saved.pop('source', None)
+    base = saved.pop('source', None)
     config = ConfigDict(saved)
     m = config.model.to_dict()
     m['vocab_size'] = resolved.get('vocab_size', m['vocab_size'])
@@ -116,7 +150,7 @@ def read_source(init_from: str) -> Source:
                       'init_from at the --workdir of a run of this codebase.') from None
   tokenizer = load_tokenizer(path)
   return Source('run', path, cfg, tokenizer, config, steps[-1], _hash(saved),
-                tuple(resolved.get('params_at', ('params',))))
+                tuple(resolved.get('params_at', ('params',))), base)
 
 
 def save_tokenizer(tok, workdir: str) -> None:

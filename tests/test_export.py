@@ -117,3 +117,44 @@ def test_prefix_runs_and_bad_input_are_one_sentence(runs, tmp_path):
   with pytest.raises(ConfigError, match='holds no config.json'):
     export.export(str(tmp_path), str(tmp_path / 'out'))
   assert not os.path.exists(tmp_path / 'out')
+
+
+def test_a_lora_run_is_a_plain_source_for_the_next_stage(runs, tmp_path):
+  """init_from=LORA_RUN gives the base with the adapters folded in: its logits equal the
+  unmerged LoRA forward (peft.combine) on the base. A prefix run, or a base that changed since,
+  is refused in one sentence."""
+  import shutil
+  from lm import checkpoint as ckpt_lib, peft, train as train_lib
+  mesh = sharding.make_mesh({'data': -1})
+  src = stage.read_source(str(runs / 'lora'))
+  pcfg = src.peft()
+  assert pcfg.method == 'lora' and src.base['path'] == str(runs / 'char')
+  merged = jax.device_get(src.restore_params(mesh))
+  base = stage.read_source(str(runs / 'char')).restore_params(mesh, src.cfg)
+  abstract = jax.eval_shape(lambda k: peft.init(src.cfg, pcfg, k), jax.random.key(0))
+  ck = ckpt_lib.Checkpointer(str(runs / 'lora' / 'checkpoints'), async_save=False)
+  try:   # the adapters as saved, read on their own
+    adapters = ck.restore_params(src.step, train_lib.abstract_with_shardings(
+        abstract, jax.tree.map(lambda _: sharding.replicated(mesh), abstract)))
+  finally:
+    ck.close()
+  ids = jnp.asarray([src.tokenizer.encode(SAMPLE).tolist()])
+  want, _ = model.forward(peft.combine(base, adapters, src.cfg, pcfg), ids, src.cfg)
+  got, _ = model.forward(merged, ids, src.cfg)
+  base_logits, _ = model.forward(base, ids, src.cfg)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  assert not np.allclose(got, base_logits, atol=1e-3)       # the adapters are in it
+  prefix = tmp_path / 'prefix'
+  shutil.copytree(runs / 'lora', prefix)
+  cfg = json.load(open(prefix / 'config.json'))
+  cfg['peft']['method'] = 'prefix'
+  json.dump(cfg, open(prefix / 'config.json', 'w'))
+  with pytest.raises(ConfigError, match='prefix-tuned run: its extra parameters have no place'):
+    stage.read_source(str(prefix)).restore_params(mesh)
+  moved = tmp_path / 'moved'
+  shutil.copytree(runs / 'lora', moved)
+  cfg = json.load(open(moved / 'config.json'))
+  cfg['source']['config_hash'] = 'something else'
+  json.dump(cfg, open(moved / 'config.json', 'w'))
+  with pytest.raises(ckpt_lib.CheckpointError, match='is no longer the run'):
+    stage.read_source(str(moved)).restore_params(mesh)
