@@ -3,12 +3,13 @@ one iteration's update on 8 fake devices equals 1 device; a resumed run continue
 start-up errors (k < 2, an RM with another tokenizer)."""
 import json
 import os
+import signal
 
 import jax
 import numpy as np
 import pytest
 
-from experiments import export, pg, policy, stage
+from experiments import export, pg, policy, stage, trainer
 from experiments.configs import rlhf_grpo, rlhf_rloo
 from lm import checkpoint as ckpt_lib
 from lm import sharding
@@ -110,9 +111,16 @@ def rows(workdir):
   return [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
 
 
-def test_resumed_run_continues_exactly(runs):
-  straight, halves = str(runs['dir'] / 'straight'), str(runs['dir'] / 'halves')
-  pg.run(config(runs), straight)
+@pytest.fixture(scope='module')
+def straight(runs):
+  """Three iterations without a stop."""
+  wd = str(runs['dir'] / 'straight')
+  pg.run(config(runs), wd)
+  return wd
+
+
+def test_resumed_run_continues_exactly(runs, straight):
+  halves = str(runs['dir'] / 'halves')
   pg.run(config(runs, stop_after=2), halves)            # stopped (preempted) after 2 iterations
   assert [r['step'] for r in rows(halves)] == [1, 2]
   pg.run(config(runs, stop_after=2), halves)            # resumes at 2: only one more to go
@@ -134,6 +142,30 @@ def test_resumed_run_continues_exactly(runs):
   data = json.load(open(os.path.join(halves, 'eval.json')))
   assert data['method'] == 'rloo' and data['after']['iteration'] == 3
   assert os.path.exists(os.path.join(halves, 'reward.png'))
+
+
+def test_sigterm_mid_run_saves_and_the_rerun_continues_exactly(runs, straight, monkeypatch):
+  """A real SIGTERM during iteration 2 (experiments/online.py): the run saves at 2 and exits
+  143; the same command again runs only iteration 3 and ends where the straight run did."""
+  wd = str(runs['dir'] / 'preempted')
+  real, calls = pg.gold.score, []
+
+  def score(texts, kind):   # the gold of each iteration's rollouts (no held-out evals here)
+    calls.append(kind)
+    if len(calls) == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(texts, kind)
+  monkeypatch.setattr(pg.gold, 'score', score)
+  with pytest.raises(trainer.Preempted) as e:
+    pg.run(config(runs), wd)
+  assert e.value.code == 143 and e.value.step == 2
+  assert final_params(wd, runs['policy'])[0] == 2 and [r['step'] for r in rows(wd)] == [1, 2]
+  monkeypatch.undo()
+  pg.run(config(runs), wd)
+  assert [r['step'] for r in rows(wd)] == [1, 2, 3]
+  (sa, pa), (sb, pb) = final_params(straight, runs['policy']), final_params(wd, runs['policy'])
+  assert sa == sb == 3
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7), pa, pb)
 
 
 def test_start_up_errors(runs, tmp_path):
