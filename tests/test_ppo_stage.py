@@ -151,14 +151,22 @@ def test_update_on_8_devices_equals_1_device(pieces, dirs):
   np.testing.assert_allclose(out['8'][1]['loss'], out['1'][1]['loss'], rtol=1e-4)
 
 
+def advantages(ro, beta, moments, s):
+  """ppo_step.advantages as one jitted program on host arrays: run op by op on the 8-device
+  arrays it dispatches dozens of small collective programs at once, which XLA:CPU's
+  rendezvous can abort on (seen once in a full run)."""
+  return jax.jit(lambda r, m: ppo_step.advantages(r, beta, m, s))(ro, moments)
+
+
 def test_kl_estimator_and_reward_switches(pieces):
   p, ro = pieces
   s, beta, moments = p.s, 0.5, ppo_lib.running_moments()
+  ro = jax.device_get(ro)
   ro = dict(ro, ref_logp=ro['ref_logp'] - 0.3 * ro['mask'][:, p.s.n_prompt:])   # a KL to penalise
   rmask = np.asarray(ro['mask'][:, s.n_prompt:], np.float32)
   log_r = np.asarray(ro['ref_logp'] - ro['logp'])
   def rewards(**kw):
-    return ppo_step.advantages(ro, beta, moments, dc.replace(s, **kw))[2]
+    return advantages(ro, beta, moments, dc.replace(s, **kw))[2]
   m1, m3 = rewards(kl_estimator='k1'), rewards(kl_estimator='k3')
   # Per sequence: sum_t R_t = score - beta * sum_t KL_t, with KL_t by the chosen estimator.
   k1 = (-log_r * rmask).sum(1)
@@ -174,13 +182,13 @@ def test_kl_estimator_and_reward_switches(pieces):
                              atol=1e-5)
   # Running score scaling divides by the running std and updates the moments.
   st = dc.replace(s, score_scale='running')
-  _, new, ms = ppo_step.advantages(ro, 0.0, moments, st)
+  _, new, ms = advantages(ro, 0.0, moments, st)
   sc = np.asarray(ro['scores'])
   assert float(new.count) == 16
   np.testing.assert_allclose(float(ms['reward_total']), (sc / np.sqrt(sc.var() + 1e-8)).mean(),
                              rtol=1e-4)
   # Clipping the score bounds each row's terminal reward.
-  _, _, mc = ppo_step.advantages(ro, 0.0, moments, dc.replace(s, score_clip=0.1))
+  _, _, mc = advantages(ro, 0.0, moments, dc.replace(s, score_clip=0.1))
   np.testing.assert_allclose(float(mc['reward_total']), np.clip(sc, -0.1, 0.1).mean(), rtol=1e-5)
 
 
