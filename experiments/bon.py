@@ -29,6 +29,7 @@ import numpy as np
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
+from experiments import metrics as metrics_lib
 from experiments import policy, trainer
 from lm import paths, sharding
 from lm.config import ConfigError
@@ -241,8 +242,4 @@ def plot(results: dict, path: str) -> str:
   top.set_xlabel('n')
   fig.suptitle(f'best-of-n, {results["prompts"]} prompts x {results["n_samples"]} samples')
   fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format='png', dpi=110)
-  plt.close(fig)
-  paths.path(path).write_bytes(buf.getvalue())
-  return path
+  return metrics_lib.save_png(fig, path, dpi=110)

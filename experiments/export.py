@@ -20,17 +20,8 @@ from ml_collections import ConfigDict
 
 from data import tokenizers
 from experiments import stage
-from lm import convert, peft, sharding
+from lm import convert, sharding
 from lm.config import ConfigError
-
-
-def _run_config(workdir: str) -> dict:
-  path = os.path.join(os.path.expanduser(workdir), 'config.json')
-  if not os.path.exists(path):
-    raise ConfigError(f'init_from={workdir} holds no config.json; point it at the --workdir of a '
-                      'finished pretraining or SFT run.')
-  with open(path) as f:
-    return json.load(f)
 
 
 def _check_exportable(cfg) -> None:
@@ -54,13 +45,12 @@ def _check_exportable(cfg) -> None:
 
 def load_merged(init_from: str, mesh):
   """(ModelConfig, tokenizer, plain params) of a run; LoRA adapters folded into their base."""
-  saved = _run_config(init_from)
-  pcfg = peft.PeftConfig.from_dict(saved.get('peft') or {})
+  source = stage.read_source(init_from)   # this run's model, tokenizer and latest step
+  pcfg = source.peft_config()
   if pcfg.method not in ('none', 'lora'):
     raise ConfigError(f'init_from={init_from} is a {pcfg.method}-tuned run, which cannot be exported '
                       'as a plain GPT-2/LLaMA (its extra parameters have no place there); tune with '
                       'peft.method=lora or none to export.')
-  source = stage.read_source(init_from)   # this run's model, tokenizer and latest step
   _check_exportable(source.cfg)
   return source.cfg, source.tokenizer, source.restore_params(mesh)   # LoRA: merged into its base
 

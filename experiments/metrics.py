@@ -106,8 +106,15 @@ def plot_losses(metrics_path: str, png_path: str, title: str = '') -> str:
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
+  return save_png(fig, png_path, dpi=120)
+
+
+def save_png(fig, path, dpi: int):
+  """Write a matplotlib figure as PNG through epath (the workdir may be a bucket, gs://) and
+  close it; returns `path`."""
+  import matplotlib.pyplot as plt
   buf = io.BytesIO()
-  fig.savefig(buf, format='png', dpi=120)
+  fig.savefig(buf, format='png', dpi=dpi)
   plt.close(fig)
-  paths.path(png_path).write_bytes(buf.getvalue())
-  return png_path
+  paths.path(path).write_bytes(buf.getvalue())
+  return path

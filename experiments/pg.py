@@ -26,7 +26,6 @@ continues exactly. A LoRA policy's reference is its base without adapters.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import time
 from typing import Callable
@@ -44,7 +43,6 @@ from lm.config import ConfigError
 from rl import gold, pg, ppo, rollout
 
 METHODS = ('rloo', 'grpo')
-EVAL_FILE = online.EVAL_FILE
 
 
 def check(config: ConfigDict) -> None:
@@ -311,7 +309,7 @@ def plot(workdir: str, title: str) -> None:
   if not path.exists():
     return
   rows = metrics_lib.read(path)
-  evals = metrics_lib.read(paths.path(workdir) / EVAL_FILE)
+  evals = metrics_lib.read(paths.path(workdir) / online.EVAL_FILE)
   fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
   it = [r['step'] for r in rows]
   for name, color in (('proxy', 'C0'), ('gold', 'C1')):
@@ -326,7 +324,4 @@ def plot(workdir: str, title: str) -> None:
     ax.legend()
   fig.suptitle(title)
   fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format='png', dpi=100)
-  plt.close(fig)
-  (paths.path(workdir) / 'reward.png').write_bytes(buf.getvalue())
+  metrics_lib.save_png(fig, paths.path(workdir) / 'reward.png', dpi=100)

@@ -196,14 +196,19 @@ def same_tokenizer(a, b) -> bool:
   return all(a.decode([i]) == b.decode([i]) for i in range(a.vocab_size))
 
 
+def reward_tokenizer(reward_from: str):
+  """The tokenizer of a reward run's workdir (a local folder or gs://), or one sentence."""
+  if not (paths.path(reward_from) / 'config.json').exists():
+    raise ConfigError(f'reward_from={reward_from} holds no config.json; point it at the workdir of '
+                      'a finished `reward` run.')
+  return stage.load_tokenizer(reward_from)
+
+
 def open_reward(reward_from: str, pol: Policy, mesh_cfg: dict | None = None, max_len: int = 0):
   """(RewardModel, reward(tokens, mask) -> [B] normalised scores) for scoring this policy's
   rollouts; ConfigError at start-up if its tokenizer or context does not fit the policy."""
   from experiments import reward as reward_stage
-  if not (paths.path(reward_from) / 'config.json').exists():   # epath: reward_from may be gs://
-    raise ConfigError(f'reward_from={reward_from} holds no config.json; point it at the workdir of '
-                      'a finished `reward` run.')
-  rm_tok = stage.load_tokenizer(reward_from)
+  rm_tok = reward_tokenizer(reward_from)
   if not same_tokenizer(rm_tok, pol.tok):
     raise ConfigError(f'The reward model in {reward_from} uses a different tokenizer from the policy '
                       f'in {pol.source.path} ({rm_tok.vocab_size} vs {pol.tok.vocab_size} ids); train '

@@ -21,7 +21,6 @@ Jitted pieces and the trainable / frozen trees: experiments/ppo_step.py.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import time
 
@@ -45,7 +44,6 @@ KL_MODES = ('fixed', 'adaptive')
 VALUE_INITS = ('reward', 'policy_head')
 SCORE_SCALES = ('none', 'running')
 PEFT_METHODS = ('none', 'lora')
-EVAL_FILE = online.EVAL_FILE
 
 
 # 1. Start-up checks: one sentence each, before any compile ------------------------------------
@@ -209,7 +207,7 @@ def prepare(config: ConfigDict, workdir: str, devices=None) -> Pieces:
   check(config)
   paths.path(workdir).mkdir(parents=True, exist_ok=True)   # a local folder or a gs:// bucket
   pol = policy_lib.open_policy(config.init_from)
-  check_tokenizers(pol.tok, _rm_tokenizer(config.reward_from))
+  check_tokenizers(pol.tok, policy_lib.reward_tokenizer(config.reward_from))
   rm_saved = json.loads(paths.read_text(paths.path(config.reward_from) / 'config.json'))
   r = config.rollout
   max_prompt = pol.cfg.max_seq_len - r.max_new_tokens
@@ -374,24 +372,15 @@ def run(config: ConfigDict, workdir: str):
       eval_every=config.eval.every, checkpoint_every=t.checkpoint_every,
       eval_before=config.eval.before,
       postfix={'gold': '+.3f', 'proxy': '+.2f', 'kl': '.2f', 'tokens_per_sec': ',.0f'})
-  return finish(workdir, state, start, it)
-
-
-def _rm_tokenizer(reward_from: str):
-  """The reward run's tokenizer (epath: reward_from may be a bucket, gs://)."""
-  if not (paths.path(reward_from) / 'config.json').exists():
-    raise ConfigError(f'reward_from={reward_from} holds no config.json; point it at the --workdir '
-                      'of a finished reward run.')
-  return stage.load_tokenizer(reward_from)
+  return finish(workdir, state, start, it, evals.rows)
 
 
 def read_evals(workdir: str) -> list[dict]:
-  return metrics_lib.read(paths.path(workdir) / EVAL_FILE)
+  return metrics_lib.read(paths.path(workdir) / online.EVAL_FILE)
 
 
-def finish(workdir: str, state, start: int, it: int) -> dict:
+def finish(workdir: str, state, start: int, it: int, evals: list[dict]) -> dict:
   """report.json (held-out before / after, mean seconds per iteration by phase), plots, table."""
-  evals = read_evals(workdir) if (paths.path(workdir) / EVAL_FILE).exists() else []
   rows = metrics_lib.read(paths.path(workdir) / 'metrics.jsonl')
   timed = rows[1:] or rows          # the first iteration compiles
   split = {k: float(np.mean([r[k] for r in timed])) for k in ('gen_s', 'score_s', 'update_s')} if rows else {}
@@ -429,8 +418,4 @@ def plot(evals: list[dict], path: str, title: str = '') -> str:
   lines = ax.get_lines() + ax2.get_lines()
   ax.legend(lines, [l.get_label() for l in lines], loc='upper left')
   fig.tight_layout()
-  buf = io.BytesIO()   # then written through epath: `path` may be in a bucket (gs://)
-  fig.savefig(buf, format='png', dpi=120)
-  plt.close(fig)
-  paths.path(path).write_bytes(buf.getvalue())
-  return path
+  return metrics_lib.save_png(fig, path, dpi=120)

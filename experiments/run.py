@@ -56,11 +56,11 @@ def parse_flags(argv):
       msg = f'no such config key {msg} (overrides given: {", ".join(bad)})'
     for a in argv[1:]:         # e.g. the task family `continue`: a key that is a Python keyword
       name, _, value = a.partition('=')
-      path = name.split('.')
-      if name.startswith('--config.') and any(keyword.iskeyword(k) for k in path[1:]):
-        key = next(k for k in path[1:] if keyword.iskeyword(k))
-        fixed = ''.join(f"['{k}']" if keyword.iskeyword(k) else f'.{k}' for k in path[1:])
-        msg = (f'{name} cannot be parsed because {key!r} is a Python keyword; write it as a '
+      keys = name.split('.')[1:]
+      reserved = [k for k in keys if keyword.iskeyword(k)]
+      if name.startswith('--config.') and reserved:
+        fixed = ''.join(f"['{k}']" if k in reserved else f'.{k}' for k in keys)
+        msg = (f'{name} cannot be parsed because {reserved[0]!r} is a Python keyword; write it as a '
                f'subscript: "--config{fixed}={value}"')
     sys.exit(f'error: {msg}; the keys and types are those of the --config file.')
 

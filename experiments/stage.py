@@ -28,7 +28,7 @@ from ml_collections import ConfigDict
 
 from data import tokenizers
 from lm import checkpoint as ckpt_lib
-from lm import model, paths, sharding, train as train_lib
+from lm import model, paths, peft, sharding, train as train_lib
 from lm.config import ConfigError, ModelConfig
 
 # Model fields a later stage may change without changing the network the weights belong to.
@@ -59,24 +59,23 @@ class Source:
   def restore_params(self, mesh, cfg: ModelConfig | None = None) -> Any:
     """The source's params on `mesh`, each leaf in the sharding the rules table gives it."""
     cfg = cfg or self.cfg
-    axes = model.logical_axes(cfg)
-    abstract = jax.eval_shape(functools.partial(model.init, cfg), jax.random.key(0))
-    shardings = sharding.tree_shardings(axes, abstract, mesh)
-    if self.kind == 'hf':
-      from lm import convert
-      params, _ = convert.import_hf(self.path, dtype=np.dtype(cfg.param_dtype))
-      return jax.device_put(params, shardings)
-    pcfg = self.peft()
+    pcfg = self.peft_config()
     if pcfg.method == 'lora':
       return self._merged_lora(mesh, cfg, pcfg)
     if pcfg.method != 'none':
       raise ConfigError(f'{self.path} is a {pcfg.method}-tuned run: its extra parameters have no '
                         'place in the plain model a stage starts from or exports; tune with '
                         'peft.method=lora (merged) or none.')
+    abstract = jax.eval_shape(functools.partial(model.init, cfg), jax.random.key(0))
+    shardings = sharding.tree_shardings(model.logical_axes(cfg), abstract, mesh)
+    if self.kind == 'hf':
+      from lm import convert
+      params, _ = convert.import_hf(self.path, dtype=np.dtype(cfg.param_dtype))
+      return jax.device_put(params, shardings)
     return self._restore(train_lib.abstract_with_shardings(abstract, shardings))
 
-  def peft(self):
-    from lm import peft
+  def peft_config(self) -> peft.PeftConfig:
+    """How the source run was tuned (none for pretraining runs and Hugging Face folders)."""
     d = self.config.get('peft') if self.config is not None else None
     return peft.PeftConfig.from_dict(d.to_dict() if d is not None else {})
 
@@ -90,7 +89,6 @@ class Source:
   def _merged_lora(self, mesh, cfg: ModelConfig, pcfg) -> Any:
     """A LoRA run's checkpoints hold only its adapters: they are folded into its base, as the
     base was when tuning started (plain params, as any other source gives)."""
-    from lm import peft
     if not self.base:
       raise ckpt_lib.CheckpointError(f'{self.path} is a LoRA run whose config.json records no base '
                                      "('source'); it cannot be restored without it.")

@@ -105,13 +105,22 @@ def test_old_workdirs_keep_their_tokenizer_json(runs, tmp_path):
   assert stage.read_source(str(old)).tokenizer.vocab_size == stage.read_source(str(runs / 'char')).tokenizer.vocab_size
 
 
-def test_prefix_runs_and_bad_input_are_one_sentence(runs, tmp_path):
+def _copy_with_config(src, dst, edit):
+  """A copy of the run `src` at `dst` whose config.json is changed by `edit(cfg)`."""
   import shutil
-  prefix = tmp_path / 'prefix'
-  shutil.copytree(runs / 'lora', prefix)
-  cfg = json.load(open(prefix / 'config.json'))
+  shutil.copytree(src, dst)
+  cfg = json.load(open(dst / 'config.json'))
+  edit(cfg)
+  json.dump(cfg, open(dst / 'config.json', 'w'))
+  return dst
+
+
+def _as_prefix_run(cfg):
   cfg['peft']['method'] = 'prefix'
-  json.dump(cfg, open(prefix / 'config.json', 'w'))
+
+
+def test_prefix_runs_and_bad_input_are_one_sentence(runs, tmp_path):
+  prefix = _copy_with_config(runs / 'lora', tmp_path / 'prefix', _as_prefix_run)
   with pytest.raises(ConfigError, match='prefix-tuned run, which cannot be exported as a plain'):
     export.export(str(prefix), str(tmp_path / 'out'))
   with pytest.raises(ConfigError, match='holds no config.json'):
@@ -123,11 +132,10 @@ def test_a_lora_run_is_a_plain_source_for_the_next_stage(runs, tmp_path):
   """init_from=LORA_RUN gives the base with the adapters folded in: its logits equal the
   unmerged LoRA forward (peft.combine) on the base. A prefix run, or a base that changed since,
   is refused in one sentence."""
-  import shutil
   from lm import checkpoint as ckpt_lib, peft, train as train_lib
   mesh = sharding.make_mesh({'data': -1})
   src = stage.read_source(str(runs / 'lora'))
-  pcfg = src.peft()
+  pcfg = src.peft_config()
   assert pcfg.method == 'lora' and src.base['path'] == str(runs / 'char')
   merged = jax.device_get(src.restore_params(mesh))
   base = stage.read_source(str(runs / 'char')).restore_params(mesh, src.cfg)
@@ -144,17 +152,10 @@ def test_a_lora_run_is_a_plain_source_for_the_next_stage(runs, tmp_path):
   base_logits, _ = model.forward(base, ids, src.cfg)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
   assert not np.allclose(got, base_logits, atol=1e-3)       # the adapters are in it
-  prefix = tmp_path / 'prefix'
-  shutil.copytree(runs / 'lora', prefix)
-  cfg = json.load(open(prefix / 'config.json'))
-  cfg['peft']['method'] = 'prefix'
-  json.dump(cfg, open(prefix / 'config.json', 'w'))
+  prefix = _copy_with_config(runs / 'lora', tmp_path / 'prefix', _as_prefix_run)
   with pytest.raises(ConfigError, match='prefix-tuned run: its extra parameters have no place'):
     stage.read_source(str(prefix)).restore_params(mesh)
-  moved = tmp_path / 'moved'
-  shutil.copytree(runs / 'lora', moved)
-  cfg = json.load(open(moved / 'config.json'))
-  cfg['source']['config_hash'] = 'something else'
-  json.dump(cfg, open(moved / 'config.json', 'w'))
+  moved = _copy_with_config(runs / 'lora', tmp_path / 'moved',
+                            lambda cfg: cfg['source'].update(config_hash='something else'))
   with pytest.raises(ckpt_lib.CheckpointError, match='is no longer the run'):
     stage.read_source(str(moved)).restore_params(mesh)

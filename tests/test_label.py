@@ -2,6 +2,7 @@
 K-wise format (read back by experiments/reward_data.read), refused submissions write nothing,
 a restart skips labelled and skipped prompts, torn lines, start-up errors, and a real headless
 Chromium that ranks by clicking (skipped without chromium + playwright)."""
+import contextlib
 import io
 import json
 import os
@@ -296,10 +297,8 @@ def test_headless_chromium_ranks_by_clicking(setup, tmp_path):
   finally:
     t.join(20)                          # after max_items run() closes the server by itself
     if t.is_alive():
-      try:
+      with contextlib.suppress(OSError):   # it may close between the check and the post
         _post(url + 'api/shutdown')
-      except OSError:                   # it closed between the check and the post
-        pass
     t.join(60)
   assert not t.is_alive()
   if os.environ.get('LABEL_SCREENSHOT'):
