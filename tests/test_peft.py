@@ -153,7 +153,7 @@ def test_lora_starts_at_base_and_equals_merged_weights(name):
   adapters = randomize(adapters, 2)
   combined = peft.combine(base, adapters, cfg, pcfg)
   assert isinstance(combined['layers']['mlp']['wo'], peft.LoRAWeight)
-  by_hand = merged_by_hand(base, adapters, pcfg.lora_scale)
+  by_hand = merged_by_hand(base, adapters, 8.0 / 4)   # alpha / rank, written out
   lora = forward(combined, TOKENS, cfg)
   assert not np.allclose(lora, forward(base, TOKENS, cfg), atol=1e-2)
   np.testing.assert_allclose(lora, forward(by_hand, TOKENS, cfg), atol=1e-5, rtol=1e-5)
@@ -329,3 +329,26 @@ def test_sharded_adapters_and_lora_forward_match_one_device():
       jax.device_put(base, base_sh), jax.device_put(adapters, ad_sh), tokens)
   one = forward(peft.combine(base, adapters, cfg, pcfg), tokens, cfg)
   np.testing.assert_allclose(np.asarray(sharded)[..., :50], one, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_output_is_w_x_plus_alpha_over_r_times_b_a_x_by_hand():
+  """Numbers written out: rank 2, alpha 4, so the low-rank path is scaled by 4 / 2 = 2."""
+  cfg = small('llama_gqa')
+  pcfg = peft.PeftConfig(method='lora', lora_rank=2, lora_alpha=4.0, lora_targets=('v',))
+  base = base_params(cfg)
+  adapters = peft.init(cfg, pcfg, KEY, base)
+  a = np.zeros(adapters['layers']['attn']['wv']['a'].shape, np.float32)   # [layers, 32, 2]
+  b = np.zeros(adapters['layers']['attn']['wv']['b'].shape, np.float32)   # [layers, 2, 2, 8]
+  a[0, 3] = [1.0, 0.5]              # x = e_3:  x A = [1.0, 0.5]
+  b[0, 0, 1, 5], b[0, 1, 1, 5] = 0.25, 1.0   # (x A) B at (head 1, dim 5) = 0.25 + 0.5 = 0.75
+  adapters = {'layers': {'attn': {'wv': {'a': jnp.asarray(a), 'b': jnp.asarray(b)}}}}
+  x = np.zeros((1, 32), np.float32)
+  x[0, 3] = 1.0
+  w = np.asarray(base['layers']['attn']['wv'][0])                         # [32, 2, 8]
+  want = w[3].copy()
+  want[1, 5] += 2.0 * 0.75          # W x + (alpha / r) * (x A) B
+  lw = jax.tree.map(lambda t: t[0], peft.combine(base, adapters, cfg, pcfg)['layers']['attn']['wv'])
+  got = np.asarray(layers.dense(jnp.asarray(x), lw, 'td,dhk->thk', jnp.float32))[0]
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  merged = np.asarray(peft.merge(base, adapters, cfg, pcfg)['layers']['attn']['wv'][0])
+  np.testing.assert_allclose(merged[3], want, atol=1e-6)

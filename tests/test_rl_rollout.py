@@ -95,6 +95,8 @@ def test_gold_vader_and_ranks():
 
 
 def test_has_eos_on_hand_built_rows():
-  tokens = jnp.array([[5, EOS, 0], [5, 6, 6], [0, 0, 0], [EOS, 0, 0]])
-  mask = jnp.array([[1, 1, 0], [1, 1, 1], [0, 0, 0], [1, 0, 0]])
-  assert np.asarray(rollout.has_eos(tokens, mask, EOS)).tolist() == [True, False, False, True]
+  # Rows 3 and 4 are empty (no response token). Row 4 pads with EOS itself, as a tokenizer whose
+  # pad id is its EOS id (GPT-2) does: an empty row must still say False, not read the pad.
+  tokens = jnp.array([[5, EOS, 0], [5, 6, 6], [0, 0, 0], [EOS, EOS, EOS], [EOS, 0, 0]])
+  mask = jnp.array([[1, 1, 0], [1, 1, 1], [0, 0, 0], [0, 0, 0], [1, 0, 0]])
+  assert np.asarray(rollout.has_eos(tokens, mask, EOS)).tolist() == [True, False, False, False, True]
