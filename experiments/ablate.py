@@ -15,7 +15,8 @@ import os
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from experiments import metrics as metrics_lib
+from experiments import registry
+from experiments.stages import runlog
 from lm.config import ConfigError, ModelConfig
 
 
@@ -49,7 +50,7 @@ def variant_configs(config: ConfigDict) -> dict[str, ConfigDict]:
 
 
 def run(config: ConfigDict, workdir: str):
-  from experiments import pretrain
+  pretrain = registry.get('pretrain')   # a study runs the pretrain experiment (drivers never import drivers)
   os.makedirs(workdir, exist_ok=True)
   configs = variant_configs(config)
   rows = []
@@ -58,8 +59,8 @@ def run(config: ConfigDict, workdir: str):
     done = os.path.join(sub, 'result.json')
     if not os.path.exists(done):
       c.data.data_dir = c.data.data_dir or os.path.join(workdir, 'data')
-      pretrain.run(c, sub)
-      metrics = metrics_lib.read(os.path.join(sub, 'metrics.jsonl'))
+      pretrain(c, sub)
+      metrics = runlog.read(os.path.join(sub, 'metrics.jsonl'))
       resolved = json.load(open(os.path.join(sub, 'config.json')))['resolved']
       tps = [m['tokens_per_sec'] for m in metrics if m.get('tokens_per_sec')]
       with open(done, 'w') as f:

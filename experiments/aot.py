@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from experiments import trainer
+from experiments.stages import trainer
 from lm import mfu as mfu_lib
 from lm import model, objectives, presets, sharding, train as train_lib
 from lm.config import ConfigError, ModelConfig

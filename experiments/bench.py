@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from experiments import bench_nanogpt, bench_profile, stage, trainer
+from experiments.stages import bench_nanogpt, bench_profile, stage, trainer
 from experiments.configs import base
 from lm import mfu as mfu_lib
 from lm import model, objectives, sharding, train as train_lib

@@ -25,7 +25,7 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from data import pipeline, sources, tokenizers
-from experiments import trainer
+from experiments.stages import trainer
 from lm import sharding, train as train_lib
 from lm.config import ConfigError
 

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from experiments import stage
+from experiments.stages import stage
 from experiments.configs import base
 from lm import model, objectives, peft, sharding, train as train_lib
 from lm.config import ModelConfig

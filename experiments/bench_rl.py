@@ -35,11 +35,13 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
+from experiments.stages import reward_model
 from data import tokenizers
 from experiments import export as export_lib
 from experiments import pg as pg_stage
-from experiments import policy as policy_lib
-from experiments import ppo, ppo_step, reward as reward_stage, stage
+from experiments.stages import policy as policy_lib
+from experiments import ppo
+from experiments.stages import ppo_step, stage
 from experiments.configs import base, reward_base, rlhf_grpo, rlhf_ppo
 from lm import checkpoint as ckpt_lib
 from lm import decode, heads, model, sharding, train as train_lib
@@ -81,7 +83,7 @@ def tiny_runs(workdir: str, model_kw: dict, seed: int) -> tuple[str, str]:
   _save(rm_dir, {'trunk': init(cfg, jax.random.key(seed + 1)),
                  'head': heads.init(cfg, 1, jax.random.key(seed + 2), init_std=0.5)}, c)
   tok.save(tokenizers.run_file(rm_dir))
-  reward_stage.write_norm(rm_dir, {'gain': 1.0, 'bias': 0.0})
+  reward_model.write_norm(rm_dir, {'gain': 1.0, 'bias': 0.0})
   return pol_dir, rm_dir
 
 

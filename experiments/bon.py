@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import time
 
 import jax
@@ -29,8 +28,9 @@ import numpy as np
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from experiments import metrics as metrics_lib
-from experiments import policy, trainer
+from experiments.stages import reward_model
+from experiments.stages import runlog
+from experiments.stages import policy, trainer
 from lm import paths, sharding
 from lm.config import ConfigError
 from rl import bon as bon_lib
@@ -98,32 +98,8 @@ def curve(select: np.ndarray, gold_scores: np.ndarray, proxy: np.ndarray | None,
 # ---------------------------------------------------------------------------------------------
 # The experiment.
 
-def reward_dirs(reward_from) -> list[str]:
-  """reward_from as a list: a comma-separated string or a list / tuple of workdirs."""
-  if isinstance(reward_from, str):
-    dirs = [p.strip() for p in reward_from.split(',') if p.strip()]
-  else:
-    dirs = [str(p) for p in reward_from or ()]
-  return dirs
-
-
-def labels_of(dirs: list[str]) -> list[str]:
-  """Series names: for each workdir the fewest trailing path components no other one ends
-  with (runs/rlhf/rm, runs/small/rm, runs/rlhf/rm_ens -> rlhf/rm, small/rm, rm_ens)."""
-  # (a bucket URL, gs://B/..., split as it is: os.path would make it a local '/cwd/gs:/B/...')
-  parts = [(d.rstrip('/').split('/') if paths.is_url(d) else
-            os.path.normpath(os.path.abspath(d)).split(os.sep)) for d in dirs]
-  labels = []
-  for i, p in enumerate(parts):
-    for k in range(1, len(p) + 1):
-      if all(q[-k:] != p[-k:] for j, q in enumerate(parts) if j != i):
-        break
-    labels.append('/'.join(p[-k:]))
-  return labels
-
-
 def check(config: ConfigDict) -> list[str]:
-  dirs = reward_dirs(config.reward_from)
+  dirs = reward_model.reward_dirs(config.reward_from)
   if not dirs:
     raise ConfigError('bon needs --config.reward_from=DIR[,DIR...] (finished `reward` workdirs).')
   if config.n_samples < 1:
@@ -149,7 +125,7 @@ def run(config: ConfigDict, workdir: str):
   max_len = max(len(p) for p in prompts) + config.max_new_tokens
   mesh_cfg = config.mesh.to_dict()
   rms = [policy.open_reward(d, pol, mesh_cfg, max_len) for d in dirs]   # errors before sampling
-  labels = labels_of(dirs)
+  labels = reward_model.labels_of(dirs)
   mesh = sharding.make_mesh(mesh_cfg)
   trainer.write_config(config, workdir, {'source': pol.source.record(), 'reward_dirs': dirs})
   params = pol.source.restore_params(mesh, pol.cfg)
@@ -242,4 +218,4 @@ def plot(results: dict, path: str) -> str:
   top.set_xlabel('n')
   fig.suptitle(f'best-of-n, {results["prompts"]} prompts x {results["n_samples"]} samples')
   fig.tight_layout()
-  return metrics_lib.save_png(fig, path, dpi=110)
+  return runlog.save_png(fig, path, dpi=110)

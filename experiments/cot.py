@@ -30,6 +30,7 @@ import types
 import numpy as np
 from ml_collections import ConfigDict
 
+from experiments import registry
 from data import arith, sources, tokenizers
 from experiments.evaluation import answers, prompting, sandbox
 from lm.config import ConfigError
@@ -161,7 +162,7 @@ def pretrain_config(config: ConfigDict, corpus: str, tokenizer: str) -> ConfigDi
 
 def train_models(config: ConfigDict, workdir: str, train: list[dict], held: list[dict]) -> dict:
   """{name: workdir of its trained model}; a finished model is not trained again."""
-  from experiments import pretrain
+  pretrain = registry.get('pretrain')   # a study runs the pretrain experiment (drivers never import drivers)
   fmt = fmt_of(config)
   data_dir = os.path.join(workdir, 'data')
   os.makedirs(data_dir, exist_ok=True)
@@ -187,7 +188,7 @@ def train_models(config: ConfigDict, workdir: str, train: list[dict], held: list
       for doc in documents(train, dict(mix), fmt, config.data.problems_per_doc, config.seed):
         f.write(json.dumps({'text': doc}) + '\n')
     t0 = time.perf_counter()
-    pretrain.run(pconfig, sub)
+    pretrain(pconfig, sub)
     with open(done, 'w') as f:
       json.dump({'seconds': time.perf_counter() - t0, 'recipe': recipe}, f)
   return out
@@ -196,7 +197,7 @@ def train_models(config: ConfigDict, workdir: str, train: list[dict], held: list
 def language_model(config: ConfigDict, init_from: str):
   import dataclasses
 
-  from experiments import stage
+  from experiments.stages import stage
   from experiments.evaluation import model as eval_model
   from lm import sharding
   source = stage.read_source(init_from)

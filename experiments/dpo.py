@@ -7,7 +7,7 @@
 
 Pairs from a K-wise record (config data.pairs): 'best' pairs the best-ranked response with
 each worse one (K - 1 pairs); 'all' takes every ranked pair (C(K, 2) minus ties). Records are
-read by experiments.reward_data (ties, empty responses, missing fields and identical
+read by experiments.stages.reward_data (ties, empty responses, missing fields and identical
 responses are counted skips) and split into train / held-out by prompt.
 
 A pair is two rows [prompt | response + eos] (prompt as the SFT template laid it out, cut
@@ -18,7 +18,7 @@ the original; LoRA trains adapters and the reference is the base without them.
 
 Metrics: loss and implicit-reward accuracy / margin / chosen / rejected (beta * log-ratio)
 on training batches, and the same on held-out pairs (val_*) every eval_every steps. At the
-end, eval.json holds the held-out pair metrics and experiments.policy.evaluate's gold /
+end, eval.json holds the held-out pair metrics and experiments.stages.policy.evaluate's gold /
 proxy / KL of one sample per held-out prompt (the point on the over-optimisation axes),
 beside the same evaluation of the reference policy.
 """
@@ -34,7 +34,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from data import formats, pipeline, sources
-from experiments import policy, reward_data, sft, stage, trainer
+from experiments.stages import policy, reward_data, stage, trainer
 from lm import model, paths, sharding, train as train_lib
 from lm.config import ConfigError
 from rl import preference
@@ -195,7 +195,7 @@ def run(config: ConfigDict, workdir: str):
   train_data, val_data, report = load_pairs(config, pol, seq_len)
   mesh = sharding.make_mesh(mesh_cfg)
   trainer.check_batch(config, mesh)
-  sft.check_resume_source(workdir, pol.source)
+  stage.check_resume_source(workdir, pol.source)
   if jax.process_index() == 0:
     stage.save_tokenizer(pol.tok, workdir)
 
@@ -226,7 +226,7 @@ def run(config: ConfigDict, workdir: str):
   step_fn = train_lib.make_train_step(loss_fn, setup.tx, mesh, setup.shardings, batch_sh,
                                       frozen_sh=trees.frozen_sh, grad_accum=t.grad_accum,
                                       seed=config.seed, schedule=setup.schedule)
-  step_fn = functools.partial(sft._with_frozen, step_fn, trees.frozen)
+  step_fn = functools.partial(trainer.with_frozen, step_fn, trees.frozen)
   to_global = functools.partial(pipeline.to_global, shardings=batch_sh, global_batch=t.batch_size)
   evaluate = None
   if len(val_data['tokens']):

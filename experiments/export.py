@@ -19,7 +19,7 @@ import jax
 from ml_collections import ConfigDict
 
 from data import tokenizers
-from experiments import stage
+from experiments.stages import stage
 from lm import convert, sharding
 from lm.config import ConfigError
 

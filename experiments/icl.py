@@ -22,7 +22,6 @@ reuses it).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -30,7 +29,7 @@ import time
 import numpy as np
 from ml_collections import ConfigDict
 
-from experiments import induction
+from experiments.stages import bursty, stage
 from experiments.evaluation import icl
 from experiments.evaluation import model as eval_model
 from lm.config import ConfigError
@@ -40,11 +39,11 @@ from lm.config import ConfigError
 def synthetic_task(t: ConfigDict) -> tuple[list[dict], list[dict], list[str], icl.Template]:
   """(pool, eval, labels, template) of the entity-classification task."""
   rng = np.random.default_rng(t.seed)
-  if not 1 <= t.n_entities <= len(induction.LETTERS):
+  if not 1 <= t.n_entities <= len(bursty.LETTERS):
     raise ConfigError('task.n_entities must be in [1, 26] (entities end in distinct letters).')
   entities, lasts = [], set()
   while len(entities) < t.n_entities:
-    e = induction.random_word(rng, t.word_len)
+    e = bursty.random_word(rng, t.word_len)
     if e[-1] not in lasts:
       entities.append(e)
       lasts.add(e[-1])
@@ -55,7 +54,7 @@ def synthetic_task(t: ConfigDict) -> tuple[list[dict], list[dict], list[str], ic
     out = []
     for i in range(n):
       e = entities[int(rng.integers(len(entities)))]
-      out.append({'id': f'{prefix}{i}', 'x': f'{induction.random_word(rng, t.word_len)} {e}',
+      out.append({'id': f'{prefix}{i}', 'x': f'{bursty.random_word(rng, t.word_len)} {e}',
                   'y': mapping[e], 'entity': e})
     return out
   template = icl.Template(input='{x}', output='{y}', separator=' ')
@@ -120,18 +119,17 @@ def load_model(config: ConfigDict, workdir: str):
   """(params, ModelConfig, tokenizer, record): init_from's model, or the synthetic one."""
   from lm import sharding
   if config.init_from:
-    from experiments.evaluate import read_model_source
-    source, mcfg = read_model_source(config)
+    source, mcfg = stage.read_model_source(config)
     mesh = sharding.make_mesh(config.mesh.to_dict())
     return source.restore_params(mesh, mcfg), mcfg, source.tokenizer, source.record(), mesh
   if config.task.source != 'synthetic':
     raise ConfigError('init_from is empty: the in-process synthetic model only knows the synthetic '
                       'task; set task.source=synthetic or give init_from=DIR|hf:PATH.')
   pre = config.pretrain
-  induction.check(pre)
+  bursty.check(pre)
   path = os.path.join(workdir, 'model')
   print(f'training the synthetic model into {path} (icl_induction, {pre.train.steps} steps)')
-  params, cfg, tok, _ = induction.train_model(pre, path, log=lambda s: None)
+  params, cfg, tok, _ = bursty.train_model(pre, path, log=lambda s: None)
   mesh = sharding.make_mesh(pre.mesh.to_dict())
   return params, cfg, tok, {'path': os.path.abspath(path), 'kind': 'synthetic',
                             'step': pre.train.steps}, mesh

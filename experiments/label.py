@@ -1,6 +1,6 @@
 """Human feedback collection: a local web page shows a prompt with K samples from a policy, a
 person ranks them, and each ranking is appended to the K-wise preference file the `reward`
-stage reads (experiments/reward_data.py):
+stage reads (experiments/stages/reward_data.py):
 
   {"prompt": str, "responses": [str, ...], "ranks": [int, ...], "labeller": "human", ...}
 
@@ -37,8 +37,8 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from experiments import policy, trainer
-from experiments.preferences import group
+from experiments.stages import policy, trainer
+
 from lm import sharding
 from lm.config import ConfigError
 
@@ -164,7 +164,7 @@ class Labeller:
         responses = self.sample_fn([p for _, p in chunk], lo)
         with self.cond:
           for (i, p), resp in zip(chunk, responses):
-            kept, _ = group(list(resp), np.zeros(len(resp)), self.counts)
+            kept, _ = policy.dedup_responses(list(resp), np.zeros(len(resp)), self.counts)
             if len(kept) < 2:
               self.counts['too_few_responses'] += 1
               continue

@@ -12,7 +12,7 @@ Each kind is a comma-separated list of workdirs or glob patterns; a workdir that
 exist or holds no results is listed and skipped with a printed note, so the study runs with
 whatever series exist (none at all is a ConfigError).
 
-Fits (experiments.overopt_fit): R_bon(d) = d (alpha - beta d) for best-of-n, R_RL(d) = d (alpha -
+Fits (experiments.stages.overopt_fit): R_bon(d) = d (alpha - beta d) for best-of-n, R_RL(d) = d (alpha -
 beta log d) for the rest, on the reward gained over the series' own d = 0 point (n = 1,
 iteration 0, DPO's 'before'), else the panel's best-of-n n = 1 value, else raw. Writes
 overoptimisation.json, a printed table, overoptimisation_gold.png and
@@ -28,7 +28,7 @@ import os
 import numpy as np
 from ml_collections import ConfigDict
 
-from experiments import overopt_fit, trainer
+from experiments.stages import overopt_fit, reward_model, trainer
 from lm.config import ConfigError
 
 KINDS = ('bon', 'ppo', 'pg', 'dpo')
@@ -188,9 +188,9 @@ def fit_series(s: dict, panel_bon: list[dict]) -> dict:
 
 def panel_names(rms: list[str]) -> dict[str, str]:
   """Panel titles: the fewest trailing path components that tell the RMs apart."""
-  from experiments.bon import labels_of
+
   real = [rm for rm in rms if rm != NO_RM]
-  return {**dict(zip(real, labels_of(real))), **({NO_RM: NO_RM} if NO_RM in rms else {})}
+  return {**dict(zip(real, reward_model.labels_of(real))), **({NO_RM: NO_RM} if NO_RM in rms else {})}
 
 
 def run(config: ConfigDict, workdir: str):

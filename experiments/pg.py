@@ -16,7 +16,7 @@ One iteration:
 Logged per iteration (metrics.jsonl, TensorBoard, tqdm): proxy and gold reward of the
 rollouts, KL to the reference (mean per sequence), entropy per token, response length, EOS
 rate, loss / clip fraction / grad norm, tokens/s and the time split. Every eval_every
-iterations (and before the first, and after the last) experiments.policy.evaluate on the
+iterations (and before the first, and after the last) experiments.stages.policy.evaluate on the
 held-out prompts appends {iteration, gold, proxy, kl, ...} to eval.jsonl (what the
 over-optimisation study reads); eval.json holds the first and last of them.
 
@@ -36,11 +36,11 @@ import numpy as np
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from experiments import metrics as metrics_lib
-from experiments import online, policy, sft, stage, trainer
+from experiments.stages import runlog
+from experiments.stages import online, policy, stage, trainer
 from lm import decode, paths, sharding, train as train_lib
 from lm.config import ConfigError
-from rl import gold, pg, ppo, rollout
+from rl import common, gold, pg, rollout
 
 METHODS = ('rloo', 'grpo')
 
@@ -127,7 +127,7 @@ def make_programs(config: ConfigDict, trees: policy.Trees, tx, schedule, shardin
     ended = rollout.has_eos(tokens[:, n_prompt:], rmask, eos)
     scores = out['scores']
     if l.missing_eos_penalty:
-      scores = ppo.apply_missing_eos_penalty(scores, ended, l.missing_eos_penalty)
+      scores = common.apply_missing_eos_penalty(scores, ended, l.missing_eos_penalty)
     kl_seq = jnp.sum((out['logp'] - out['ref_logp']) * rmask, -1)      # k1: log pi - log ref
     adv = group_advantages(method, scores, kl_seq, k, l.kl_coef)
     n_tok = jnp.maximum(jnp.sum(rmask), 1.0)
@@ -208,7 +208,7 @@ def run(config: ConfigDict, workdir: str):
                       f'minibatches) does not divide over the {div} devices of the batch mesh axes; '
                       f'make it a multiple of {div}.')
   rm, reward = policy.open_reward(config.reward_from, pol, mesh_cfg, max_len=width + n_new)
-  sft.check_resume_source(workdir, pol.source)
+  stage.check_resume_source(workdir, pol.source)
   if jax.process_index() == 0:
     stage.save_tokenizer(pol.tok, workdir)
 
@@ -308,8 +308,8 @@ def plot(workdir: str, title: str) -> None:
   path = paths.path(workdir) / 'metrics.jsonl'   # epath: the workdir may be a bucket (gs://)
   if not path.exists():
     return
-  rows = metrics_lib.read(path)
-  evals = metrics_lib.read(paths.path(workdir) / online.EVAL_FILE)
+  rows = runlog.read(path)
+  evals = runlog.read(paths.path(workdir) / online.EVAL_FILE)
   fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
   it = [r['step'] for r in rows]
   for name, color in (('proxy', 'C0'), ('gold', 'C1')):
@@ -324,4 +324,4 @@ def plot(workdir: str, title: str) -> None:
     ax.legend()
   fig.suptitle(title)
   fig.tight_layout()
-  metrics_lib.save_png(fig, paths.path(workdir) / 'reward.png', dpi=100)
+  runlog.save_png(fig, paths.path(workdir) / 'reward.png', dpi=100)

@@ -10,13 +10,13 @@
   logs          metrics.jsonl / TensorBoard per iteration (gold and proxy reward of the
                 rollout, KL, entropy, clip fraction, approx-KL, value error, length, EOS rate,
                 beta, seconds in generation / scoring / update)
-  eval.jsonl    held-out {iteration, gold, proxy, kl, beta, ...} (experiments.policy.evaluate)
+  eval.jsonl    held-out {iteration, gold, proxy, kl, beta, ...} (experiments.stages.policy.evaluate)
                 before training, every eval.every iterations and at the end; ppo.png plots
                 gold and proxy against sqrt(KL): the PPO points of the over-optimisation study
   checkpoints   train state + beta + reward moments + rollout RNG + iteration: a resumed run
                 continues exactly
 
-Jitted pieces and the trainable / frozen trees: experiments/ppo_step.py.
+Jitted pieces and the trainable / frozen trees: experiments/stages/ppo_step.py.
 """
 from __future__ import annotations
 
@@ -31,14 +31,15 @@ from jax.sharding import NamedSharding
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
+from experiments.stages import reward_model
 from data import sources, tokenizers
-from experiments import metrics as metrics_lib
-from experiments import policy as policy_lib
-from experiments import online, ppo_step, reward as reward_stage, sft, stage, trainer
+from experiments.stages import runlog
+from experiments.stages import policy as policy_lib
+from experiments.stages import online, ppo_step, stage, trainer
 from lm import checkpoint as ckpt_lib
 from lm import decode, heads, model, paths, peft, sharding
 from lm.config import ConfigError
-from rl import gold, ppo, rollout
+from rl import common, gold, ppo, rollout
 
 KL_MODES = ('fixed', 'adaptive')
 VALUE_INITS = ('reward', 'policy_head')
@@ -52,7 +53,7 @@ def check(config: ConfigDict) -> None:
     if value not in allowed:
       raise ConfigError(f'{name}={value!r} is not known; choose one of {allowed}.')
   one_of('kl.mode', config.kl.mode, KL_MODES)
-  one_of('reward.kl_estimator', config.reward.kl_estimator, ppo.KL_ESTIMATORS)
+  one_of('reward.kl_estimator', config.reward.kl_estimator, common.KL_ESTIMATORS)
   one_of('reward.score_scale', config.reward.score_scale, SCORE_SCALES)
   one_of('value.init', config.value.init, VALUE_INITS)
   one_of('peft.method', config.peft.method, PEFT_METHODS)
@@ -134,7 +135,7 @@ def build_trees(config, s: ppo_step.Settings, pol, rm, mesh):
 def settings(config, pol, rm_cfg, n_prompt: int) -> ppo_step.Settings:
   p, r = config.ppo, config.reward
   return ppo_step.Settings(
-      cfg=pol.cfg, rm_cfg=rm_cfg, pcfg=sft.peft_config(config), n_prompt=n_prompt,
+      cfg=pol.cfg, rm_cfg=rm_cfg, pcfg=stage.peft_config(config), n_prompt=n_prompt,
       temperature=float(config.rollout.temperature), value_init=config.value.init,
       kl_estimator=r.kl_estimator, missing_eos_penalty=float(r.missing_eos_penalty),
       score_clip=float(r.score_clip), score_scale=r.score_scale, whiten_rewards=bool(r.whiten),
@@ -185,7 +186,7 @@ class Pieces:
   """Everything a run sets up before its first compile (tests drive these directly)."""
   config: ConfigDict
   pol: policy_lib.Policy
-  rm: reward_stage.RewardModel
+  rm: reward_model.RewardModel
   s: ppo_step.Settings
   mesh: object
   setup: stage.Setup
@@ -224,12 +225,12 @@ def prepare(config: ConfigDict, workdir: str, devices=None) -> Pieces:
                       'prompts; raise prompts.n_train.')
   mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
   check_batch(config, mesh)
-  sft.check_resume_source(workdir, pol.source)
+  stage.check_resume_source(workdir, pol.source)
   if jax.process_index() == 0:   # the policy's tokenizer: the run is a source for later stages
     stage.save_tokenizer(pol.tok, workdir)
 
   # (on all devices; build_trees moves it onto `mesh`, which may use fewer)
-  rm = reward_stage.load_reward_model(config.reward_from, None if devices else config.mesh.to_dict())
+  rm = reward_model.load_reward_model(config.reward_from, None if devices else config.mesh.to_dict())
   s = settings(config, pol, rm.cfg, n_prompt)
   ptx_ids = ptx_tokens(config, pol.tok) if s.ptx_coef > 0 else None
   axes, init, initial, frozen = build_trees(config, s, pol, rm, mesh)
@@ -376,12 +377,12 @@ def run(config: ConfigDict, workdir: str):
 
 
 def read_evals(workdir: str) -> list[dict]:
-  return metrics_lib.read(paths.path(workdir) / online.EVAL_FILE)
+  return runlog.read(paths.path(workdir) / online.EVAL_FILE)
 
 
 def finish(workdir: str, state, start: int, it: int, evals: list[dict]) -> dict:
   """report.json (held-out before / after, mean seconds per iteration by phase), plots, table."""
-  rows = metrics_lib.read(paths.path(workdir) / 'metrics.jsonl')
+  rows = runlog.read(paths.path(workdir) / 'metrics.jsonl')
   timed = rows[1:] or rows          # the first iteration compiles
   split = {k: float(np.mean([r[k] for r in timed])) for k in ('gen_s', 'score_s', 'update_s')} if rows else {}
   report = {'iterations': it, 'started_at': start, 'before': evals[0] if evals else None,
@@ -418,4 +419,4 @@ def plot(evals: list[dict], path: str, title: str = '') -> str:
   lines = ax.get_lines() + ax2.get_lines()
   ax.legend(lines, [l.get_label() for l in lines], loc='upper left')
   fig.tight_layout()
-  return metrics_lib.save_png(fig, path, dpi=120)
+  return runlog.save_png(fig, path, dpi=120)

@@ -19,11 +19,10 @@ import os
 import time
 
 import jax
-import numpy as np
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from experiments import policy, trainer
+from experiments.stages import policy, trainer
 from lm import sharding
 from lm.config import ConfigError
 from rl import gold
@@ -37,23 +36,6 @@ def check(config: ConfigDict) -> None:
   gold.check(config.gold)
   if config.max_new_tokens < 1 or config.temperature <= 0:
     raise ConfigError('max_new_tokens must be >= 1 and temperature > 0 (samples, not greedy).')
-
-
-def group(responses: list[str], scores: np.ndarray, counts: dict) -> tuple[list[str], list[float]]:
-  """Drop empty and duplicate responses of one prompt (first kept), counting each."""
-  seen, out, g = set(), [], []
-  for r, s in zip(responses, scores):
-    key = r.strip()
-    if not key:
-      counts['empty_responses'] += 1
-      continue
-    if key in seen:
-      counts['duplicate_responses'] += 1
-      continue
-    seen.add(key)
-    out.append(r)
-    g.append(float(s))
-  return out, g
 
 
 def run(config: ConfigDict, workdir: str):
@@ -87,7 +69,7 @@ def run(config: ConfigDict, workdir: str):
   with open(path, 'w') as f:
     for i, prompt in enumerate(train):
       lo = i * config.k
-      resp, g = group(texts[lo:lo + config.k], scores[lo:lo + config.k], counts)
+      resp, g = policy.dedup_responses(texts[lo:lo + config.k], scores[lo:lo + config.k], counts)
       if len(resp) < 2:
         counts['too_few_responses'] += 1
         continue

@@ -30,7 +30,7 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from data import clean, sources, tokenizers
-from experiments import stage, trainer
+from experiments.stages import stage, trainer
 from lm import model, objectives
 from lm.config import ConfigError
 

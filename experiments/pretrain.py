@@ -15,7 +15,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from data import pipeline
-from experiments import corpus, stage, trainer
+from experiments.stages import corpus, stage, trainer
 from lm import decode, model, objectives, paths, sharding, train as train_lib
 from lm.config import ConfigError, ModelConfig
 

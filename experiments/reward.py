@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,15 +34,13 @@ import numpy as np
 import optax
 from ml_collections import ConfigDict
 
+from experiments.stages import reward_model
 from data import pipeline, tokenizers
-from experiments import reward_data, reward_eval, sft, stage, trainer
+from experiments.stages import reward_data, reward_eval, stage, trainer
 from lm import checkpoint as ckpt_lib
 from lm import heads, model, paths, peft, sharding, train as train_lib
 from lm.config import ConfigError, ModelConfig
 from rl import reward as reward_lib
-
-NORM_FILE = 'reward_norm.json'
-
 
 def scores_of(trunk, head, batch, cfg: ModelConfig) -> jax.Array:
   """[B, K, T] groups -> [B, K] float32 scores, read at each row's last real token."""
@@ -77,28 +74,6 @@ def _trees(config, cfg, pcfg, source, mesh):
   return axes, init, None, frozen, jax.tree.map(lambda x: x.sharding, frozen)
 
 
-# Ensembles ------------------------------------------------------------------------------------
-def ensemble_config(config: ConfigDict) -> ConfigDict:
-  """config.ensemble, checked (one sentence each); configs without the section are one model."""
-  e = ConfigDict(dict(members=1, combine='mean', lam=0.5))
-  if config.get('ensemble') is not None:
-    e.update(config.ensemble.to_dict())
-  if not isinstance(e.members, int) or e.members < 1:
-    raise ConfigError(f'ensemble.members={e.members!r}: an ensemble needs at least one reward model; '
-                      'set ensemble.members to an integer >= 1 (1 = a single model).')
-  if e.combine not in reward_lib.ENSEMBLES:
-    raise ConfigError(f'ensemble.combine={e.combine!r} is not a known combination; use one of '
-                      f'{list(reward_lib.ENSEMBLES)}.')
-  if e.lam < 0:
-    raise ConfigError(f'ensemble.lam={e.lam} would reward disagreement between members; use lam >= 0.')
-  return e
-
-
-def stacked_axes(axes):
-  """Each leaf's logical axes with a leading unnamed (replicated) member axis."""
-  return jax.tree.map(lambda ax: (None, *ax), axes, is_leaf=lambda x: isinstance(x, tuple))
-
-
 def _ensemble_trees(config, cfg, pcfg, source, mesh, m: int):
   """_trees with a leading member axis: member i initialised as the single model of seed + i."""
   axes, init1, initial1, frozen, frozen_sh = _trees(config, cfg, pcfg, source, mesh)
@@ -125,7 +100,7 @@ def ensemble_build(config, workdir, mesh, *, axes, init_params, initial_params, 
   def start(params):
     return train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   abstract = jax.eval_shape(lambda k: start(init_params(k)), key)
-  param_sh = sharding.tree_shardings(stacked_axes(axes), abstract.params, mesh)
+  param_sh = sharding.tree_shardings(reward_model.stacked_axes(axes), abstract.params, mesh)
   masked = lambda x: isinstance(x, optax.MaskedNode)
   # The stacked state has the member optimizer's structure: moments follow the params; the
   # [M] counts are replicated.
@@ -199,23 +174,23 @@ def run(config: ConfigDict, workdir: str):
   if config.data.k < 2:
     raise ConfigError(f'data.k={config.data.k}: a reward model learns from comparisons, so each '
                       'prompt needs at least 2 responses; set data.k >= 2.')
-  ens = ensemble_config(config)
+  ens = reward_model.ensemble_config(config)
   m = ens.members
-  pcfg = sft.peft_config(config)
+  pcfg = stage.peft_config(config)
   source = stage.read_source(config.init_from)
   cfg = stage.model_from_source(config, source)
   if cfg.arch != 'decoder' or not cfg.causal:
     raise ConfigError('reward reads the last token of causal decoder-only models; init_from holds a '
                       f'{cfg.arch} model with causal={cfg.causal}.')
   tok = tokenizers.add_special_tokens(source.tokenizer, ['eos'])   # the token the head reads
-  cfg = sft.with_tokens(cfg, tok)
+  cfg = stage.with_tokens(cfg, tok)
   seq_len = config.data.seq_len or cfg.max_seq_len
   if seq_len > cfg.max_seq_len:
     raise ConfigError(f'data.seq_len={seq_len} is longer than the model context {cfg.max_seq_len}.')
   data = reward_data.load(config, tok, seq_len)     # counted skips; ConfigError at start-up
   mesh = sharding.make_mesh(config.mesh.to_dict())
   trainer.check_batch(config, mesh)
-  sft.check_resume_source(workdir, source)
+  stage.check_resume_source(workdir, source)
   if jax.process_index() == 0:
     stage.save_tokenizer(tok, workdir)
 
@@ -241,7 +216,7 @@ def run(config: ConfigDict, workdir: str):
   rows = pipeline.local_rows(val_sh['ranks'], t.batch_size, config.data.k)
   if setup.data_state is not None:
     batches.restore(setup.data_state)
-  trainable = (sft.peft_counts(cfg, pcfg)['trainable'] + cfg.d_model + 1) * m
+  trainable = (stage.peft_counts(cfg, pcfg)['trainable'] + cfg.d_model + 1) * m
   trainer.write_config(config, workdir, {
       'model': dataclasses.asdict(cfg),   # the network itself, so load_reward_model needs no source
       'resolved': {'vocab_size': cfg.vocab_size, 'seq_len': seq_len, 'params': cfg.num_params(),
@@ -283,7 +258,7 @@ def run(config: ConfigDict, workdir: str):
                                  schedule=setup.schedule)
   extra = () if frozen is None else (frozen,)
   if frozen is not None:
-    step_fn = functools.partial(sft._with_frozen, step_fn, frozen)
+    step_fn = functools.partial(trainer.with_frozen, step_fn, frozen)
   to_global = functools.partial(pipeline.to_global, shardings=batch_sh, global_batch=t.batch_size)
   val_global = functools.partial(pipeline.to_global, shardings=val_sh, global_batch=t.batch_size)
   local = lambda c: val_global({k: v[rows[0]:rows[1]] for k, v in c.items()})
@@ -318,7 +293,7 @@ def run(config: ConfigDict, workdir: str):
   results = evaluate_pairs(config, data, functools.partial(reward_eval.scores, score_fn,
                                                            b=t.batch_size), ens)
   results['data'] = data.report
-  write_norm(workdir, results['norm'])
+  reward_model.write_norm(workdir, results['norm'])
   reward_eval.write(workdir, results)
   return state
 
@@ -330,7 +305,7 @@ def evaluate_pairs(config, data: reward_data.RewardData, scores: Callable[[dict]
   `scores(arrays)` gives [N, K] (one model) or [N, M, K] (an ensemble) raw scores. An
   ensemble reports each member ('members', raw units), every combination of the normalised
   member scores ('combined'), and under 'reward_model' the one ensemble.combine names."""
-  ens = ens or ensemble_config(config)
+  ens = ens or reward_model.ensemble_config(config)
   val = scores(data.val)
   g, w, l = reward_eval.pair_index(data.val['ranks'], data.val['valid'])
   held = reward_eval.record_pairs(data.val_records)
@@ -366,91 +341,3 @@ def evaluate_pairs(config, data: reward_data.RewardData, scores: Callable[[dict]
   return out
 
 
-def write_norm(workdir: str, norm: dict) -> None:
-  if jax.process_index() == 0:
-    paths.write_text(paths.path(workdir) / NORM_FILE, json.dumps(norm, indent=2))
-
-
-@dataclasses.dataclass
-class RewardModel:
-  """A trained reward model: `score(params, tokens, mask)` -> [B] normalised rewards for
-  [B, T] token rows (any padding, left or right, 1 = real token; end each row with eos).
-
-  An ensemble of `members` models: params carry a leading member axis, `score_members`
-  gives the [M, B] normalised member scores and `score` their `combine` (rl.reward.ensemble
-  with `lam`); gain and bias are then per-member lists. A single model has members = 1 and
-  score_members = score[None]."""
-  params: Any                 # {'trunk': params for model.forward (adapters hooked in), 'head'}
-  score: Callable
-  cfg: ModelConfig
-  tokenizer: Any
-  gain: float | list
-  bias: float | list
-  seq_len: int
-  members: int = 1
-  combine: str = 'mean'
-  lam: float = 0.0
-  score_members: Callable | None = None
-
-
-def load_reward_model(workdir: str, mesh_cfg: dict | None = None, combine: str | None = None,
-                      lam: float | None = None) -> RewardModel:
-  """The finished reward run in `workdir` (one model or an ensemble), normalised by its
-  reward_norm.json; `combine` / `lam` override an ensemble's saved combination."""
-  saved = json.loads(paths.read_text(paths.path(workdir) / 'config.json'))
-  norm_path = paths.path(workdir) / NORM_FILE   # epath: the workdir may be a bucket (gs://)
-  if not norm_path.exists():
-    raise ckpt_lib.CheckpointError(f'{workdir} has no {NORM_FILE}: the reward run did not finish; '
-                                   'rerun it to train.steps.')
-  norm = json.loads(paths.read_text(norm_path))
-  ens = ensemble_config(ConfigDict({'ensemble': {
-      **saved.get('ensemble', {}), **({} if combine is None else {'combine': combine}),
-      **({} if lam is None else {'lam': lam})}}))
-  m = ens.members
-  cfg = ModelConfig.from_dict(saved['model'])
-  pcfg = peft.PeftConfig.from_dict(saved['peft'])
-  mesh = sharding.make_mesh(mesh_cfg or {'data': -1})
-  if pcfg.method == 'none':
-    axes = {'trunk': model.logical_axes(cfg), 'head': heads.logical_axes(cfg, 1)}
-    init = lambda k: {'trunk': model.init(cfg, k), 'head': heads.init(cfg, 1, k)}
-  else:
-    axes = {'adapters': peft.logical_axes(cfg, pcfg), 'head': heads.logical_axes(cfg, 1)}
-    init = lambda k: {'adapters': peft.init(cfg, pcfg, k), 'head': heads.init(cfg, 1, k)}
-  if m > 1:
-    axes, one = stacked_axes(axes), init
-    init = lambda k: jax.vmap(one)(jax.random.split(k, m))
-  abstract = jax.eval_shape(init, jax.random.key(0))
-  target = train_lib.abstract_with_shardings(abstract, sharding.tree_shardings(axes, abstract, mesh))
-  ck = ckpt_lib.Checkpointer(paths.path(workdir) / 'checkpoints', async_save=False)
-  try:
-    params = ck.restore_params(ckpt_lib.Checkpointer.steps_in(ck.directory)[-1], target)
-  finally:
-    ck.close()
-  if pcfg.method != 'none':
-    src = saved['source']
-    base = stage.read_source(src['path']).restore_params(mesh, cfg)
-    merge = lambda a: peft.combine(base, a, cfg, pcfg)
-    trunk = merge(params['adapters']) if m == 1 else jax.vmap(merge)(params['adapters'])
-    params = {'trunk': trunk, 'head': params['head']}
-  gain, bias = norm['gain'], norm['bias']
-  tok = stage.load_tokenizer(workdir)
-  seq_len = saved['resolved']['seq_len']
-  if m == 1:
-    @jax.jit
-    def score(p, tokens, mask):
-      raw = heads.score(p['trunk'], p['head'], tokens, mask, cfg)[:, 0]
-      return reward_lib.normalize(raw, gain, bias)
-    return RewardModel(params, score, cfg, tok, gain, bias, seq_len,
-                       score_members=jax.jit(lambda p, t, k: score(p, t, k)[None]))
-  g, b = jnp.asarray(gain, jnp.float32)[:, None], jnp.asarray(bias, jnp.float32)[:, None]
-
-  @jax.jit
-  def score_members(p, tokens, mask):
-    raw = jax.vmap(lambda q: heads.score(q['trunk'], q['head'], tokens, mask, cfg)[:, 0])(p)
-    return reward_lib.normalize(raw, g, b)                                   # [M, B]
-
-  @jax.jit
-  def score_ens(p, tokens, mask):
-    return reward_lib.ensemble(score_members(p, tokens, mask), ens.combine, ens.lam)
-  return RewardModel(params, score_ens, cfg, tok, gain, bias, seq_len, members=m,
-                     combine=ens.combine, lam=float(ens.lam), score_members=score_members)

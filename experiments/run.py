@@ -34,7 +34,7 @@ def _user_errors():
   from lm.checkpoint import CheckpointError
   from lm.config import ConfigError
   from lm.sharding import ShardingError
-  from experiments.trainer import TrainingError
+  from experiments.stages.trainer import TrainingError
   return (ConfigError, CorpusError, TokenizerError, DataError, ShardingError, CheckpointError,
           TrainingError)
 
@@ -68,7 +68,8 @@ def parse_flags(argv):
 def main(argv):
   del argv
   import jax
-  from experiments import registry, trainer
+  from experiments import registry
+  from experiments.stages import trainer
   if FLAGS.coordinator:
     jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   elif FLAGS.multihost:

@@ -11,47 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 
 import jax
-import numpy as np
 from ml_collections import ConfigDict
 
-from data import formats, pipeline, tasks, tokenizers
-from experiments import sft_data, sft_eval, stage, trainer
-from lm import checkpoint as ckpt_lib
+from data import formats, pipeline, tokenizers
+from experiments.stages import sft_data, sft_eval, stage, trainer
 from lm import model, objectives, paths, peft, sharding, train as train_lib
-from lm.config import ConfigError, ModelConfig
-
-
-def peft_config(config: ConfigDict) -> peft.PeftConfig:
-  return peft.PeftConfig.from_dict(config.peft.to_dict())
-
-
-def with_tokens(cfg: ModelConfig, tok) -> ModelConfig:
-  """The model's vocabulary grown to the tokenizer's added special tokens, inside the padded
-  embedding rows the model already has (so the source's params keep their shapes)."""
-  if tok.vocab_size == cfg.vocab_size:
-    return cfg
-  grown = dataclasses.replace(cfg, vocab_size=tok.vocab_size)
-  if tok.vocab_size < cfg.vocab_size or grown.padded_vocab != cfg.padded_vocab:
-    raise ConfigError(f'The template needs {tok.vocab_size} token ids but the init_from model has '
-                      f'{cfg.vocab_size} ({cfg.padded_vocab} embedding rows); use a template whose '
-                      'special tokens the source vocabulary already has (e.g. data.template=alpaca).')
-  return grown
-
-
-def check_resume_source(workdir: str, source: stage.Source) -> None:
-  """A resumed PEFT run must find the same base it was trained on."""
-  path = paths.path(workdir) / 'config.json'   # epath: the workdir may be a bucket (gs://)
-  if not path.exists():
-    return
-  old = json.loads(paths.read_text(path)).get('source')
-  if old and (old['step'], old['config_hash']) != (source.step, source.config_hash):
-    raise ckpt_lib.CheckpointError(
-        f'{workdir} was trained on {old["path"]} at step {old["step"]} (config {old["config_hash"]}) '
-        f'but init_from now gives step {source.step} (config {source.config_hash}); point '
-        'init_from at the original base or use a new --workdir.')
+from lm.config import ConfigError
 
 
 def run(config: ConfigDict, workdir: str):
@@ -60,7 +27,7 @@ def run(config: ConfigDict, workdir: str):
   # 1. Everything a user can get wrong, before any compile.
   if not config.init_from:
     raise ConfigError('sft needs --config.init_from=DIR (a pretraining workdir) or hf:PATH.')
-  pcfg = peft_config(config)
+  pcfg = stage.peft_config(config)
   source = stage.read_source(config.init_from)
   cfg = stage.model_from_source(config, source)
   if cfg.arch != 'decoder' or not cfg.causal:
@@ -68,7 +35,7 @@ def run(config: ConfigDict, workdir: str):
                       f'{cfg.arch} model with causal={cfg.causal}.')
   template = formats.get_template(config.data.template)
   tok = tokenizers.add_special_tokens(source.tokenizer, sft_data.needed_tokens(template, source.tokenizer))
-  cfg = with_tokens(cfg, tok)
+  cfg = stage.with_tokens(cfg, tok)
   seq_len = config.data.seq_len or cfg.max_seq_len
   if seq_len > cfg.max_seq_len:
     raise ConfigError(f'data.seq_len={seq_len} is longer than the model context {cfg.max_seq_len}.')
@@ -79,7 +46,7 @@ def run(config: ConfigDict, workdir: str):
   data = sft_data.load(config, tok, seq_len, pack)   # rendered, counted; FormatError at start-up
   mesh = sharding.make_mesh(config.mesh.to_dict())
   trainer.check_batch(config, mesh)
-  check_resume_source(workdir, source)
+  stage.check_resume_source(workdir, source)
   if jax.process_index() == 0:
     stage.save_tokenizer(tok, workdir)
 
@@ -105,12 +72,12 @@ def run(config: ConfigDict, workdir: str):
     batches.restore(setup.data_state)
   trainer.write_config(config, workdir, {
       'resolved': {'vocab_size': cfg.vocab_size, 'seq_len': seq_len, 'params': cfg.num_params(),
-                   'trainable_params': peft_counts(cfg, pcfg)['trainable'],
+                   'trainable_params': stage.peft_counts(cfg, pcfg)['trainable'],
                    'devices': jax.device_count(), 'mesh': dict(mesh.shape), 'data': data.report},
       'source': source.record(),
       'model': dataclasses.asdict(cfg)})   # the model actually trained: what a next stage reads
   print(f'sft from {source.path} (step {source.step}): {cfg.num_params():,} params, '
-        f'{peft_counts(cfg, pcfg)["trainable"]:,} trainable ({pcfg.method}); '
+        f'{stage.peft_counts(cfg, pcfg)["trainable"]:,} trainable ({pcfg.method}); '
         f'{data.report["train"]["kept"]:,} training examples ({data.report["train"]["dropped"] or "none"} '
         f'dropped, {data.report["train"]["truncated"]} truncated); mesh {dict(mesh.shape)}; '
         + (f'resuming at step {setup.start}' if setup.start else 'starting'))
@@ -129,7 +96,7 @@ def run(config: ConfigDict, workdir: str):
                                       frozen_sh=frozen_sh, grad_accum=t.grad_accum,
                                       seed=config.seed, schedule=setup.schedule)
   if frozen is not None:
-    step_fn = functools.partial(_with_frozen, step_fn, frozen)
+    step_fn = functools.partial(trainer.with_frozen, step_fn, frozen)
   to_global = functools.partial(pipeline.to_global, shardings=batch_sh, global_batch=t.batch_size)
   state = trainer.train(trainer.Run(
       config=config, workdir=workdir, mesh=mesh, state=setup.state, start_step=setup.start,
@@ -143,10 +110,3 @@ def run(config: ConfigDict, workdir: str):
   return state
 
 
-def _with_frozen(step_fn, frozen, state, batch):
-  return step_fn(state, batch, frozen)
-
-
-def peft_counts(cfg: ModelConfig, pcfg: peft.PeftConfig) -> dict:
-  total = cfg.num_params()
-  return {'trainable': total if pcfg.method == 'none' else peft.num_params(cfg, pcfg)}

@@ -17,8 +17,9 @@ import os
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from experiments import metrics as metrics_lib
-from experiments.configs import base
+from experiments import registry
+from experiments.stages import scaling_fits
+from experiments.stages import runlog
 from lm.config import ConfigError, ModelConfig
 
 
@@ -57,7 +58,7 @@ def run_config(config: ConfigDict, r: dict, workdir: str) -> ConfigDict:
 
 
 def run(config: ConfigDict, workdir: str):
-  from experiments import pretrain  # imported here: the plan is checked before JAX work starts
+  pretrain = registry.get('pretrain')   # a study runs the pretrain experiment (drivers never import drivers)
   os.makedirs(workdir, exist_ok=True)
   runs = plan(config)
   print(f'sweep: {len(runs)} runs, N from {min(r["N"] for r in runs):,} to {max(r["N"] for r in runs):,} '
@@ -68,8 +69,8 @@ def run(config: ConfigDict, workdir: str):
     sub = os.path.join(workdir, 'runs', r['name'])
     done = os.path.join(sub, 'result.json')
     if not os.path.exists(done):
-      pretrain.run(run_config(config, r, workdir), sub)
-      rows = metrics_lib.read(os.path.join(sub, 'metrics.jsonl'))
+      pretrain(run_config(config, r, workdir), sub)
+      rows = runlog.read(os.path.join(sub, 'metrics.jsonl'))
       val = [x['val_loss'] for x in rows if x.get('val_loss') is not None]
       with open(done, 'w') as f:
         json.dump({**r, 'loss': val[-1], 'train_loss': rows[-1]['loss']}, f)
@@ -79,25 +80,8 @@ def run(config: ConfigDict, workdir: str):
     json.dump(results, f, indent=1)
   print(format_table(results))
   if config.sweep.fit:
-    from experiments import fit
-    fit.fit_and_plot(results, workdir, curves=loss_curves(results, workdir))
+    scaling_fits.fit_and_plot(results, workdir, curves=scaling_fits.loss_curves(results, workdir))
   return results
-
-
-def loss_curves(results: list[dict], workdir: str, smooth: int = 5) -> list[dict]:
-  """Each run's training-loss curve as (N, D so far, C so far, smoothed loss) points:
-  the data of Chinchilla's approach 1 (the envelope over all runs' curves)."""
-  points = []
-  for r in results:
-    rows = [x for x in metrics_lib.read(os.path.join(workdir, 'runs', r['name'], 'metrics.jsonl'))
-            if x.get('loss') is not None]
-    tokens_per_step = r['D'] / r['steps']
-    for i in range(smooth - 1, len(rows)):
-      window = rows[i - smooth + 1:i + 1]
-      d = rows[i]['step'] * tokens_per_step
-      points.append({'N': r['N'], 'D': d, 'C': 6.0 * r['N'] * d,
-                     'loss': sum(x['loss'] for x in window) / smooth})
-  return points
 
 
 def format_table(results: list[dict]) -> str:

@@ -108,7 +108,7 @@ def train_model(config: ConfigDict, workdir: str, segments: dict, source=None):
   vocabulary from the training texts) trained on the segments for train.steps."""
   import jax
   from data import formats, sources, tokenizers
-  from experiments import stage, trainer
+  from experiments.stages import stage, trainer
   from lm import model, objectives, sharding, train as train_lib
   from lm.config import ModelConfig
   t = config.train
@@ -229,7 +229,7 @@ def run(config: ConfigDict, workdir: str):
   check(config)
   os.makedirs(workdir, exist_ok=True)
   if config.train.steps:
-    from experiments import trainer
+    from experiments.stages import trainer
     from lm import sharding
     trainer.check_batch(config, sharding.make_mesh(config.mesh.to_dict()))
   d = config.data
@@ -238,7 +238,7 @@ def run(config: ConfigDict, workdir: str):
   docs, coll_report = retrieval.load_collection(d.collection, plays)   # ConfigError if empty / missing
   source = None
   if config.init_from:
-    from experiments import stage
+    from experiments.stages import stage
     source = stage.read_source(config.init_from)                  # no weights read yet
   t0 = time.perf_counter()
   index = retrieval.BM25Index([f'{x.title}\n{x.text}' for x in docs], config.bm25.k1, config.bm25.b)

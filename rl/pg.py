@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rl.ppo import kl_estimate
+from rl.common import kl_estimate
 
 LEVELS = ('token', 'sequence')
 

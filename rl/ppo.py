@@ -19,85 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lm.objectives import token_nll
-
-KL_ESTIMATORS = ('k1', 'k3')
-
-
-# Log-probs and entropy ------------------------------------------------------------------------
-def scale_logits(logits: jax.Array, temperature: float = 1.0) -> jax.Array:
-  """float32 logits / temperature: the policy sampled from softmax(logits / T), so every
-  log-prob used for ratios and KL must see the same T (Huang et al. 2024, detail 'temperature')."""
-  return logits.astype(jnp.float32) / temperature
-
-
-def logprobs_from_logits(logits: jax.Array, tokens: jax.Array, temperature: float = 1.0) -> jax.Array:
-  """log pi(token_t | context) at temperature T: [B, T, V], [B, T] -> [B, T] float32."""
-  return -token_nll(scale_logits(logits, temperature), tokens)
-
-
-def entropy_from_logits(logits: jax.Array, temperature: float = 1.0) -> jax.Array:
-  """Entropy of softmax(logits / T) per position: [B, T, V] -> [B, T] float32."""
-  z = scale_logits(logits, temperature)
-  logp = jax.nn.log_softmax(z, axis=-1)
-  return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-
-
-# Masked statistics ----------------------------------------------------------------------------
-def masked_sum(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
-  return jnp.sum(x * mask, axis=axis)
-
-
-def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
-  """Mean of x over mask > 0 (padding ignored); 0 where the mask is empty."""
-  mask = mask.astype(jnp.float32)
-  return masked_sum(x, mask, axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1e-8)
-
-
-def masked_var(x: jax.Array, mask: jax.Array, unbiased: bool = True) -> jax.Array:
-  """Variance of x over mask > 0, with Bessel's correction by default (as TRL/trlx)."""
-  mask = mask.astype(jnp.float32)
-  mean = masked_mean(x, mask)
-  var = masked_mean(jnp.square(x - mean), mask)
-  if unbiased:
-    n = jnp.sum(mask)
-    var = var * n / jnp.maximum(n - 1, 1)
-  return var
-
-
-def masked_whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True, eps: float = 1e-8) -> jax.Array:
-  """(x - mean) / std over the masked-in entries; shift_mean=False keeps the mean (only
-  rescales), which is how rewards are whitened without changing their sign."""
-  mean, var = masked_mean(x, mask), masked_var(x, mask)
-  out = (x - mean) * jax.lax.rsqrt(var + eps)
-  return out if shift_mean else out + mean
-
-
-# KL estimators and per-token rewards ----------------------------------------------------------
-def kl_estimate(logp: jax.Array, ref_logp: jax.Array, kind: str = 'k1') -> jax.Array:
-  """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman 2020).
-
-  k1 = log p - log p_ref (unbiased, can be negative);
-  k3 = (r - 1) - log r with r = p_ref / p (unbiased, always >= 0, lower variance).
-  """
-  log_r = ref_logp - logp
-  if kind == 'k1':
-    return -log_r
-  if kind == 'k3':
-    return jnp.expm1(log_r) - log_r
-  raise ValueError(f'unknown KL estimator {kind!r}; choose one of {KL_ESTIMATORS}')
-
-
-def last_token_index(mask: jax.Array) -> jax.Array:
-  """Index of the last masked-in token per row ([B, T] -> [B]); 0 for an empty row."""
-  t = mask.shape[-1]
-  return jnp.max(jnp.where(mask > 0, jnp.arange(t), 0), axis=-1)
-
-
-def apply_missing_eos_penalty(scores: jax.Array, has_eos: jax.Array, penalty: float) -> jax.Array:
-  """Subtract `penalty` from the score of responses that ran out of length without EOS
-  (TRL's missing_eos_penalty; Huang et al. 2024 detail on truncated responses)."""
-  return jnp.where(has_eos, scores, scores - penalty)
+from rl import common
 
 
 def per_token_rewards(scores: jax.Array, logp: jax.Array, ref_logp: jax.Array, mask: jax.Array,
@@ -112,9 +34,9 @@ def per_token_rewards(scores: jax.Array, logp: jax.Array, ref_logp: jax.Array, m
   if missing_eos_penalty is not None:
     if has_eos is None:
       raise ValueError('missing_eos_penalty needs has_eos (which rows ended with EOS)')
-    scores = apply_missing_eos_penalty(scores, has_eos, missing_eos_penalty)
-  kl_t = kl_estimate(logp, ref_logp, kl) * mask
-  last = jax.nn.one_hot(last_token_index(mask), mask.shape[-1], dtype=jnp.float32)
+    scores = common.apply_missing_eos_penalty(scores, has_eos, missing_eos_penalty)
+  kl_t = common.kl_estimate(logp, ref_logp, kl) * mask
+  last = jax.nn.one_hot(common.last_token_index(mask), mask.shape[-1], dtype=jnp.float32)
   return (-beta * kl_t + scores[:, None].astype(jnp.float32) * last) * mask, kl_t
 
 
@@ -182,7 +104,7 @@ def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float = 1
 
 def whiten_advantages(advantages: jax.Array, mask: jax.Array) -> jax.Array:
   """Normalise advantages to mean 0, std 1 over the batch's real tokens (padding stays 0)."""
-  return masked_whiten(advantages, mask, shift_mean=True) * mask
+  return common.masked_whiten(advantages, mask, shift_mean=True) * mask
 
 
 # Losses (sums convention) ---------------------------------------------------------------------
@@ -204,9 +126,9 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
   loss = jnp.maximum(unclipped, clipped)
   clipfrac = (clipped > unclipped).astype(jnp.float32)
   approx_kl = jnp.expm1(log_ratio) - log_ratio
-  metrics = {'policy_loss': masked_sum(loss, mask), 'clipfrac': masked_sum(clipfrac, mask),
-             'approx_kl': masked_sum(jax.lax.stop_gradient(approx_kl), mask)}
-  return masked_sum(loss, mask), jnp.sum(mask), metrics
+  metrics = {'policy_loss': common.masked_sum(loss, mask), 'clipfrac': common.masked_sum(clipfrac, mask),
+             'approx_kl': common.masked_sum(jax.lax.stop_gradient(approx_kl), mask)}
+  return common.masked_sum(loss, mask), jnp.sum(mask), metrics
 
 
 def value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mask: jax.Array,
@@ -222,21 +144,21 @@ def value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mas
   clipped_v = jnp.clip(values, old_values - clip_eps, old_values + clip_eps)
   err, err_clipped = jnp.square(values - returns), jnp.square(clipped_v - returns)
   loss = 0.5 * jnp.maximum(err, err_clipped)
-  metrics = {'value_loss': masked_sum(loss, mask),
-             'vf_clipfrac': masked_sum((err_clipped > err).astype(jnp.float32), mask)}
-  return masked_sum(loss, mask), jnp.sum(mask), metrics
+  metrics = {'value_loss': common.masked_sum(loss, mask),
+             'vf_clipfrac': common.masked_sum((err_clipped > err).astype(jnp.float32), mask)}
+  return common.masked_sum(loss, mask), jnp.sum(mask), metrics
 
 
 def ppo_loss(logp, old_logp, values, old_values, advantages, returns, mask, *, clip_eps=0.2,
              vf_clip_eps=0.2, vf_coef=0.1, entropy=None, entropy_coef=0.0):
   """Policy + vf_coef * value - entropy_coef * entropy, all per token (sums convention).
-  `entropy` [B, T] (entropy_from_logits) is optional; vf_coef=0.1 as Ziegler et al. 2019."""
+  `entropy` [B, T] (common.entropy_from_logits) is optional; vf_coef=0.1 as Ziegler et al. 2019."""
   p_sum, n, metrics = policy_loss(logp, old_logp, advantages, mask, clip_eps)
   v_sum, _, v_metrics = value_loss(values, old_values, returns, mask, vf_clip_eps)
   total = p_sum + vf_coef * v_sum
   metrics = {**metrics, **v_metrics}
   if entropy is not None:
-    ent = masked_sum(entropy, mask.astype(jnp.float32))
+    ent = common.masked_sum(entropy, mask.astype(jnp.float32))
     total = total - entropy_coef * ent
     metrics['entropy'] = jax.lax.stop_gradient(ent)
   return total, n, metrics

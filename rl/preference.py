@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rl.ppo import logprobs_from_logits
+from rl.common import logprobs_from_logits
 
 LOSSES = ('dpo', 'ipo')
 

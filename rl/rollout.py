@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from lm import heads, model
 from lm.config import ModelConfig
-from rl import ppo
+from rl import common
 
 
 def _layout(mask: jax.Array) -> dict:
@@ -46,8 +46,8 @@ def response_logprobs(params, tokens, mask, n_prompt: int, cfg: ModelConfig,
   h = response_hidden(params, tokens, mask, n_prompt, cfg)
   logits = model.logits_from_hidden(params, h, cfg)
   resp, rmask = tokens[:, n_prompt:], mask[:, n_prompt:].astype(jnp.float32)
-  logp = ppo.logprobs_from_logits(logits, resp, temperature) * rmask
-  ent = ppo.entropy_from_logits(logits, temperature) * rmask if with_entropy else None
+  logp = common.logprobs_from_logits(logits, resp, temperature) * rmask
+  ent = common.entropy_from_logits(logits, temperature) * rmask if with_entropy else None
   return logp, ent
 
 
@@ -65,8 +65,8 @@ def response_logprobs_values(params, head, tokens, mask, n_prompt: int, cfg: Mod
   h = response_hidden(params, tokens, mask, n_prompt, cfg)
   logits = model.logits_from_hidden(params, h, cfg)
   resp, rmask = tokens[:, n_prompt:], mask[:, n_prompt:].astype(jnp.float32)
-  logp = ppo.logprobs_from_logits(logits, resp, temperature) * rmask
-  ent = ppo.entropy_from_logits(logits, temperature) * rmask if with_entropy else None
+  logp = common.logprobs_from_logits(logits, resp, temperature) * rmask
+  ent = common.entropy_from_logits(logits, temperature) * rmask if with_entropy else None
   values = heads.apply(head, h.reshape(-1, h.shape[-1])).reshape(h.shape[:2]) * rmask
   return logp, ent, values
 
@@ -78,7 +78,7 @@ def last_token_scores(trunk, head, tokens, mask, cfg: ModelConfig) -> jax.Array:
 
 def has_eos(gen_tokens: jax.Array, gen_mask: jax.Array, eos_id: int) -> jax.Array:
   """[B] whether each response ended with eos (else it ran out of max_new_tokens)."""
-  last = ppo.last_token_index(gen_mask)
+  last = common.last_token_index(gen_mask)
   tok = jnp.take_along_axis(gen_tokens, last[:, None], axis=1)[:, 0]
   return (tok == eos_id) & (gen_mask.sum(1) > 0)
 

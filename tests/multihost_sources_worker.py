@@ -47,7 +47,7 @@ def main():
   from jax.experimental import multihost_utils
 
   from data import pipeline, sources, tokenizers
-  from experiments import trainer
+  from experiments.stages import trainer
   from lm import sharding, train as train_lib
 
   pid = jax.process_index()

@@ -15,8 +15,8 @@ import os
 import jax
 import jax.numpy as jnp
 
+from experiments.stages import reward_model
 from data import tokenizers
-from experiments import reward as reward_stage
 from experiments.configs import base
 from lm import checkpoint as ckpt_lib
 from lm import heads, model, train as train_lib
@@ -76,7 +76,7 @@ def reward_run(workdir, policy_dir, seed: int = 1, gain: float = 2.0, bias: floa
   c['source'] = {'path': os.path.abspath(policy_dir)}
   _save(workdir, tree, c)
   tokenizers.load(tokenizers.run_file(policy_dir)).save(tokenizers.run_file(workdir))
-  reward_stage.write_norm(workdir, {'gain': gain, 'bias': bias})
+  reward_model.write_norm(workdir, {'gain': gain, 'bias': bias})
   return workdir
 
 

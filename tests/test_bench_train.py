@@ -13,7 +13,8 @@ import textwrap
 import pytest
 from ml_collections import ConfigDict
 
-from experiments import bench, bench_profile
+from experiments import bench
+from experiments.stages import bench_profile
 from experiments.configs import bench_train
 from lm.config import ConfigError
 

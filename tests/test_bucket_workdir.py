@@ -16,6 +16,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import stringify_path
 import orbax.checkpoint as ocp
 
+from experiments.stages import reward_model
 from experiments import pretrain
 from lm import checkpoint as ckpt_lib
 from lm import paths
@@ -107,7 +108,8 @@ def test_stages_chain_through_a_bucket(bucket, tmp_path, capsys):
   """pretrain -> gs://bkt/pre; SFT init_from gs://bkt/pre -> gs://bkt/sft; the reward model
   init_from gs://bkt/sft -> gs://bkt/rm, which loads back from the bucket."""
   import numpy as np
-  from experiments import reward, sft, stage
+  from experiments import reward, sft
+  from experiments.stages import stage
   from tests.conftest import TINY_SHAKESPEARE
   from tests.test_reward import hh, rm_config
   from tests.test_sft import WORDS, sft_config
@@ -140,7 +142,7 @@ def test_stages_chain_through_a_bucket(bucket, tmp_path, capsys):
     assert os.listdir(root / run / 'checkpoints') == ['2'], run
     assert json.loads((root / run / 'config.json').read_text())['source']['path'] == \
         {'sft': 'gs://bkt/pre', 'rm': 'gs://bkt/sft'}[run]
-  assert (root / 'rm' / reward.NORM_FILE).stat().st_size > 0
+  assert (root / 'rm' / reward_model.NORM_FILE).stat().st_size > 0
   assert 'reward_model' in json.loads((root / 'rm' / 'eval.json').read_text())
   # Orbax got the URLs: each stage saves its own and reads its source's params from the bucket.
   # (a read opens the source's Checkpointer and, for params only, a fresh manager: 1 + 2 each)
@@ -149,14 +151,14 @@ def test_stages_chain_through_a_bucket(bucket, tmp_path, capsys):
   # Each stage reads its source back from the bucket: the SFT model has the template's eos id.
   pre, tuned = stage.read_source('gs://bkt/pre'), stage.read_source('gs://bkt/sft')
   assert tuned.tokenizer.vocab_size == pre.tokenizer.vocab_size + 1 == tuned.cfg.vocab_size
-  rm = reward.load_reward_model('gs://bkt/rm')
-  norm = json.loads((root / 'rm' / reward.NORM_FILE).read_text())
+  rm = reward_model.load_reward_model('gs://bkt/rm')
+  norm = json.loads((root / 'rm' / reward_model.NORM_FILE).read_text())
   assert (rm.gain, rm.bias) == (norm['gain'], norm['bias'])
   assert rm.tokenizer.vocab_size == tuned.tokenizer.vocab_size
 
 
 def test_url_init_from_errors_are_one_sentence(bucket):
-  from experiments import stage
+  from experiments.stages import stage
   from lm.config import ConfigError
   with pytest.raises(ConfigError, match=r'init_from=gs://bkt/none holds no config.json'):
     stage.read_source('gs://bkt/none')
@@ -256,7 +258,7 @@ def test_bpe_pretraining_in_a_bucket_keeps_its_model_file(bucket, tmp_path, caps
   pointer (nothing to a local './gs:/...'), the rerun resumes with it and the next stage
   reads it back from the bucket."""
   from data import tokenizers
-  from experiments import stage
+  from experiments.stages import stage
   from tests.conftest import TINY_SHAKESPEARE
   text = TINY_SHAKESPEARE.read_text(encoding='utf-8')[:8000]
   (tmp_path / 'bpe.txt').write_text(text, encoding='utf-8')

@@ -6,7 +6,8 @@ import os
 import jax
 import numpy as np
 
-from experiments import pretrain, stage
+from experiments import pretrain
+from experiments.stages import stage
 from experiments.configs import shakespeare_char
 from lm import model, sharding
 from lm.checkpoint import Checkpointer

@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import dpo, policy, stage
+from experiments import dpo
+from experiments.stages import policy, stage
 from experiments.configs import rlhf_dpo
 from lm import model, sharding, train as train_lib
 from lm.config import ConfigError

@@ -12,7 +12,8 @@ torch = pytest.importorskip('torch', reason='needs the [hf] extra (torch, transf
 transformers = pytest.importorskip('transformers', reason='needs the [hf] extra (torch, transformers)')
 
 from data import tokenizers  # noqa: E402
-from experiments import export, pretrain, sft, stage  # noqa: E402
+from experiments import export, pretrain, sft
+from experiments.stages import stage  # noqa: E402
 from lm import decode, model, sharding  # noqa: E402
 from lm.config import ConfigError  # noqa: E402
 from tests.test_pretrain import tiny_config  # noqa: E402

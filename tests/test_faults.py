@@ -11,7 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from experiments import pretrain, trainer
+from experiments import pretrain
+from experiments.stages import trainer
 from experiments.configs import shakespeare_char
 from lm.checkpoint import Checkpointer
 
@@ -53,7 +54,8 @@ def run_with_hook(c, workdir, hook, monkeypatch):
 # The launcher, with each step slowed down so that the signal lands in the middle of the run.
 SLOW_LAUNCHER = '''
 import dataclasses, sys, time
-from experiments import run, trainer
+from experiments import run
+from experiments.stages import trainer
 orig = trainer.train
 def slow(r):
   def hook(step, batch):

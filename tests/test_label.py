@@ -16,7 +16,8 @@ from wsgiref.util import setup_testing_defaults
 
 import pytest
 
-from experiments import label, policy, reward_data
+from experiments import label
+from experiments.stages import policy, reward_data
 from experiments.configs import label as label_config
 from lm import sharding
 from lm.config import ConfigError

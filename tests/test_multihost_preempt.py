@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import pretrain, trainer
+from experiments import pretrain
+from experiments.stages import trainer
 from lm.checkpoint import Checkpointer
 from tests.test_faults import SLOW_LAUNCHER, TINY, config, flags, rows
 from tests.test_multihost import ROOT, _env, _free_port
@@ -63,7 +64,7 @@ def test_bad_check_every_is_a_config_error():
 AGREE = textwrap.dedent('''
   import sys, jax
   jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
-  from experiments.trainer import agree_on_signal
+  from experiments.stages.trainer import agree_on_signal
   me = jax.process_index()
   print('none', agree_on_signal(None))
   print('one', agree_on_signal(15 if me == 1 else None))
@@ -90,7 +91,8 @@ def test_agree_on_signal_between_two_real_processes():
 EARLY = textwrap.dedent('''
   import os, signal, sys, time
   from absl import app
-  from experiments import registry, run, trainer
+  from experiments import registry, run
+  from experiments.stages import trainer
 
   def stage(config, workdir):        # a SIGTERM during data preparation / compile
     os.kill(os.getpid(), signal.SIGTERM)

@@ -1,4 +1,4 @@
-"""The online RL loop (experiments/online.py) that PPO, RLOO and GRPO share: schedule of
+"""The online RL loop (experiments/stages/online.py) that PPO, RLOO and GRPO share: schedule of
 evaluations and checkpoints, metrics rows, and preemption by a real signal."""
 import json
 import os
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from experiments import online, trainer
+from experiments.stages import online, trainer
 
 
 class Closed:

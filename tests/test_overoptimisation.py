@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from experiments import overopt_fit, overoptimisation
+from experiments import overoptimisation
+from experiments.stages import overopt_fit
 from experiments.configs import overoptimisation as overopt_config
 from lm.config import ConfigError
 from rl import bon as bon_lib

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import export, pg, policy, stage, trainer
+from experiments import export, pg
+from experiments.stages import policy, stage, trainer
 from experiments.configs import rlhf_grpo, rlhf_rloo
 from lm import checkpoint as ckpt_lib
 from lm import sharding
@@ -145,7 +146,7 @@ def test_resumed_run_continues_exactly(runs, straight):
 
 
 def test_sigterm_mid_run_saves_and_the_rerun_continues_exactly(runs, straight, monkeypatch):
-  """A real SIGTERM during iteration 2 (experiments/online.py): the run saves at 2 and exits
+  """A real SIGTERM during iteration 2 (experiments/stages/online.py): the run saves at 2 and exits
   143; the same command again runs only iteration 3 and ends where the straight run did."""
   wd = str(runs['dir'] / 'preempted')
   real, calls = pg.gold.score, []

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from data import tokenizers
-from experiments import export, ppo, ppo_step, stage
+from experiments import export, ppo
+from experiments.stages import ppo_step, stage
 from experiments.configs import rlhf_ppo
 from lm import heads, model, peft, sharding, train as train_lib
 from lm.config import ConfigError

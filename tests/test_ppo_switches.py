@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import ppo_step
+from experiments.stages import ppo_step
 from lm import peft
 from lm.config import ModelConfig
 from rl import ppo

@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from experiments import preferences, reward_data
+from experiments import preferences
+from experiments.stages import policy, reward_data
 from experiments.configs import rlhf_preferences
 from lm.config import ConfigError
 from rl import gold
@@ -15,7 +16,7 @@ from tests import rl_fixtures
 
 def test_group_drops_empty_and_duplicate_responses():
   counts = {'empty_responses': 0, 'duplicate_responses': 0}
-  resp, g = preferences.group([' so fair', '', ' so fair ', ' foul'], np.array([0.5, 0.0, 0.1, -0.4]),
+  resp, g = policy.dedup_responses([' so fair', '', ' so fair ', ' foul'], np.array([0.5, 0.0, 0.1, -0.4]),
                               counts)
   assert resp == [' so fair', ' foul'] and g == [0.5, -0.4]
   assert counts == {'empty_responses': 1, 'duplicate_responses': 1}

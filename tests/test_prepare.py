@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from data import tokenizers
-from experiments import prepare, pretrain, stage
+from experiments import prepare, pretrain
+from experiments.stages import stage
 from experiments.configs import prepare_works
 from lm.config import ConfigError
 from tests.test_pretrain import tiny_config

@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import pretrain, trainer
+from experiments import pretrain
+from experiments.stages import trainer
 from experiments.configs import shakespeare_char
 from lm.checkpoint import Checkpointer, CheckpointError
 from lm.config import ConfigError

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments.stages import bursty
 from lm import layers, model, probe
 from lm.config import ModelConfig
 
@@ -155,8 +156,8 @@ def test_bursty_rows_follow_the_item_layout_and_mark_labels():
   from experiments import induction
   from experiments.configs import icl_induction
   s = icl_induction.get_config().synthetic
-  tok = induction.tokenizer()
-  toks, kinds, marks = induction.batch(np.random.default_rng(0), tok, 16, 64, s)
+  tok = bursty.tokenizer()
+  toks, kinds, marks = bursty.batch(np.random.default_rng(0), tok, 16, 64, s)
   assert toks.shape == (16, 65) and marks.shape == (16, 64)
   assert 0 < kinds.sum() < 16
   for row, kind, mark in zip(toks, kinds, marks):
@@ -183,10 +184,10 @@ def test_induction_config_errors_and_rise_step():
   c = icl_induction.get_config()
   c.synthetic.repeat_fraction = 1.5
   with pytest.raises(ConfigError, match='repeat_fraction'):
-    induction.check(c)
+    bursty.check(c)
   rows = [{'step': 0, 'x': 0.1}, {'step': 50, 'x': 0.2}, {'step': 100, 'x': 0.6}, {'step': 150, 'x': 0.9}]
-  assert induction.rise_step(rows, 'x', 0.5) == 100
-  assert induction.rise_step(rows, 'x', 0.95) is None
+  assert bursty.rise_step(rows, 'x', 0.5) == 100
+  assert bursty.rise_step(rows, 'x', 0.95) is None
 
 
 @pytest.mark.slow
@@ -202,7 +203,7 @@ def test_icl_induction_trains_probes_and_its_workdir_can_be_probed(tmp_path):
   rows = [json.loads(line) for line in open(tmp_path / 'run' / 'metrics.jsonl')]
   assert [r['step'] for r in rows] == [0, 2, 4] and res['rows'] == 3
   assert np.asarray(rows[-1]['induction']).shape == (2, 4)
-  assert (tmp_path / 'run' / 'induction.png').exists()
+  assert (tmp_path / 'run' / 'bursty.png').exists()
   c2 = icl_induction.get_config()
   c2.init_from = str(tmp_path / 'run')
   c2.probe.batch = 8

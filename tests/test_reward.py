@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import pretrain, reward, reward_data, reward_eval
+from experiments.stages import reward_model
+from experiments import pretrain, reward
+from experiments.stages import reward_data, reward_eval
 from experiments.configs import reward_base
 from lm.config import ConfigError
 from rl import reward as reward_lib
@@ -99,8 +101,8 @@ def test_bad_records_are_counted_skips(trained):
 def test_normaliser_gives_mean_0_std_1_on_training_responses(source, trained):
   wd, _ = trained
   _, pairs = source
-  rm = reward.load_reward_model(wd)
-  norm = json.load(open(os.path.join(wd, reward.NORM_FILE)))   # stored with the model ...
+  rm = reward_model.load_reward_model(wd)
+  norm = json.load(open(os.path.join(wd, reward_model.NORM_FILE)))   # stored with the model ...
   assert (rm.gain, rm.bias, rm.members) == (norm['gain'], norm['bias'], 1) and norm['gain'] != 1.0
   recs = reward_data.read(pairs, 2, 0.25)[0]['train']
   arr, _ = reward_data.encode(recs, rm.tokenizer, 2, rm.seq_len)

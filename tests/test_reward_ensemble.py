@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments.stages import reward_model
 from data import sources
-from experiments import reward, reward_data, reward_eval
+from experiments import reward
+from experiments.stages import reward_data, reward_eval
 from lm.config import ConfigError
 from rl import reward as reward_lib
 from tests.test_pretrain import losses
@@ -52,9 +54,9 @@ def test_vmapped_members_equal_single_models_of_seed_plus_m(runs):
   # The logged objective is the sum of the members' losses.
   np.testing.assert_allclose([r['loss'] for r in rows], [r['loss_m0'] + r['loss_m1'] for r in rows],
                              rtol=1e-6)
-  rm = reward.load_reward_model(ens)
+  rm = reward_model.load_reward_model(ens)
   for i, wd in enumerate(singles):
-    one = reward.load_reward_model(wd)
+    one = reward_model.load_reward_model(wd)
     member = jax.tree.map(lambda x: x[i], rm.params)
     for a, b in zip(jax.tree.leaves(member), jax.tree.leaves(one.params)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
@@ -66,7 +68,7 @@ def test_vmapped_members_equal_single_models_of_seed_plus_m(runs):
 def test_eval_and_normaliser_per_member(runs):
   ens, singles, _ = runs
   ev = json.load(open(os.path.join(ens, 'eval.json')))
-  norm = json.load(open(os.path.join(ens, reward.NORM_FILE)))
+  norm = json.load(open(os.path.join(ens, reward_model.NORM_FILE)))
   assert norm['members'] == 2 and norm['combine'] == 'min' and len(norm['gain']) == 2
   for i, wd in enumerate(singles):
     one = json.load(open(os.path.join(wd, 'eval.json')))
@@ -81,7 +83,7 @@ def test_eval_and_normaliser_per_member(runs):
 
 def test_load_reward_model_scores_members_normalised_and_combined(runs):
   ens, _, pairs = runs
-  rm = reward.load_reward_model(ens)
+  rm = reward_model.load_reward_model(ens)
   assert rm.members == 2 and rm.combine == 'min'
   recs = reward_data.read(pairs, 2, 0.25)[0]['train'][:16]   # the groups the normaliser saw
   arr, _ = reward_data.encode(recs, rm.tokenizer, 2, rm.seq_len)
@@ -92,11 +94,11 @@ def test_load_reward_model_scores_members_normalised_and_combined(runs):
   np.testing.assert_allclose(per.mean(1), 0, atol=1e-4)
   np.testing.assert_allclose(per.std(1), 1, atol=1e-3)
   np.testing.assert_allclose(np.asarray(rm.score(rm.params, t, m)), per.min(0), rtol=1e-6)
-  lcb = reward.load_reward_model(ens, combine='mean_minus_std', lam=2.0)
+  lcb = reward_model.load_reward_model(ens, combine='mean_minus_std', lam=2.0)
   np.testing.assert_allclose(np.asarray(lcb.score(lcb.params, t, m)),
                              per.mean(0) - 2.0 * per.std(0), rtol=1e-5, atol=1e-5)
   with pytest.raises(ConfigError, match='not a known combination'):
-    reward.load_reward_model(ens, combine='median')
+    reward_model.load_reward_model(ens, combine='median')
 
 
 def test_bad_ensemble_config_is_one_sentence_before_any_work(source, tmp_path):  # noqa: F811

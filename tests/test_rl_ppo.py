@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rl import ppo
+from rl import common, ppo
 
 
 def _np(x):
@@ -19,22 +19,22 @@ def test_logprobs_and_entropy_apply_temperature():
   t = 0.7
   z = _np(logits)[0] / t
   logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-  np.testing.assert_allclose(ppo.logprobs_from_logits(logits, tokens, t)[0], [logp[0, 1], logp[1, 0]],
+  np.testing.assert_allclose(common.logprobs_from_logits(logits, tokens, t)[0], [logp[0, 1], logp[1, 0]],
                              rtol=1e-5)
   ent = -(np.exp(logp) * logp).sum(-1)
-  np.testing.assert_allclose(ppo.entropy_from_logits(logits, t)[0], ent, rtol=1e-5)
+  np.testing.assert_allclose(common.entropy_from_logits(logits, t)[0], ent, rtol=1e-5)
 
 
 def test_masked_mean_var_whiten_ignore_padding():
   x = jnp.array([[1.0, 2.0, 3.0, 100.0], [4.0, -50.0, -50.0, -50.0]])
   m = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0]])
   real = np.array([1.0, 2.0, 3.0, 4.0])
-  assert float(ppo.masked_mean(x, m)) == pytest.approx(2.5)
-  assert float(ppo.masked_var(x, m)) == pytest.approx(real.var(ddof=1), rel=1e-5)
-  np.testing.assert_allclose(ppo.masked_mean(x, m, axis=1), [2.0, 4.0])
-  w = _np(ppo.masked_whiten(x, m))[np.asarray(m) > 0]
+  assert float(common.masked_mean(x, m)) == pytest.approx(2.5)
+  assert float(common.masked_var(x, m)) == pytest.approx(real.var(ddof=1), rel=1e-5)
+  np.testing.assert_allclose(common.masked_mean(x, m, axis=1), [2.0, 4.0])
+  w = _np(common.masked_whiten(x, m))[np.asarray(m) > 0]
   np.testing.assert_allclose(w, (real - 2.5) / real.std(ddof=1), rtol=1e-5)
-  w2 = _np(ppo.masked_whiten(x, m, shift_mean=False))[np.asarray(m) > 0]
+  w2 = _np(common.masked_whiten(x, m, shift_mean=False))[np.asarray(m) > 0]
   np.testing.assert_allclose(w2, (real - 2.5) / real.std(ddof=1) + 2.5, rtol=1e-5)
 
 
@@ -43,7 +43,7 @@ def test_kl_estimators_k1_k3_against_categoricals():
   q = np.array([0.25, 0.25, 0.25, 0.25])  # reference
   true_kl = float(np.sum(p * np.log(p / q)))
   logp, logq = jnp.log(jnp.asarray(p, jnp.float32)), jnp.log(jnp.asarray(q, jnp.float32))
-  k1, k3 = ppo.kl_estimate(logp, logq, 'k1'), ppo.kl_estimate(logp, logq, 'k3')
+  k1, k3 = common.kl_estimate(logp, logq, 'k1'), common.kl_estimate(logp, logq, 'k3')
   np.testing.assert_allclose(k1, np.log(p) - np.log(q), rtol=1e-5)
   r = q / p
   np.testing.assert_allclose(k3, (r - 1) - np.log(r), rtol=1e-4, atol=1e-6)
@@ -53,10 +53,10 @@ def test_kl_estimators_k1_k3_against_categoricals():
   assert float(np.sum(p * _np(k3))) == pytest.approx(true_kl, rel=1e-4)
   # sample-based: unbiased within Monte-Carlo error (fixed seed)
   idx = jax.random.categorical(jax.random.key(0), logp, shape=(200_000,))
-  est = float(jnp.mean(ppo.kl_estimate(logp[idx], logq[idx], 'k3')))
+  est = float(jnp.mean(common.kl_estimate(logp[idx], logq[idx], 'k3')))
   assert est == pytest.approx(true_kl, abs=0.005)
   with pytest.raises(ValueError, match='k2'):
-    ppo.kl_estimate(logp, logq, 'k2')
+    common.kl_estimate(logp, logq, 'k2')
 
 
 def test_per_token_rewards_score_at_eos_and_kl_penalty():
@@ -208,12 +208,12 @@ def test_losses_differentiable_and_jittable():
   vals = jnp.asarray(rng.normal(size=(b, t)), jnp.float32)
 
   def f(lg, vv):
-    logp = ppo.logprobs_from_logits(lg, tokens, 0.8)
+    logp = common.logprobs_from_logits(lg, tokens, 0.8)
     old = jax.lax.stop_gradient(logp) - 0.1
     rewards, _ = ppo.per_token_rewards(jnp.array([1.0, -1.0]), old, old + 0.2, mask, 0.1, 'k3')
     adv, ret = ppo.gae(rewards, vals, mask)
     s, n, _ = ppo.ppo_loss(logp, old, vv, vals, ppo.whiten_advantages(adv, mask), ret, mask,
-                           entropy=ppo.entropy_from_logits(lg, 0.8), entropy_coef=0.01)
+                           entropy=common.entropy_from_logits(lg, 0.8), entropy_coef=0.01)
     return s / n
 
   g_l, g_v = jax.jit(jax.grad(f, argnums=(0, 1)))(logits, vals + 0.05)

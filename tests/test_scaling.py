@@ -228,9 +228,9 @@ def test_csv_loader_errors_are_one_clear_sentence(tmp_path, text, message):
     scaling.load_points_csv(p)
 
 
-# Figures (drawn by experiments/scaling_plots.py from these fits) ------------------------------------
+# Figures (drawn by experiments/stages/scaling_plots.py from these fits) ------------------------------------
 def test_figures_are_written(tmp_path):
-  plots = pytest.importorskip('experiments.scaling_plots')
+  plots = pytest.importorskip('experiments.stages.scaling_plots')
   n, c, loss = isoflop_runs()
   pts = {'N': n, 'D': c / (6 * n), 'C': c, 'loss': loss}
   km = scaling.fit_km(n, loss, n_boot=0)

@@ -78,7 +78,7 @@ def test_sft_trains_and_resumes_exactly(source, tmp_path, method):
   assert min(a[s] for s in (4, 5, 6)) < a[1]    # batches differ: some later loss below the first
   cfg = json.load(open(os.path.join(full, 'config.json')))
   assert cfg['source']['path'] == os.path.abspath(src)
-  from experiments import stage
+  from experiments.stages import stage
   # A next stage gets the model trained here: the source's, grown by the template's eos id.
   import dataclasses
   tuned, base = stage.read_source(full), stage.read_source(src)
@@ -100,7 +100,7 @@ def test_sft_trains_and_resumes_exactly(source, tmp_path, method):
 
 def test_base_params_are_bitwise_unchanged_by_peft_training(source, tmp_path):
   src, inst = source
-  from experiments import stage
+  from experiments.stages import stage
   from lm import sharding
   before = jax.tree.map(np.asarray, stage.read_source(src).restore_params(sharding.make_mesh({'data': -1})))
   c = sft_config(src, inst, steps=3, checkpoint_every=0)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from data import formats, mixture, sources, tokenizers
-from experiments import sft_data
+from experiments.stages import sft_data
 from experiments.configs import sft_base
 from lm.config import ConfigError
 from data import pipeline

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import pretrain, stage
+from experiments import pretrain
+from experiments.stages import stage
 from experiments.configs import base
 from lm import sharding
 from lm.checkpoint import CheckpointError

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
+from experiments.stages import scaling_fits
 from experiments import fit, sweep
 from experiments.configs import scaling_fit, scaling_isoflop
 from lm import scaling
@@ -45,7 +46,7 @@ def test_sweep_runs_resumes_and_feeds_the_fit(tiny_corpus, tmp_path):
   for r in results[1:]:
     assert os.path.getmtime(os.path.join(wd, 'runs', r['name'], 'result.json')) == stamp[r['name']]
   # the fit step reads the sweep's results (too few points for every law: those are reported)
-  out = fit.fit_and_plot(results, wd, n_boot=5)
+  out = scaling_fits.fit_and_plot(results, wd, n_boot=5)
   assert 'km_N' in out and os.path.exists(os.path.join(wd, 'fits.json'))
 
 

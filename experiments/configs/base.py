@@ -29,7 +29,7 @@ def pretrain() -> ConfigDict:
       sampling='random',         # random windows (nanoGPT) | sequential (epochs of packed windows)
       data_dir='',               # prepared tfds data; '' = WORKDIR/data
       # Several sources instead of data.path: name -> ConfigDict(path=..., weight=..., max_windows=...)
-      # (weight 0 everywhere: proportional to size, capped by mixture_cap); see experiments/corpus.py.
+      # (weight 0 everywhere: proportional to size, capped by mixture_cap); see experiments/stages/corpus.py.
       mixture=ConfigDict(),
       mixture_cap=0,             # T5's K: a source counts as at most this many windows (0: no cap)
       mixture_temperature=1.0,   # > 1 flattens size-proportional rates towards uniform

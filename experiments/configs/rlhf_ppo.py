@@ -18,7 +18,7 @@ def get_config():
   c.experiment = 'ppo'
   c.seed = 0
   c.init_from = 'runs/rlhf/sft'       # the policy and the frozen reference
-  c.reward_from = 'runs/rlhf/rm'      # experiments.reward.load_reward_model
+  c.reward_from = 'runs/rlhf/rm'      # experiments.reward_model.load_reward_model
   c.prompts = rlhf_base.prompts()
   c.gold = 'vader'                    # rl/gold.GOLDS: logged, never optimised
   c.rollout = ConfigDict(dict(

@@ -189,8 +189,9 @@ def model_from_source(config: ConfigDict, source: Source) -> ModelConfig:
   config.model keeps every field so any may be overridden on the command line; a field that
   differs from both its default and the source's value is a conflicting override.
   """
-  from experiments.configs import base
-  defaults, asked = base.model().to_dict(), config.model.to_dict()
+  # (the defaults of configs/base.model(): ModelConfig's, vocab_size 0 = from the tokenizer)
+  defaults = {**dataclasses.asdict(ModelConfig()), 'vocab_size': 0}
+  asked = config.model.to_dict()
   src = dataclasses.asdict(source.cfg)
   out = dict(src)
   for k, v in asked.items():
@@ -265,3 +266,48 @@ def build(config: ConfigDict, workdir: str | None, mesh, *, axes, init_params: C
     return Setup(mesh, tx, schedule, shardings, fresh(), 0, None, {}, checkpointer)
   step, state, data_state, meta = found
   return Setup(mesh, tx, schedule, shardings, state, step, data_state, meta, checkpointer)
+
+
+def peft_config(config: ConfigDict) -> peft.PeftConfig:
+  return peft.PeftConfig.from_dict(config.peft.to_dict())
+
+
+def with_tokens(cfg: ModelConfig, tok) -> ModelConfig:
+  """The model's vocabulary grown to the tokenizer's added special tokens, inside the padded
+  embedding rows the model already has (so the source's params keep their shapes)."""
+  if tok.vocab_size == cfg.vocab_size:
+    return cfg
+  grown = dataclasses.replace(cfg, vocab_size=tok.vocab_size)
+  if tok.vocab_size < cfg.vocab_size or grown.padded_vocab != cfg.padded_vocab:
+    raise ConfigError(f'The template needs {tok.vocab_size} token ids but the init_from model has '
+                      f'{cfg.vocab_size} ({cfg.padded_vocab} embedding rows); use a template whose '
+                      'special tokens the source vocabulary already has (e.g. data.template=alpaca).')
+  return grown
+
+
+def check_resume_source(workdir: str, source: Source) -> None:
+  """A resumed PEFT run must find the same base it was trained on."""
+  path = paths.path(workdir) / 'config.json'   # epath: the workdir may be a bucket (gs://)
+  if not path.exists():
+    return
+  old = json.loads(paths.read_text(path)).get('source')
+  if old and (old['step'], old['config_hash']) != (source.step, source.config_hash):
+    raise ckpt_lib.CheckpointError(
+        f'{workdir} was trained on {old["path"]} at step {old["step"]} (config {old["config_hash"]}) '
+        f'but init_from now gives step {source.step} (config {source.config_hash}); point '
+        'init_from at the original base or use a new --workdir.')
+
+
+def peft_counts(cfg: ModelConfig, pcfg: peft.PeftConfig) -> dict:
+  total = cfg.num_params()
+  return {'trainable': total if pcfg.method == 'none' else peft.num_params(cfg, pcfg)}
+
+
+def read_model_source(config: ConfigDict):
+  """(source, ModelConfig with config.model's runtime fields) for a run workdir or hf:PATH;
+  no weights are read yet."""
+  if not config.init_from:
+    raise ConfigError("config.init_from is empty; give a run workdir, hf:PATH, or 'reference'.")
+  source = read_source(config.init_from)
+  runtime = {k: v for k, v in config.model.to_dict().items() if k in RUNTIME_FIELDS}
+  return source, dataclasses.replace(source.cfg, **runtime)

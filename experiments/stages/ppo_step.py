@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lm import model, objectives, peft, sharding, train as train_lib
+from lm import objectives, peft, sharding, train as train_lib
 from lm.config import ModelConfig
-from rl import ppo, reward as reward_lib, rollout
+from rl import common, ppo, reward as reward_lib, rollout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +71,7 @@ def reference_params(frozen, s: Settings):
 
 
 def rm_scores(frozen, tokens, mask, s: Settings):
-  """[B] normalised reward-model scores (experiments.reward.RewardModel.score, in the jit)."""
+  """[B] normalised reward-model scores (experiments.reward_model.RewardModel.score, in the jit)."""
   rm = frozen['rm']
   raw = rollout.last_token_scores(rm['trunk'], rm['head'], tokens, mask, s.rm_cfg)
   return reward_lib.normalize(raw, rm['gain'], rm['bias'])
@@ -119,7 +119,7 @@ def advantages(ro: dict, beta, moments: ppo.RunningMoments, s: Settings):
       scores, ro['logp'], ro['ref_logp'], rmask, beta, s.kl_estimator, has_eos=ro['has_eos'],
       missing_eos_penalty=s.missing_eos_penalty if s.missing_eos_penalty else None)
   if s.whiten_rewards:
-    rewards = ppo.masked_whiten(rewards, rmask, shift_mean=False) * rmask
+    rewards = common.masked_whiten(rewards, rmask, shift_mean=False) * rmask
   adv, returns = ppo.gae(rewards, ro['values'], rmask, s.gamma, s.lam)
   if s.whiten_advantages:
     adv = ppo.whiten_advantages(adv, rmask)
@@ -127,8 +127,8 @@ def advantages(ro: dict, beta, moments: ppo.RunningMoments, s: Settings):
            'advantages': adv, 'returns': returns}
   metrics = {'reward_total': jnp.mean(jnp.sum(rewards, 1)),
              'kl_penalty': jnp.mean(jnp.sum(kl, 1)) * beta,
-             'value_error': ppo.masked_mean(jnp.square(ro['values'] - returns), rmask),
-             'returns': ppo.masked_mean(returns, rmask)}
+             'value_error': common.masked_mean(jnp.square(ro['values'] - returns), rmask),
+             'returns': common.masked_mean(returns, rmask)}
   return batch, moments, metrics
 
 

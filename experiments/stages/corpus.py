@@ -18,7 +18,7 @@ from ml_collections import ConfigDict
 
 from data import mixture as mixture_lib
 from data import pipeline, sources, tokenizers
-from experiments import stage, trainer
+from experiments.stages import stage, trainer
 from lm import paths
 from lm.config import ConfigError
 

@@ -23,8 +23,8 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from data import formats, openings, tokenizers
-from experiments import sft, stage
-from lm import decode, paths, sharding
+from experiments.stages import reward_model, stage
+from lm import decode, paths
 from lm.config import ConfigError, ModelConfig
 from rl import gold, rollout
 
@@ -47,7 +47,7 @@ def open_policy(init_from: str, template: str = 'none') -> Policy:
     raise ConfigError(f'Policies are causal decoder-only models; init_from holds a {cfg.arch} '
                       f'model with causal={cfg.causal}.')
   tok = tokenizers.add_special_tokens(source.tokenizer, ['eos'])
-  return Policy(source, sft.with_tokens(cfg, tok), tok, int(tok.eos_id), template)
+  return Policy(source, stage.with_tokens(cfg, tok), tok, int(tok.eos_id), template)
 
 
 def prompt_texts(config: ConfigDict, split: str) -> list[str]:
@@ -174,7 +174,7 @@ class Trees:
 def trees(config: ConfigDict, pol: Policy, mesh) -> Trees:
   """Trees for config.peft.method in ('none', 'lora') (ConfigError otherwise)."""
   from lm import model, peft
-  pcfg = sft.peft_config(config)
+  pcfg = stage.peft_config(config)
   if pcfg.method not in ('none', 'lora'):
     raise ConfigError(f'peft.method={pcfg.method!r}: policy stages train the full model (none) or '
                       'LoRA (whose reference is the base without adapters); choose none or lora.')
@@ -207,14 +207,30 @@ def reward_tokenizer(reward_from: str):
 def open_reward(reward_from: str, pol: Policy, mesh_cfg: dict | None = None, max_len: int = 0):
   """(RewardModel, reward(tokens, mask) -> [B] normalised scores) for scoring this policy's
   rollouts; ConfigError at start-up if its tokenizer or context does not fit the policy."""
-  from experiments import reward as reward_stage
   rm_tok = reward_tokenizer(reward_from)
   if not same_tokenizer(rm_tok, pol.tok):
     raise ConfigError(f'The reward model in {reward_from} uses a different tokenizer from the policy '
                       f'in {pol.source.path} ({rm_tok.vocab_size} vs {pol.tok.vocab_size} ids); train '
                       'the reward model from the same SFT (or pretraining) lineage as the policy.')
-  rm = reward_stage.load_reward_model(reward_from, mesh_cfg)
+  rm = reward_model.load_reward_model(reward_from, mesh_cfg)
   if max_len and max_len > rm.cfg.max_seq_len:
     raise ConfigError(f'Rollouts of up to {max_len} tokens exceed the reward model\'s context '
                       f'({rm.cfg.max_seq_len}); lower max_new_tokens or the prompt length.')
   return rm, lambda tokens, mask: rm.score(rm.params, tokens, mask)
+
+
+def dedup_responses(responses: list[str], scores: np.ndarray, counts: dict) -> tuple[list[str], list[float]]:
+  """Drop empty and duplicate responses of one prompt (first kept), counting each."""
+  seen, out, g = set(), [], []
+  for r, s in zip(responses, scores):
+    key = r.strip()
+    if not key:
+      counts['empty_responses'] += 1
+      continue
+    if key in seen:
+      counts['duplicate_responses'] += 1
+      continue
+    seen.add(key)
+    out.append(r)
+    g.append(float(s))
+  return out, g

@@ -13,8 +13,8 @@ from typing import Callable
 import jax
 from tqdm import tqdm
 
-from experiments import metrics as metrics_lib
-from experiments import trainer
+from experiments.stages import runlog
+from experiments.stages import trainer
 from lm import paths
 
 EVAL_FILE = 'eval.jsonl'
@@ -52,7 +52,7 @@ def run_iterations(workdir: str, *, start: int, end: int, total: int, desc: str,
   checkpoint (every checkpoint_every and at `end`). `postfix` names the row's keys the bar
   shows, with their formats. Returns the iteration reached; raises trainer.Preempted (after
   saving) on SIGTERM / SIGINT."""
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=start or None)
+  writer = runlog.MetricsWriter(workdir, resume_step=start or None)
   bar = tqdm(total=total, initial=start, desc=desc, unit='it', dynamic_ncols=True,
              disable=jax.process_index() != 0)
   # An iteration (generation included) is long: the hosts can agree on a signal every one.

@@ -12,7 +12,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from data import formats, pipeline
-from experiments import trainer
+from experiments.stages import trainer
 from lm import decode, model, paths, peft, train as train_lib
 
 

@@ -69,6 +69,6 @@ def bench_nanogpt(nanogpt_dir: str, model: dict, batch_size: int, seq_len: int, 
          'tokens_per_sec': batch_size * seq_len / dt, 'torch_threads': torch.get_num_threads(),
          'params': n_params}
   if profile_steps:
-    from experiments import bench_profile
+    from experiments.stages import bench_profile
     out['profile_ms'] = bench_profile.torch_breakdown(step, profile_steps)
   return out

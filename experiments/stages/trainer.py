@@ -24,7 +24,7 @@ from lm import mfu as mfu_lib
 from lm import paths
 from lm.config import ConfigError
 from lm import sharding, train as train_lib
-from experiments import metrics as metrics_lib
+from experiments.stages import runlog
 
 
 def check_batch(config: ConfigDict, mesh) -> None:
@@ -194,7 +194,7 @@ def train(run: Run) -> Any:
             'spike_restarts': int(meta.get('spike_restarts', 0))}
   max_skips = cfg.get('max_consecutive_skips', 20)
   spike_k, spike_w = cfg.get('spike_factor', 0.0), cfg.get('spike_window', 20)
-  writer = metrics_lib.MetricsWriter(run.workdir, resume_step=run.start_step or None)
+  writer = runlog.MetricsWriter(run.workdir, resume_step=run.start_step or None)
   peak = mfu_lib.peak_flops()
   n_dev = jax.device_count()
   end = cfg.steps if not cfg.stop_after else min(cfg.steps, run.start_step + cfg.stop_after)
@@ -277,7 +277,7 @@ def train(run: Run) -> Any:
     counts['spike_restarts'] += 1
     bar.write(f'loss spike at step {spike}: restarting from step {back}, skipping {n_skip} batches')
     writer.close()                      # the restarted steps are logged again
-    writer = metrics_lib.MetricsWriter(run.workdir, resume_step=back)
+    writer = runlog.MetricsWriter(run.workdir, resume_step=back)
     while recent and recent[-1][0] > back:
       recent.pop()
     step, pending, flags, inflight, spike = back, None, [], [], None
@@ -339,7 +339,7 @@ def train(run: Run) -> Any:
     run.checkpointer.wait()
     writer.close()
   if jax.process_index() == 0 and writer.path.exists():
-    metrics_lib.plot_losses(writer.path, paths.path(run.workdir) / 'loss.png',
+    runlog.plot_losses(writer.path, paths.path(run.workdir) / 'loss.png',
                             title=paths.absolute(run.workdir).name)
   if stop.signum is not None and step < end:
     print(f'{signal.Signals(stop.signum).name} received: saved a checkpoint at step {step}; '
@@ -379,3 +379,7 @@ def combine_evals(evals: dict[str, Callable[[Any], dict]]) -> Callable[[Any], di
       out.update({f'{k}_{name}': v for k, v in p.items() if k != 'val_tokens'})
     return out
   return evaluate
+
+
+def with_frozen(step_fn, frozen, state, batch):
+  return step_fn(state, batch, frozen)
