@@ -227,3 +227,48 @@ def test_reference_model_answers_the_references():
   assert ref.generate_until([('q', {})], ['gold']) == ['gold']
   with pytest.raises(ConfigError, match='reference'):
     ref.generate_until([('q', {})])
+
+
+def test_tasks_this_model_cannot_run_are_left_out_in_one_sentence(tmp_path, monkeypatch, capsys):
+  """The quick-start case: a character model whose vocabulary lacks '#' (alpaca's '### ' and
+  HumanEval's stop strings), with a context shorter than HumanEval's 256 new tokens."""
+  from experiments import evaluate
+  from experiments.configs import evaluate as evaluate_config
+  from experiments.evaluation import tasks
+  config = evaluate_config.get_config()          # default tasks: cloze, ppl, instruct, humaneval
+  config.task.works_cloze.options.n = 4
+  config.task.works_ppl.limit = 1
+  config.task.works_ppl.options.chunk_chars = 300
+  config.bootstrap_iters = 10
+  texts = [c for name in ('works_cloze', 'works_ppl')
+           for d in tasks.load(evaluate.task_configs(_only(config, name))[0])[0]
+           for c in [d.get('text', '')] + d.get('choices', []) + [d.get('query', '')]]
+  tok = tokenizers.CharTokenizer.from_texts(texts)
+  assert '#' not in tok.chars
+  cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=4, max_seq_len=128)
+
+  class Source:   # what stage.read_model_source gives for a run workdir
+    tokenizer = tok
+
+    def restore_params(self, mesh, mcfg):
+      return model.init(mcfg, jax.random.key(0))
+
+    def record(self):
+      return {'init_from': 'fake'}
+  monkeypatch.setattr(evaluate.stage, 'read_model_source', lambda c: (Source(), cfg))
+  config.init_from = str(tmp_path / 'run')
+  results = evaluate.run(config, str(tmp_path / 'eval'))
+  assert sorted(k for k in results if not k.startswith('_')) == ['works_cloze', 'works_ppl']
+  skipped = results['_meta']['skipped']
+  assert "'#'" in skipped['works_instruct'] and 'drop it from --config.tasks' in skipped['works_instruct']
+  assert '--config.task.humaneval.generation.max_new_tokens=64' in skipped['humaneval']
+  saved = json.loads((tmp_path / 'eval' / 'results.json').read_text())
+  assert saved['works_cloze']['acc']['n'] == 4 and saved['_meta']['skipped'] == skipped
+  out = capsys.readouterr().out
+  assert out.count('warning: task ') == 2 and 'works_cloze: 4 documents' in out
+
+
+def _only(config, name):
+  c = type(config)(config.to_dict())
+  c.tasks = (name,)
+  return c

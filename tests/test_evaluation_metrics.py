@@ -31,6 +31,46 @@ def test_rouge_by_hand():
   assert s['rouge2'] == pytest.approx(f(2, 7, 8))
 
 
+CASED = ['THE dog bit the man!', 'It was not surprising at all.', 'The man bit him.']
+NO_4GRAM = ['A dog bit a man.', 'It was a surprise.', 'A man bit him.']   # smoothing matters
+BLEU_CASES = [(dict(tokenize='char'), CASED), (dict(lowercase=True), CASED),
+              (dict(tokenize='none'), CASED), (dict(smooth_method='floor', smooth_value=0.2), NO_4GRAM),
+              (dict(smooth_method='add-k'), NO_4GRAM), (dict(smooth_method='none', tokenize='intl'), NO_4GRAM)]
+
+
+@pytest.mark.parametrize('options,hyps', BLEU_CASES)
+def test_bleu_options_match_sacrebleu_called_directly(options, hyps):
+  import sacrebleu
+  items = [(h, [REFS[0][i], REFS[1][i]]) for i, h in enumerate(hyps)]
+  want = sacrebleu.corpus_bleu(hyps, REFS, **options).score
+  got = metrics.summarize('bleu', items, iters=0, options=options)['value']
+  assert got == pytest.approx(want, abs=1e-9)
+  # the option matters on this input (else the test could not see it being dropped)
+  assert want != pytest.approx(sacrebleu.corpus_bleu(hyps, REFS).score, abs=1e-6)
+
+
+def test_bleu_defaults_are_sacrebleus():
+  import sacrebleu
+  items = [(h, [REFS[0][i], REFS[1][i]]) for i, h in enumerate(SYS)]
+  assert (metrics.summarize('bleu', items, iters=0)['value']
+          == metrics.summarize('bleu', items, iters=0, options=metrics.BLEU_DEFAULTS)['value']
+          == pytest.approx(sacrebleu.corpus_bleu(SYS, REFS).score, abs=1e-9))
+  assert 'tokenize' in metrics.check_bleu_options({'tokenize': 'spm'})
+  assert 'unknown BLEU option' in metrics.check_bleu_options({'smoothing': 'exp'})
+
+
+@pytest.mark.parametrize('stem', [True, False])
+def test_rouge_stemming_option_matches_rouge_score(stem):
+  from rouge_score import rouge_scorer
+  pred, ref = 'The quick brown dogs jumped on the logs.', 'The quick brown fox jumps over the lazy dog'
+  want = rouge_scorer.RougeScorer(['rouge1', 'rougeL'], use_stemmer=stem).score(ref, pred)
+  got = metrics.rouge(pred, [ref], use_stemmer=stem)
+  assert got['rouge1'] == pytest.approx(want['rouge1'].fmeasure)
+  assert got['rougeL'] == pytest.approx(want['rougeL'].fmeasure)
+  assert metrics.rouge(pred, [ref], use_stemmer=True)['rouge1'] > metrics.rouge(
+      pred, [ref], use_stemmer=False)['rouge1']   # 'dogs'/'dog', 'jumped'/'jumps' match only stemmed
+
+
 def test_pass_at_k_matches_brute_force():
   n, c = 5, 2
   outcomes = [1] * c + [0] * (n - c)

@@ -158,3 +158,142 @@ def test_evaluate_refuses_bad_config_before_loading(tmp_path):
   with pytest.raises(ConfigError, match='does not fit a rolling task'):
     evaluate.run(config, str(tmp_path))
   assert not os.listdir(tmp_path)
+
+
+# GSM8K gold answers, parsed apart from the extractors ---------------------------------------------
+def test_gsm8k_gold_keeps_sign_commas_and_decimals():
+  assert answers.gsm8k_gold('It fell by 1,300.\n#### -1,234') == '-1234'
+  assert answers.gsm8k_gold('#### 3,000,000\n') == '3000000'
+  assert answers.gsm8k_gold('#### $0.50') == '0.50'
+  assert answers.gsm8k_gold('x #### 12 (wrong) \n#### 7.') == '7'   # the last '####' wins
+  assert answers.gsm8k_gold('no final line') is None
+  assert answers.gsm8k_gold('#### twelve') is None
+
+
+def test_negative_and_comma_answers_score_against_the_final_line(tmp_path):
+  f = tmp_path / 'neg.jsonl'
+  rows = [('The account went 1,234 below zero.', 'So -1,234.\n#### -1,234'),
+          ('It fell from 5 to -2.', '5 - 7 = -2\n#### -2'),
+          ('Three million?', '#### 3,000,000')]
+  f.write_text(''.join(json.dumps({'question': q, 'answer': a}) + '\n' for q, a in rows))
+  cfg = tasks.preset('gsm8k', path=str(f))
+  docs, _ = tasks.load(cfg)
+  assert [d['answer'] for d in docs] == ['-1234', '-2', '3000000']
+  outputs = ['It is below zero: -1,234.\n#### -1,234', 'fell to -2\n#### -2', '#### 3,000,000']
+
+  class Fixed:
+    def generate_until(self, requests, references=None):
+      return list(outputs)
+  m = tasks.run(cfg, docs, Fixed(), bootstrap_iters=0)['metrics']
+  assert m['exact_match_strict']['value'] == 1.0 and m['exact_match_flexible']['value'] == 1.0
+  outputs[0] = '#### 1,234'   # the sign matters
+  m = tasks.run(cfg, docs, Fixed(), bootstrap_iters=0)['metrics']
+  assert m['exact_match_strict']['value'] == pytest.approx(2 / 3)
+
+
+# Task lists and tasks from the command line ----------------------------------------------------
+def test_tasks_given_as_a_comma_list_and_the_error_shows_the_spellings(tmp_path):
+  assert evaluate.task_names('works_cloze,gsm8k') == ['works_cloze', 'gsm8k']
+  assert evaluate.task_names(('works_cloze', ' gsm8k')) == ['works_cloze', 'gsm8k']
+  config = evaluate_config.get_config()
+  with config.ignore_type():   # what --config.tasks=works_cloze,works_ppl gives: one string
+    config.tasks = 'works_cloze,works_ppl'
+  config.task.works_cloze.options.n = 5
+  config.task.works_ppl.limit = 2
+  config.bootstrap_iters = 10
+  results = evaluate.run(config, str(tmp_path))
+  assert results['works_cloze']['acc']['n'] == 5 and results['works_ppl']['perplexity']['n'] == 2
+  with config.ignore_type():
+    config.tasks = 'works_cloze,nope'
+  with pytest.raises(ConfigError) as e:
+    evaluate.run(config, str(tmp_path / 'x'))
+  assert "Task 'nope'" in str(e.value) and '--config.tasks=works_cloze,gsm8k' in str(e.value)
+
+
+def test_jsonl_task_defined_from_the_command_line_with_metric_options(tmp_path):
+  import sacrebleu
+  from rouge_score import rouge_scorer
+  f = tmp_path / 'tr.jsonl'
+  rows = [{'en': 'The dogs ran home.', 'fr': 'Les chiens sont rentrés.'},
+          {'en': 'A cat sleeps.', 'fr': 'Un chat dort.'},
+          {'en': 'The birds are singing.', 'fr': 'Les oiseaux chantent.'}]
+  f.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  config = evaluate_config.get_config()
+  # what --config.task.jsonl.KEY=VALUE gives: strings, a literal backslash-n, a comma list
+  t = config.task.jsonl
+  with config.ignore_type():
+    config.tasks, t.metrics = 'jsonl', 'bleu,rouge1'
+  t.path, t.query_template, t.target_template = str(f), 'French: {fr}\\nEnglish:', '{en}'
+  t.bleu.tokenize, t.bleu.lowercase, t.rouge.use_stemmer = 'char', True, False
+  (cfg,) = evaluate.task_configs(config)
+  assert cfg.metrics == ('bleu', 'rouge1')
+  docs, _ = tasks.load(cfg)
+  assert docs[0]['prompt'] == 'French: Les chiens sont rentrés.\nEnglish:'
+  outputs = ['the dog ran home', 'A cat is sleeping.', 'Birds sing.']
+
+  class Fixed:
+    def generate_until(self, requests, references=None):
+      return outputs
+  m = tasks.run(cfg, docs, Fixed(), bootstrap_iters=0)['metrics']
+  refs = [[r['en'] for r in rows]]
+  assert m['bleu']['value'] == pytest.approx(
+      sacrebleu.corpus_bleu(outputs, refs, tokenize='char', lowercase=True).score)
+  assert m['bleu']['value'] != pytest.approx(sacrebleu.corpus_bleu(outputs, refs).score)
+  scorer = rouge_scorer.RougeScorer(['rouge1'], use_stemmer=False)
+  want = sum(scorer.score(r['en'], o)['rouge1'].fmeasure for r, o in zip(rows, outputs)) / 3
+  assert m['rouge1']['value'] == pytest.approx(want)
+  t.bleu.tokenize = 'spm'
+  with pytest.raises(ConfigError, match='bleu.tokenize'):
+    evaluate.task_configs(config)
+  config.task.jsonl_2.path = str(f)
+  config.tasks = 'jsonl_2'
+  with pytest.raises(ConfigError, match='query_template'):
+    evaluate.task_configs(config)
+
+
+# A task that cannot run, or fails, leaves the others' results ----------------------------------
+def test_a_failing_task_is_named_with_its_key_and_the_others_are_written(tmp_path, monkeypatch):
+  config = evaluate_config.get_config()
+  config.tasks = ('works_cloze', 'works_ppl')
+  config.task.works_cloze.options.n = 5
+  config.task.works_ppl.limit = 2
+  config.bootstrap_iters = 10
+  real = tasks.run
+
+  def broken(cfg, *a, **k):
+    if cfg.name == 'works_cloze':
+      raise RuntimeError('device out of memory')
+    return real(cfg, *a, **k)
+  monkeypatch.setattr(tasks, 'run', broken)
+  with pytest.raises(ConfigError) as e:
+    evaluate.run(config, str(tmp_path))
+  assert 'works_cloze' in str(e.value) and 'results.json' in str(e.value)
+  saved = json.loads((tmp_path / 'results.json').read_text())
+  assert saved['works_ppl']['perplexity']['n'] == 2 and 'works_cloze' not in saved
+  failure = saved['_meta']['failed']['works_cloze']
+  assert 'device out of memory' in failure and '--config.task.works_cloze' in failure
+
+
+def test_skip_and_truncation_counts_are_printed(tmp_path, capsys):
+  line = evaluate.counts_line('mc', {'documents': 2, 'records': 2, 'skipped': {'bad_json': 1, 'bad_gold': 0},
+                                     'prompts': 8, 'truncated': 8})
+  assert line == "mc: 2 documents, skipped records: {'bad_json': 1}, 8 of 8 prompts truncated"
+
+  class Truncating(em.ReferenceModel):   # the counts a LanguageModel keeps
+    max_length = 16
+
+    def __init__(self):
+      self.stats = {'truncated': 0, 'prompts': 0}
+
+    def loglikelihood(self, requests, references=None):
+      self.stats['prompts'] += len(requests)
+      self.stats['truncated'] += len(requests) // 2
+      return super().loglikelihood(requests, references)
+  config = evaluate_config.get_config()
+  cfg = tasks.preset('works_cloze', options=dict(n=3))
+  docs, report = tasks.load(cfg)
+  out = evaluate.run_task(config, cfg, docs, report, Truncating())
+  assert (out['report']['prompts'], out['report']['truncated']) == (12, 6)
+  printed = capsys.readouterr().out
+  assert 'works_cloze: 3 documents, no records skipped, 6 of 12 prompts truncated' in printed
+  assert 'warning: task works_cloze: 6 of 12 prompts (50%) lost their oldest tokens' in printed

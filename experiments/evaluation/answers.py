@@ -51,7 +51,17 @@ def check(how: str) -> bool:
   return False
 
 
+_GOLD = re.compile(r'-?[0-9]+(\.[0-9]+)?')
+
+
 def gsm8k_gold(answer: str) -> str | None:
-  """The final number of a GSM8K solution ('... #### 1,234' -> '1234')."""
-  m = _STRICT.search(answer)
-  return m.group(1).replace(',', '').rstrip('.') if m else None
+  """The number after a GSM8K solution's last '####' ('...\n#### -1,234' -> '-1234'), or None.
+
+  Parsed by splitting, apart from the extractors above: an extraction bug (say, a lost minus
+  sign) must not be repeated in the gold answer it is compared with.
+  """
+  if '####' not in answer:
+    return None
+  number = answer.rsplit('####', 1)[1].split('\n')[0].strip()
+  number = number.replace(',', '').replace('$', '').rstrip('.')
+  return number if _GOLD.fullmatch(number) else None

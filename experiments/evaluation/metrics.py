@@ -6,8 +6,11 @@ takes the standard deviation of the re-aggregated figure. Corpus metrics (BLEU, 
 perplexity) are re-aggregated over each resample, not averaged per sample.
 
   acc, acc_norm, exact_match   mean of 0/1 items
-  bleu, chrf                   sacrebleu's corpus_bleu / corpus_chrf on (hypothesis, [refs])
-  rouge1/2/L/Lsum              rouge-score F-measure per sample (stemmed), averaged
+  bleu, chrf                   sacrebleu's corpus_bleu / corpus_chrf on (hypothesis, [refs]);
+                               BLEU takes sacrebleu's tokenize, smooth_method, smooth_value
+                               and lowercase (BLEU_DEFAULTS: sacrebleu's own defaults)
+  rouge1/2/L/Lsum              rouge-score F-measure per sample, averaged (use_stemmer:
+                               Porter stemming, on by default as in most papers' setups)
   pass@k                       mean over problems of the unbiased estimator (Chen et al. 2021)
   perplexity, word_perplexity, byte_perplexity, bits_per_byte   from (logprob, count) totals
 """
@@ -73,10 +76,35 @@ def _mean(items):
   return float(np.mean(items)) if len(items) else float('nan')
 
 
-def _bleu(items):
+# sacrebleu's corpus_bleu defaults; smooth_value 0 means the method's own default
+# (floor 0.1, add-k 1). Tokenizers that download models (spm, flores) are left out: no network.
+BLEU_DEFAULTS = {'tokenize': '13a', 'smooth_method': 'exp', 'smooth_value': 0.0, 'lowercase': False}
+BLEU_TOKENIZERS = ('13a', 'none', 'intl', 'char', 'zh', 'ja-mecab', 'ko-mecab')
+BLEU_SMOOTHING = ('exp', 'floor', 'add-k', 'none')
+
+
+def check_bleu_options(options: dict) -> str | None:
+  """Why these BLEU options cannot work (one sentence), or None."""
+  unknown = sorted(set(options) - set(BLEU_DEFAULTS))
+  if unknown:
+    return f'unknown BLEU option(s) {unknown}; known: {sorted(BLEU_DEFAULTS)}'
+  o = {**BLEU_DEFAULTS, **options}
+  if o['tokenize'] not in BLEU_TOKENIZERS:
+    return f"bleu.tokenize={o['tokenize']!r}; choose from {BLEU_TOKENIZERS}"
+  if o['smooth_method'] not in BLEU_SMOOTHING:
+    return f"bleu.smooth_method={o['smooth_method']!r}; choose from {BLEU_SMOOTHING}"
+  if not isinstance(o['lowercase'], bool) or o['smooth_value'] < 0:
+    return 'bleu.lowercase must be true or false and bleu.smooth_value >= 0'
+  return None
+
+
+def _bleu(items, **options):
   import sacrebleu
+  o = {**BLEU_DEFAULTS, **options}
   hyps, refs = _streams(items)
-  return float(sacrebleu.corpus_bleu(hyps, refs).score)
+  return float(sacrebleu.corpus_bleu(hyps, refs, tokenize=o['tokenize'], lowercase=o['lowercase'],
+                                     smooth_method=o['smooth_method'],
+                                     smooth_value=o['smooth_value'] or None).score)
 
 
 def _chrf(items):
@@ -94,15 +122,15 @@ def _streams(items):
   return hyps, refs
 
 
-@functools.lru_cache(maxsize=1)
-def _rouge_scorer():
+@functools.lru_cache(maxsize=2)
+def _rouge_scorer(use_stemmer: bool = True):
   from rouge_score import rouge_scorer
-  return rouge_scorer.RougeScorer(['rouge1', 'rouge2', 'rougeL', 'rougeLsum'], use_stemmer=True)
+  return rouge_scorer.RougeScorer(['rouge1', 'rouge2', 'rougeL', 'rougeLsum'], use_stemmer=use_stemmer)
 
 
-def rouge(prediction: str, references: Sequence[str]) -> dict[str, float]:
+def rouge(prediction: str, references: Sequence[str], use_stemmer: bool = True) -> dict[str, float]:
   """rouge-score F-measures against the best of several references (rougeLsum splits on newlines)."""
-  scorer = _rouge_scorer()
+  scorer = _rouge_scorer(bool(use_stemmer))
   scores = [scorer.score(ref, prediction) for ref in references]
   return {k: max(s[k].fmeasure for s in scores) for k in ('rouge1', 'rouge2', 'rougeL', 'rougeLsum')}
 
@@ -172,10 +200,11 @@ def bootstrap_stderr(items: Sequence, aggregate: Callable[[list], float], iters:
   return float(np.std(vals, ddof=1))
 
 
-def summarize(name: str, items: Sequence, iters: int = 1000, seed: int = 0) -> dict:
-  """{'value', 'stderr', 'n'} for one metric over its per-sample items."""
+def summarize(name: str, items: Sequence, iters: int = 1000, seed: int = 0,
+              options: dict | None = None) -> dict:
+  """{'value', 'stderr', 'n'} for one metric over its per-sample items (options: e.g. BLEU's)."""
   metric = get(name)
+  aggregate = functools.partial(metric.aggregate, **options) if options else metric.aggregate
   items = list(items)
-  value = metric.aggregate(items) if items else float('nan')
-  return {'value': value, 'stderr': bootstrap_stderr(items, metric.aggregate, iters, seed),
-          'n': len(items)}
+  value = aggregate(items) if items else float('nan')
+  return {'value': value, 'stderr': bootstrap_stderr(items, aggregate, iters, seed), 'n': len(items)}

@@ -42,6 +42,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from data import tokenizers
 from lm import decode, model, sharding
@@ -150,7 +151,8 @@ class LanguageModel:
     bos = tokenizer.special_ids.get('bos') if add_bos else None
     self.bos = bos if bos is not None and 0 <= bos < cfg.vocab_size else None
     self.eos = tokenizer.eos_id
-    self.stats = {'truncated': 0, 'truncated_tokens': 0}
+    self.stats = {'truncated': 0, 'truncated_tokens': 0, 'prompts': 0}
+    self.progress = 'eval'   # the progress bar's label (evaluate sets the task's name)
     self._unsampleable = ~tokenizers.sampling_mask(tokenizer, cfg.padded_vocab)
     self._batches = 0
 
@@ -174,6 +176,11 @@ class LanguageModel:
     div = 1 if self.mesh is None else sharding.batch_size_divisor(self.mesh)
     return -(-_bucket(self.batch_size) // div) * div
 
+  def _bar(self, total: int, unit: str):
+    """A progress bar on a terminal (process 0 only); silent in logs and tests."""
+    return tqdm(total=total, desc=self.progress, unit=unit, leave=False, dynamic_ncols=True,
+                disable=None if jax.process_index() == 0 else True)
+
   def _put(self, x):
     x = np.asarray(x)
     if self.mesh is None:
@@ -194,6 +201,7 @@ class LanguageModel:
   def _fit(self, ids: np.ndarray, room: int, what: str) -> np.ndarray:
     """Keep the last `room` tokens (truncate='left', counted) or refuse."""
     over = len(ids) - room
+    self.stats['prompts'] += 1
     if over <= 0:
       return ids
     if self.truncate == 'error':
@@ -241,8 +249,10 @@ class LanguageModel:
     order = sorted(groups.values(), key=lambda g: -(len(g[0]) + max(len(c) for _, c in g[1])))
     # one continuation length per call (a task's continuations are alike): fewer programs
     n = _bucket(max((len(c) for g in order for _, c in g[1]), default=1), 8)
-    for chunk in _chunks(order, self.batch_size):
-      self._score_groups(chunk, n, out)
+    with self._bar(sum(len(g[1]) for g in order), 'req') as bar:
+      for chunk in _chunks(order, self.batch_size):
+        self._score_groups(chunk, n, out)
+        bar.update(sum(len(g[1]) for g in chunk))
     return out
 
   def _score_groups(self, groups, n, out):
@@ -292,7 +302,9 @@ class LanguageModel:
     totals = np.zeros(len(texts), np.float64)
     windows.sort(key=lambda w: -len(w[1]))
     fn = self._jit('rolling', _window_logprob)
+    bar = self._bar(len(windows), 'window')
     for part in _chunks(windows, self.batch_size):
+      bar.update(len(part))
       w = min(_bucket(len(part[0][1]), 16), self.max_length)
       rb = self._rows()
       tokens = np.zeros((rb, w), np.int32)
@@ -305,6 +317,7 @@ class LanguageModel:
                       np.float64).sum(1)
       for r, (d, *_) in enumerate(part):
         totals[d] += lp[r]
+    bar.close()
     out = [float(t) for t in totals]
     return (out, counts) if return_counts else out
 
@@ -341,9 +354,11 @@ class LanguageModel:
       if not len(ids):
         raise ConfigError('A generation request has an empty prompt and the tokenizer has no BOS token.')
       groups.setdefault((s, until), []).append((i, ids))
+    bar = self._bar(len(requests), 'req')
     for (s, until), items in groups.items():
       items.sort(key=lambda x: -len(x[1]))
       for part in _chunks(items, self.batch_size):
+        bar.update(len(part))
         key = jax.random.fold_in(jax.random.key(self.seed), self._batches)
         self._batches += 1
         gen = decode.generate(self.params, [ids for _, ids in part], key, cfg=self.cfg, sampling=s,
@@ -358,6 +373,7 @@ class LanguageModel:
         texts, _ = decode.truncate_at_stop(texts, until)
         for (i, _), t in zip(part, texts):
           out[i] = t
+    bar.close()
     return out
 
 

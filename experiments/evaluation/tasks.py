@@ -57,6 +57,8 @@ def task_config(**overrides) -> ConfigDict:
   c.extract = ('none',)          # answer extractors; several give exact_match_<name> each
   c.numeric = False              # exact match compares numbers ('1,000' == '1000')
   c.execute = ConfigDict(dict(wall_s=3.0, cpu_s=3, memory_mb=1024, workers=2))
+  c.bleu = ConfigDict(dict(metrics.BLEU_DEFAULTS))   # sacrebleu's tokenize, smoothing, lowercase
+  c.rouge = ConfigDict(dict(use_stemmer=True))        # rouge-score's Porter stemming
   c.options = ConfigDict()       # source-specific settings (built-in tasks)
   return _merge(c, overrides)
 
@@ -150,6 +152,9 @@ def check(cfg: ConfigDict) -> None:
     raise ConfigError(f'Task {name}: a rolling task takes no few-shot demos (fewshot.k=0).')
   if cfg.generation.n < 1 or cfg.limit < 0:
     raise ConfigError(f'Task {name}: generation.n must be >= 1 and limit >= 0.')
+  why = metrics.check_bleu_options(cfg.get('bleu', ConfigDict()).to_dict())
+  if why:
+    raise ConfigError(f'Task {name}: {why} (--config.task.{name}.bleu.KEY=VALUE).')
 
 
 # Loading -------------------------------------------------------------------------------------------
@@ -212,7 +217,9 @@ def run(cfg: ConfigDict, docs: list[dict], lm, bootstrap_iters: int = 1000, seed
   runner = {'multiple_choice': _multiple_choice, 'generate': _generate, 'rolling': _rolling}[cfg.kind]
   items, samples, extra = runner(cfg, docs, lm)
   base = lambda key: 'exact_match' if key.startswith('exact_match') else key
-  out = {key: metrics.summarize(base(key), items[key], bootstrap_iters, seed) for key in metric_keys(cfg)}
+  options = {'bleu': cfg.bleu.to_dict()} if 'bleu' in cfg else {}
+  out = {key: metrics.summarize(base(key), items[key], bootstrap_iters, seed, options.get(key))
+         for key in metric_keys(cfg)}
   return {'metrics': out, 'samples': samples, **extra}
 
 
@@ -281,7 +288,8 @@ def _generate(cfg, docs, lm):
         v = None
         items[k].append((first, d.get('references') or [d['target']]))
       elif k in metrics.ROUGE:
-        v = metrics.rouge(first, d.get('references') or [d['target']])[k]
+        v = metrics.rouge(first, d.get('references') or [d['target']],
+                          use_stemmer=cfg.rouge.use_stemmer if 'rouge' in cfg else True)[k]
         items[k].append(v)
       else:   # pass@k
         c = sum(r.status == 'passed' for r in passed[i])
