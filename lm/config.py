@@ -11,13 +11,15 @@ import dataclasses
 from typing import Any, Mapping
 
 NORMS = ('layernorm', 'rmsnorm')
-ACTIVATIONS = ('gelu', 'gelu_tanh', 'relu', 'swiglu', 'geglu')
+ACTIVATIONS = ('gelu', 'gelu_tanh', 'relu', 'swiglu', 'geglu', 'geglu_tanh')  # geglu_tanh: Gemma's gated tanh-GELU
 POSITIONS = ('learned', 'sinusoidal', 'rope', 'alibi', 'relative', 'none')  # relative: T5's bucketed bias
 ARCHS = ('decoder', 'encoder_decoder')
 NORM_POSITIONS = ('pre', 'post', 'sandwich', 'deepnorm')
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
 DTYPES = ('float32', 'bfloat16', 'float16')
+ROPE_SCALINGS = ('none', 'linear', 'dynamic', 'yarn', 'llama3')   # as transformers' modeling_rope_utils
+LAYER_TYPES = ('full', 'sliding')
 
 
 class ConfigError(ValueError):
@@ -66,6 +68,26 @@ class ModelConfig:
                                  # block (exact; 64: 16-19% faster step at T=256 on CPU); 0: one block
   remat: str = 'none'
   scan_unroll: int = 0           # layers per layer-scan iteration; 0 = auto (all on CPU with <= 8 layers, else 1)
+  # Modern open families (LLaMA-3.x, Qwen2.5/3, Mistral, Gemma-2/3); every default is "off".
+  qkv_bias: bool = False         # biases on q/k/v only, even with use_bias=False (Qwen2/2.5)
+  qk_norm: bool = False          # per-head norm of q and k before RoPE (Qwen3, Gemma-3)
+  norm_unit_offset: bool = False  # norm scale is (1 + w), w initialised at 0 (Gemma)
+  sliding_window: int = 0        # >0: 'sliding' layers see only keys with q_pos - k_pos < this (Mistral, Gemma)
+  layer_types: tuple = ()        # per layer 'full' or 'sliding'; () = all 'sliding' if sliding_window else all 'full'
+  rope_local_theta: float = 0.0  # >0: 'sliding' layers use unscaled RoPE with this base (Gemma-3); 0 = as 'full'
+  rope_scaling: str = 'none'     # 'linear' | 'dynamic' (NTK) | 'yarn' | 'llama3' (LLaMA-3.1)
+  rope_factor: float = 1.0       # the scaling factor of every kind
+  rope_original_max_len: int = 0  # llama3 / yarn / dynamic: the pretraining context the factor extends
+  rope_low_freq_factor: float = 1.0   # llama3
+  rope_high_freq_factor: float = 4.0  # llama3
+  rope_beta_fast: float = 32.0   # yarn: ramp bounds in rotations
+  rope_beta_slow: float = 1.0
+  rope_attention_factor: float = 0.0  # yarn: cos/sin multiplier; 0 = 0.1 ln(factor) + 1
+  rope_truncate: bool = True     # yarn: round the ramp bounds to whole dims
+  attn_softcap: float = 0.0      # >0: scores = cap * tanh(scores / cap) (Gemma-2)
+  final_softcap: float = 0.0     # >0: logits = cap * tanh(logits / cap) (Gemma-2)
+  query_pre_attn_scalar: float = 0.0  # >0: scores scaled by this ** -0.5 instead of head_dim ** -0.5 (Gemma)
+  eos_ids: tuple = ()            # end-of-sequence ids an imported checkpoint declares (generation stops at any)
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> 'ModelConfig':
@@ -80,10 +102,13 @@ class ModelConfig:
     def check(ok, msg):
       if not ok:
         raise ConfigError(msg)
+    # Lists (from JSON / ml_collections) become tuples so the config stays hashable (a jit static arg).
+    object.__setattr__(self, 'layer_types', tuple(self.layer_types or ()))
+    object.__setattr__(self, 'eos_ids', tuple(int(i) for i in (self.eos_ids or ())))
     for name, allowed in (('arch', ARCHS), ('norm', NORMS), ('activation', ACTIVATIONS), ('positions', POSITIONS),
                           ('norm_position', NORM_POSITIONS),
                           ('attention_impl', ATTENTION_IMPLS), ('remat', REMAT_POLICIES),
-                          ('dtype', DTYPES), ('param_dtype', DTYPES)):
+                          ('dtype', DTYPES), ('param_dtype', DTYPES), ('rope_scaling', ROPE_SCALINGS)):
       value = getattr(self, name)
       check(value in allowed, f'model.{name}={value!r} is not supported; choose one of {allowed}.')
     for name in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'max_seq_len', 'vocab_multiple'):
@@ -106,6 +131,7 @@ class ModelConfig:
           f'model.moe_top_k={self.moe_top_k} must be between 1 and model.moe_experts={self.moe_experts}.')
     check(not (self.parallel_block and self.norm_position != 'pre'),
           f'model.parallel_block needs norm_position="pre", got {self.norm_position!r}.')
+    self._check_families(check)
     check(self.n_encoder_layers >= 0, f'model.n_encoder_layers must be >= 0, got {self.n_encoder_layers}.')
     if self.arch == 'encoder_decoder':
       check(self.positions in ('relative', 'learned', 'sinusoidal', 'none'),
@@ -119,6 +145,39 @@ class ModelConfig:
       check(self.moe_experts == 0, 'model.moe_experts is decoder-only here; set it to 0 for the encoder-decoder.')
       check(self.causal, 'model.causal must stay True for the encoder-decoder: its encoder is always '
             'bidirectional and its decoder always causal.')
+
+  def _check_families(self, check):
+    check(not self.layer_types or len(self.layer_types) == self.n_layers,
+          f'model.layer_types has {len(self.layer_types)} entries but model.n_layers={self.n_layers}; '
+          'give one per layer (or none).')
+    bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+    check(not bad, f'model.layer_types holds {bad}; each entry is one of {LAYER_TYPES}.')
+    check(self.sliding_window >= 0, f'model.sliding_window must be >= 0 (0 = off), got {self.sliding_window}.')
+    check(self.sliding_window > 0 or 'sliding' not in self.layer_types,
+          "model.layer_types has 'sliding' layers but model.sliding_window=0; set the window size.")
+    check(self.rope_scaling == 'none' or self.positions == 'rope',
+          f'model.rope_scaling={self.rope_scaling!r} needs model.positions="rope".')
+    check(self.rope_scaling == 'none' or self.rope_factor > 0,
+          f'model.rope_factor must be positive, got {self.rope_factor}.')
+    check(self.rope_scaling not in ('llama3', 'yarn') or self.rope_original_max_len > 0,
+          f'model.rope_scaling={self.rope_scaling!r} needs model.rope_original_max_len (the pretraining context).')
+    check(self.rope_scaling != 'llama3' or self.rope_high_freq_factor > self.rope_low_freq_factor,
+          'model.rope_high_freq_factor must exceed model.rope_low_freq_factor for llama3 RoPE scaling.')
+    check(min(self.attn_softcap, self.final_softcap, self.query_pre_attn_scalar) >= 0,
+          'model.attn_softcap, final_softcap and query_pre_attn_scalar must be >= 0 (0 = off).')
+    check(not self.qk_norm or self.norm == 'rmsnorm',
+          f'model.qk_norm is an RMSNorm of each head (Qwen3, Gemma-3); it needs model.norm="rmsnorm", got {self.norm!r}.')
+    new = [n for n in ('qkv_bias', 'qk_norm', 'sliding_window', 'layer_types', 'attn_softcap')
+           if getattr(self, n)] + (['rope_scaling'] if self.rope_scaling != 'none' else [])
+    check(self.arch == 'decoder' or not new,
+          f'model.{new[0] if new else ""} is decoder-only here; turn it off for the encoder-decoder.')
+
+  @property
+  def local_layers(self) -> tuple[bool, ...]:
+    """Per layer: does it attend within the sliding window?"""
+    if self.layer_types:
+      return tuple(t == 'sliding' for t in self.layer_types)
+    return (self.sliding_window > 0,) * self.n_layers
 
   # Derived sizes -------------------------------------------------------------
   @property
@@ -135,7 +194,7 @@ class ModelConfig:
 
   @property
   def gated(self) -> bool:
-    return self.activation in ('swiglu', 'geglu')
+    return self.activation in ('swiglu', 'geglu', 'geglu_tanh')
 
   @property
   def encoder_layers(self) -> int:
@@ -162,6 +221,10 @@ class ModelConfig:
     d, f, h, kv, hd = self.d_model, self.ff_dim, self.n_heads, self.kv_heads, self.head_dim
     norm = d * (2 if self.norm == 'layernorm' and self.use_bias else 1)
     attn = d * h * hd + 2 * d * kv * hd + h * hd * d
+    if self.qkv_bias and not self.use_bias:
+      attn += h * hd + 2 * kv * hd
+    if self.qk_norm:
+      attn += 2 * hd
     mlp = d * f * (3 if self.gated else 2)
     if self.use_bias:
       attn += h * hd + 2 * kv * hd + d

@@ -14,7 +14,9 @@ scaled RoPE (LLaMA-3.1's 'llama3', linear, dynamic, yarn, ...) is refused with a
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 from typing import Callable, Iterator
 
@@ -25,19 +27,165 @@ from lm.config import ConfigError, ModelConfig
 
 
 # Configs --------------------------------------------------------------------------------------
-def _llama_rope_theta(hf: dict) -> float:
-  """RoPE theta of a LLaMA config.json in either layout: transformers >= 5 nests it in
-  `rope_parameters` {'rope_theta', 'rope_type', ...}; older versions write a top-level
-  `rope_theta` and an optional `rope_scaling` {'rope_type' (or 'type'), ...}."""
-  params, scaling = hf.get('rope_parameters') or {}, hf.get('rope_scaling') or {}
-  kinds = {params.get('rope_type'), scaling.get('rope_type'), scaling.get('type')} - {None, 'default'}
-  if 'llama3' in kinds:  # LLaMA-3.1+: frequency-dependent rescaling of inv_freq
-    raise ConfigError("This LLaMA checkpoint uses LLaMA-3.1 ('llama3') RoPE scaling, which lm.layers.rope "
-                      "does not implement; import a checkpoint with unscaled RoPE (rope_type 'default').")
-  if kinds:
-    raise ConfigError(f'This LLaMA checkpoint uses {sorted(kinds)[0]!r} RoPE scaling, which lm.layers.rope '
-                      "does not implement; only unscaled RoPE (rope_type 'default') can be imported.")
-  return float(params.get('rope_theta', hf.get('rope_theta', 10000.0)))
+# Modern decoder families: LLaMA, Mistral, Qwen2/2.5, Qwen3, Gemma-2, Gemma-3 (text) ---------------
+FAMILIES = ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma2', 'gemma3_text')
+# PretrainedConfig bookkeeping and training-only knobs: they never change the forward pass.
+_NEUTRAL = {'_name_or_path', 'architectures', 'chunk_size_feed_forward', 'dtype', 'torch_dtype',
+            'id2label', 'label2id', 'model_type', 'output_attentions', 'output_hidden_states',
+            'problem_type', 'return_dict', 'transformers_version', 'use_cache', 'initializer_range',
+            'attention_dropout', 'bos_token_id', 'pad_token_id', 'eos_token_id', 'tokenizer_class',
+            'pretraining_tp', 'is_encoder_decoder', 'tie_word_embeddings', 'cache_implementation',
+            'final_logit_softcapping', 'attn_logit_softcapping', 'embedding_dropout', 'resid_pdrop'}
+_ACTIVATIONS = {'silu': 'swiglu', 'swish': 'swiglu', 'gelu': 'geglu', 'gelu_pytorch_tanh': 'geglu_tanh',
+                'gelu_new': 'geglu_tanh', 'gelu_tanh': 'geglu_tanh'}
+_ROPE_KEYS = {'default': set(), 'linear': {'factor'}, 'dynamic': {'factor'},
+              'llama3': {'factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'},
+              'yarn': {'factor', 'original_max_position_embeddings', 'beta_fast', 'beta_slow', 'attention_factor',
+                       'mscale', 'mscale_all_dim', 'truncate'}}
+
+
+def _refuse(kind: str, field: str, value, why: str = 'lm.model does not implement it') -> ConfigError:
+  return ConfigError(f'This {kind} checkpoint sets {field}={value!r}, which cannot be imported: {why}.')
+
+
+def _rope_parameters(hf: dict, kind: str) -> tuple[dict, dict | None]:
+  """(full-attention RoPE dict, sliding-attention RoPE dict or None) from either config layout:
+  transformers >= 5 `rope_parameters` (per layer type for Gemma-3), older `rope_theta` +
+  `rope_scaling` (+ Gemma-3's `rope_local_base_freq`)."""
+  params = hf.get('rope_parameters') or {}
+  if 'full_attention' in params or 'sliding_attention' in params:
+    full, local = dict(params.get('full_attention') or {}), params.get('sliding_attention')
+  else:
+    full, local = dict(params), None
+  if not params:
+    full = {'rope_theta': hf.get('rope_theta', 10000.0), **(hf.get('rope_scaling') or {})}
+  elif hf.get('rope_scaling'):
+    full.update(hf['rope_scaling'])
+  if kind == 'gemma3_text' and local is None:
+    local = {'rope_type': 'default', 'rope_theta': hf.get('rope_local_base_freq', 10000.0)}
+  return full, (dict(local) if local is not None else None)
+
+
+def _rope_fields(p: dict, kind: str, max_pos: int) -> dict:
+  """Our rope_* fields from one transformers RoPE dict; refuses kinds and keys we lack."""
+  p = dict(p)
+  rtype = p.pop('rope_type', None) or p.pop('type', None) or 'default'
+  p.pop('type', None)
+  theta = float(p.pop('rope_theta', 10000.0))
+  partial = p.pop('partial_rotary_factor', 1.0)
+  if partial != 1.0:
+    raise _refuse(kind, 'partial_rotary_factor', partial, 'RoPE here rotates the whole head')
+  if rtype not in _ROPE_KEYS:
+    raise _refuse(kind, 'rope_type', rtype, "RoPE scaling kinds here are 'linear', 'dynamic', 'yarn' and 'llama3'")
+  extra = sorted(set(p) - _ROPE_KEYS[rtype])
+  if extra:
+    raise _refuse(kind, f'rope_parameters.{extra[0]}', p[extra[0]], f'{rtype!r} RoPE takes no such key')
+  out = {'rope_theta': theta}
+  if rtype == 'default':
+    return out
+  factor = p.get('factor')
+  orig = p.get('original_max_position_embeddings')
+  if rtype == 'yarn':
+    orig = orig or max_pos
+    factor = factor or max_pos / orig
+    af = p.get('attention_factor')
+    if af is None and p.get('mscale') and p.get('mscale_all_dim'):
+      m = lambda s: 1.0 if factor <= 1 else 0.1 * s * math.log(factor) + 1.0
+      af = m(p['mscale']) / m(p['mscale_all_dim'])
+    out.update(rope_beta_fast=float(p.get('beta_fast') or 32), rope_beta_slow=float(p.get('beta_slow') or 1),
+               rope_attention_factor=float(af or 0.0), rope_truncate=bool(p.get('truncate', True)))
+  if rtype == 'llama3':
+    out.update(rope_low_freq_factor=float(p['low_freq_factor']), rope_high_freq_factor=float(p['high_freq_factor']))
+  if rtype == 'dynamic':   # transformers' NTK grows the base past max_position_embeddings
+    orig = max_pos
+  out.update(rope_scaling=rtype, rope_factor=float(factor), rope_original_max_len=int(orig or 0))
+  return out
+
+
+def _layer_types(hf: dict, kind: str, n: int, get) -> tuple[int, tuple]:
+  """(sliding_window, our layer_types) as transformers derives them for the family (LLaMA has
+  neither field, so a LLaMA config carrying one is refused as unknown)."""
+  if kind == 'llama':
+    return 0, ()
+  window = get('sliding_window')
+  if kind in ('qwen2', 'qwen3') and not get('use_sliding_window', False):
+    window = None   # transformers drops the window unless use_sliding_window
+  get('max_window_layers'), get('sliding_window_pattern'), get('_sliding_window_pattern')
+  types = get('layer_types')
+  if window is None:   # every layer attends to the whole context, whatever layer_types says
+    return 0, ()
+  if not types:
+    if kind == 'mistral':
+      types = ['sliding_attention'] * n
+    elif kind in ('qwen2', 'qwen3'):
+      types = ['sliding_attention' if i >= hf.get('max_window_layers', 28) else 'full_attention' for i in range(n)]
+    else:
+      pattern = 2 if kind == 'gemma2' else hf.get('sliding_window_pattern', hf.get('_sliding_window_pattern', 6))
+      types = ['sliding_attention' if (i + 1) % pattern else 'full_attention' for i in range(n)]
+  names = {'full_attention': 'full', 'sliding_attention': 'sliding'}
+  bad = [t for t in types if t not in names]
+  if bad:
+    raise _refuse(kind, 'layer_types', bad[0], "only 'full_attention' and 'sliding_attention' layers exist here")
+  types = tuple(names[t] for t in types)
+  return (int(window), types) if 'sliding' in types else (0, ())
+
+
+def _family_config(hf: dict) -> dict:
+  """ModelConfig fields of a LLaMA / Mistral / Qwen2 / Qwen3 / Gemma-2 / Gemma-3 config.json.
+
+  Every field is read, or is bookkeeping (_NEUTRAL), or is refused in one sentence."""
+  kind, seen = hf['model_type'], set()
+
+  def get(name, default=None):
+    seen.add(name)
+    return hf.get(name, default)
+
+  gemma = kind.startswith('gemma')
+  d, h = get('hidden_size'), get('num_attention_heads')
+  max_pos = get('max_position_embeddings', 2048)
+  c = dict(vocab_size=get('vocab_size'), d_model=d, n_layers=get('num_hidden_layers'), n_heads=h,
+           n_kv_heads=get('num_key_value_heads') or h, d_ff=get('intermediate_size'), max_seq_len=max_pos,
+           norm='rmsnorm', norm_eps=float(get('rms_norm_eps', 1e-6)), positions='rope', use_bias=False,
+           tie_embeddings=bool(hf.get('tie_word_embeddings', gemma)))
+  head_dim = get('head_dim') or d // h
+  if head_dim != d // h:
+    c['d_head'] = head_dim
+  act_field = 'hidden_activation' if gemma and hf.get('hidden_activation') else 'hidden_act'
+  act = get(act_field, 'silu')
+  get('hidden_act')
+  if act not in _ACTIVATIONS:
+    raise _refuse(kind, act_field, act, f'the gated MLP here takes one of {sorted(_ACTIVATIONS)}')
+  c['activation'] = _ACTIVATIONS[act]
+  for name in ('attention_bias', 'mlp_bias', 'use_bidirectional_attention'):
+    if get(name):
+      raise _refuse(kind, name, hf[name], f'{kind} here has none')
+  c['qkv_bias'] = kind == 'qwen2'               # Qwen2's q/k/v always carry biases
+  c['qk_norm'] = kind in ('qwen3', 'gemma3_text')
+  if gemma:
+    c.update(norm_unit_offset=True, norm_position='sandwich', scale_embeddings=True,
+             query_pre_attn_scalar=float(get('query_pre_attn_scalar') or head_dim),
+             attn_softcap=float(hf.get('attn_logit_softcapping') or 0.0),
+             final_softcap=float(hf.get('final_logit_softcapping') or 0.0))
+  elif hf.get('attn_logit_softcapping') or hf.get('final_logit_softcapping'):
+    raise _refuse(kind, 'attn_logit_softcapping', hf.get('attn_logit_softcapping'), f'{kind} has no soft-capping')
+  c['sliding_window'], c['layer_types'] = _layer_types(hf, kind, c['n_layers'], get)
+  seen.update({'rope_parameters', 'rope_theta', 'rope_scaling', 'rope_local_base_freq'})
+  full, local = _rope_parameters(hf, kind)
+  c.update(_rope_fields(full, kind, max_pos))
+  if c.get('rope_scaling') == 'dynamic':   # the longer context that dynamic NTK opens
+    c['max_seq_len'] = int(max_pos * c['rope_factor'])
+  if local is not None:
+    lf = _rope_fields(local, kind, max_pos)
+    if len(lf) > 1:
+      raise _refuse(kind, 'rope_parameters.sliding_attention', local, 'sliding layers take unscaled RoPE here')
+    if lf['rope_theta'] != c['rope_theta']:
+      c['rope_local_theta'] = lf['rope_theta']
+  eos = hf.get('eos_token_id')
+  c['eos_ids'] = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+  rest = sorted(k for k in hf if k not in seen and k not in _NEUTRAL and hf[k] is not None)
+  if rest:
+    raise _refuse(kind, rest[0], hf[rest[0]], 'it is not a field this importer knows, so its effect cannot be reproduced')
+  return c
 
 
 def config_from_hf(hf: dict, **overrides) -> ModelConfig:
@@ -50,16 +198,11 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
              n_heads=hf['n_head'], d_ff=hf.get('n_inner') or 4 * hf['n_embd'],
              max_seq_len=hf['n_positions'], norm='layernorm', norm_eps=hf.get('layer_norm_epsilon', 1e-5),
              activation=act, positions='learned', use_bias=True, tie_embeddings=True)
-  elif kind == 'llama':
-    c = dict(vocab_size=hf['vocab_size'], d_model=hf['hidden_size'], n_layers=hf['num_hidden_layers'],
-             n_heads=hf['num_attention_heads'],
-             n_kv_heads=hf.get('num_key_value_heads') or hf['num_attention_heads'],
-             d_ff=hf['intermediate_size'], max_seq_len=hf.get('max_position_embeddings', 2048),
-             norm='rmsnorm', norm_eps=hf.get('rms_norm_eps', 1e-6), activation='swiglu',
-             positions='rope', rope_theta=_llama_rope_theta(hf), use_bias=False,
-             tie_embeddings=bool(hf.get('tie_word_embeddings', False)))
-    if hf.get('head_dim') not in (None, c['d_model'] // c['n_heads']):
-      raise ConfigError('This LLaMA checkpoint has head_dim != hidden_size / heads, which is not supported.')
+  elif kind in FAMILIES:
+    c = _family_config(hf)
+  elif kind == 'gemma3':
+    raise ConfigError("This is a multimodal Gemma-3 checkpoint (model_type 'gemma3'); import its text-only "
+                      "Gemma3ForCausalLM form (model_type 'gemma3_text').")
   elif kind == 't5':
     if hf.get('feed_forward_proj', 'relu') != 'relu':
       raise ConfigError(f'This T5 checkpoint uses feed_forward_proj={hf["feed_forward_proj"]!r}; '
@@ -73,7 +216,7 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
              rel_max_distance=hf.get('relative_attention_max_distance', 128), use_bias=False,
              scale_attention=False, tie_embeddings=bool(hf.get('tie_word_embeddings', True)))
   else:
-    raise ConfigError(f'Unsupported model_type {kind!r}; lm.convert handles gpt2, llama and t5.')
+    raise ConfigError(f'Unsupported model_type {kind!r}; lm.convert handles gpt2, t5 and {", ".join(FAMILIES)}.')
   c.update(overrides)
   return ModelConfig(**c)
 
@@ -85,18 +228,112 @@ def config_to_hf(cfg: ModelConfig) -> dict:
             'n_inner': cfg.ff_dim, 'n_positions': cfg.max_seq_len, 'layer_norm_epsilon': cfg.norm_eps,
             'activation_function': {'gelu_tanh': 'gelu_new', 'gelu': 'gelu', 'relu': 'relu'}[cfg.activation],
             'tie_word_embeddings': True}
-  if cfg.positions == 'rope' and cfg.norm == 'rmsnorm' and cfg.activation == 'swiglu':
-    return {'model_type': 'llama', 'architectures': ['LlamaForCausalLM'], 'vocab_size': cfg.vocab_size,
-            'hidden_size': cfg.d_model, 'num_hidden_layers': cfg.n_layers,
-            'num_attention_heads': cfg.n_heads, 'num_key_value_heads': cfg.kv_heads,
-            'intermediate_size': cfg.ff_dim, 'max_position_embeddings': cfg.max_seq_len,
-            'rms_norm_eps': cfg.norm_eps, 'hidden_act': 'silu',
-            # both layouts: transformers >= 5 reads rope_parameters, older versions rope_theta
-            'rope_theta': cfg.rope_theta,
-            'rope_parameters': {'rope_type': 'default', 'rope_theta': cfg.rope_theta},
-            'tie_word_embeddings': cfg.tie_embeddings, 'attention_bias': False, 'mlp_bias': False}
-  raise ConfigError('Only GPT-2-like (learned positions, LayerNorm) and LLaMA-like (RoPE, RMSNorm, '
-                    'SwiGLU) models can be exported to Hugging Face.')
+  if cfg.positions == 'rope' and cfg.norm == 'rmsnorm' and cfg.gated:
+    hf = _family_to_hf(cfg)
+    _check_round_trip(cfg, hf)
+    return hf
+  raise ConfigError('Only GPT-2-like (learned positions, LayerNorm) and LLaMA-family (RoPE, RMSNorm, '
+                    'gated MLP) models can be exported to Hugging Face.')
+
+
+def export_family(cfg: ModelConfig) -> str:
+  """The transformers model_type a RoPE + RMSNorm + gated-MLP config exports as."""
+  if cfg.norm_position == 'sandwich' and cfg.norm_unit_offset:
+    return 'gemma3_text' if cfg.qk_norm else 'gemma2'
+  if cfg.qk_norm:
+    return 'qwen3'
+  if cfg.qkv_bias:
+    return 'qwen2'
+  return 'mistral' if cfg.sliding_window and all(cfg.local_layers) else \
+      ('qwen2' if cfg.sliding_window else 'llama')
+
+
+_ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM', 'qwen2': 'Qwen2ForCausalLM',
+                  'qwen3': 'Qwen3ForCausalLM', 'gemma2': 'Gemma2ForCausalLM', 'gemma3_text': 'Gemma3ForCausalLM'}
+
+
+def _rope_to_hf(cfg: ModelConfig) -> dict:
+  p = {'rope_type': 'default' if cfg.rope_scaling == 'none' else cfg.rope_scaling, 'rope_theta': cfg.rope_theta}
+  if cfg.rope_scaling != 'none':
+    p['factor'] = cfg.rope_factor
+  if cfg.rope_scaling in ('llama3', 'yarn'):
+    p['original_max_position_embeddings'] = cfg.rope_original_max_len
+  if cfg.rope_scaling == 'llama3':
+    p.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor)
+  if cfg.rope_scaling == 'yarn':
+    p.update(beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow, truncate=cfg.rope_truncate)
+    if cfg.rope_attention_factor:
+      p['attention_factor'] = cfg.rope_attention_factor
+  return p
+
+
+def _family_to_hf(cfg: ModelConfig) -> dict:
+  kind = export_family(cfg)
+  gemma = kind.startswith('gemma')
+  max_pos = cfg.rope_original_max_len if cfg.rope_scaling == 'dynamic' else cfg.max_seq_len
+  act = {'swiglu': 'silu', 'geglu': 'gelu', 'geglu_tanh': 'gelu_pytorch_tanh'}[cfg.activation]
+  hf = {'model_type': kind, 'architectures': [_ARCHITECTURES[kind]], 'vocab_size': cfg.vocab_size,
+        'hidden_size': cfg.d_model, 'num_hidden_layers': cfg.n_layers, 'num_attention_heads': cfg.n_heads,
+        'num_key_value_heads': cfg.kv_heads, 'head_dim': cfg.head_dim, 'intermediate_size': cfg.ff_dim,
+        'max_position_embeddings': max_pos, 'rms_norm_eps': cfg.norm_eps,
+        ('hidden_activation' if gemma else 'hidden_act'): act,
+        'tie_word_embeddings': cfg.tie_embeddings}
+  rope = _rope_to_hf(cfg)
+  if kind == 'gemma3_text':
+    local = {'rope_type': 'default', 'rope_theta': cfg.rope_local_theta or cfg.rope_theta}
+    hf['rope_parameters'] = {'full_attention': rope, 'sliding_attention': local}
+  else:
+    # both layouts: transformers >= 5 reads rope_parameters, older versions rope_theta / rope_scaling
+    hf.update(rope_theta=cfg.rope_theta, rope_parameters=rope)
+    if cfg.rope_scaling != 'none':
+      hf['rope_scaling'] = rope
+  if kind in ('llama', 'qwen3'):
+    hf['attention_bias'] = False
+  if kind == 'llama':
+    hf['mlp_bias'] = False
+  if kind in ('qwen2', 'qwen3'):
+    hf['use_sliding_window'] = bool(cfg.sliding_window)
+  if kind != 'llama':
+    hf['sliding_window'] = cfg.sliding_window or None
+    if cfg.sliding_window and kind != 'mistral':
+      hf['layer_types'] = [t + '_attention' for t in ('sliding' if l else 'full' for l in cfg.local_layers)]
+  if gemma:
+    qpas = cfg.query_pre_attn_scalar or cfg.head_dim
+    hf.update(query_pre_attn_scalar=int(qpas) if float(qpas).is_integer() else qpas,   # transformers wants an int
+              attn_logit_softcapping=cfg.attn_softcap or None, final_logit_softcapping=cfg.final_softcap or None)
+  if cfg.eos_ids:
+    hf['eos_token_id'] = list(cfg.eos_ids) if len(cfg.eos_ids) > 1 else cfg.eos_ids[0]
+  return hf
+
+
+# Fields that only say how we compute or store, never what the network is.
+_NOT_ARCHITECTURE = {'dtype', 'param_dtype', 'attention_impl', 'attention_q_block', 'remat', 'scan_unroll',
+                     'init_std', 'vocab_multiple', 'max_seq_len', 'eos_ids', 'n_kv_heads', 'd_head', 'd_ff',
+                     'moe_top_k', 'moe_capacity_factor', 'moe_balance_weight', 'moe_z_weight',
+                     'rel_buckets', 'rel_max_distance', 'n_encoder_layers'}
+
+
+def _architecture(cfg: ModelConfig) -> dict:
+  """The fields that define the network, sizes resolved and unused RoPE knobs dropped."""
+  a = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in _NOT_ARCHITECTURE}
+  a.update(kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, ff_dim=cfg.ff_dim, layer_types=cfg.local_layers)
+  kind = cfg.rope_scaling
+  drop = {'rope_factor', 'rope_original_max_len'} if kind == 'none' else set()
+  drop |= set() if kind == 'llama3' else {'rope_low_freq_factor', 'rope_high_freq_factor'}
+  drop |= set() if kind == 'yarn' else {'rope_beta_fast', 'rope_beta_slow', 'rope_attention_factor', 'rope_truncate'}
+  if not cfg.sliding_window:
+    drop |= {'sliding_window', 'layer_types'}
+  return {k: v for k, v in a.items() if k not in drop}
+
+
+def _check_round_trip(cfg: ModelConfig, hf: dict) -> None:
+  """Refuse an export transformers would read back as a different network."""
+  ours, back = _architecture(cfg), _architecture(config_from_hf(hf))
+  diff = [k for k in ours if ours[k] != back.get(k)]
+  if diff:
+    k = diff[0]
+    raise ConfigError(f'This model cannot be exported as a Hugging Face {hf["model_type"]}: its {k}={ours[k]!r} '
+                      f'has no counterpart there (it would load as {back.get(k)!r}).')
 
 
 # Name maps: HF tensor name -> (our path, layer index or None, transform to our layout) -----------------
@@ -129,7 +366,10 @@ def _gpt2_map(cfg: ModelConfig) -> dict[str, tuple]:
 
 
 def _llama_map(cfg: ModelConfig) -> dict[str, tuple]:
+  """LLaMA's names, which Mistral and Qwen share; Qwen2's q/k/v biases, Qwen3's and Gemma-3's
+  q/k norms and Gemma's four norms per block (sandwich) where cfg has them."""
   d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+  same = lambda w: w
   m = {'model.embed_tokens.weight': (('embed',), None, lambda w: w),
        'model.norm.weight': (('final_norm', 'scale'), None, lambda w: w)}
   if not cfg.tie_embeddings:
@@ -144,9 +384,20 @@ def _llama_map(cfg: ModelConfig) -> dict[str, tuple]:
         p + 'mlp.gate_proj.weight': (('layers', 'mlp', 'wg'), i, lambda w: w.T),
         p + 'mlp.up_proj.weight': (('layers', 'mlp', 'wi'), i, lambda w: w.T),
         p + 'mlp.down_proj.weight': (('layers', 'mlp', 'wo'), i, lambda w: w.T),
-        p + 'input_layernorm.weight': (('layers', 'ln1', 'scale'), i, lambda w: w),
-        p + 'post_attention_layernorm.weight': (('layers', 'ln2', 'scale'), i, lambda w: w),
+        p + 'input_layernorm.weight': (('layers', 'ln1', 'scale'), i, same),
     })
+    if cfg.norm_position == 'sandwich':   # Gemma: a norm before and after each sublayer
+      m.update({p + 'post_attention_layernorm.weight': (('layers', 'ln1_out', 'scale'), i, same),
+                p + 'pre_feedforward_layernorm.weight': (('layers', 'ln2', 'scale'), i, same),
+                p + 'post_feedforward_layernorm.weight': (('layers', 'ln2_out', 'scale'), i, same)})
+    else:
+      m[p + 'post_attention_layernorm.weight'] = (('layers', 'ln2', 'scale'), i, same)
+    if cfg.qkv_bias:
+      for x, n in (('q', h), ('k', kv), ('v', kv)):
+        m[p + f'self_attn.{x}_proj.bias'] = (('layers', 'attn', f'b{x}'), i, lambda w, n=n: w.reshape(n, hd))
+    if cfg.qk_norm:
+      m[p + 'self_attn.q_norm.weight'] = (('layers', 'attn', 'q_norm'), i, same)
+      m[p + 'self_attn.k_norm.weight'] = (('layers', 'attn', 'k_norm'), i, same)
   return m
 
 
@@ -183,7 +434,7 @@ def _t5_map(cfg: ModelConfig) -> dict[str, tuple]:
 
 
 def _name_map(cfg: ModelConfig, kind: str) -> dict:
-  return {'gpt2': _gpt2_map, 'llama': _llama_map, 't5': _t5_map}[kind](cfg)
+  return {'gpt2': _gpt2_map, 't5': _t5_map}.get(kind, _llama_map)(cfg)
 
 
 # Import ----------------------------------------------------------------------------------------------
@@ -260,14 +511,29 @@ def _zeros_like_specs(specs, dtype) -> dict:
 
 
 # Export ----------------------------------------------------------------------------------------------
-def export_hf(params: dict, cfg: ModelConfig, path: str) -> str:
-  """Write params as a Hugging Face checkpoint: config.json, one shard per layer, an index."""
+def generation_config(cfg: ModelConfig, special_ids: dict | None = None) -> dict:
+  """generation_config.json: every EOS id (cfg.eos_ids and the tokenizer's eos), bos and pad."""
+  ids = dict(special_ids or {})
+  eos = list(dict.fromkeys([*cfg.eos_ids, *([ids['eos']] if ids.get('eos') is not None else [])]))
+  out = {'bos_token_id': ids.get('bos'), 'pad_token_id': ids.get('pad'),
+         'eos_token_id': eos[0] if len(eos) == 1 else (eos or None)}
+  return {k: v for k, v in out.items() if v is not None}
+
+
+def export_hf(params: dict, cfg: ModelConfig, path: str, special_ids: dict | None = None) -> str:
+  """Write params as a Hugging Face checkpoint: config.json, generation_config.json (EOS ids
+  from cfg.eos_ids and special_ids['eos']), one shard per layer, an index."""
   from safetensors.numpy import save_file
   hf = config_to_hf(cfg)
   kind = hf['model_type']
+  gen = generation_config(cfg, special_ids)
+  hf.update({f'{n}_token_id': v for n, v in gen.items()})
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, 'config.json'), 'w') as f:
     json.dump(hf, f, indent=2)
+  if gen:
+    with open(os.path.join(path, 'generation_config.json'), 'w') as f:
+      json.dump(gen, f, indent=2)
   names = _name_map(cfg, kind)
   inverse = _inverse_fns(cfg, kind)
   groups: dict[object, dict[str, np.ndarray]] = {}
@@ -330,6 +596,8 @@ def _inverse_fns(cfg: ModelConfig, kind: str) -> Callable:
         return _get(params, ('layers', 'mlp', ours), layer).T
       if hf_name == 'lm_head.weight':
         return _get(params, ('lm_head',), None)[:, :v].T
+      if hf_name.endswith('_proj.bias'):
+        return _get(params, names[hf_name][0], layer).reshape(-1)
     tree_path, lay, _ = names[hf_name]
     w = _get(params, tree_path, lay)
     return w[:v] if tree_path == ('embed',) else w

@@ -16,6 +16,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lm import sharding
 from lm.config import ModelConfig
@@ -112,7 +113,8 @@ def dense(x: jax.Array, w: jax.Array, spec: str, dtype) -> jax.Array:
 
 # Norms ------------------------------------------------------------------------
 def norm_specs(cfg: ModelConfig) -> dict[str, Spec]:
-  specs = {'scale': Spec((cfg.d_model,), ('embed',), 'ones')}
+  # Gemma stores w of a (1 + w) scale: zero is the identity.
+  specs = {'scale': Spec((cfg.d_model,), ('embed',), 'zeros' if cfg.norm_unit_offset else 'ones')}
   if cfg.norm == 'layernorm' and cfg.use_bias:   # nanoGPT's bias=False drops LayerNorm biases too
     specs['bias'] = Spec((cfg.d_model,), ('embed',), 'zeros')
   return specs
@@ -124,7 +126,8 @@ def norm(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
   if cfg.norm == 'layernorm':
     h = h - h.mean(-1, keepdims=True)
   h = h * jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + cfg.norm_eps)
-  h = h * p['scale'].astype(jnp.float32)
+  scale = p['scale'].astype(jnp.float32)
+  h = h * (1.0 + scale if cfg.norm_unit_offset else scale)
   if 'bias' in p:
     h = h + p['bias'].astype(jnp.float32)
   return h.astype(x.dtype)
@@ -158,7 +161,7 @@ gelu_exact.defvjp(_gelu_fwd, _gelu_bwd)
 def activation(name: str, x: jax.Array) -> jax.Array:
   if name in ('gelu', 'geglu'):
     return gelu_exact(x)
-  if name == 'gelu_tanh':
+  if name in ('gelu_tanh', 'geglu_tanh'):
     return jax.nn.gelu(x, approximate=True)
   if name == 'relu':
     return jax.nn.relu(x)
@@ -207,13 +210,77 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   x: [B, T, heads, head_dim]; positions: [B, T] integer positions.
   """
   half = x.shape[-1] // 2
-  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles = positions[..., None].astype(jnp.float32) * freqs        # [B, T, half]
+  return apply_rope(x, positions, theta ** (-jnp.arange(half, dtype=jnp.float32) / half))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
+               attention_factor=None) -> jax.Array:
+  """Rotate x [B, T, heads, head_dim] by positions [B, T] times inv_freq [head_dim / 2];
+  YaRN multiplies cos and sin by its attention_factor (as transformers does)."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq      # [B, T, half]
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]
+  if attention_factor is not None:
+    cos, sin = cos * attention_factor, sin * attention_factor
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
+
+
+def _yarn(inv: np.ndarray, cfg: ModelConfig, dim: int, base: float):
+  """YaRN (Peng et al. 2023) as transformers' _compute_yarn_parameters: interpolate the
+  low frequencies by the factor, keep the high ones, ramp between; scale cos/sin."""
+  factor, orig = cfg.rope_factor, cfg.rope_original_max_len
+
+  def correction_dim(rotations):
+    return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+  low, high = correction_dim(cfg.rope_beta_fast), correction_dim(cfg.rope_beta_slow)
+  if cfg.rope_truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, dim - 1)
+  if low == high:
+    high += 0.001   # transformers' guard against a zero-width ramp
+  ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+  extrapolation = 1 - ramp
+  inv = (inv / factor) * (1 - extrapolation) + inv * extrapolation
+  af = cfg.rope_attention_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+  return inv.astype(np.float32), af
+
+
+def _llama3(inv: np.ndarray, cfg: ModelConfig):
+  """LLaMA-3.1's frequency-dependent rescaling (transformers' _compute_llama3_parameters)."""
+  factor, old = cfg.rope_factor, cfg.rope_original_max_len
+  lo, hi = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+  wavelen = 2 * math.pi / inv
+  scaled = np.where(wavelen > old / lo, inv / factor, inv)
+  smooth = (old / wavelen - lo) / (hi - lo)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_frequencies(cfg: ModelConfig, positions: jax.Array, local: bool = False):
+  """(inv_freq [head_dim / 2] float32, attention factor or None) of cfg's RoPE; `local`
+  asks for the sliding layers' unscaled RoPE at rope_local_theta (Gemma-3)."""
+  dim = cfg.head_dim
+  if local and cfg.rope_local_theta:
+    kind, base = 'none', cfg.rope_local_theta
+  else:
+    kind, base = cfg.rope_scaling, cfg.rope_theta
+  if kind == 'none':
+    return base ** (-jnp.arange(dim // 2, dtype=jnp.float32) / (dim // 2)), None   # = rope()
+  if kind == 'dynamic':  # NTK: the base grows with the longest position in this call
+    orig = cfg.rope_original_max_len or cfg.max_seq_len
+    seq = jnp.maximum(jnp.max(positions) + 1, orig).astype(jnp.float32)
+    grown = base * ((cfg.rope_factor * seq / orig) - (cfg.rope_factor - 1)) ** (dim / (dim - 2))
+    return 1.0 / (grown ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)), None
+  inv = (1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))).astype(np.float32)
+  if kind == 'linear':
+    return jnp.asarray(inv / np.float32(cfg.rope_factor)), None
+  if kind == 'llama3':
+    return jnp.asarray(_llama3(inv, cfg)), None
+  inv, af = _yarn(inv, cfg, dim, base)
+  return jnp.asarray(inv), af
 
 
 def sinusoidal(positions: jax.Array, d: int) -> jax.Array:
@@ -321,6 +388,14 @@ def attention_specs(cfg: ModelConfig, out_std: float) -> dict[str, Spec]:
     specs['bk'] = Spec((kv, hd), ('kv_heads', 'head_dim'), 'zeros')
     specs['bv'] = Spec((kv, hd), ('kv_heads', 'head_dim'), 'zeros')
     specs['bo'] = Spec((d,), ('embed',), 'zeros')
+  elif cfg.qkv_bias:   # Qwen2: q/k/v biased, the output projection not
+    specs['bq'] = Spec((h, hd), ('heads', 'head_dim'), 'zeros')
+    specs['bk'] = Spec((kv, hd), ('kv_heads', 'head_dim'), 'zeros')
+    specs['bv'] = Spec((kv, hd), ('kv_heads', 'head_dim'), 'zeros')
+  if cfg.qk_norm:      # one RMSNorm scale over head_dim, shared by the heads
+    init = 'zeros' if cfg.norm_unit_offset else 'ones'
+    specs['q_norm'] = Spec((hd,), ('head_dim',), init)
+    specs['k_norm'] = Spec((hd,), ('head_dim',), init)
   return specs
 
 
@@ -359,14 +434,21 @@ def _prepend_prefix(p, k, v, mask, bias):
   return k, v, mask, bias
 
 
-def _xla_attention(q, k, v, mask, bias=None, scale=True):
-  """Plain softmax(QK^T/sqrt(d) + bias)V with grouped-query heads; softmax in float32."""
+def _xla_attention(q, k, v, mask, bias=None, scale=True, softcap=0.0):
+  """Plain softmax(QK^T/sqrt(d) + bias)V with grouped-query heads; softmax in float32.
+
+  scale: True divides the scores by sqrt(head_dim), False leaves them, a float multiplies
+  (Gemma's query_pre_attn_scalar ** -0.5); softcap > 0 squashes them to cap * tanh(s / cap)."""
   b, t, h, hd = q.shape
   kv = k.shape[2]
   q = q.reshape(b, t, kv, h // kv, hd)
   scores = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)
-  if scale:
+  if scale is True:
     scores = scores / math.sqrt(hd)
+  elif scale is not False:
+    scores = scores * scale
+  if softcap:
+    scores = jnp.tanh(scores / softcap) * softcap
   if bias is not None:  # [B, H, T, S] -> grouped like the scores
     scores = scores + bias.reshape(b, kv, h // kv, t, -1)
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
@@ -375,7 +457,7 @@ def _xla_attention(q, k, v, mask, bias=None, scale=True):
   return out.reshape(b, t, h, hd)
 
 
-def _causal_blocks(q, k, v, mask, bias, scale, block: int):
+def _causal_blocks(q, k, v, mask, bias, scale, block: int, softcap=0.0):
   """Causal self-attention one block of `block` queries at a time, each against only the keys
   up to its last query: keys after that are masked anyway, so the result is the same while
   the scores above the diagonal blocks are never computed (T=256, block 64: 5/8 of the work).
@@ -385,11 +467,31 @@ def _causal_blocks(q, k, v, mask, bias, scale, block: int):
   for s in range(0, t, block):
     e = min(s + block, t)
     outs.append(_xla_attention(q[:, s:e], k[:, :e], v[:, :e], mask[:, s:e, :e],
-                               None if bias is None else bias[:, :, s:e, :e], scale))
+                               None if bias is None else bias[:, :, s:e, :e], scale, softcap))
   return jnp.concatenate(outs, axis=1)
 
 
+def score_scale(cfg: ModelConfig):
+  """What multiplies QK^T: True = 1/sqrt(head_dim), False = 1, or a float (Gemma)."""
+  if not cfg.scale_attention:
+    return False
+  return cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else True
+
+
+def _rotate(q, k, positions, cfg: ModelConfig, local):
+  """RoPE on q and k; with a per-kind base (Gemma-3) the scanned `local` flag picks it."""
+  inv, af = rope_frequencies(cfg, positions)
+  if local is not None and cfg.rope_local_theta:
+    inv_l, af_l = rope_frequencies(cfg, positions, local=True)
+    inv = jnp.where(local, inv_l, inv)
+    if af is not None:
+      af = jnp.where(local, 1.0 if af_l is None else af_l, af)
+  return apply_rope(q, positions, inv, af), apply_rope(k, positions, inv, af)
+
+
 def _use_fused(cfg: ModelConfig) -> bool:
+  if cfg.attn_softcap:   # no soft-capping in jax.nn.dot_product_attention
+    return False
   if cfg.attention_impl == 'cudnn':
     return True
   return (cfg.attention_impl == 'auto' and jax.default_backend() == 'gpu'
@@ -400,7 +502,8 @@ def attention(p: dict, x: jax.Array, cfg: ModelConfig, positions: jax.Array,
               segment_ids: jax.Array | None = None, cache: dict | None = None,
               cache_index: jax.Array | None = None, prefix_len: jax.Array | None = None, *,
               causal: bool | None = None, rel_table: jax.Array | None = None,
-              memory: jax.Array | None = None, memory_segment_ids: jax.Array | None = None):
+              memory: jax.Array | None = None, memory_segment_ids: jax.Array | None = None,
+              local: jax.Array | None = None):
   """Multi-head / grouped-query / multi-query attention.
 
   Without a cache, keys are the T inputs themselves. With a cache ({'k','v'} of shape
@@ -413,6 +516,8 @@ def attention(p: dict, x: jax.Array, cfg: ModelConfig, positions: jax.Array,
   `rel_table` is a [buckets, heads] T5 relative-bias table shared by the stack's layers;
   `memory` [B, S, d] makes this cross-attention: keys and values come from the encoder
   output, every query sees every (same-segment) memory slot, and no positions apply.
+  `local` (a bool scalar, one per scanned layer) marks a sliding-window layer: its keys are
+  limited to cfg.sliding_window positions back and its RoPE may have its own base.
   """
   dt = dtype_of(cfg.dtype)
   causal = cfg.causal if causal is None else causal
@@ -422,6 +527,8 @@ def attention(p: dict, x: jax.Array, cfg: ModelConfig, positions: jax.Array,
   v = dense(kv_in, p['wv'], 'btd,dhk->bthk', dt)
   if 'bq' in p:
     q, k, v = q + p['bq'].astype(dt), k + p['bk'].astype(dt), v + p['bv'].astype(dt)
+  if 'q_norm' in p:   # Qwen3 / Gemma-3: RMSNorm of each head's q and k, before RoPE
+    q, k = norm({'scale': p['q_norm']}, q, cfg), norm({'scale': p['k_norm']}, k, cfg)
   if memory is not None:
     b, s = memory.shape[:2]
     mem_seg = memory_segment_ids
@@ -432,8 +539,7 @@ def attention(p: dict, x: jax.Array, cfg: ModelConfig, positions: jax.Array,
     y = dense(out, p['wo'], 'bthk,hkd->btd', dt)
     return (y + p['bo'].astype(dt) if 'bo' in p else y), cache
   if cfg.positions == 'rope':
-    q = rope(q, positions, cfg.rope_theta)
-    k = rope(k, positions, cfg.rope_theta)
+    q, k = _rotate(q, k, positions, cfg, local)
   q = sharding.constrain(q, ('batch', 'length', 'heads', 'head_dim'))
 
   if cache is None:
@@ -452,6 +558,9 @@ def attention(p: dict, x: jax.Array, cfg: ModelConfig, positions: jax.Array,
                         causal, prefix_len)
   if kv_valid is not None:
     mask = mask & kv_valid[:, None, :]
+  if local is not None and cfg.sliding_window:   # HF: kv_idx > q_idx - sliding_window
+    near = kv_pos[:, None, :] > positions[:, :, None] - cfg.sliding_window
+    mask = mask & (near | ~local)
   bias = None
   if cfg.positions == 'alibi':  # -slope_h * distance, added to the scores
     dist = jnp.abs(positions[:, :, None] - kv_pos[:, None, :]).astype(jnp.float32)
@@ -462,11 +571,13 @@ def attention(p: dict, x: jax.Array, cfg: ModelConfig, positions: jax.Array,
   if prefixed:
     k, v, mask, bias = _prepend_prefix(p, k, v, mask, bias)
 
+  scale = score_scale(cfg)
   if _use_fused(cfg) and cache is None:
-    scale = None if cfg.scale_attention else 1.0
+    scale = None if scale is True else (1.0 if scale is False else scale)
     # A plain causal mask goes in as is_causal (flash attention never builds [T, S]);
     # packed segments and prefixes need the explicit boolean mask.
-    plain = causal and segment_ids is None and prefix_len is None and not prefixed
+    plain = (causal and segment_ids is None and prefix_len is None and not prefixed
+             and not (local is not None and cfg.sliding_window))
     fused = functools.partial(jax.nn.dot_product_attention, q, k, v,
                               bias=None if bias is None else bias.astype(dt),
                               mask=None if plain else mask[:, None], is_causal=plain, scale=scale)
@@ -477,10 +588,10 @@ def attention(p: dict, x: jax.Array, cfg: ModelConfig, positions: jax.Array,
         raise
       out = fused(implementation='xla')   # 'auto': shapes/dtypes cuDNN rejects
   elif cfg.attention_q_block and cache is None and causal and prefix_len is None and not prefixed:
-    out = _causal_blocks(q, k.astype(dt), v.astype(dt), mask, bias, cfg.scale_attention,
-                         cfg.attention_q_block)
+    out = _causal_blocks(q, k.astype(dt), v.astype(dt), mask, bias, scale,
+                         cfg.attention_q_block, cfg.attn_softcap)
   else:
-    out = _xla_attention(q, k.astype(dt), v.astype(dt), mask, bias, cfg.scale_attention)
+    out = _xla_attention(q, k.astype(dt), v.astype(dt), mask, bias, scale, cfg.attn_softcap)
   y = dense(out, p['wo'], 'bthk,hkd->btd', dt)
   if 'bo' in p:
     y = y + p['bo'].astype(dt)

@@ -111,16 +111,17 @@ def embed(params: dict, tokens: jax.Array, positions: jax.Array, cfg: ModelConfi
 
 
 def block(p: dict, x: jax.Array, cfg: ModelConfig, positions, segment_ids, cache, cache_index,
-          prefix_len=None, rel_table=None):
+          prefix_len=None, rel_table=None, local=None):
   """One residual block: attention then MLP, each wrapped by layers.residual (the norm
   placement), or with cfg.parallel_block x + attn(norm(x)) + mlp(norm(x)) (GPT-J, PaLM).
-  Bottleneck adapters (lm.peft), when p has them, adapt each sublayer's output."""
+  Bottleneck adapters (lm.peft), when p has them, adapt each sublayer's output. `local`
+  (this layer's entry of the scanned flags) marks a sliding-window layer."""
   aux = {}
 
   def attn(h):
     nonlocal cache
     y, cache = layers.attention(p['attn'], h, cfg, positions, segment_ids, cache, cache_index,
-                                prefix_len, rel_table=rel_table)
+                                prefix_len, rel_table=rel_table, local=local)
     return layers.bottleneck_adapter(p['adapter_attn'], y, cfg) if 'adapter_attn' in p else y
 
   def mlp(h):
@@ -183,6 +184,14 @@ def scan_unroll(cfg: ModelConfig):
   return True if cfg.n_layers <= 8 and jax.default_backend() == 'cpu' else 1
 
 
+def layer_flags(cfg: ModelConfig) -> jax.Array | None:
+  """[n_layers] bool scanned beside the stacked params: which layers are sliding-window
+  (local) ones. None when no layer differs from the plain model, so the scan is unchanged."""
+  if not (cfg.sliding_window or cfg.rope_local_theta):
+    return None
+  return jnp.asarray(cfg.local_layers, bool)
+
+
 def hidden_states(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
                   positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
                   cache: dict | None = None, cache_index: jax.Array | None = None,
@@ -209,11 +218,11 @@ def hidden_states(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
 
   def body(carry, layer):
     x, aux_sum = carry
-    p, c = layer
+    p, c, local = layer
     if kv_positions is not None:  # per-row slot positions ride along with each layer's cache
       c = {**c, 'kv_pos': kv_positions, 'kv_mask': kv_mask}
     x, c, aux = block(p, x, cfg, positions, segment_ids, c, cache_index, prefix_len,
-                      params.get('rel_bias'))
+                      params.get('rel_bias'), local)
     return (x, jax.tree.map(jnp.add, aux_sum, aux)), c
 
   if cfg.remat != 'none':
@@ -223,7 +232,7 @@ def hidden_states(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
                ('moe_balance_loss', 'moe_z_loss', 'moe_dropped_fraction')} if cfg.moe_experts else {})
   # Unrolling lets XLA drop the loop's stacked-residual buffers and their dynamic slices
   # (~10% of a CPU step); scan_unroll=1 keeps compile time flat in depth.
-  (x, aux), cache = jax.lax.scan(body, (x, zero_aux), (params['layers'], cache),
+  (x, aux), cache = jax.lax.scan(body, (x, zero_aux), (params['layers'], cache, layer_flags(cfg)),
                                  unroll=scan_unroll(cfg))
   if soft is not None:
     x = x[:, soft.shape[0]:]   # drop the prompt positions: outputs stay [B, T, ...]
@@ -242,6 +251,8 @@ def logits_from_hidden(params: dict, h: jax.Array, cfg: ModelConfig) -> jax.Arra
   else:
     logits = layers.dense(h, params['lm_head'], 'btd,dv->btv', dt)
   logits = logits.astype(jnp.float32)
+  if cfg.final_softcap:   # Gemma-2
+    logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
   if cfg.padded_vocab != cfg.vocab_size:
     valid = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
     logits = jnp.where(valid, logits, jnp.finfo(jnp.float32).min)

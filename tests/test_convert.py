@@ -104,13 +104,37 @@ def test_llama_rope_theta_from_either_config_layout(layout, theta):
   assert convert.config_from_hf({**LLAMA, **layout}).rope_theta == theta
 
 
-@pytest.mark.parametrize('layout,match', [
-    ({'rope_theta': 5e5, 'rope_scaling': {'rope_type': 'llama3', **LLAMA31_SCALING}}, "'llama3'"),
-    ({'rope_parameters': {'rope_type': 'llama3', 'rope_theta': 5e5, **LLAMA31_SCALING}}, "'llama3'"),
-    ({'rope_scaling': {'type': 'linear', 'factor': 2.0}}, "'linear'"),
-    ({'rope_parameters': {'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4.0}}, "'yarn'"),
+@pytest.mark.parametrize('layout,want', [
+    ({'rope_theta': 5e5, 'rope_scaling': {'rope_type': 'llama3', **LLAMA31_SCALING}},
+     dict(rope_scaling='llama3', rope_factor=8.0, rope_original_max_len=8192, rope_theta=5e5)),
+    ({'rope_parameters': {'rope_type': 'llama3', 'rope_theta': 5e5, **LLAMA31_SCALING}},
+     dict(rope_scaling='llama3', rope_high_freq_factor=4.0)),
+    ({'rope_scaling': {'type': 'linear', 'factor': 2.0}}, dict(rope_scaling='linear', rope_factor=2.0)),
+    ({'rope_parameters': {'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4.0,
+                          'original_max_position_embeddings': 16}},
+     dict(rope_scaling='yarn', rope_factor=4.0, rope_original_max_len=16)),
 ])
-def test_scaled_rope_is_refused_in_one_sentence(layout, match):
+def test_scaled_rope_is_mapped(layout, want):
+  cfg = convert.config_from_hf({**LLAMA, **layout})
+  assert {k: getattr(cfg, k) for k in want} == want
+
+
+@pytest.mark.parametrize('extra,match', [
+    ({'rope_parameters': {'rope_type': 'longrope', 'rope_theta': 1e4}}, "rope_type='longrope'"),
+    ({'rope_parameters': {'rope_type': 'default', 'rope_theta': 1e4, 'partial_rotary_factor': 0.5}},
+     'partial_rotary_factor=0.5'),
+    ({'hidden_act': 'relu'}, "hidden_act='relu'"),
+    ({'attention_bias': True}, 'attention_bias=True'),
+    ({'mlp_bias': True}, 'mlp_bias=True'),
+    ({'sliding_window': 16}, 'sliding_window=16'),          # LLaMA has none: unknown, refused
+    ({'some_new_switch': 3}, 'some_new_switch=3'),
+])
+def test_unmapped_config_fields_are_refused_in_one_sentence(extra, match):
   with pytest.raises(convert.ConfigError, match=match) as e:
-    convert.config_from_hf({**LLAMA, **layout})
+    convert.config_from_hf({**LLAMA, **extra})
   assert str(e.value).count('. ') == 0 and str(e.value).endswith('.')
+
+
+def test_llama_gelu_is_a_gated_gelu_not_silu():
+  assert convert.config_from_hf({**LLAMA, 'hidden_act': 'gelu'}).activation == 'geglu'
+  assert convert.config_from_hf(LLAMA).activation == 'swiglu'
