@@ -25,21 +25,21 @@ from lm.config import ConfigError
 
 
 def _check_exportable(cfg) -> None:
-  """Refuse, before loading any weights, a model the GPT-2/LLaMA layout cannot hold."""
-  convert.config_to_hf(cfg)  # learned+LayerNorm or RoPE+RMSNorm+SwiGLU, else a ConfigError
-  gpt2 = cfg.positions == 'learned'
-  # fields whose non-default values change the network in ways neither architecture has
+  """Refuse, before loading any weights, a model the GPT-2 / LLaMA-family layouts cannot hold."""
+  convert.config_to_hf(cfg)  # GPT-2, or a LLaMA-family config that round-trips, else a ConfigError
+  if cfg.positions != 'learned':   # config_to_hf has checked every field against what transformers reads back
+    return
+  # fields whose non-default values change the network in ways GPT-2 does not have
   want = {'arch': 'decoder', 'causal': True, 'moe_experts': 0, 'norm_position': 'pre',
           'embed_norm': False, 'scale_embeddings': False, 'parallel_block': False,
-          'scale_attention': True}
-  if not gpt2:   # LLaMA has no biases; GPT-2's are written as zeros where ours has none
-    want['use_bias'] = False
-  else:
-    want.update(tie_embeddings=True, n_kv_heads=cfg.n_heads, d_head=cfg.d_model // cfg.n_heads)
+          'scale_attention': True, 'qk_norm': False, 'norm_unit_offset': False, 'sliding_window': 0,
+          'attn_softcap': 0.0, 'final_softcap': 0.0, 'query_pre_attn_scalar': 0.0}
+  # GPT-2's biases are written as zeros where ours has none
+  want.update(tie_embeddings=True, n_kv_heads=cfg.n_heads, d_head=cfg.d_model // cfg.n_heads)
   bad = {k: getattr(cfg, k) for k, v in want.items()
          if getattr(cfg, k) != v and not (k in ('n_kv_heads', 'd_head') and getattr(cfg, k) == 0)}
   if bad:
-    raise ConfigError(f'This model cannot be exported as a plain {"GPT-2" if gpt2 else "LLaMA"}: '
+    raise ConfigError(f'This model cannot be exported as a plain GPT-2: '
                       f'{", ".join(f"{k}={v!r}" for k, v in bad.items())} has no counterpart there.')
 
 
@@ -60,7 +60,7 @@ def export(init_from: str, out: str, mesh_cfg: dict | None = None) -> str:
   mesh = sharding.make_mesh(mesh_cfg or {'data': -1})
   cfg, tok, params = load_merged(init_from, mesh)
   tokenizers.check_vocab(tok, cfg.vocab_size)
-  convert.export_hf(jax.device_get(params), cfg, out)
+  convert.export_hf(jax.device_get(params), cfg, out, special_ids=tok.special_ids)
   # Special ids in the model config too, so generate() stops at our eos and pads with our pad.
   path = os.path.join(out, 'config.json')
   with open(path) as f:
