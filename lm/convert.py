@@ -1,5 +1,6 @@
-"""Import and export Hugging Face GPT-2 and LLaMA checkpoints (safetensors) to our params;
-import T5 (v1.0: ReLU MLP) encoder-decoder checkpoints.
+"""Import and export Hugging Face checkpoints (safetensors): GPT-2, and the LLaMA family (LLaMA
+incl. 3.x RoPE scaling, Mistral, Qwen2/2.5, Qwen3, Gemma-2, Gemma-3 text); import T5 (v1.0:
+ReLU MLP) encoder-decoder checkpoints.
 
 Import streams the checkpoint tensor by tensor into preallocated stacked arrays, so
 memory holds our params plus one tensor, never two copies of the model (the complaint
@@ -8,9 +9,13 @@ it too holds only one layer in the Hugging Face layout at a time.
 
 Layouts: HF GPT-2 uses Conv1D (y = x W, W [in, out]) with fused QKV; HF LLaMA uses
 Linear (y = x W^T, W [out, in]) with separate q/k/v/o and gate/up/down projections.
-Both use the rotate-half RoPE convention that lm.layers.rope implements. LLaMA's rope_theta is
-read from either config layout (transformers >= 5 `rope_parameters`, older `rope_theta`);
-scaled RoPE (LLaMA-3.1's 'llama3', linear, dynamic, yarn, ...) is refused with a ConfigError.
+Both use the rotate-half RoPE convention that lm.layers.rope implements. RoPE is read from
+either config layout (transformers >= 5 `rope_parameters`, older `rope_theta` / `rope_scaling`).
+
+Every field of a LLaMA-family config.json is mapped to a ModelConfig field, or is bookkeeping
+that cannot change the network (_NEUTRAL), or is refused in one sentence naming it: nothing is
+silently ignored. Export builds the config.json and checks that reading it back gives the same
+network (_check_round_trip), so a model transformers would run differently is refused.
 """
 from __future__ import annotations
 
@@ -111,6 +116,9 @@ def _layer_types(hf: dict, kind: str, n: int, get) -> tuple[int, tuple]:
   if kind in ('qwen2', 'qwen3') and not get('use_sliding_window', False):
     window = None   # transformers drops the window unless use_sliding_window
   get('max_window_layers'), get('sliding_window_pattern'), get('_sliding_window_pattern')
+  alias = get('sliding_window_size')   # Gemma-2's configs repeat the window under this name
+  if alias is not None and alias != hf.get('sliding_window'):
+    raise _refuse(kind, 'sliding_window_size', alias, f'it disagrees with sliding_window={hf.get("sliding_window")}')
   types = get('layer_types')
   if window is None:   # every layer attends to the whole context, whatever layer_types says
     return 0, ()
@@ -474,11 +482,24 @@ def _set(tree: dict, path: tuple, layer, value: np.ndarray) -> None:
   dst[...] = value
 
 
-def import_hf(path: str, dtype=np.float32, **overrides) -> tuple[dict, ModelConfig]:
-  """Load a Hugging Face GPT-2 / LLaMA / T5 directory (config.json + safetensors) as (params, cfg)."""
+def config_from_folder(path: str, **overrides) -> tuple[ModelConfig, dict]:
+  """(ModelConfig, config.json dict) of a Hugging Face folder; the EOS ids of its
+  generation_config.json (LLaMA-3 instruct ends turns there) join config.json's."""
   with open(os.path.join(path, 'config.json')) as f:
     hf = json.load(f)
   cfg = config_from_hf(hf, **overrides)
+  gen_path = os.path.join(path, 'generation_config.json')
+  if os.path.exists(gen_path) and 'eos_ids' not in overrides and cfg.arch == 'decoder':
+    with open(gen_path) as f:
+      eos = json.load(f).get('eos_token_id')
+    eos = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+    cfg = dataclasses.replace(cfg, eos_ids=tuple(dict.fromkeys([*cfg.eos_ids, *eos])))
+  return cfg, hf
+
+
+def import_hf(path: str, dtype=np.float32, **overrides) -> tuple[dict, ModelConfig]:
+  """Load a Hugging Face GPT-2 / LLaMA-family / T5 directory (config.json + safetensors) as (params, cfg)."""
+  cfg, hf = config_from_folder(path, **overrides)
   specs = model.param_specs(cfg)
   params = _zeros_like_specs(specs, dtype)
   names = _name_map(cfg, hf['model_type'])

@@ -167,3 +167,74 @@ def test_each_switch_matters(name, off, tmp_path):
   tokens, mask = _batch()
   params, cfg = convert.import_hf(str(tmp_path / 'hf'), **off)
   assert _max_diff(_our_logits(params, cfg, tokens, mask), _hf_logits(hf, tokens, mask), mask) > 1e-3
+
+
+# The config.json fields of released checkpoints (sizes as published; weights not needed): each
+# must import with nothing refused, and its switches must land where they belong.
+REAL = {
+    'Llama-3.1-8B': ({'architectures': ['LlamaForCausalLM'], 'attention_bias': False, 'attention_dropout': 0.0,
+                      'bos_token_id': 128000, 'eos_token_id': 128001, 'hidden_act': 'silu', 'hidden_size': 4096,
+                      'initializer_range': 0.02, 'intermediate_size': 14336, 'max_position_embeddings': 131072,
+                      'mlp_bias': False, 'model_type': 'llama', 'num_attention_heads': 32, 'num_hidden_layers': 32,
+                      'num_key_value_heads': 8, 'pretraining_tp': 1, 'rms_norm_eps': 1e-05,
+                      'rope_scaling': {'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+                                       'original_max_position_embeddings': 8192, 'rope_type': 'llama3'},
+                      'rope_theta': 500000.0, 'tie_word_embeddings': False, 'torch_dtype': 'bfloat16',
+                      'transformers_version': '4.43.0.dev0', 'use_cache': True, 'vocab_size': 128256},
+                     dict(rope_scaling='llama3', rope_original_max_len=8192, kv_heads=8, eos_ids=(128001,))),
+    'Qwen2.5-7B': ({'architectures': ['Qwen2ForCausalLM'], 'attention_dropout': 0.0, 'bos_token_id': 151643,
+                    'eos_token_id': 151643, 'hidden_act': 'silu', 'hidden_size': 3584, 'initializer_range': 0.02,
+                    'intermediate_size': 18944, 'max_position_embeddings': 131072, 'max_window_layers': 28,
+                    'model_type': 'qwen2', 'num_attention_heads': 28, 'num_hidden_layers': 28,
+                    'num_key_value_heads': 4, 'rms_norm_eps': 1e-06, 'rope_theta': 1000000.0,
+                    'sliding_window': 131072, 'tie_word_embeddings': False, 'torch_dtype': 'bfloat16',
+                    'transformers_version': '4.43.1', 'use_cache': True, 'use_sliding_window': False,
+                    'vocab_size': 152064, 'rope_scaling': None},
+                   dict(qkv_bias=True, sliding_window=0, rope_theta=1e6)),
+    'gemma-2-9b': ({'architectures': ['Gemma2ForCausalLM'], 'attention_bias': False, 'attention_dropout': 0.0,
+                    'attn_logit_softcapping': 50.0, 'bos_token_id': 2, 'cache_implementation': 'hybrid',
+                    'eos_token_id': 1, 'final_logit_softcapping': 30.0, 'head_dim': 256,
+                    'hidden_act': 'gelu_pytorch_tanh', 'hidden_activation': 'gelu_pytorch_tanh',
+                    'hidden_size': 3584, 'initializer_range': 0.02, 'intermediate_size': 14336,
+                    'max_position_embeddings': 8192, 'model_type': 'gemma2', 'num_attention_heads': 16,
+                    'num_hidden_layers': 42, 'num_key_value_heads': 8, 'pad_token_id': 0,
+                    'query_pre_attn_scalar': 256, 'rms_norm_eps': 1e-06, 'rope_theta': 10000.0,
+                    'sliding_window': 4096, 'sliding_window_size': 4096, 'torch_dtype': 'float32',
+                    'transformers_version': '4.42.0.dev0', 'use_cache': True, 'vocab_size': 256000},
+                   dict(attn_softcap=50.0, final_softcap=30.0, sliding_window=4096, head_dim=256,
+                        local_layers=(True, False) * 21, activation='geglu_tanh')),
+    'gemma-3-1b': ({'architectures': ['Gemma3ForCausalLM'], 'attention_bias': False, 'attention_dropout': 0.0,
+                    'attn_logit_softcapping': None, 'bos_token_id': 2, 'cache_implementation': 'hybrid',
+                    'eos_token_id': [1, 106], 'final_logit_softcapping': None, 'head_dim': 256,
+                    'hidden_activation': 'gelu_pytorch_tanh', 'hidden_size': 1152, 'initializer_range': 0.02,
+                    'intermediate_size': 6912, 'max_position_embeddings': 32768, 'model_type': 'gemma3_text',
+                    'num_attention_heads': 4, 'num_hidden_layers': 26, 'num_key_value_heads': 1,
+                    'pad_token_id': 0, 'query_pre_attn_scalar': 256, 'rms_norm_eps': 1e-06,
+                    'rope_local_base_freq': 10000, 'rope_scaling': None, 'rope_theta': 1000000,
+                    'sliding_window': 512, 'sliding_window_pattern': 6, 'torch_dtype': 'bfloat16',
+                    'transformers_version': '4.50.0.dev0', 'use_cache': True, 'vocab_size': 262144},
+                   dict(qk_norm=True, rope_local_theta=10000.0, rope_theta=1e6, eos_ids=(1, 106),
+                        local_layers=tuple((i + 1) % 6 != 0 for i in range(26)))),
+}
+
+
+@pytest.mark.parametrize('name', list(REAL))
+def test_released_configs_import(name):
+  hf, want = REAL[name]
+  cfg = convert.config_from_hf(hf)
+  assert {k: getattr(cfg, k) for k in want} == want
+  assert convert.export_family(cfg) == hf['model_type']
+  convert.config_to_hf(cfg)   # and it exports (the round trip holds)
+
+
+def test_generation_config_eos_ids_join(tmp_path):
+  hf, _ = REAL['Llama-3.1-8B']
+  (tmp_path / 'config.json').write_text(json.dumps(hf))
+  (tmp_path / 'generation_config.json').write_text(json.dumps({'eos_token_id': [128001, 128008, 128009]}))
+  cfg, _ = convert.config_from_folder(str(tmp_path))
+  assert cfg.eos_ids == (128001, 128008, 128009)
+
+
+def test_multimodal_gemma3_is_refused():
+  with pytest.raises(convert.ConfigError, match="gemma3_text"):
+    convert.config_from_hf({'model_type': 'gemma3', 'text_config': {}})
