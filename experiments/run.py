@@ -4,6 +4,15 @@ Any config value can be overridden (`--config.train.steps=50`); unknown keys fai
 several hosts pass --multihost (TPU pods, SLURM: auto-detected) or --coordinator,
 --num_processes and --process_id.
 
+  --help                     the flags, the registered experiments and the config files
+  --config=FILE --show       print FILE's keys and values (what --config.KEY=VALUE can set)
+  --verbosity=0              also INFO logs (Orbax checkpointing, JAX's backend search, tfds
+                             preparation); by default only warnings and errors (-1)
+
+On CPU the XLA:CPU collective timeouts are raised to an hour unless XLA_FLAGS sets them: on a
+busy machine (a laptop, CI) a device thread that waits its turn past the default aborts the
+whole process.
+
 Exit status: 0 done; 1 with one `error: ...` line on stderr for bad input (flags, config,
 corpus, checkpoints) or a run that cannot go on; 128 + N after signal N (143 SIGTERM,
 130 SIGINT), with a checkpoint saved at the step reached: rerun the same command to continue.
@@ -11,10 +20,13 @@ corpus, checkpoints) or a run that cannot go on; 128 + N after signal N (143 SIG
 from __future__ import annotations
 
 import ast
+import difflib
+import glob
 import keyword
+import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
@@ -23,8 +35,127 @@ flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() with au
 flags.DEFINE_string('coordinator', None, 'host:port of process 0 for jax.distributed.')
 flags.DEFINE_integer('num_processes', None, 'Number of processes for jax.distributed.')
 flags.DEFINE_integer('process_id', None, 'This process index for jax.distributed.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.DEFINE_bool('show', False, "Print the config's keys and values and exit (no --workdir needed).")
 FLAGS = flags.FLAGS
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
+# XLA:CPU's collective timeouts: generous, so that a loaded machine slows a run down instead of
+# aborting it (an 8-device CPU mesh's threads wait on each other in every collective).
+COLLECTIVE_TIMEOUTS = ('--xla_cpu_collective_call_terminate_timeout_seconds',
+                       '--xla_cpu_collective_timeout_seconds')
+COLLECTIVE_TIMEOUT_S = 3600
+
+
+def raise_collective_timeouts(env=os.environ) -> None:
+  """Add the CPU collective timeouts to XLA_FLAGS where the user set neither (before JAX starts)."""
+  platforms = env.get('JAX_PLATFORMS', '')
+  if platforms and 'cpu' not in platforms.split(','):
+    return
+  current = env.get('XLA_FLAGS', '')
+  if any(f in current for f in COLLECTIVE_TIMEOUTS):
+    return   # the user's choice stands
+  env['XLA_FLAGS'] = ' '.join([current] * bool(current) +
+                              [f'{f}={COLLECTIVE_TIMEOUT_S}' for f in COLLECTIVE_TIMEOUTS])
+
+
+# First contact: --help, a config path that is wrong, a file that is not a config ------------
+def _config_arg(argv) -> str | None:
+  for i, a in enumerate(argv[1:], 1):
+    if a.startswith('--config='):
+      return a[len('--config='):]
+    if a == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _has_get_config(path: str) -> bool:
+  with open(path, encoding='utf-8') as f:
+    tree = ast.parse(f.read(), path)
+  return any(isinstance(n, ast.FunctionDef) and n.name == 'get_config' for n in tree.body)
+
+
+def config_files() -> dict[str, str]:
+  """{path relative to the working directory: the first line of its docstring} for every
+  config file (one with get_config) in experiments/configs."""
+  out = {}
+  for path in sorted(glob.glob(os.path.join(CONFIG_DIR, '*.py'))):
+    try:
+      with open(path, encoding='utf-8') as f:
+        tree = ast.parse(f.read(), path)
+    except (OSError, SyntaxError):
+      continue
+    if any(isinstance(n, ast.FunctionDef) and n.name == 'get_config' for n in tree.body):
+      doc = (ast.get_docstring(tree) or '').strip().split('\n')[0]
+      out[os.path.relpath(path)] = doc
+  return out
+
+
+def check_config_arg(argv) -> str | None:
+  """One sentence for a --config that cannot work (absent, missing file, no get_config), or None."""
+  value = _config_arg(argv)
+  if value is None:
+    return ('--config=FILE is required, e.g. --config=experiments/configs/shakespeare_works.py '
+            '(python -m experiments.run --help lists them).')
+  path = value if os.path.exists(value) else value.split(':')[0]   # FILE:ARG is allowed
+  if not os.path.isfile(path):
+    near = difflib.get_close_matches(path, list(config_files()), n=1, cutoff=0.6)
+    hint = f'did you mean {near[0]}? ' if near else ''
+    return f'--config={value}: no such file; {hint}python -m experiments.run --help lists the configs.'
+  try:
+    ok = _has_get_config(path)
+  except SyntaxError as e:
+    return f'--config={value} is not valid Python (line {e.lineno}: {e.msg}).'
+  if not ok:
+    return (f'--config={value} defines no get_config(): it holds defaults that other configs '
+            'import, not an experiment; python -m experiments.run --help lists the configs.')
+  return None
+
+
+def help_text() -> str:
+  from experiments import registry   # a table of names: imports no experiment
+  lines = [__doc__.strip(), '', 'Flags:']
+  for name in ('config', 'workdir', 'show', 'multihost', 'coordinator', 'num_processes', 'process_id'):
+    lines.append(f'  --{name}: {FLAGS[name].help}')
+  lines += ['  --verbosity: -1 warnings only (default), 0 INFO, 1 debug', '',
+            'Registered experiments (config.experiment): ' + ', '.join(sorted(registry.EXPERIMENTS)),
+            '', 'Config files (see one\'s keys: --config=FILE --show):']
+  files = config_files()
+  width = max(map(len, files), default=0)
+  lines += [f'  {path.ljust(width)}  {doc}' for path, doc in files.items()]
+  return '\n'.join(lines)
+
+
+def quiet_logs() -> None:
+  """Warnings and errors only, unless --verbosity was given: no Orbax INFO lines inside progress
+  bars, no JAX 'Unable to initialize backend' line, tfds's preparation messages as INFO logs."""
+  if FLAGS['verbosity'].present:
+    return
+  logging.set_verbosity(logging.WARNING)
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  try:
+    from tensorflow_datasets.core import dataset_builder
+  except ImportError:
+    return
+  builder = dataset_builder.DatasetBuilder
+  messages = {'_log_download_bytes': 'tfds: preparing dataset %s in %s',
+              '_log_download_done': 'tfds: dataset %s prepared in %s'}
+  for name, text in messages.items():   # tfds prints these to stdout whatever the log level
+    if hasattr(builder, name):
+      setattr(builder, name, lambda self, _t=text: logging.info(_t, self.name, self.data_dir))
+
+
+def show(config) -> str:
+  """Every key as the override that sets it, with its current value."""
+  lines = []
+
+  def walk(d, prefix):
+    for k in sorted(d):
+      v = d[k]
+      if isinstance(v, dict) and v:
+        walk(v, f'{prefix}{k}.')
+      else:
+        lines.append(f'--config.{prefix}{k}={v!r}')
+  walk(config.to_dict(), '')
+  return '\n'.join(lines)
 
 
 def _user_errors():
@@ -67,6 +198,13 @@ def parse_flags(argv):
 
 def main(argv):
   del argv
+  quiet_logs()
+  if FLAGS.show:
+    print(show(FLAGS.config))
+    return
+  if not FLAGS.workdir:
+    sys.exit('error: --workdir=DIR is required (where the run writes everything; rerun with the '
+             'same DIR to resume); --show prints the config without one.')
   import jax
   from experiments import registry
   from experiments.stages import trainer
@@ -94,5 +232,17 @@ def main(argv):
     multihost_utils.sync_global_devices('experiment finished')
 
 
+def cli(argv=None) -> None:
+  argv = list(sys.argv if argv is None else argv)
+  raise_collective_timeouts()   # before JAX starts its CPU client
+  if any(a in ('--help', '-h', '--helpshort', '-?') for a in argv[1:]):
+    print(help_text())
+    sys.exit(0)
+  why = check_config_arg(argv)
+  if why:
+    sys.exit(f'error: {why}')
+  app.run(main, argv=argv, flags_parser=parse_flags)
+
+
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  cli()

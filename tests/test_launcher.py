@@ -1,0 +1,109 @@
+"""The launcher at first contact: --help, a wrong --config path, a file that is not a config,
+--show, quiet logs by default (with a verbosity switch), and the CPU collective timeouts."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from experiments import run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args, env=None, timeout=300):
+  return subprocess.run([sys.executable, '-m', 'experiments.run', *args], cwd=ROOT,
+                        env=env or dict(os.environ), capture_output=True, text=True, timeout=timeout)
+
+
+def _one_sentence(r):
+  assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: '), r.stderr
+  return lines[0]
+
+
+def test_a_mistyped_config_path_is_one_sentence_with_the_near_name(tmp_path):
+  line = _one_sentence(_cli('--config=experiments/configs/shakespeare_wrks.py', f'--workdir={tmp_path}'))
+  assert 'no such file' in line and 'did you mean experiments/configs/shakespeare_works.py?' in line
+  assert not os.listdir(tmp_path)
+
+
+def test_a_base_config_without_get_config_is_one_sentence(tmp_path):
+  line = _one_sentence(_cli('--config=experiments/configs/base.py', f'--workdir={tmp_path}'))
+  assert 'defines no get_config()' in line and '--help' in line
+  line = _one_sentence(_cli(f'--workdir={tmp_path}'))
+  assert '--config=FILE is required' in line
+
+
+def test_help_exits_0_and_lists_experiments_configs_and_how_to_see_keys():
+  r = _cli('--help')
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert 'experiments/configs/shakespeare_works.py' in r.stdout
+  assert 'experiments/configs/evaluate.py' in r.stdout
+  assert 'experiments/configs/base.py' not in r.stdout     # a building block, not a config
+  listed = re.search(r'Registered experiments \(config.experiment\): (.*)', r.stdout).group(1)
+  assert {'pretrain', 'evaluate', 'sft', 'ppo'} <= set(listed.split(', '))
+  assert '--config=FILE --show' in r.stdout and '--verbosity' in r.stdout
+
+
+def test_show_prints_every_key_as_its_override_without_a_workdir():
+  r = _cli('--config=experiments/configs/evaluate.py', '--show', '--config.batch_size=4')
+  assert r.returncode == 0, r.stderr[-2000:]
+  lines = r.stdout.splitlines()
+  assert '--config.batch_size=4' in lines and "--config.task.gsm8k.path=''" in lines
+  assert "--config.task.jsonl.bleu.tokenize='13a'" in lines
+  line = _one_sentence(_cli('--config=experiments/configs/evaluate.py'))
+  assert '--workdir=DIR is required' in line
+
+
+def _tiny_run(tmp_path, *extra):
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}   # JAX looks for a TPU
+  return _cli('--config=experiments/configs/shakespeare_char.py', f'--workdir={tmp_path / "w"}',
+              '--config.train.steps=2', '--config.train.eval_every=0', '--config.train.samples=0',
+              '--config.model.n_layers=1', '--config.model.d_model=32', '--config.train.batch_size=8',
+              *extra, env=env)
+
+
+INFO_LINE = re.compile(r'^I\d{4} ', re.M)   # absl's INFO format (Orbax, JAX's backend search)
+
+
+def test_logs_are_quiet_by_default(tmp_path):
+  r = _tiny_run(tmp_path)
+  assert r.returncode == 0, r.stderr[-2000:]
+  out = r.stdout + r.stderr
+  assert not INFO_LINE.search(out), out[-2000:]
+  assert 'Unable to initialize backend' not in out and 'Downloading and preparing' not in out
+
+
+@pytest.mark.slow
+def test_verbosity_0_shows_the_info_lines(tmp_path):
+  """The control for the test above: the lines it looks for are there when asked for."""
+  r = _tiny_run(tmp_path, '--verbosity=0')
+  assert r.returncode == 0, r.stderr[-2000:]
+  out = r.stdout + r.stderr
+  assert INFO_LINE.search(out) and 'Downloading and preparing' in out
+
+
+def test_collective_timeouts_raised_unless_the_user_set_them(monkeypatch):
+  flags = ('--xla_cpu_collective_call_terminate_timeout_seconds=3600 '
+           '--xla_cpu_collective_timeout_seconds=3600')
+  env = {}
+  run.raise_collective_timeouts(env)
+  assert env['XLA_FLAGS'] == flags
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  run.raise_collective_timeouts(env)
+  assert env['XLA_FLAGS'] == '--xla_force_host_platform_device_count=8 ' + flags
+  mine = {'XLA_FLAGS': '--xla_cpu_collective_timeout_seconds=5'}
+  run.raise_collective_timeouts(mine)
+  assert mine == {'XLA_FLAGS': '--xla_cpu_collective_timeout_seconds=5'}
+  gpu = {'JAX_PLATFORMS': 'cuda'}
+  run.raise_collective_timeouts(gpu)
+  assert gpu == {'JAX_PLATFORMS': 'cuda'}
+  # the launcher does it first thing (here before --help exits)
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  with pytest.raises(SystemExit) as e:
+    run.cli(['run', '--help'])
+  assert e.value.code == 0 and os.environ['XLA_FLAGS'].endswith(flags)
