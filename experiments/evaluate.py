@@ -45,13 +45,19 @@ def _unescape(text: str) -> str:
   return text.replace('\\n', '\n').replace('\\t', '\t')
 
 
+def _split(item: str) -> list[str]:
+  """'strict,flexible' -> two names; a regex extractor (which may hold commas) comes last."""
+  head, mark, regex = item.partition('regex:')
+  return [x.strip() for x in head.split(',') if x.strip()] + ([mark + regex] if mark else [])
+
+
 def _normalize(cfg: ConfigDict) -> None:
-  """Command-line spellings to the task's types: comma lists, one stop string, escapes."""
-  with cfg.ignore_type():   # a str typed on the command line becomes the tuple it stands for
+  """Command-line spellings to the task's types: comma lists (the command line gives
+  --config.task.X.metrics=bleu,chrf as ('bleu,chrf',)), one stop string, escapes."""
+  with cfg.ignore_type():
     for key in LIST_FIELDS:
       v = cfg[key]
-      if isinstance(v, str):   # a regex extractor may itself hold commas
-        cfg[key] = (v,) if v.startswith('regex:') else tuple(x.strip() for x in v.split(',') if x.strip())
+      cfg[key] = tuple(x for item in ((v,) if isinstance(v, str) else v) for x in _split(item))
     until = cfg.generation.until
     cfg.generation.until = tuple(_unescape(u) for u in ((until,) if isinstance(until, str) else until))
   for key in TEXT_FIELDS:

@@ -297,3 +297,26 @@ def test_skip_and_truncation_counts_are_printed(tmp_path, capsys):
   printed = capsys.readouterr().out
   assert 'works_cloze: 3 documents, no records skipped, 6 of 12 prompts truncated' in printed
   assert 'warning: task works_cloze: 6 of 12 prompts (50%) lost their oldest tokens' in printed
+
+
+def test_jsonl_task_and_task_list_from_the_real_command_line(tmp_path):
+  import subprocess
+  import sys
+  f = tmp_path / 'qa.jsonl'
+  f.write_text('{"q": "2+2?", "a": "4"}\n{"q": "Capital of France?", "a": "Paris"}\nnot json\n')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  r = subprocess.run(
+      [sys.executable, '-m', 'experiments.run', '--config=experiments/configs/evaluate.py',
+       f'--workdir={tmp_path / "w"}', '--config.tasks=jsonl,works_cloze', f'--config.task.jsonl.path={f}',
+       '--config.task.jsonl.query_template=Q: {q}\\nA:', '--config.task.jsonl.target_template={a}',
+       '--config.task.jsonl.metrics=exact_match,bleu', '--config.task.jsonl.bleu.tokenize=char',
+       '--config.task.jsonl.generation.until=\\n', '--config.task.works_cloze.options.n=3',
+       '--config.bootstrap_iters=10'],
+      cwd=root, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  saved = json.loads((tmp_path / 'w' / 'results.json').read_text())
+  assert saved['jsonl']['exact_match']['n'] == 2 and saved['jsonl']['bleu']['value'] == pytest.approx(100)
+  assert saved['works_cloze']['acc']['n'] == 3
+  assert "jsonl: 2 documents, skipped records: {'bad_json': 1}" in r.stdout
+  sample = json.loads((tmp_path / 'w' / 'samples.jsonl').read_text().splitlines()[0])
+  assert sample['prompt'] == 'Q: 2+2?\nA:'

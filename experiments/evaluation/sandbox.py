@@ -52,6 +52,8 @@ import sys
 import tempfile
 from typing import Sequence
 
+from tqdm import tqdm
+
 SUPERVISOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'supervise.py')
 
 STATUSES = ('passed', 'failed', 'timeout', 'error')
@@ -291,8 +293,12 @@ def run_programs(programs: Sequence[str], limits: Limits = Limits(), workers: in
     finally:
       slots.put(slot)
 
-  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-    return list(pool.map(one, programs))
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool, \
+       tqdm(total=len(programs), desc='sandbox', unit='prog', leave=False, disable=None) as bar:
+    futures = [pool.submit(one, code) for code in programs]
+    for _ in concurrent.futures.as_completed(futures):
+      bar.update(1)   # a terminal only: disable=None is silent in logs and tests
+    return [f.result() for f in futures]
 
 
 def status_counts(results: Sequence[Result]) -> dict[str, int]:
