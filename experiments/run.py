@@ -205,6 +205,8 @@ def main(argv):
   if not FLAGS.workdir:
     sys.exit('error: --workdir=DIR is required (where the run writes everything; rerun with the '
              'same DIR to resume); --show prints the config without one.')
+  if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+    sys.exit(f'error: --workdir={FLAGS.workdir} is a file; give a directory (created if absent).')
   import jax
   from experiments import registry
   from experiments.stages import trainer

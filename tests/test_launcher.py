@@ -107,3 +107,10 @@ def test_collective_timeouts_raised_unless_the_user_set_them(monkeypatch):
   with pytest.raises(SystemExit) as e:
     run.cli(['run', '--help'])
   assert e.value.code == 0 and os.environ['XLA_FLAGS'].endswith(flags)
+
+
+def test_a_workdir_that_is_a_file_is_one_sentence(tmp_path):
+  f = tmp_path / 'notes.txt'
+  f.write_text('mine')
+  line = _one_sentence(_cli('--config=experiments/configs/shakespeare_char.py', f'--workdir={f}'))
+  assert f'--workdir={f} is a file' in line and f.read_text() == 'mine'
