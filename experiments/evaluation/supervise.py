@@ -9,13 +9,14 @@ reparented to the supervisor when its parent dies, so the supervisor can find al
 in /proc (by parent id) and kill them once the program ends. It imports nothing from this
 repository (it runs under `python -I` from its file path).
 
-Its jobs: start the program through the launcher (resource limits, oom_score_adj, exec),
+Its jobs: start the program (resource limits and oom_score_adj set between fork and exec),
 enforce the wall clock, count the program's processes where the kernel does not (root
 without a separate uid ignores RLIMIT_NPROC), and at the end kill every descendant.
 """
 import ctypes
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -24,27 +25,24 @@ import time
 PR_SET_CHILD_SUBREAPER = 36
 POLL_S = 0.02
 
-# Runs in the program's process before the program: limits, then exec (argv: limits json, path).
-LAUNCHER = r'''
-import json, os, resource, sys
-lim = json.loads(sys.argv[1])
-def cap(what, v, hard=None):
-  try:
-    resource.setrlimit(what, (v, v if hard is None else hard))
-  except (ValueError, OSError):
-    pass   # e.g. a hard limit already lower; keep it
-cap(resource.RLIMIT_CPU, lim['cpu_s'], lim['cpu_s'] + 1)   # SIGXCPU first, SIGKILL 1 s on
-cap(resource.RLIMIT_AS, lim['memory_mb'] << 20)
-cap(resource.RLIMIT_FSIZE, lim['file_mb'] << 20)
-cap(resource.RLIMIT_CORE, 0)
-cap(resource.RLIMIT_NPROC, lim['max_processes'])   # (root ignores it)
-try:   # if the machine runs out of memory, the kernel kills this program first, not the harness
-  with open('/proc/self/oom_score_adj', 'w') as f:
-    f.write('1000')
-except OSError:
-  pass
-os.execv(sys.executable, [sys.executable, '-I', sys.argv[2]])
-'''
+def apply_limits(lim: dict) -> None:
+  """In the program's process between fork and exec (a preexec_fn: safe, as the supervisor
+  has one thread; after Popen's setuid, so an unprivileged program gets them too)."""
+  def cap(what, v, hard=None):
+    try:
+      resource.setrlimit(what, (v, v if hard is None else hard))
+    except (ValueError, OSError):
+      pass   # e.g. a hard limit already lower; keep it
+  cap(resource.RLIMIT_CPU, lim['cpu_s'], lim['cpu_s'] + 1)   # SIGXCPU first, SIGKILL 1 s on
+  cap(resource.RLIMIT_AS, lim['memory_mb'] << 20)
+  cap(resource.RLIMIT_FSIZE, lim['file_mb'] << 20)
+  cap(resource.RLIMIT_CORE, 0)
+  cap(resource.RLIMIT_NPROC, lim['max_processes'])   # (root ignores it)
+  try:   # if the machine runs out of memory, the kernel kills this program first, not the harness
+    with open('/proc/self/oom_score_adj', 'w') as f:
+      f.write('1000')
+  except OSError:
+    pass
 
 
 def become_subreaper() -> bool:
@@ -119,17 +117,19 @@ def supervise(a: dict) -> dict:
   kw = {'user': a['uid'], 'group': a['uid'], 'extra_groups': []} if a['uid'] is not None else {}
   t0 = time.perf_counter()
   with open(a['stdout'], 'wb') as out, open(a['stderr'], 'wb') as err:
-    proc = subprocess.Popen([sys.executable, '-I', '-c', LAUNCHER, json.dumps(lim), a['program']],
-                            cwd=a['cwd'], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                            env=a['env'], start_new_session=True, close_fds=True, **kw)
+    proc = subprocess.Popen([sys.executable, '-I', a['program']], cwd=a['cwd'],
+                            stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=a['env'],
+                            start_new_session=True, close_fds=True,
+                            preexec_fn=lambda: apply_limits(lim), **kw)
   deadline = time.monotonic() + lim['wall_s']
   count = a['count_processes'] and subreaper
   why, rc = '', None
   while rc is None:
-    time.sleep(POLL_S)
-    rc = proc.poll()
-    if rc is not None:
+    try:
+      rc = proc.wait(timeout=POLL_S)   # returns as soon as the program exits
       break
+    except subprocess.TimeoutExpired:
+      pass
     if time.monotonic() >= deadline:
       why = 'wall'
     elif count and sum(s != 'Z' for _, s in descendants(os.getpid())) > lim['max_processes']:
