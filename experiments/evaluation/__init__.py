@@ -9,6 +9,8 @@
   metrics.py   acc, acc_norm, exact match, BLEU/chrF (sacrebleu), ROUGE (rouge-score), pass@k,
                perplexity / bits per byte; seeded bootstrap standard errors
   sandbox.py   model-written programs in their own limited processes, never in ours
+  supervise.py the per-program supervisor (a subreaper: setsid'd children are killed too),
+               run as a script by sandbox.py
 
 The driver is experiments/evaluate.py (`experiment = 'evaluate'`).
 """
