@@ -525,6 +525,146 @@ def import_hf(path: str, dtype=np.float32, **overrides) -> tuple[dict, ModelConf
   return params, cfg
 
 
+class _Tensors:
+  """Random access by name to the tensors of a checkpoint's safetensors files, read with pread
+  into fresh buffers rather than memory-mapped, so nothing of the file stays resident: a host
+  holds only the tensor (or rows of a table) being placed."""
+  _DTYPES = {'F32': np.float32, 'F16': np.float16, 'F64': np.float64, 'I64': np.int64, 'I32': np.int32}
+
+  def __init__(self, files: list[str]):
+    self.where = {}
+    for f in files:
+      with open(f, 'rb') as fh:
+        n = int.from_bytes(fh.read(8), 'little')
+        header = json.loads(fh.read(n))
+      header.pop('__metadata__', None)
+      for name, h in header.items():
+        self.where[name] = (f, 8 + n + h['data_offsets'][0], h['dtype'], tuple(h['shape']))
+
+  def _dtype(self, code: str):
+    if code == 'BF16':
+      return _bfloat16()
+    if code not in self._DTYPES:
+      raise ConfigError(f'Checkpoint tensors of dtype {code} cannot be imported; store them as F32, F16 or BF16.')
+    return self._DTYPES[code]
+
+  def _read(self, name: str, first_row: int = 0, rows: int | None = None) -> np.ndarray:
+    f, offset, code, shape = self.where[name]
+    dt = np.dtype(self._dtype(code))
+    row = math.prod(shape[1:]) * dt.itemsize if shape else dt.itemsize
+    rows = (shape[0] if shape else 1) - first_row if rows is None else rows
+    buf = np.empty(rows * row, np.uint8)
+    with open(f, 'rb') as fh:
+      fh.seek(offset + first_row * row)
+      fh.readinto(buf)
+    return buf.view(dt).reshape((rows, *shape[1:]) if shape else ())
+
+  def __call__(self, name: str) -> np.ndarray:
+    return self._read(name)   # as stored (bf16 stays bf16 until placed)
+
+  def table_block(self, name: str, idx: tuple, shape: tuple, transposed: bool, dtype) -> np.ndarray:
+    """One device's block of a vocabulary table ([vocab, d] stored; ours padded, and [d, vocab]
+    when transposed), read a few thousand rows at a time: the table is never whole in memory."""
+    rows = self.where[name][3][0]
+    idx = idx[::-1] if transposed else idx
+    full = shape[::-1] if transposed else shape
+    (r0, r1, _), (c0, c1, _) = (sl.indices(n) for sl, n in zip(idx, full))
+    block = np.zeros((r1 - r0, c1 - c0), dtype)
+    for a in range(r0, min(r1, rows), 4096):
+      b = min(a + 4096, r1, rows)
+      block[a - r0:b - r0] = self._read(name, a, b - a)[:, c0:c1]
+    return block.T if transposed else block
+
+
+def _check_tensor_names(names: dict, present, path: str, kind: str) -> None:
+  """Every tensor the name map expects is present; nothing unknown is (buffers aside)."""
+  wanted = {k[0] if isinstance(k, tuple) else k for k in names}
+  missing = sorted(wanted - set(present))
+  if missing:
+    raise ConfigError(f'{len(missing)} tensors missing from {path}, e.g. {missing[0]!r}.')
+  skip = ('attn.bias', 'attn.masked_bias', 'rotary_emb.inv_freq', 'embed_tokens.weight')
+  extra = sorted(n for n in set(present) - wanted if not (n.endswith(skip) or n == 'lm_head.weight'))
+  if extra:
+    raise ConfigError(f'Unexpected tensor {extra[0]!r} in {path}; is it a {kind} checkpoint?')
+
+
+def _to_leaf(value: np.ndarray, shape: tuple, tree_path: tuple) -> np.ndarray:
+  """One checkpoint tensor in our leaf's shape: the vocabulary rows or columns zero-padded."""
+  if value.shape == shape:
+    return value
+  if tree_path in (('embed',), ('lm_head',)) and value.ndim == 2:
+    out = np.zeros(shape, value.dtype)
+    out[tuple(slice(0, n) for n in value.shape)] = value
+    return out
+  raise ConfigError(f'Checkpoint tensor for {"/".join(tree_path)} has shape {value.shape}, expected {shape}.')
+
+
+def import_hf_to_mesh(path: str, mesh, dtype=np.float32, **overrides) -> tuple[dict, ModelConfig]:
+  """Stream a (sharded) checkpoint onto `mesh`: params in the shardings the rules table gives.
+
+  Each tensor is read, transformed and placed on its devices alone, and a stacked layer leaf is
+  filled one layer at a time in place (a donated update), so a host holds one checkpoint tensor
+  beyond its own devices' shards, never the whole model (see tests/test_families.py for the
+  peak-RSS figure). Multi-host: every host reads the files and places its own shards.
+  """
+  import jax
+  from lm import sharding
+  from lm.layers import Spec
+  cfg, hf = config_from_folder(path, **overrides)
+  kind = hf['model_type']
+  names = _name_map(cfg, kind)
+  reader = _Tensors(_safetensor_files(path))
+  _check_tensor_names(names, reader.where, path, kind)
+  sources = {(tree_path, layer): (k[0] if isinstance(k, tuple) else k, fn)
+             for k, (tree_path, layer, fn) in names.items()}
+  specs = model.param_specs(cfg)
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), specs,
+                          is_leaf=lambda x: isinstance(x, Spec))
+  shardings = sharding.tree_shardings(model.logical_axes(cfg), abstract, mesh)
+
+  def tensor(tree_path, layer, shape):
+    name, fn = sources[(tree_path, layer)]
+    return _to_leaf(np.asarray(fn(reader(name)), dtype), shape, tree_path)
+
+  def leaf(key_path, spec):
+    tree_path = tuple(k.key for k in key_path)
+    sh = _leaf_sharding(shardings, tree_path)
+    if tree_path in (('embed',), ('lm_head',)):   # the largest tensors: read per device block
+      name = sources[(tree_path, None)][0]
+      return jax.make_array_from_callback(spec.shape, sh, lambda idx: reader.table_block(
+          name, idx, spec.shape, tree_path == ('lm_head',), dtype))
+    if spec.axes[0] != 'layers':
+      value = tensor(tree_path, None, spec.shape)
+      return jax.make_array_from_callback(spec.shape, sh, lambda idx: value[idx])
+    return _stream_stacked(spec.shape, dtype, sh, lambda i: tensor(tree_path, i, spec.shape[1:]))
+
+  params = jax.tree_util.tree_map_with_path(leaf, specs, is_leaf=lambda x: isinstance(x, Spec))
+  return params, cfg
+
+
+def _leaf_sharding(shardings: dict, tree_path: tuple):
+  node = shardings
+  for k in tree_path:
+    node = node[k]
+  return node
+
+
+def _stream_stacked(shape: tuple, dtype, sh, layer_value: Callable[[int], np.ndarray]):
+  """A [layers, ...] array on sh's devices, written one layer at a time (donated in place)."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec
+  spec = tuple(sh.spec) + (None,) * (len(shape) - len(sh.spec))
+  layer_sh = NamedSharding(sh.mesh, PartitionSpec(*spec[1:]))
+  arr = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sh)()
+  put = jax.jit(lambda a, x, i: jax.lax.dynamic_update_index_in_dim(a, x, i, 0),
+                donate_argnums=0, out_shardings=sh)
+  for i in range(shape[0]):
+    value = layer_value(i)
+    arr = put(arr, jax.make_array_from_callback(shape[1:], layer_sh, lambda idx: value[idx]), i)
+  return arr
+
+
 def _zeros_like_specs(specs, dtype) -> dict:
   if hasattr(specs, 'shape') and not isinstance(specs, dict):
     return np.zeros(specs.shape, dtype)
@@ -541,11 +681,15 @@ def generation_config(cfg: ModelConfig, special_ids: dict | None = None) -> dict
   return {k: v for k, v in out.items() if v is not None}
 
 
-def export_hf(params: dict, cfg: ModelConfig, path: str, special_ids: dict | None = None) -> str:
+def export_hf(params: dict, cfg: ModelConfig, path: str, special_ids: dict | None = None,
+              dtype: str = 'float32') -> str:
   """Write params as a Hugging Face checkpoint: config.json, generation_config.json (EOS ids
-  from cfg.eos_ids and special_ids['eos']), one shard per layer, an index."""
+  from cfg.eos_ids and special_ids['eos']), one shard per layer, an index; tensors stored in
+  `dtype` ('float32' or 'bfloat16', as released checkpoints are)."""
   from safetensors.numpy import save_file
+  store = {'float32': np.float32, 'bfloat16': _bfloat16()}[dtype]
   hf = config_to_hf(cfg)
+  hf['torch_dtype'] = hf['dtype'] = dtype   # older transformers read torch_dtype
   kind = hf['model_type']
   gen = generation_config(cfg, special_ids)
   hf.update({f'{n}_token_id': v for n, v in gen.items()})
@@ -565,13 +709,18 @@ def export_hf(params: dict, cfg: ModelConfig, path: str, special_ids: dict | Non
   for layer, tensors in groups.items():
     shard = {}
     for hf_name in tensors:
-      shard[hf_name] = np.ascontiguousarray(inverse(hf_name, params, layer), np.float32)
+      shard[hf_name] = np.ascontiguousarray(inverse(hf_name, params, layer), np.float32).astype(store)
     fname = f'model-{"embed" if layer is None else f"layer{layer:04d}"}.safetensors'
     save_file(shard, os.path.join(path, fname), metadata={'format': 'pt'})
     weight_map.update({n: fname for n in shard})
   with open(os.path.join(path, 'model.safetensors.index.json'), 'w') as f:
     json.dump({'metadata': {}, 'weight_map': weight_map}, f, indent=1)
   return path
+
+
+def _bfloat16():
+  import ml_dtypes   # numpy's bfloat16 (a jax dependency); safetensors stores it as BF16
+  return ml_dtypes.bfloat16
 
 
 def _get_leaf(params, tree_path, layer):

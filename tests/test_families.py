@@ -67,6 +67,19 @@ def _build(name, tmp_path):
   return hf
 
 
+@pytest.fixture(scope='module')
+def built(tmp_path_factory):
+  """built(name) -> (transformers model, folder holding it in hf/): each family built once."""
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      path = tmp_path_factory.mktemp(name.replace('.', '_'))
+      cache[name] = (_build(name, path), path)
+    return cache[name]
+  return get
+
+
 def _batch():
   """Three left-padded rows of lengths T, T - 5 and 9 (mask 1 on real tokens)."""
   rng = np.random.default_rng(0)
@@ -115,9 +128,9 @@ def _greedy_equal(hf, params, cfg, tokens, mask, n=5):
 
 
 @pytest.mark.parametrize('name', list(_configs()))
-def test_family_matches_transformers(name, tmp_path):
-  hf = _build(name, tmp_path)
-  params, cfg = convert.import_hf(str(tmp_path / 'hf'))
+def test_family_matches_transformers(name, built, tmp_path):
+  hf, folder = built(name)
+  params, cfg = convert.import_hf(str(folder / 'hf'))
   tokens, mask = _batch()
   ref = _hf_logits(hf, tokens, mask)
   diff = _max_diff(_our_logits(params, cfg, tokens, mask), ref, mask)
@@ -131,9 +144,8 @@ def test_family_matches_transformers(name, tmp_path):
   assert _max_diff(_hf_logits(back, tokens, mask), ref, mask) <= 1e-4
 
 
-def test_multiple_eos_ids_are_imported_and_exported(tmp_path):
-  _build('llama3.1', tmp_path)
-  params, cfg = convert.import_hf(str(tmp_path / 'hf'))
+def test_multiple_eos_ids_are_imported_and_exported(built, tmp_path):
+  params, cfg = convert.import_hf(str(built('llama3.1')[1] / 'hf'))
   assert cfg.eos_ids == (5, 7)
   convert.export_hf(params, cfg, str(tmp_path / 'out'))
   gen = json.loads((tmp_path / 'out' / 'generation_config.json').read_text())
@@ -162,10 +174,10 @@ SWITCHES = [
 
 
 @pytest.mark.parametrize('name,off', SWITCHES, ids=[f'{n}-{next(iter(o))}' for n, o in SWITCHES])
-def test_each_switch_matters(name, off, tmp_path):
-  hf = _build(name, tmp_path)
+def test_each_switch_matters(name, off, built):
+  hf, folder = built(name)
   tokens, mask = _batch()
-  params, cfg = convert.import_hf(str(tmp_path / 'hf'), **off)
+  params, cfg = convert.import_hf(str(folder / 'hf'), **off)
   assert _max_diff(_our_logits(params, cfg, tokens, mask), _hf_logits(hf, tokens, mask), mask) > 1e-3
 
 
@@ -238,3 +250,66 @@ def test_generation_config_eos_ids_join(tmp_path):
 def test_multimodal_gemma3_is_refused():
   with pytest.raises(convert.ConfigError, match="gemma3_text"):
     convert.config_from_hf({'model_type': 'gemma3', 'text_config': {}})
+
+
+@pytest.mark.parametrize('name', ['qwen2.5', 'gemma3'])
+def test_sharded_checkpoint_streams_onto_a_mesh(name, built, tmp_path):
+  """A checkpoint saved in many small shards (model.safetensors.index.json) streams onto 8
+  fake devices leaf by leaf: every leaf equals the single-file import and sits in the sharding
+  the rules table gives it."""
+  from lm import sharding
+  hf, folder = built(name)   # folder/hf: one file
+  hf.save_pretrained(tmp_path / 'sharded', safe_serialization=True, max_shard_size='40KB')
+  assert (tmp_path / 'sharded' / 'model.safetensors.index.json').exists()
+  assert len(list((tmp_path / 'sharded').glob('*.safetensors'))) > 4
+  want, cfg = convert.import_hf(str(folder / 'hf'))
+  mesh = sharding.make_mesh({'fsdp': 4, 'tensor': 2})
+  got, cfg2 = convert.import_hf_to_mesh(str(tmp_path / 'sharded'), mesh)
+  assert cfg2 == cfg
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), want)
+  target = sharding.tree_shardings(model.logical_axes(cfg), abstract, mesh)
+  for (path, w), g, t in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got),
+                             jax.tree.leaves(target, is_leaf=lambda x: hasattr(x, 'spec'))):
+    assert g.sharding.is_equivalent_to(t, g.ndim), path
+    np.testing.assert_array_equal(np.asarray(g), w, err_msg=str(path))
+  assert sharding.sharded_fraction(got, target) > 0.5
+
+
+@pytest.mark.slow
+def test_streamed_import_peak_host_memory(tmp_path):
+  """A random Qwen2-0.5B-shaped checkpoint (bf16, 25 shards) onto 8 fake devices: the streamed
+  import's peak host memory stays within one largest tensor (the f32 embedding) of the params it
+  places, where import_hf + device_put holds about a second copy of the model."""
+  import subprocess
+  import sys
+  worker = [sys.executable, str(__import__('pathlib').Path(__file__).with_name('peak_rss_worker.py'))]
+  subprocess.run([*worker, 'make', str(tmp_path)], check=True)
+  size_mb = sum(f.stat().st_size for f in tmp_path.glob('*.safetensors')) / 2**20
+  runs = {how: json.loads(subprocess.run([*worker, how, str(tmp_path)], check=True, capture_output=True,
+                                         text=True).stdout.strip().splitlines()[-1])
+          for how in ('stream', 'naive')}
+  largest_mb = 151936 * 896 * 4 / 2**20
+  over = {how: r['peak_mb'] - r['baseline_mb'] - r['params_mb'] for how, r in runs.items()}
+  print(f"\ncheckpoint {size_mb:.0f} MB bf16 ({runs['stream']['n_params'] / 1e6:.0f}M params); "
+        f"params on 8 devices {runs['stream']['params_mb']:.0f} MB f32; peak RSS above baseline: streamed "
+        f"{runs['stream']['peak_mb'] - runs['stream']['baseline_mb']:.0f} MB (+{over['stream']:.0f} MB beyond the "
+        f"params), import_hf + device_put {runs['naive']['peak_mb'] - runs['naive']['baseline_mb']:.0f} MB "
+        f"(+{over['naive']:.0f} MB); largest tensor {largest_mb:.0f} MB f32")
+  assert over['stream'] < largest_mb < over['naive']
+
+
+def test_bfloat16_export_reads_back_rounded(built, tmp_path):
+  """export_hf(dtype='bfloat16') stores bf16 tensors (as released checkpoints are) that
+  transformers loads and both importers read back as the params rounded to bf16."""
+  import ml_dtypes
+  from lm import sharding
+  params, cfg = convert.import_hf(str(built('qwen3')[1] / 'hf'))
+  convert.export_hf(params, cfg, str(tmp_path / 'bf16'), dtype='bfloat16')
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'bf16')
+  assert next(back.parameters()).dtype == torch.bfloat16
+  rounded = jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float32), params)
+  again, _ = convert.import_hf(str(tmp_path / 'bf16'))
+  streamed, _ = convert.import_hf_to_mesh(str(tmp_path / 'bf16'), sharding.make_mesh({'fsdp': 8}))
+  for want, a, b in zip(jax.tree.leaves(rounded), jax.tree.leaves(again), jax.tree.leaves(streamed)):
+    np.testing.assert_array_equal(a, want)
+    np.testing.assert_array_equal(np.asarray(b), want)
