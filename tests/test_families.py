@@ -131,6 +131,7 @@ def _greedy_equal(hf, params, cfg, tokens, mask, n=5):
 def test_family_matches_transformers(name, built, tmp_path):
   hf, folder = built(name)
   params, cfg = convert.import_hf(str(folder / 'hf'))
+  assert cfg.num_params() == hf.num_parameters()
   tokens, mask = _batch()
   ref = _hf_logits(hf, tokens, mask)
   diff = _max_diff(_our_logits(params, cfg, tokens, mask), ref, mask)
@@ -230,11 +231,18 @@ REAL = {
 }
 
 
+# num_parameters() of the released checkpoints (checked: transformers builds each config above on
+# the meta device and counts exactly these).
+RELEASED_PARAMS = {'Llama-3.1-8B': 8_030_261_248, 'Qwen2.5-7B': 7_615_616_512, 'gemma-2-9b': 9_241_705_984,
+                   'gemma-3-1b': 999_885_952}
+
+
 @pytest.mark.parametrize('name', list(REAL))
 def test_released_configs_import(name):
   hf, want = REAL[name]
   cfg = convert.config_from_hf(hf)
   assert {k: getattr(cfg, k) for k in want} == want
+  assert cfg.num_params() == RELEASED_PARAMS[name]   # biases, q/k norms, sandwich norms counted
   assert convert.export_family(cfg) == hf['model_type']
   convert.config_to_hf(cfg)   # and it exports (the round trip holds)
 
