@@ -46,6 +46,7 @@ from lm.config import ConfigError, ModelConfig
 
 _TRACES = collections.Counter()   # incremented at trace time: one per compiled program
 MAX_EOS = 8                       # EOS ids per request (padded with -1 on device)
+TOP_LOGPROBS = 5                  # the most likely alternatives a request may ask for, per token
 
 
 def compiled_programs(kind: str | None = None) -> int:
@@ -65,7 +66,9 @@ class Request:
   eos_ids: Sequence[int] = ()
   stop: Sequence[str] = ()          # stop strings (needs the engine's detokenize)
   prefix_len: int = 0               # the first prefix_len tokens are a shared head
-  # Called from the engine thread with (new_tokens, new_logprobs, finished Result or None).
+  top_logprobs: int = 0             # alternatives reported per token (raw model log-probs)
+  # Called from the engine thread with (new tokens, their raw logprobs, their top logprobs,
+  # the Result once finished else None).
   on_update: Callable | None = None
   id: int = -1                      # set by submit
 
@@ -75,9 +78,10 @@ class Result:
   tokens: list                      # new tokens (an ending EOS id included)
   logprobs: list                    # under the processed (sampling) distribution
   raw_logprobs: list                # under the model: log_softmax of its logits
-  finish_reason: str                # 'stop' (EOS or stop string), 'length' or 'cancelled'
+  finish_reason: str                # 'stop' (EOS or stop string), 'length', 'cancelled', 'error'
   text: str | None = None           # detokenized, cut before a stop string
   prompt_tokens: int = 0
+  top_logprobs: list | None = None  # per token [(id, raw logprob), ...], most likely first
 
 
 def validate(req: Request, cfg: ModelConfig, width: int, detokenize=None) -> None:
@@ -96,6 +100,7 @@ def validate(req: Request, cfg: ModelConfig, width: int, detokenize=None) -> Non
             (len(req.eos_ids) <= MAX_EOS, f'at most {MAX_EOS} EOS ids per request'),
             (not req.stop or detokenize is not None, 'stop strings need an engine with detokenize'),
             (0 <= req.prefix_len <= n, 'prefix_len must be between 0 and the prompt length'),
+            (0 <= req.top_logprobs <= TOP_LOGPROBS, f'top_logprobs must be between 0 and {TOP_LOGPROBS}'),
             (all(0 <= int(t) < cfg.vocab_size for t in req.prompt),
              f'prompt token ids must lie in [0, {cfg.vocab_size})')]
   for ok, msg in checks:
@@ -174,6 +179,7 @@ def _decode_chunk(params, state, ban, kill, *, cfg, steps):
     tok = jnp.where(s['greedy'], jnp.argmax(x, axis=-1), sampled).astype(jnp.int32)
     lp = decode._token_logprob(x, tok)
     raw = decode._token_logprob(s['logits'], tok)
+    top_lp, top_id = jax.lax.top_k(jax.nn.log_softmax(s['logits'], axis=-1), TOP_LOGPROBS)
     n_gen = s['n_gen'] + live
     hit_eos = jnp.take_along_axis(eos_mask, tok[:, None], axis=1)[:, 0]
     done = s['done'] | (live & (hit_eos | (n_gen >= s['max_new'])))
@@ -182,10 +188,11 @@ def _decode_chunk(params, state, ban, kill, *, cfg, steps):
     logits, cache = forward(params, s['cache'], tok, pos)
     s = {**s, 'cache': cache, 'logits': jnp.where(live[:, None], logits, s['logits']),
          'pos': s['pos'] + live, 'n_gen': n_gen, 'done': done}
-    return s, (tok, lp, raw, live)
+    return s, (tok, lp, raw, live, top_id, top_lp)
 
-  state, (tok, lp, raw, live) = jax.lax.scan(body, state, None, length=steps)
-  return state, {'tokens': tok.T, 'logprobs': lp.T, 'raw': raw.T, 'emitted': live.T}
+  state, (tok, lp, raw, live, top_id, top_lp) = jax.lax.scan(body, state, None, length=steps)
+  return state, {'tokens': tok.T, 'logprobs': lp.T, 'raw': raw.T, 'emitted': live.T,
+                 'top_id': top_id.swapaxes(0, 1), 'top_lp': top_lp.swapaxes(0, 1)}
 
 
 _JITS: dict = {}
@@ -211,6 +218,7 @@ class _Live:
   tokens: list = dataclasses.field(default_factory=list)
   logprobs: list = dataclasses.field(default_factory=list)
   raw: list = dataclasses.field(default_factory=list)
+  top: list = dataclasses.field(default_factory=list)
 
 
 class Engine:
@@ -274,6 +282,17 @@ class Engine:
     with self._lock:
       self._cancelled.add(request_id)
     self.work.set()
+
+  def fail_all(self) -> None:
+    """After an error inside step: end every queued and running request with finish_reason
+    'error' and start from an empty pool (the engine thread then goes on serving)."""
+    with self._lock:
+      waiting, self._waiting = list(self._waiting), collections.deque()
+    live = [x for x in self._rows if x is not None] + [_Live(q) for q in waiting]
+    self._rows, self._kill[:] = [None] * self.slots, False
+    self._state = self._empty_state()
+    for x in live:
+      self._finish(None, x, 'error', '')
 
   def busy(self) -> bool:
     return bool(self._waiting) or any(r is not None for r in self._rows)
@@ -384,6 +403,10 @@ class Engine:
     live.tokens += out['tokens'][r][keep].tolist()
     live.logprobs += out['logprobs'][r][keep].tolist()
     live.raw += out['raw'][r][keep].tolist()
+    if req.top_logprobs:
+      k = req.top_logprobs
+      live.top += [list(zip(i[:k].tolist(), v[:k].tolist()))
+                   for i, v in zip(out['top_id'][r][keep], out['top_lp'][r][keep])]
     reason, text = None, None
     if live.tokens and (live.tokens[-1] in req.eos_ids):
       reason = 'stop'
@@ -391,14 +414,14 @@ class Engine:
       reason = 'length'
     if req.stop:
       for j in range(old + 1, len(live.tokens) + 1):
-        cut = _stop_cut(self.detokenize(live.tokens[:j]), req.stop)
+        cut = stop_cut(self.detokenize(live.tokens[:j]), req.stop)
         if cut is not None:
-          del live.tokens[j:], live.logprobs[j:], live.raw[j:]
+          del live.tokens[j:], live.logprobs[j:], live.raw[j:], live.top[j:]
           reason, text = 'stop', cut
           break
     new = slice(old, len(live.tokens))
     if req.on_update is not None and (new.stop > old or reason):
-      req.on_update(live.tokens[new], live.raw[new], None)
+      req.on_update(live.tokens[new], live.raw[new], live.top[new], None)
     if reason:
       self._finish(r, live, reason, text)
 
@@ -410,15 +433,17 @@ class Engine:
     if text is None and self.detokenize is not None:
       text = self.detokenize(live.tokens)
     res = Result(tokens=live.tokens, logprobs=live.logprobs, raw_logprobs=live.raw,
-                 finish_reason=reason, text=text, prompt_tokens=len(live.req.prompt))
+                 finish_reason=reason, text=text, prompt_tokens=len(live.req.prompt),
+                 top_logprobs=live.top if live.req.top_logprobs else None)
     self.stats['tokens_out'] += len(live.tokens)
+    self.stats[f'finished_{reason}'] += 1
     if live.req.on_update is not None:
-      live.req.on_update([], [], res)
+      live.req.on_update([], [], [], res)
     else:
       self.results[live.req.id] = res
 
 
-def _stop_cut(text: str, stop: Sequence[str]) -> str | None:
+def stop_cut(text: str, stop: Sequence[str]) -> str | None:
   """The text before its first stop string, or None when none occurs."""
   cuts = [text.find(s) for s in stop if s and s in text]
   return text[:min(cuts)] if cuts else None

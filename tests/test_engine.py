@@ -136,7 +136,7 @@ def test_compiled_programs_bounded(params):
 def test_cancel_frees_the_slot_and_bad_requests_fail_clearly(params):
   got = []
   eng = engine.Engine(params, CFG, slots=1)
-  long = engine.Request(prompt=[5, 6], max_tokens=40, on_update=lambda t, lp, res: got.append(res))
+  long = engine.Request(prompt=[5, 6], max_tokens=40, on_update=lambda t, lp, top, res: got.append(res))
   eng.submit(long)
   eng.step()
   eng.cancel(long.id)
