@@ -27,6 +27,7 @@ EXPERIMENTS: dict[str, str] = {
     'bon': 'experiments.bon:run',
     'overoptimisation': 'experiments.overoptimisation:run',
     'label': 'experiments.label:run',
+    'serve': 'experiments.serve:run',
     'ppo': 'experiments.ppo:run',
     'dpo': 'experiments.dpo:run',
     'pg': 'experiments.pg:run',
