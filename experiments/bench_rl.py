@@ -1,32 +1,37 @@
-"""RL throughput (`bench_rl`): where a PPO iteration's time goes, and GRPO beside TRL.
+"""RL throughput (`bench_rl`): where a PPO iteration's time goes, and GRPO and DPO beside TRL.
 
 A tiny random GPT-2-shaped policy and a reward model on its trunk (written like
-tests/rl_fixtures, or init_from / reward_from of real runs) drive the `ppo` stage's own
-pieces (experiments.ppo.prepare / collect and the jitted score and update of
-experiments/ppo_step). After `warmup` iterations (compiles), per iteration:
+tests/rl_fixtures, or init_from / reward_from of real runs) drive the online-RL loop's own
+pieces (experiments/stages/online.py: `prepare`, then `iterate` per iteration: draw,
+generation, the one scoring jit, the one update jit, gold scoring, then the algorithm's
+`after`) with the PPO adapter, got through registry.algorithm('ppo') (no driver is imported).
+After `warmup` iterations (compiles), per iteration:
 
   gen_s, score_s, update_s   seconds in generation / the one scoring jit / the update jit
+  host_s                     the rest of the iteration: the draw, padding, the gold score of
+                             the samples (gold_s, also reported alone), the KL controller
   rollout tokens/s           response tokens / iteration seconds
   overhead                   iteration / (generation + one scoring pass + E x M forward/
                              backward passes of the PPO loss on one minibatch) - 1, the
                              pieces timed alone (best of `repeats`) with the same shapes;
                              what the optimizer, GAE, the scan and the host add (goal <= 30%)
 
-GRPO side by side: the `pg` stage's programs (experiments.pg.programs: scoring and update
-jits) against TRL's GRPOTrainer on the same weights (exported with lm.convert through
-experiments.export), the same prompts, k, response length and one update per rollout,
-torch on the CPU, with the same cheap reward (response length in characters) on the TRL
-side. tokens/s = response tokens / (generation + scoring + update seconds); ratio = ours /
-TRL (goal >= 2). DPO likewise: the dpo stage's loss (experiments.dpo.make_loss, reference
-log-probs each step) in lm.train's step against TRL's DPOTrainer, on `dpo_batch` pairs of
-fixed-length random responses after the same prompts; tokens/s counts prompt + response
-tokens of both rows. Without `trl` installed the TRL columns are skipped with a printed line;
-a TRL failure is printed and recorded (trl_error / trl_dpo_error) and our numbers kept.
-Writes bench.json and prints a table.
+GRPO side by side: the same loop with the GRPO adapter (registry.algorithm('grpo')) against
+TRL's GRPOTrainer on the same weights (exported with lm.convert through the `export`
+experiment, registry.get('export')), the same prompts, k, response length and one update per
+rollout, torch on the CPU, with the same cheap reward (response length in characters) on the
+TRL side. tokens/s = response tokens / (generation + scoring + update seconds); ratio = ours /
+TRL (goal >= 2). DPO likewise: the dpo stage's loss (experiments/stages/preference_loss.py,
+reference log-probs each step) in lm.train's step against TRL's DPOTrainer, on `dpo_batch`
+pairs of fixed-length random responses after the same prompts; tokens/s counts prompt +
+response tokens of both rows. Without `trl` installed the TRL columns are skipped with a
+printed line; a TRL failure is printed and recorded (trl_error / trl_dpo_error) and our
+numbers kept. Writes bench.json and prints a table.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -35,18 +40,13 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from experiments.stages import reward_model
-from data import tokenizers
-from experiments import export as export_lib
-from experiments import pg as pg_stage
-from experiments.stages import policy as policy_lib
-from experiments import ppo
-from experiments.stages import ppo_step, stage
-from experiments.configs import base, reward_base, rlhf_grpo, rlhf_ppo
+from data import formats, tokenizers
+from experiments import registry
+from experiments.configs import base, export as export_config, reward_base, rlhf_dpo, rlhf_grpo, rlhf_ppo
+from experiments.stages import online, policy as policy_lib, preference_loss, reward_model, stage
 from lm import checkpoint as ckpt_lib
 from lm import decode, heads, model, sharding, train as train_lib
 from lm.config import ConfigError, ModelConfig
-from rl import ppo as ppo_lib
 
 CHARS = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ,.;:!?'-\n"
 
@@ -101,117 +101,110 @@ def ppo_config(config: ConfigDict, pol_dir: str, rm_dir: str) -> ConfigDict:
   c = rlhf_ppo.get_config()
   c.init_from, c.reward_from, c.seed = pol_dir, rm_dir, config.seed
   c.prompts.update(n_train=max(256, config.batch_size), n_eval=16)
-  c.rollout.update(batch_size=config.batch_size, max_new_tokens=config.max_new_tokens)
-  c.ppo.update(epochs=config.ppo_epochs, minibatches=config.ppo_minibatches, grad_accum=1)
-  c.train.update(iterations=config.warmup + config.iterations, checkpoint_every=0)
+  c.rollout.update(prompts=config.batch_size, samples=1, max_new_tokens=config.max_new_tokens)
+  c.train.update(iterations=config.warmup + config.iterations, epochs=config.ppo_epochs,
+                 minibatches=config.ppo_minibatches, grad_accum=1, checkpoint_every=0)
   c.eval.update(every=0, before=False)
   return c
 
 
+def start(run: online.Run):
+  """(state, extras, rng, frozen) as online.run starts them from the checkpointed state."""
+  return (run.st['train'], run.st.get('extras', {}), jax.random.wrap_key_data(run.st['rng']),
+          run.trees.frozen)
+
+
+def timed_iteration(run: online.Run, state, extras, rng, frozen):
+  """online.iterate, then the algorithm's host-side `after` (as online.run does), timed whole."""
+  t0 = time.perf_counter()
+  state, extras, rng, row = online.iterate(run, state, extras, rng, frozen)
+  extras = run.algo.after(run.ctx, extras, row)
+  return state, extras, rng, row, time.perf_counter() - t0
+
+
 def bench_ppo(config: ConfigDict, workdir: str, pol_dir: str, rm_dir: str) -> dict:
   c = ppo_config(config, pol_dir, rm_dir)
-  p = ppo.prepare(c, os.path.join(workdir, 'ppo'))
-  s, state, beta = p.s, p.st['train'], p.st['beta']
-  moments = ppo_lib.RunningMoments(**p.st['moments'])
-  rng = jax.random.key(config.seed)
+  algo = registry.algorithm('ppo')()
+  run = online.prepare(c, os.path.join(workdir, 'ppo'), algo)
+  ctx, r, t = run.ctx, c.rollout, c.train
+  state, extras, rng, frozen = start(run)
   rows = []
   for it in range(config.warmup + config.iterations):
-    key = jax.random.fold_in(rng, it)
-    t0 = time.perf_counter()
-    gen, ro, gen_s, score_s = ppo.collect(p, state.params, key)
-    t1 = time.perf_counter()
-    state, moments, um = p.update(state, p.frozen, ro, beta, moments, jax.random.fold_in(key, 1))
-    jax.device_get(um)
-    t2 = time.perf_counter()
+    state, extras, rng, row, it_s = timed_iteration(run, state, extras, rng, frozen)
     if it >= config.warmup:
-      rows.append({'iteration_s': t2 - t0, 'gen_s': gen_s, 'score_s': score_s,
-                   'update_s': t2 - t1, 'tokens': float(np.asarray(gen.mask).sum())})
-  p.checkpointer.close()
+      rows.append({'iteration_s': it_s, 'gen_s': row['time_generate'], 'score_s': row['time_score'],
+                   'update_s': row['time_update'], 'gold_s': row['time_reward'],
+                   'tokens': row['response_tokens']})
+  run.checkpointer.close()
 
   # The denominator's pieces alone, same shapes: generation, one scoring pass, and one
   # forward/backward of the PPO loss on a minibatch (x epochs x minibatches).
-  params, frozen, tokens, mask = state.params, p.frozen, ro['tokens'], ro['mask']
-  r = c.rollout
-  toks, pmask = decode.left_pad([p.train_ids[i] for i in range(r.batch_size)], s.n_prompt)
-  sampling = policy_lib.sampling_config(p.pol, r.max_new_tokens, r.temperature)
-  gen_alone = best_time(lambda: decode.generate_padded(
-      ppo.sampling_params(p, params), toks, pmask, jax.random.key(1), p.pol.cfg, sampling,
-      mesh=p.mesh).sequences(), config.repeats)
-  score_alone = best_time(lambda: p.score(params, frozen, tokens, mask), config.repeats)
-  batch, _, _ = jax.jit(ppo_step.advantages, static_argnames='s')(ro, beta, moments, s=s)
-  mb = jax.tree.map(lambda x: x[:r.batch_size // s.minibatches], batch)
+  prompts, it_key, _, _ = online.draw(run, rng)
+  toks, pmask = decode.left_pad(prompts, ctx.width)
+  sampling = policy_lib.sampling_config(ctx.pol, r.max_new_tokens, r.temperature)
+  params = state.params
+  generate = lambda: decode.generate_padded(run.trees.generation(params, frozen), toks, pmask, it_key,
+                                            ctx.pol.cfg, sampling, mesh=ctx.mesh).sequences()
+  gen_alone = best_time(generate, config.repeats)
+  tokens, mask = generate()
+  score_alone = best_time(lambda: run.score(params, frozen, tokens, mask), config.repeats)
+  batch, _ = run.score(params, frozen, tokens, mask)
+  batch, _, _ = train_lib.with_mesh(jax.jit(functools.partial(algo.prepare, ctx)), ctx.mesh)(batch, extras)
+  mb = jax.tree.map(lambda x: x[:ctx.rows // t.minibatches], batch)
+  loss_fn = algo.loss_fn(ctx, run.trees)
 
-  def loss(prm, b):
-    total, n, _ = ppo_step.loss_fn(prm, b, jax.random.key(0), frozen, s=s)
+  def loss(prm, b, frz):
+    total, n, _ = loss_fn(prm, b, jax.random.key(0), frz)
     return total / n
-  grad = jax.jit(jax.value_and_grad(loss))
-  with sharding.activation_sharding(p.mesh):
-    grad(params, mb)
-    fb = best_time(lambda: grad(params, mb), config.repeats)
-  n_passes = s.epochs * s.minibatches
+  grad = train_lib.with_mesh(jax.jit(jax.value_and_grad(loss)), ctx.mesh)   # frozen: an argument
+  jax.block_until_ready(grad(params, mb, frozen))
+  fb = best_time(lambda: grad(params, mb, frozen), config.repeats)
+  n_passes = t.epochs * t.minibatches
   mean = lambda k: float(np.mean([x[k] for x in rows]))
   it_s = mean('iteration_s')
   floor = gen_alone + score_alone + n_passes * fb
-  return {'batch': r.batch_size, 'prompt_len': s.n_prompt, 'max_new_tokens': r.max_new_tokens,
-          'epochs': s.epochs, 'minibatches': s.minibatches, 'iterations': len(rows),
+  return {'batch': ctx.rows, 'prompt_len': ctx.width, 'max_new_tokens': r.max_new_tokens,
+          'epochs': t.epochs, 'minibatches': t.minibatches, 'iterations': len(rows),
           'iteration_s': it_s, 'gen_s': mean('gen_s'), 'score_s': mean('score_s'),
-          'update_s': mean('update_s'), 'host_s': it_s - mean('gen_s') - mean('score_s') - mean('update_s'),
+          'update_s': mean('update_s'), 'gold_s': mean('gold_s'),
+          'host_s': it_s - mean('gen_s') - mean('score_s') - mean('update_s'),
           'tokens_per_s': mean('tokens') / it_s,
           'alone': {'gen_s': gen_alone, 'score_s': score_alone, 'fwd_bwd_s': fb,
                     'fwd_bwd_passes': n_passes, 'sum_s': floor},
           'overhead': it_s / floor - 1.0, 'per_iteration': rows}
 
 
-# 3. GRPO: ours (the pg stage's programs) and TRL's GRPOTrainer ----------------------------
+# 3. GRPO: ours (the online loop with the GRPO adapter) and TRL's GRPOTrainer --------------
 def grpo_config(config: ConfigDict, pol_dir: str, rm_dir: str) -> ConfigDict:
   c = rlhf_grpo.get_config()
   c.init_from, c.reward_from, c.seed = pol_dir, rm_dir, config.seed
-  c.k, c.max_new_tokens = config.grpo_k, config.max_new_tokens
   c.prompts.update(n_train=max(256, config.batch_size), n_eval=16)
-  c.train.update(iterations=config.warmup + config.iterations,
-                 prompts_per_iter=config.batch_size // config.grpo_k, epochs=1, minibatches=1,
-                 eval_every=0, checkpoint_every=0)
+  c.rollout.update(prompts=config.batch_size // config.grpo_k, samples=config.grpo_k,
+                   max_new_tokens=config.max_new_tokens)
+  c.train.update(iterations=config.warmup + config.iterations, epochs=1, minibatches=1,
+                 grad_accum=1, checkpoint_every=0)
+  c.eval.update(every=0, before=False)
   return c
 
 
 def bench_grpo(config: ConfigDict, workdir: str, pol_dir: str, rm_dir: str) -> tuple[dict, list]:
-  """Ours; also returns the prompt texts used, for TRL."""
+  """Ours; also returns the prompt texts used (per iteration), for TRL."""
   c = grpo_config(config, pol_dir, rm_dir)
-  pol = policy_lib.open_policy(c.init_from)
-  n_new, t = c.max_new_tokens, c.train
+  run = online.prepare(c, os.path.join(workdir, 'grpo'), registry.algorithm('grpo')())
+  ctx, r = run.ctx, c.rollout
   texts = policy_lib.prompt_texts(c, 'train')
-  train_ids = policy_lib.encode_prompts(pol, texts, pol.cfg.max_seq_len - n_new)
-  width = max(len(x) for x in train_ids)
-  mesh_cfg = c.mesh.to_dict()
-  mesh = sharding.make_mesh(mesh_cfg)
-  rows_n = t.prompts_per_iter * c.k
-  rm, _ = policy_lib.open_reward(c.reward_from, pol, mesh_cfg, max_len=width + n_new)
-  trees = policy_lib.trees(c, pol, mesh)
-  setup = stage.build(c, None, mesh, axes=trees.axes, init_params=trees.init_params,
-                      total_steps=t.iterations, initial_params=trees.initial)
-  progs = pg_stage.programs(c, trees, setup, mesh, width, rm, pol.eos)
-  sampling = policy_lib.sampling_config(pol, n_new, c.temperature)
-  state, frozen, rows, used = setup.state, trees.frozen, [], []
-  for it in range(t.iterations):
-    idx = pg_stage.prompt_indices(len(train_ids), t.prompts_per_iter, it, c.seed)
-    used.append([texts[i] for i in idx])
-    ptoks, pmask = decode.left_pad([train_ids[i] for i in idx for _ in range(c.k)], width, rows_n)
-    t0 = time.perf_counter()
-    gen = decode.generate_padded(trees.generation(state.params, frozen), ptoks, pmask,
-                                 jax.random.key(it), pol.cfg, sampling, mesh=mesh)
-    tokens, mask = jax.block_until_ready(gen.sequences())
-    t1 = time.perf_counter()
-    batch, m = progs.score(state.params, frozen, rm.params, tokens, mask)
-    m = jax.device_get(m)
-    t2 = time.perf_counter()
-    state, um = progs.update(state, batch, frozen, jax.random.key(it))
-    jax.device_get(um)
-    t3 = time.perf_counter()
+  text_of = {tuple(ids.tolist()): x for ids, x in zip(ctx.train_ids, texts)}
+  state, extras, rng, frozen = start(run)
+  rows, used = [], []
+  for it in range(c.train.iterations):
+    prompts = online.draw(run, rng)[0]            # what iterate draws from this rng
+    used.append([text_of[tuple(np.asarray(p).tolist())] for p in prompts[::r.samples]])
+    state, extras, rng, row, _ = timed_iteration(run, state, extras, rng, frozen)
     if it >= config.warmup:
-      rows.append({'gen_s': t1 - t0, 'score_s': t2 - t1, 'update_s': t3 - t2,
-                   'tokens': float(m['response_tokens'])})
-  setup.checkpointer and setup.checkpointer.close()
-  return summarise(rows, rows_n, c.k, width, n_new), used
+      rows.append({'gen_s': row['time_generate'], 'score_s': row['time_score'],
+                   'update_s': row['time_update'], 'tokens': row['response_tokens']})
+  run.checkpointer.close()
+  return summarise(rows, ctx.rows, r.samples, ctx.width, r.max_new_tokens), used
 
 
 def summarise(rows: list[dict], n_rows: int, k: int, width: int, n_new: int) -> dict:
@@ -232,7 +225,9 @@ def bench_trl_grpo(config: ConfigDict, workdir: str, pol_dir: str, prompts: list
   import trl
   if config.torch_threads:
     torch.set_num_threads(config.torch_threads)
-  hf_dir = export_lib.export(pol_dir, os.path.join(workdir, 'hf_policy'))
+  e = export_config.get_config()
+  e.init_from, e.out = pol_dir, os.path.join(workdir, 'hf_policy')
+  hf_dir = registry.get('export')(e, workdir)   # the export experiment, not a driver import
   # (the export splits special-token text; TRL appends eos as text, so keep '</s>' whole)
   hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(hf_dir, split_special_tokens=False)
   hf_tok.padding_side = 'left'
@@ -289,22 +284,36 @@ def dpo_records(config: ConfigDict, prompts: list[str]) -> list[dict]:
           for p in prompts[:config.dpo_batch * (config.warmup + config.iterations)]]
 
 
+def encode_pairs(records: list[dict], pol: policy_lib.Policy, seq_len: int) -> dict:
+  """Pair rows as the dpo stage lays them out (experiments/stages/preference_loss.py):
+  {'tokens', 'mask', 'resp': [N, 2, seq_len]}, [prompt | response + eos] right-padded, the
+  prompt cut from the left to fit (bench records are short: nothing else is cut)."""
+  out = {k: np.zeros((len(records), 2, seq_len), np.int32) for k in ('tokens', 'mask', 'resp')}
+  for a, r in enumerate(records):
+    prompt = formats.prompt_tokens({'instruction': '', 'input': r['prompt']}, pol.template, pol.tok)
+    for b, x in enumerate(r['responses']):
+      resp = list(pol.tok.encode(x))[:seq_len - 2] + [pol.eos]
+      ids = list(prompt)[-(seq_len - len(resp)):] + resp
+      out['tokens'][a, b, :len(ids)] = ids
+      out['mask'][a, b, :len(ids)] = 1
+      out['resp'][a, b, len(ids) - len(resp):len(ids)] = 1
+  return out
+
+
 def bench_dpo(config: ConfigDict, pol_dir: str, records: list[dict]) -> dict:
-  from experiments import dpo as dpo_stage
-  from experiments.configs import rlhf_dpo
   c = rlhf_dpo.get_config()
   c.init_from, c.seed = pol_dir, config.seed
   c.train.update(steps=config.warmup + config.iterations, batch_size=config.dpo_batch)
   pol = policy_lib.open_policy(pol_dir)
   seq_len = pol.cfg.max_seq_len
-  data, _ = dpo_stage.encode_pairs(records, pol, seq_len, 'best')
+  data = encode_pairs(records, pol, seq_len)
   mesh = sharding.make_mesh(c.mesh.to_dict())
   trees = policy_lib.trees(c, pol, mesh)
   spec = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in data.items()}
   batch_sh = train_lib.batch_shardings(mesh, spec)
   setup = stage.build(c, None, mesh, axes=trees.axes, init_params=trees.init_params,
                       total_steps=c.train.steps, initial_params=trees.initial)
-  loss_fn = dpo_stage.make_loss(trees, 'dpo', c.loss.beta)
+  loss_fn = preference_loss.make_loss(trees, 'dpo', c.kl.coef)   # beta
   step = train_lib.make_train_step(loss_fn, setup.tx, mesh, setup.shardings, batch_sh,
                                    frozen_sh=trees.frozen_sh, seed=c.seed, schedule=setup.schedule)
   state, b, times, tokens = setup.state, config.dpo_batch, [], []
@@ -438,7 +447,7 @@ def ppo_table(r: dict) -> str:
            f"{'scoring':>12} {r['score_s']:>9.4f} {a['score_s']:>9.4f}",
            f"{'update':>12} {r['update_s']:>9.4f} {a['fwd_bwd_passes'] * a['fwd_bwd_s']:>9.4f}"
            f"   ({a['fwd_bwd_passes']} x fwd/bwd {a['fwd_bwd_s']:.4f})",
-           f"{'host':>12} {r['host_s']:>9.4f}",
+           f"{'host':>12} {r['host_s']:>9.4f}   (gold scoring {r['gold_s']:.4f})",
            f"{'iteration':>12} {r['iteration_s']:>9.4f} {a['sum_s']:>9.4f}",
            f"rollout tokens/s {r['tokens_per_s']:,.0f}; overhead {100 * r['overhead']:.1f}% "
            '(goal <= 30%)']

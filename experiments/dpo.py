@@ -29,15 +29,14 @@ import functools
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
 from data import formats, pipeline, sources
 from experiments.stages import policy, reward_data, stage, trainer
-from lm import model, paths, sharding, train as train_lib
+from experiments.stages.preference_loss import make_loss
+from lm import paths, sharding, train as train_lib
 from lm.config import ConfigError
-from rl import preference
 
 KINDS = ('dpo', 'ipo', 'cdpo')
 PAIRINGS = ('best', 'all')
@@ -139,33 +138,6 @@ def load_pairs(config: ConfigDict, pol: policy.Policy, seq_len: int):
                 truncated={'train': t_counts['truncated'], 'validation': v_counts['truncated']},
                 empty_prompt=t_counts['empty_prompt'] + v_counts['empty_prompt'])
   return train, val, report
-
-
-# Loss --------------------------------------------------------------------------------------
-def sequence_logprobs(params, batch, cfg) -> jax.Array:
-  """[B, 2, T] pair rows -> [B, 2] summed log-probs of the response tokens (temperature 1)."""
-  b, two, t = batch['tokens'].shape
-  tokens = batch['tokens'].reshape(b * two, t)
-  mask = batch['mask'].reshape(b * two, t)
-  resp = batch['resp'].reshape(b * two, t)
-  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-  logits = model.forward(params, tokens, cfg, positions=positions, segment_ids=mask)[0]
-  logp = preference.sequence_logprob(logits[:, :-1], tokens[:, 1:], resp[:, 1:])
-  return logp.reshape(b, two)
-
-
-def make_loss(trees: policy.Trees, kind: str, beta: float, label_smoothing: float = 0.0):
-  """loss_fn(params, batch, rng, frozen) for lm.train: the policy is trees.full(params,
-  frozen), the reference is the frozen tree itself."""
-  base = 'ipo' if kind == 'ipo' else 'dpo'
-  ls = label_smoothing if kind == 'cdpo' else 0.0
-
-  def loss_fn(params, batch, rng, frozen):
-    del rng
-    pi = sequence_logprobs(trees.full(params, frozen), batch, trees.cfg)
-    ref = jax.lax.stop_gradient(sequence_logprobs(frozen, batch, trees.cfg))
-    return preference.preference_loss(base, pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], beta, ls)
-  return loss_fn
 
 
 def _rows(data: dict, seed: int):

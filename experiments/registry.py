@@ -42,3 +42,14 @@ def get(name: str) -> Callable:
                    'Set config.experiment to one of them or register yours in experiments/registry.py.')
   module, fn = EXPERIMENTS[name].split(':')
   return getattr(importlib.import_module(module), fn)
+
+
+def algorithm(name: str):
+  """The online-RL algorithm class (experiments.stages.online.Algorithm) of a registered
+  experiment: its module's ALGORITHM (e.g. 'ppo' -> experiments.ppo.PPO), imported lazily, for
+  code that runs the online loop's pieces itself (bench_rl) without importing a driver."""
+  get(name)   # the unknown-name error
+  module = importlib.import_module(EXPERIMENTS[name].split(':')[0])
+  if not hasattr(module, 'ALGORITHM'):
+    raise KeyError(f'Experiment {name!r} is not an online-RL algorithm (its module has no ALGORITHM).')
+  return module.ALGORITHM

@@ -98,3 +98,14 @@ def test_table_rows(bench):
 def test_bad_config(tmp_path, kw):
   with pytest.raises(ConfigError):
     bench_rl.run(tiny(**kw), str(tmp_path))
+
+
+def test_algorithms_come_from_the_registry():
+  """bench_rl runs the online loop with the adapters' classes got through the registry (no
+  driver import): each online experiment names its ALGORITHM; others and unknown names fail."""
+  from experiments import registry
+  for name in ('ppo', 'grpo', 'rloo'):
+    assert registry.algorithm(name).name == name
+  for name in ('export', 'no_such_experiment'):
+    with pytest.raises(KeyError):
+      registry.algorithm(name)

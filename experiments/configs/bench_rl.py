@@ -1,4 +1,4 @@
-"""RL throughput benchmark: the PPO iteration's time split and overhead, GRPO beside TRL.
+"""RL throughput benchmark: the PPO iteration's time split and overhead, GRPO and DPO beside TRL.
 
 python -m experiments.run --config=experiments/configs/bench_rl.py --workdir=/tmp/bench_rl
 
@@ -20,11 +20,12 @@ def get_config():
   c.model = ConfigDict(dict(d_model=128, n_layers=4, n_heads=4, max_seq_len=64, init_std=0.02,
                             norm='layernorm', positions='learned', activation='gelu_tanh',
                             use_bias=True, tie_embeddings=True, dtype='float32'))
-  c.batch_size = 32         # rollouts per iteration (PPO rows; GRPO prompts x k)
+  c.batch_size = 32         # rollouts per iteration (PPO: rollout.prompts, samples=1;
+                            #   GRPO: rollout.prompts = batch_size / grpo_k, samples = grpo_k)
   c.max_new_tokens = 24
-  c.ppo_epochs = 2
-  c.ppo_minibatches = 2
-  c.grpo_k = 4
+  c.ppo_epochs = 2          # PPO's train.epochs
+  c.ppo_minibatches = 2     # PPO's train.minibatches
+  c.grpo_k = 4              # GRPO's rollout.samples (the group)
   c.warmup = 1              # iterations that compile, not timed
   c.iterations = 3
   c.repeats = 3             # best of, for the pieces timed alone
