@@ -102,16 +102,16 @@ def check(config: ConfigDict) -> list[str]:
   dirs = reward_model.reward_dirs(config.reward_from)
   if not dirs:
     raise ConfigError('bon needs --config.reward_from=DIR[,DIR...] (finished `reward` workdirs).')
-  if config.n_samples < 1:
-    raise ConfigError(f'n_samples={config.n_samples}: draw at least 1 sample per prompt.')
-  if config.max_new_tokens < 1 or config.temperature <= 0:
-    raise ConfigError('max_new_tokens must be >= 1 and temperature > 0 (samples, not greedy).')
+  if config.rollout.samples < 1:
+    raise ConfigError(f'rollout.samples={config.rollout.samples}: draw at least 1 sample per prompt.')
+  if config.rollout.max_new_tokens < 1 or config.rollout.temperature <= 0:
+    raise ConfigError('rollout.max_new_tokens must be >= 1 and rollout.temperature > 0 (samples, not greedy).')
   if config.prompts.n_eval < 1:
     raise ConfigError(f'prompts.n_eval={config.prompts.n_eval}: evaluate at least 1 prompt.')
-  if config.temperature != 1.0:
-    print(f'note: temperature={config.temperature}: KL_bon is measured from the temperature-'
-          f'{config.temperature} sampling distribution, not from the policy itself.')
-  gold.check(config.gold)
+  if config.rollout.temperature != 1.0:
+    print(f'note: rollout.temperature={config.rollout.temperature}: KL_bon is measured from the temperature-'
+          f'{config.rollout.temperature} sampling distribution, not from the policy itself.')
+  gold.check(config.eval.gold)
   return dirs
 
 
@@ -119,34 +119,34 @@ def run(config: ConfigDict, workdir: str):
   dirs = check(config)
   paths.path(workdir).mkdir(parents=True, exist_ok=True)   # a local folder or a gs:// bucket
   pol = policy.open_policy(config.init_from)
-  max_prompt = pol.cfg.max_seq_len - config.max_new_tokens
+  max_prompt = pol.cfg.max_seq_len - config.rollout.max_new_tokens
   texts = policy.prompt_texts(config, 'eval')
   prompts = policy.encode_prompts(pol, texts, max_prompt)
-  max_len = max(len(p) for p in prompts) + config.max_new_tokens
+  max_len = max(len(p) for p in prompts) + config.rollout.max_new_tokens
   mesh_cfg = config.mesh.to_dict()
-  rms = [policy.open_reward(d, pol, mesh_cfg, max_len) for d in dirs]   # errors before sampling
-  labels = reward_model.labels_of(dirs)
   mesh = sharding.make_mesh(mesh_cfg)
+  rms = [policy.open_reward(d, pol, mesh, max_len) for d in dirs]   # errors before sampling
+  labels = reward_model.labels_of(dirs)
   trainer.write_config(config, workdir, {'source': pol.source.record(), 'reward_dirs': dirs})
   params = pol.source.restore_params(mesh, pol.cfg)
-  s = policy.sampling_config(pol, config.max_new_tokens, config.temperature)
-  P, N = len(prompts), config.n_samples
+  s = policy.sampling_config(pol, config.rollout.max_new_tokens, config.rollout.temperature)
+  P, N = len(prompts), config.rollout.samples
 
   # N samples of each prompt: the prompt list with each prompt repeated N times, one per row.
   t0 = time.time()
   reps = [p for p in prompts for _ in range(N)]
   responses, proxies, lengths = [], [[] for _ in rms], []
   bar = tqdm(total=len(reps), desc='sampling', unit='resp')
-  for gen in policy.sample(params, pol, reps, jax.random.key(config.seed), s, mesh, config.batch_size):
+  for gen in policy.sample(params, pol, reps, jax.random.key(config.seed), s, mesh, config.rollout.batch_size):
     responses += policy.texts_of(pol, gen)
     lengths.append(np.asarray(gen.lengths))
     seq = gen.sequences()
-    for j, (_, score) in enumerate(rms):
-      proxies[j].append(np.asarray(score(*seq)))
+    for j, rm in enumerate(rms):
+      proxies[j].append(np.asarray(rm.score(rm.params, *seq)))
     bar.update(len(gen.lengths))
   bar.close()
   sample_s = time.time() - t0
-  g = gold.score(responses, config.gold).reshape(P, N)
+  g = gold.score(responses, config.eval.gold).reshape(P, N)
   proxy = [np.concatenate(p).reshape(P, N) for p in proxies]
   buf = io.BytesIO()   # then written through epath: the workdir may be a bucket (gs://)
   np.savez(buf, gold=g, **{f'proxy_{i}': p for i, p in enumerate(proxy)},
@@ -160,7 +160,7 @@ def run(config: ConfigDict, workdir: str):
                      'best_samples': _best_samples(texts, responses, p, g, N)}
   oracle = {'reward_from': None, 'points': curve(g, g, None, ns)}
   results = {'init_from': pol.source.path, 'prompts': P, 'n_samples': N, 'ns': ns,
-             'gold_kind': config.gold, 'temperature': config.temperature,
+             'gold_kind': config.eval.gold, 'temperature': config.rollout.temperature,
              'sft_gold': float(g.mean()), 'series': series, 'oracle': oracle,
              'responses_per_s': len(reps) / sample_s,
              'duplicate_share': float(1 - np.mean([len(set(r)) / N for r in

@@ -3,7 +3,7 @@
   init_from (SFT workdir) -> preference records (the testbed's K-wise preferences.jsonl, or
   hh-rlhf chosen / rejected) -> (chosen, rejected) pairs -> rl.preference loss on summed
   response log-probs of the policy and of the frozen reference -> the shared train loop
-  (metrics.jsonl, TensorBoard, checkpoints, resume) -> eval.json
+  (metrics.jsonl, TensorBoard, checkpoints, resume) -> results.json
 
 Pairs from a K-wise record (config data.pairs): 'best' pairs the best-ranked response with
 each worse one (K - 1 pairs); 'all' takes every ranked pair (C(K, 2) minus ties). Records are
@@ -18,7 +18,7 @@ the original; LoRA trains adapters and the reference is the base without them.
 
 Metrics: loss and implicit-reward accuracy / margin / chosen / rejected (beta * log-ratio)
 on training batches, and the same on held-out pairs (val_*) every eval_every steps. At the
-end, eval.json holds the held-out pair metrics and experiments.stages.policy.evaluate's gold /
+end, results.json (the policy stages' one schema) holds the held-out pair metrics and experiments.stages.policy.evaluate's gold /
 proxy / KL of one sample per held-out prompt (the point on the over-optimisation axes),
 beside the same evaluation of the reference policy.
 """
@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 
 import jax
 import numpy as np
 from ml_collections import ConfigDict
 
 from data import formats, pipeline, sources
-from experiments.stages import policy, reward_data, stage, trainer
+from experiments.stages import online_report, policy, reward_data, stage, trainer
 from experiments.stages.preference_loss import make_loss
 from lm import paths, sharding, train as train_lib
 from lm.config import ConfigError
@@ -47,8 +46,8 @@ def check(config: ConfigDict) -> None:
   l, d = config.loss, config.data
   if l.kind not in KINDS:
     raise ConfigError(f'loss.kind={l.kind!r} is not known; choose one of {KINDS}.')
-  if not l.beta > 0:
-    raise ConfigError(f'loss.beta={l.beta}: the KL strength (IPO: tau) must be > 0.')
+  if not config.kl.coef > 0:
+    raise ConfigError(f'kl.coef={config.kl.coef}: the KL strength (DPO: beta, IPO: tau) must be > 0.')
   if l.kind == 'cdpo' and not 0 < l.label_smoothing < 0.5:
     raise ConfigError(f'loss.label_smoothing={l.label_smoothing}: conservative DPO flips labels with '
                       'probability eps in (0, 0.5).')
@@ -160,12 +159,12 @@ def run(config: ConfigDict, workdir: str):
     raise ConfigError(f'data.seq_len={seq_len} is longer than the model context {cfg.max_seq_len}.')
   e = config.eval
   held_ids = policy.encode_prompts(pol, policy.prompt_texts(config, 'eval'),
-                                   cfg.max_seq_len - e.max_new_tokens)
+                                   cfg.max_seq_len - config.rollout.max_new_tokens)
   mesh_cfg = config.mesh.to_dict()
-  rm, reward = (policy.open_reward(config.reward_from, pol, mesh_cfg) if config.reward_from
-                else (None, None))
-  train_data, val_data, report = load_pairs(config, pol, seq_len)
   mesh = sharding.make_mesh(mesh_cfg)
+  rm = policy.open_reward(config.reward_from, pol, mesh) if config.reward_from else None
+  reward = (lambda tokens, mask: rm.score(rm.params, tokens, mask)) if rm is not None else None
+  train_data, val_data, report = load_pairs(config, pol, seq_len)
   trainer.check_batch(config, mesh)
   stage.check_resume_source(workdir, pol.source)
   if jax.process_index() == 0:
@@ -184,9 +183,11 @@ def run(config: ConfigDict, workdir: str):
   trainer.write_config(config, workdir, {
       'model': dataclasses.asdict(cfg),
       'resolved': {'vocab_size': cfg.vocab_size, 'seq_len': seq_len, 'params': cfg.num_params(),
+                   # a later stage (init_from), export and evaluate read the policy from here
+                   'params_at': ['params', trees.policy_role],
                    'devices': jax.device_count(), 'mesh': dict(mesh.shape), 'data': report},
       'source': pol.source.record()})
-  print(f'dpo ({config.loss.kind}, beta={config.loss.beta}) from {pol.source.path} (step '
+  print(f'dpo ({config.loss.kind}, beta={config.kl.coef}) from {pol.source.path} (step '
         f'{pol.source.step}), peft {trees.pcfg.method}: {report["pairs"]["train"]:,} training / '
         f'{report["pairs"]["validation"]:,} held-out pairs ({config.data.pairs}) from '
         f'{sum(report["records"].values()):,} records (skipped: {report["skipped"] or "none"}; '
@@ -194,7 +195,7 @@ def run(config: ConfigDict, workdir: str):
         + (f'resuming at step {setup.start}' if setup.start else 'starting'))
 
   # 3. The step: frozen reference as an argument.
-  loss_fn = make_loss(trees, config.loss.kind, config.loss.beta, config.loss.label_smoothing)
+  loss_fn = make_loss(trees, config.loss.kind, config.kl.coef, config.loss.label_smoothing)
   step_fn = train_lib.make_train_step(loss_fn, setup.tx, mesh, setup.shardings, batch_sh,
                                       frozen_sh=trees.frozen_sh, grad_accum=t.grad_accum,
                                       seed=config.seed, schedule=setup.schedule)
@@ -217,31 +218,41 @@ def run(config: ConfigDict, workdir: str):
     return state
 
   # 4. Held-out pairs, then the testbed evaluation of the policy and of its reference.
-  results = {'loss': {'kind': config.loss.kind, 'beta': config.loss.beta,
+  results = {'loss': {'kind': config.loss.kind, 'beta': config.kl.coef,
                       'label_smoothing': config.loss.label_smoothing}, 'data': report}
   if evaluate is not None:
     results['pairs'] = evaluate(state.params)
   key = jax.random.fold_in(jax.random.key(config.seed), 0xE7A1)   # same prompts & draws for both
-  common = dict(max_new_tokens=e.max_new_tokens, gold_kind=e.gold, reward=reward, mesh=mesh,
-                batch=e.batch_size, temperature=e.temperature)
+  common = dict(max_new_tokens=config.rollout.max_new_tokens, gold_kind=e.gold, reward=reward,
+                mesh=mesh, batch=e.batch_size, temperature=config.rollout.temperature)
   gen_params = trees.generation(state.params, trees.frozen)
-  results['after'] = policy.evaluate(gen_params, trees.frozen, pol, held_ids, key, **common)
-  if e.before:
-    results['before'] = policy.evaluate(trees.frozen, None, pol, held_ids, key, **common)
+  ref = trees.reference(trees.frozen)
+  held_out = lambda params, r, it: _eval_row(policy.evaluate(params, r, pol, held_ids, key, **common), it)
+  results['after'] = held_out(gen_params, ref, t.steps)
+  results['before'] = held_out(ref, None, 0) if e.before else None
+  results.update(stage='dpo', iterations=t.steps, started_at=0, seconds_per_iteration={},
+                 tokens_per_sec=None,
+                 evals=[r for r in (results['before'], results['after']) if r is not None])
   write(workdir, results)
   return state
+
+
+def _eval_row(report: dict, iteration: int) -> dict:
+  """A held-out report as a row of the policy stages' results.json (online_report)."""
+  return {'iteration': iteration, **{k: v for k, v in report.items() if k != 'samples'},
+          'sqrt_kl': float(max(report['kl'], 0.0) ** 0.5), 'samples': report['samples']}
 
 
 def write(workdir: str, results: dict) -> None:
   if jax.process_index() != 0:
     return
-  paths.write_text(paths.path(workdir) / 'eval.json', json.dumps(results, indent=2))   # gs:// too
+  online_report.write(workdir, results)   # results.json, the policy stages' one schema (gs:// too)
   fmt = lambda r: (f"gold {r['gold']:+.3f} ± {r['gold_stderr']:.3f}, "
                    + (f"proxy {r['proxy']:+.3f}, " if 'proxy' in r else '')
                    + f"KL {r['kl']:.3f}, length {r['length']:.1f}, eos {r['eos_rate']:.2f}")
   print('held-out prompts (one sample each):')
   for name in ('before', 'after'):
-    if name in results:
+    if results.get(name):
       print(f'  {name:6s} {fmt(results[name])}')
   if 'pairs' in results:
     p = results['pairs']

@@ -346,16 +346,18 @@ def serve(app, port: int) -> simple_server.WSGIServer:
 
 # -- the experiment ---------------------------------------------------------------------------
 def check(config: ConfigDict) -> None:
-  if config.k < 2:
-    raise ConfigError(f'k={config.k}: a ranking needs at least 2 responses per prompt; set k >= 2.')
-  if config.k > len(LETTERS):
-    raise ConfigError(f'k={config.k}: the page shows at most {len(LETTERS)} responses per prompt.')
+  if config.rollout.samples < 2:
+    raise ConfigError(f'rollout.samples={config.rollout.samples}: a ranking needs at least 2 responses '
+                      'per prompt; set rollout.samples >= 2.')
+  if config.rollout.samples > len(LETTERS):
+    raise ConfigError(f'rollout.samples={config.rollout.samples}: the page shows at most {len(LETTERS)} '
+                      'responses per prompt.')
   if not 0 <= config.port <= 65535:
     raise ConfigError(f'port={config.port} is not a TCP port; use 1-65535, or 0 for a free one.')
   if config.max_items < 0 or config.queue < 1:
     raise ConfigError('max_items must be >= 0 (0 = until every prompt is labelled) and queue >= 1.')
-  if config.max_new_tokens < 1 or config.temperature <= 0:
-    raise ConfigError('max_new_tokens must be >= 1 and temperature > 0 (samples, not greedy).')
+  if config.rollout.max_new_tokens < 1 or config.rollout.temperature <= 0:
+    raise ConfigError('rollout.max_new_tokens must be >= 1 and rollout.temperature > 0 (samples, not greedy).')
 
 
 def prompts_of(config: ConfigDict) -> list[str]:
@@ -389,14 +391,14 @@ def prompts_of(config: ConfigDict) -> list[str]:
 
 def policy_sampler(pol: policy.Policy, params, tokens_of: dict, config: ConfigDict, mesh):
   """sample_fn for Labeller: K samples of each prompt from the policy, one row per sample."""
-  s = policy.sampling_config(pol, config.max_new_tokens, config.temperature)
-  key, k = jax.random.key(config.seed), config.k
+  s = policy.sampling_config(pol, config.rollout.max_new_tokens, config.rollout.temperature)
+  key, k = jax.random.key(config.seed), config.rollout.samples
 
   def sample_fn(prompts: list[str], index: int) -> list[list[str]]:
     reps = [tokens_of[p] for p in prompts for _ in range(k)]
     texts = []
     for gen in policy.sample(params, pol, reps, jax.random.fold_in(key, index), s, mesh,
-                             config.batch_size):
+                             config.rollout.batch_size):
       texts += policy.texts_of(pol, gen)
     return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
   return sample_fn
@@ -407,7 +409,7 @@ def run(config: ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   pol = policy.open_policy(config.init_from)
   texts = prompts_of(config)
-  ids = policy.encode_prompts(pol, texts, pol.cfg.max_seq_len - config.max_new_tokens)
+  ids = policy.encode_prompts(pol, texts, pol.cfg.max_seq_len - config.rollout.max_new_tokens)
   out = os.path.abspath(config.out or os.path.join(workdir, FILE))
   os.makedirs(os.path.dirname(out), exist_ok=True)
   server = serve(None, config.port)                      # a busy port fails before the model loads
@@ -416,7 +418,7 @@ def run(config: ConfigDict, workdir: str) -> dict:
     mesh = sharding.make_mesh(config.mesh.to_dict())
     params = pol.source.restore_params(mesh, pol.cfg)
     lab = Labeller(texts, policy_sampler(pol, params, dict(zip(texts, ids)), config, mesh), out,
-                   queue_size=config.queue, batch_prompts=max(1, config.batch_size // config.k),
+                   queue_size=config.queue, batch_prompts=max(1, config.rollout.batch_size // config.rollout.samples),
                    max_items=config.max_items)
   except BaseException:
     server.server_close()

@@ -28,10 +28,10 @@ import os
 import numpy as np
 from ml_collections import ConfigDict
 
-from experiments.stages import overopt_fit, reward_model, trainer
+from experiments.stages import online_report, overopt_fit, reward_model, trainer
 from lm.config import ConfigError
 
-KINDS = ('bon', 'ppo', 'pg', 'dpo')
+KINDS = ('bon', 'ppo', 'grpo', 'rloo', 'dpo')
 OUT = 'overoptimisation.json'
 NO_RM = 'no RM recorded'
 
@@ -89,19 +89,18 @@ def read_bon(workdir: str) -> list[dict]:
 
 
 def read_iterations(workdir: str, method: str) -> list[dict]:
-  """A PPO or GRPO / RLOO run's eval.jsonl as one series."""
-  rows = _jsonl(os.path.join(workdir, 'eval.jsonl'))
+  """A PPO / GRPO / RLOO run's held-out evaluations (results.json 'evals') as one series."""
+  res = _json(os.path.join(workdir, online_report.RESULTS))
+  rows = res['evals']
   if not rows:
-    raise ValueError('eval.jsonl is empty')
-  try:
-    c = _json(os.path.join(workdir, 'config.json'))
-  except (OSError, ValueError):
-    c = {}
-  if method == 'pg':
-    method = str(c.get('method', 'pg'))
+    raise ValueError('results.json holds no evaluations')
+  method = res.get('stage', method)
   beta = rows[0].get('beta')
   if beta is None:
-    beta = (c.get('kl') or {}).get('beta') if isinstance(c.get('kl'), dict) else c.get('beta')
+    try:
+      beta = (_json(os.path.join(workdir, 'config.json')).get('kl') or {}).get('coef')
+    except (OSError, ValueError):
+      beta = None
   name = f'{method} {os.path.basename(os.path.normpath(workdir))}'
   pts = [_pt(r['kl'], r['gold'], r.get('proxy'), iteration=r.get('iteration')) for r in rows]
   return [{'name': name, 'method': method, 'form': 'rl', 'source': workdir, 'rm': _rm_of(workdir),
@@ -109,23 +108,23 @@ def read_iterations(workdir: str, method: str) -> list[dict]:
 
 
 def read_dpo(workdir: str) -> dict:
-  """One DPO run: its 'after' point (and 'before', KL 0) from eval.json."""
-  e = _json(os.path.join(workdir, 'eval.json'))
-  after = e.get('after', e)
+  """One DPO run (results.json): its 'after' point, and 'before' (the reference: KL 0)."""
+  e = _json(os.path.join(workdir, online_report.RESULTS))
+  after = e['after']
   try:
-    beta = (_json(os.path.join(workdir, 'config.json')).get('loss') or {}).get('beta')
+    beta = (_json(os.path.join(workdir, 'config.json')).get('kl') or {}).get('coef')
   except (OSError, ValueError):
     beta = None
   pts = [_pt(after['kl'], after['gold'], after.get('proxy'), run=workdir, beta=beta)]
-  if 'before' in e:
+  if e.get('before'):
     b = e['before']
     pts.append(_pt(0.0, b['gold'], b.get('proxy'), run=workdir, beta=0.0, before=True))
   return {'rm': _rm_of(workdir), 'points': pts}
 
 
 READERS = {'bon': read_bon, 'ppo': lambda w: read_iterations(w, 'ppo'),
-           'pg': lambda w: read_iterations(w, 'pg')}
-FILES = {'bon': 'results.json', 'ppo': 'eval.jsonl', 'pg': 'eval.jsonl', 'dpo': 'eval.json'}
+           'grpo': lambda w: read_iterations(w, 'grpo'), 'rloo': lambda w: read_iterations(w, 'rloo')}
+FILES = {kind: online_report.RESULTS for kind in ('bon', 'ppo', 'grpo', 'rloo', 'dpo')}
 
 
 def collect(config: ConfigDict) -> tuple[list[dict], list[dict]]:

@@ -30,7 +30,8 @@ EXPERIMENTS: dict[str, str] = {
     'serve': 'experiments.serve:run',
     'ppo': 'experiments.ppo:run',
     'dpo': 'experiments.dpo:run',
-    'pg': 'experiments.pg:run',
+    'grpo': 'experiments.grpo:run',
+    'rloo': 'experiments.rloo:run',
     'icl_induction': 'experiments.induction:run',
     'icl_sweep': 'experiments.icl:run',
 }

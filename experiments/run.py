@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import difflib
 import glob
+import importlib.util
 import keyword
 import os
 import sys
@@ -170,6 +171,20 @@ def _user_errors():
           TrainingError)
 
 
+def renamed_hint(argv, keys) -> str | None:
+  """The new spelling of an override whose key was renamed (experiments/configs/renamed.py)."""
+  from experiments.configs import renamed
+  try:
+    spec = importlib.util.spec_from_file_location('_config_for_hint', _config_arg(argv).split(':')[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+  except Exception:   # any failure here only loses the hint, never the error itself
+    config = None
+  hints = [h for h in (renamed.hint(k, config) for k in keys) if h]
+  return '; '.join(hints) or None
+
+
 def parse_flags(argv):
   """absl's parser, but a bad override (unknown config key, value of the wrong type) is one
   `error:` sentence rather than a usage dump or an ml_collections traceback."""
@@ -185,6 +200,9 @@ def parse_flags(argv):
     if isinstance(e, (AttributeError, KeyError)):
       bad = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
       msg = f'no such config key {msg} (overrides given: {", ".join(bad)})'
+      renamed = renamed_hint(argv, [b[len('--config.'):] for b in bad])
+      if renamed:
+        sys.exit(f'error: {renamed}.')
     for a in argv[1:]:         # e.g. the task family `continue`: a key that is a Python keyword
       name, _, value = a.partition('=')
       keys = name.split('.')[1:]

@@ -32,6 +32,12 @@ def rloo_advantages(rewards: jax.Array) -> jax.Array:
   return rewards - others
 
 
+def rloo_rewards(scores: jax.Array, kl_seq: jax.Array, kl_coef: float) -> jax.Array:
+  """RLOO's KL-regularised sequence reward (Ahmadian et al. 2024): r = score - kl_coef * KL,
+  with KL = sum_t (log pi - log pi_ref) over the response (the k1 estimate of the sequence)."""
+  return scores - kl_coef * kl_seq
+
+
 def grpo_advantages(rewards: jax.Array, eps: float = 1e-4, ddof: int = 1) -> jax.Array:
   """[P, k] -> [P, k]: (r - group mean) / (group std + eps); ddof=1 (sample std) as TRL."""
   mean = jnp.mean(rewards, axis=-1, keepdims=True)
@@ -60,18 +66,20 @@ def rloo_loss(logp: jax.Array, advantages: jax.Array, mask: jax.Array):
 
 
 def grpo_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array, advantages: jax.Array,
-              mask: jax.Array, clip_eps: float = 0.2, beta: float = 0.04, level: str = 'sequence'):
-  """GRPO per token: -min(rho A, clip(rho, 1 -+ eps) A) + beta * k3(pi || pi_ref), rho = pi / pi_old.
+              mask: jax.Array, clip_eps: float = 0.2, beta: float = 0.04, level: str = 'sequence',
+              kl: str = 'k3'):
+  """GRPO per token: -min(rho A, clip(rho, 1 -+ eps) A) + beta * KL_t(pi || pi_ref), rho = pi / pi_old,
+  KL_t by the estimator `kl` (k3 in the paper).
   advantages [N] (grpo_advantages(...).reshape(-1)) are shared by all tokens of a response.
   Returns (loss_sum, weight, metric sums) with the weight set by `level`."""
   mask = mask.astype(jnp.float32)
   adv = jax.lax.stop_gradient(advantages)[:, None]
   ratio = jnp.exp(logp - jax.lax.stop_gradient(old_logp))
   surrogate = jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv)
-  kl = kl_estimate(logp, jax.lax.stop_gradient(ref_logp), 'k3')
-  per_token = -surrogate + beta * kl
+  kl_t = kl_estimate(logp, jax.lax.stop_gradient(ref_logp), kl)
+  per_token = -surrogate + beta * kl_t
   total, weight = _reduce(per_token, mask, level)
   clipped = (jnp.abs(ratio - 1.0) > clip_eps).astype(jnp.float32)
-  metrics = {'kl': _reduce(jax.lax.stop_gradient(kl), mask, level)[0],
+  metrics = {'kl': _reduce(jax.lax.stop_gradient(kl_t), mask, level)[0],
              'clipfrac': _reduce(clipped, mask, level)[0]}
   return total, weight, metrics

@@ -202,3 +202,29 @@ def update_kl_controller(ctl: KLController, current_kl, n_steps) -> KLController
     return ctl
   error = jnp.clip(current_kl / ctl.target - 1.0, -0.2, 0.2)
   return ctl._replace(beta=ctl.beta * (1.0 + error * n_steps / ctl.horizon))
+
+
+def token_advantages(scores, logp, ref_logp, values, mask, has_eos, *, beta, moments: RunningMoments,
+                     kl_estimator: str = 'k1', missing_eos_penalty: float = 0.0,
+                     score_clip: float = 0.0, score_scale: str = 'none', whiten_rewards: bool = False,
+                     whiten_advantages_: bool = True, gamma: float = 1.0, lam: float = 0.95):
+  """A rollout's scores -> per-token rewards (KL penalty + the score at the EOS) -> GAE.
+
+  scores/has_eos [B]; logp/ref_logp/values/mask [B, T] over the response. score_scale
+  'running' divides the scores by the running std of every score seen (trlx; moments is
+  updated), score_clip > 0 clips them, missing_eos_penalty > 0 is subtracted from rows that
+  never ended. Returns (advantages, returns, rewards, kl [B, T], new moments)."""
+  mask = mask.astype(jnp.float32)
+  if score_scale == 'running':
+    moments = update_moments(moments, scores)
+    scores = scores / jnp.sqrt(moments.var + 1e-8)
+  if score_clip > 0:
+    scores = clip_scores(scores, score_clip)
+  rewards, kl = per_token_rewards(scores, logp, ref_logp, mask, beta, kl_estimator, has_eos=has_eos,
+                                  missing_eos_penalty=missing_eos_penalty or None)
+  if whiten_rewards:
+    rewards = common.masked_whiten(rewards, mask, shift_mean=False) * mask
+  adv, returns = gae(rewards, values, mask, gamma, lam)
+  if whiten_advantages_:
+    adv = whiten_advantages(adv, mask)
+  return adv, returns, rewards, kl, moments

@@ -121,9 +121,7 @@ def tiny(pol, reward_from):
   c.init_from = pol
   c.reward_from = reward_from
   c.prompts.n_eval = 4
-  c.n_samples = 8
-  c.max_new_tokens = 6
-  c.batch_size = 16
+  c.rollout.update(samples=8, max_new_tokens=6, batch_size=16)
   return c
 
 
@@ -160,8 +158,8 @@ def test_bon_start_up_errors(dirs, tmp_path):
   with pytest.raises(ConfigError, match='no config.json'):
     bon.run(tiny(pol, str(tmp_path / 'missing')), str(tmp_path / 'b'))
   c = tiny(pol, rm_a)
-  c.n_samples = 0
-  with pytest.raises(ConfigError, match='n_samples'):
+  c.rollout.samples = 0
+  with pytest.raises(ConfigError, match='rollout.samples'):
     bon.run(c, str(tmp_path / 'c'))
   # An RM whose tokenizer differs from the policy's (another char vocabulary) is refused.
   other_pol = rl_fixtures.policy_run(tmp_path / 'other_sft')

@@ -178,15 +178,16 @@ def test_dpo_in_a_bucket(bucket, tmp_path):
   (tmp_path / 'prefs.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in RECORDS * 4))
   c.train.update(steps=2, batch_size=8, log_every=1, eval_every=0, checkpoint_every=2)
   c.prompts.update(n_train=8, n_eval=8)
-  c.eval.update(max_new_tokens=4, before=False, batch_size=8)
+  c.rollout.max_new_tokens = 4
+  c.eval.update(before=False, batch_size=8)
   dpo.run(c, 'gs://bkt/dpo')
   run = bucket.root / 'bkt' / 'dpo'
-  for name in ('config.json', 'metrics.jsonl', 'eval.json', 'tokenizer_ref.json',
+  for name in ('config.json', 'metrics.jsonl', 'results.json', 'tokenizer_ref.json',
                'tokenizer_ref.base.json', 'loss.png'):
     assert (run / name).stat().st_size > 0, name
   assert os.listdir(run / 'checkpoints') == ['2']
   assert json.loads((run / 'config.json').read_text())['source']['path'] == 'gs://bkt/sft'
-  assert 'after' in json.loads((run / 'eval.json').read_text())
+  assert json.loads((run / 'results.json').read_text())['after']['iteration'] == 2
   assert {'gs://bkt/sft/checkpoints', 'gs://bkt/dpo/checkpoints'} <= set(bucket.handed)
   assert all(h.startswith(('gs://', str(bucket.root))) for h in bucket.handed)
 
@@ -214,23 +215,22 @@ def _assert_rl_bucket_run(bucket, run, names, source_key):
 
 
 def test_grpo_in_a_bucket(bucket):
-  """GRPO (the pg stage) with init_from, reward_from and the workdir all in the bucket."""
-  from experiments import pg
+  """GRPO with init_from, reward_from and the workdir all in the bucket."""
+  from experiments import grpo
   from experiments.configs import rlhf_grpo
   c = rlhf_grpo.get_config()
   c.init_from, c.reward_from = _rl_runs(bucket)
-  c.k, c.max_new_tokens = 2, 6
+  c.rollout.update(samples=2, max_new_tokens=6, prompts=4)
   c.prompts.update(n_train=12, n_eval=8)
-  c.train.update(iterations=2, prompts_per_iter=4, epochs=1, minibatches=1, eval_every=2,
-                 checkpoint_every=1)
-  c.eval.before = False
-  pg.run(c, 'gs://bkt/grpo')
-  _assert_rl_bucket_run(bucket, 'grpo', ('config.json', 'metrics.jsonl', 'eval.jsonl', 'eval.json',
-                                         'reward.png', 'tokenizer_ref.json',
+  c.train.update(iterations=2, epochs=1, minibatches=1, checkpoint_every=1)
+  c.eval.update(before=False, every=2)
+  grpo.run(c, 'gs://bkt/grpo')
+  _assert_rl_bucket_run(bucket, 'grpo', ('config.json', 'metrics.jsonl', 'eval.jsonl', 'results.json',
+                                         'reward.png', 'gold_vs_kl.png', 'tokenizer_ref.json',
                                          'tokenizer_ref.base.json'), 'reward_from')
   d = bucket.root / 'bkt' / 'grpo'
   assert [json.loads(l)['step'] for l in (d / 'metrics.jsonl').read_text().splitlines()] == [1, 2]
-  assert json.loads((d / 'eval.json').read_text())['after']['iteration'] == 2
+  assert json.loads((d / 'results.json').read_text())['after']['iteration'] == 2
 
 
 def test_ppo_in_a_bucket(bucket):
@@ -240,17 +240,16 @@ def test_ppo_in_a_bucket(bucket):
   c = rlhf_ppo.get_config()
   c.init_from, c.reward_from = _rl_runs(bucket)
   c.prompts.update(n_train=16, n_eval=8)
-  c.rollout.update(batch_size=8, max_new_tokens=6)
-  c.ppo.update(epochs=1, minibatches=1)
-  c.train.update(iterations=2, checkpoint_every=1)
+  c.rollout.update(prompts=8, max_new_tokens=6)
+  c.train.update(iterations=2, checkpoint_every=1, epochs=1, minibatches=1)
   c.eval.update(every=2, before=False, batch_size=8)
   out = ppo.run(c, 'gs://bkt/ppo')
   assert out['iterations'] == 2
-  _assert_rl_bucket_run(bucket, 'ppo', ('config.json', 'metrics.jsonl', 'eval.jsonl', 'report.json',
-                                        'ppo.png'), 'reward_source')
+  _assert_rl_bucket_run(bucket, 'ppo', ('config.json', 'metrics.jsonl', 'eval.jsonl', 'results.json',
+                                        'gold_vs_kl.png'), 'reward_source')
   d = bucket.root / 'bkt' / 'ppo'
-  assert json.loads((d / 'report.json').read_text())['after']['iteration'] == 2
-  assert [e['iteration'] for e in ppo.read_evals('gs://bkt/ppo')] == [2]
+  assert json.loads((d / 'results.json').read_text())['after']['iteration'] == 2
+  assert [e['iteration'] for e in json.loads((d / 'results.json').read_text())['evals']] == [2]
 
 
 def test_bpe_pretraining_in_a_bucket_keeps_its_model_file(bucket, tmp_path, capsys):

@@ -29,11 +29,13 @@ def runs(tmp_path_factory):
           'rm': rl_fixtures.reward_run(d / 'rm', pol)}
 
 
-def config(runs, **loss):
+def config(runs, beta=None, **loss):
   c = rlhf_dpo.get_config()
   c.init_from, c.reward_from = runs['policy'], runs['rm']
   c.data.path = str(runs['dir'] / 'prefs.jsonl')
   c.loss.update(loss)
+  if beta is not None:
+    c.kl.coef = beta
   c.train.batch_size = 8
   c.prompts.update(n_train=8, n_eval=8)
   return c
@@ -95,13 +97,13 @@ def pairs(runs):
   mesh = sharding.make_mesh({'data': -1})
   pol = policy.open_policy(runs['policy'])
   trees = policy.trees(config(runs), pol, mesh)
-  other = stage.read_source(runs['other']).restore_params(mesh, pol.cfg)
+  other = {'reference': stage.read_source(runs['other']).restore_params(mesh, pol.cfg)}
   arrays, _ = dpo.encode_pairs(RECORDS * 2, pol, 24, 'best')
   arrays = {k: v[:8] for k, v in arrays.items()}
   batch_sh = train_lib.batch_shardings(mesh, {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype)
                                               for k, v in arrays.items()})
-  pi = by_hand_logps(jax.device_get(trees.frozen), pol.cfg, arrays)
-  ref = by_hand_logps(jax.device_get(other), pol.cfg, arrays)
+  pi = by_hand_logps(jax.device_get(trees.frozen['reference']), pol.cfg, arrays)
+  ref = by_hand_logps(jax.device_get(other['reference']), pol.cfg, arrays)
   return dict(mesh=mesh, trees=trees, other=other, batch_sh=batch_sh, pi=pi, ref=ref,
               batch={k: jax.device_put(v, batch_sh[k]) for k, v in arrays.items()})
 
@@ -134,8 +136,8 @@ def test_dpo_step_reference_is_the_frozen_argument(runs, pairs):
     state, m2 = step(state, batch, other)
   assert float(m2['loss']) < float(m['loss'])
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(other), before)
-  moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), jax.device_get(state.params),
-                       jax.device_get(trees.frozen))
+  moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), jax.device_get(state.params['policy']),
+                       jax.device_get(trees.frozen['reference']))
   assert max(jax.tree.leaves(moved)) > 0
 
 
@@ -143,11 +145,12 @@ def test_dpo_step_reference_is_the_frozen_argument(runs, pairs):
 def test_ipo_and_cdpo_switches(pairs, kind, eps):
   trees, mesh = pairs['trees'], pairs['mesh']
   loss_fn = dpo.make_loss(trees, kind, 0.5, eps)
-  param_sh = jax.tree.map(lambda x: x.sharding, trees.frozen)
+  policy_params = {'policy': trees.frozen['reference']}     # the policy at init_from's weights
+  param_sh = jax.tree.map(lambda x: x.sharding, policy_params)
   evaluate = train_lib.make_eval_step(loss_fn, mesh, param_sh, pairs['batch_sh'], trees.frozen_sh)
   pi, ref = pairs['pi'], pairs['ref']
   h = (pi[:, 0] - ref[:, 0]) - (pi[:, 1] - ref[:, 1])
-  loss = float(evaluate(trees.frozen, pairs['batch'], pairs['other'])[0]) / 8
+  loss = float(evaluate(policy_params, pairs['batch'], pairs['other'])[0]) / 8
   assert loss == pytest.approx(formula(kind, h, 0.5, eps), rel=1e-4)
   assert loss != pytest.approx(formula('dpo', h, 0.5, 0.0), rel=1e-3)
 
@@ -193,7 +196,7 @@ def test_bad_records_are_counted_skips(runs):
 
 def test_start_up_errors(runs, tmp_path):
   write(str(runs['dir'] / 'prefs.jsonl'), RECORDS * 4)
-  for loss, match in [({'beta': 0.0}, 'beta'), ({'beta': -1.0}, 'beta'), ({'kind': 'kto'}, 'kind'),
+  for loss, match in [({'beta': 0.0}, 'kl.coef'), ({'beta': -1.0}, 'kl.coef'), ({'kind': 'kto'}, 'kind'),
                       ({'kind': 'cdpo'}, 'label_smoothing'), ({'label_smoothing': 0.1}, 'cdpo')]:
     with pytest.raises(ConfigError, match=match):
       dpo.run(config(runs, **loss), str(tmp_path / 'a'))

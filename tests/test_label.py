@@ -29,8 +29,8 @@ K = 3
 
 def config(pol_dir, prompts_file, **kw):
   c = label_config.get_config()
-  c.update(init_from=pol_dir, prompts_file=prompts_file, port=0, k=K, max_new_tokens=8,
-           batch_size=6, queue=2, **kw)
+  c.update(init_from=pol_dir, prompts_file=prompts_file, port=0, queue=2, **kw)
+  c.rollout.update(samples=K, max_new_tokens=8, batch_size=6)
   return c
 
 
@@ -45,7 +45,7 @@ def setup(tmp_path_factory):
   pol = policy.open_policy(pol_dir)
   mesh = sharding.make_mesh(c.mesh.to_dict())
   params = pol.source.restore_params(mesh, pol.cfg)
-  ids = policy.encode_prompts(pol, PROMPTS, 64 - c.max_new_tokens)
+  ids = policy.encode_prompts(pol, PROMPTS, 64 - c.rollout.max_new_tokens)
   sample_fn = label.policy_sampler(pol, params, dict(zip(PROMPTS, ids)), c, mesh)
   return d, pol_dir, sample_fn
 
@@ -193,11 +193,15 @@ def test_check_ranks():
 def test_start_up_errors(setup, tmp_path):
   d, pol_dir, _ = setup
   good = config(pol_dir, str(d / 'prompts.txt'))
-  for key, value, msg in [('k', 1, 'k=1'), ('port', 70000, 'not a TCP port'),
+  for key, value, msg in [('rollout.samples', 1, 'rollout.samples=1'), ('port', 70000, 'not a TCP port'),
                           ('max_items', -1, 'max_items'), ('prompts_file', str(tmp_path / 'no'),
                                                            'does not exist')]:
     c = config(pol_dir, str(d / 'prompts.txt'))
-    c[key] = value
+    *parents, leaf = key.split('.')
+    section = c
+    for p in parents:
+      section = section[p]
+    section[leaf] = value
     with pytest.raises(ConfigError, match=msg):
       label.run(c, str(tmp_path / 'w'))
   with label.serve(None, 0) as busy:                          # a port in use: one sentence
@@ -321,8 +325,9 @@ def test_sigterm_stops_cleanly_and_keeps_the_file(setup, tmp_path):
   workdir = tmp_path / 'w'
   args = [sys.executable, '-m', 'experiments.run', '--config=experiments/configs/label.py',
           f'--workdir={workdir}', f'--config.init_from={pol_dir}',
-          f'--config.prompts_file={d / "prompts.txt"}', '--config.port=0', f'--config.k={K}',
-          '--config.max_new_tokens=8', '--config.batch_size=6']
+          f'--config.prompts_file={d / "prompts.txt"}', '--config.port=0',
+          f'--config.rollout.samples={K}', '--config.rollout.max_new_tokens=8',
+          '--config.rollout.batch_size=6']
   proc = subprocess.Popen(args, cwd=os.path.dirname(os.path.dirname(__file__)),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:

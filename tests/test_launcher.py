@@ -114,3 +114,20 @@ def test_a_workdir_that_is_a_file_is_one_sentence(tmp_path):
   f.write_text('mine')
   line = _one_sentence(_cli('--config=experiments/configs/shakespeare_char.py', f'--workdir={f}'))
   assert f'--workdir={f} is a file' in line and f.read_text() == 'mine'
+
+
+def test_a_renamed_key_names_its_new_spelling(tmp_path):
+  """The policy stages' one vocabulary: an old key is one sentence with the new key."""
+  line = _one_sentence(_cli('--config=experiments/configs/rlhf_grpo.py', f'--workdir={tmp_path}',
+                            '--config.k=2', '--config.loss.kl_coef=0.1'))
+  assert line == ('error: --config.k was renamed: use --config.rollout.samples; --config.loss.kl_coef '
+                  'was renamed: use --config.kl.coef.')
+  line = _one_sentence(_cli('--config=experiments/configs/rlhf_ppo.py', f'--workdir={tmp_path}',
+                            '--config.ppo.clip_eps=0.1'))
+  assert line.endswith('use --config.loss.clip_eps.')
+  # A key that exists under its old name in this config (pretraining's train.eval_every) is
+  # not renamed there: a typo in it gets the ordinary message.
+  line = _one_sentence(_cli('--config=experiments/configs/shakespeare_char.py', f'--workdir={tmp_path}',
+                            '--config.train.eval_everyy=2'))
+  assert 'no such config key' in line and 'renamed' not in line
+  assert not os.listdir(tmp_path)

@@ -30,7 +30,7 @@ def test_hosts_consult_each_other_only_every_check_every_steps(monkeypatch):
     return local
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
   monkeypatch.setattr(trainer, 'agree_on_signal', agree)
-  stop = trainer._StopSignals(check_every=4)
+  stop = trainer.StopSignals(check_every=4)
   with stop:
     assert not any(stop.should_stop(s) for s in range(1, 6))
     os.kill(os.getpid(), signal.SIGTERM)
@@ -45,20 +45,20 @@ def test_hosts_consult_each_other_only_every_check_every_steps(monkeypatch):
 def test_a_host_not_signalled_stops_when_another_was(monkeypatch):
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
   monkeypatch.setattr(trainer, 'agree_on_signal', lambda local: signal.SIGINT)
-  stop = trainer._StopSignals(check_every=3)
+  stop = trainer.StopSignals(check_every=3)
   assert not stop.should_stop(2) and stop.should_stop(3) and stop.signum == signal.SIGINT
 
 
 def test_one_process_stops_at_the_next_step_without_a_collective(monkeypatch):
   monkeypatch.setattr(trainer, 'agree_on_signal', lambda local: pytest.fail('no collective'))
-  stop = trainer._StopSignals(check_every=10)
+  stop = trainer.StopSignals(check_every=10)
   stop.local = signal.SIGTERM
   assert stop.should_stop(3) and stop.signum == signal.SIGTERM
 
 
 def test_bad_check_every_is_a_config_error():
   with pytest.raises(trainer.ConfigError, match='preempt_check_every=0 must be at least 1'):
-    trainer._StopSignals(check_every=0)
+    trainer.StopSignals(check_every=0)
 
 
 AGREE = textwrap.dedent('''
@@ -98,7 +98,7 @@ EARLY = textwrap.dedent('''
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.5)
     print('alive before the loop', flush=True)
-    with trainer._StopSignals(check_every=1) as stop:
+    with trainer.StopSignals(check_every=1) as stop:
       print('stops at the first step:', stop.should_stop(1), flush=True)
   registry.get = lambda name: stage
   sys.argv = ['run', '--config=experiments/configs/shakespeare_char.py', '--workdir=' + sys.argv[1],

@@ -1,4 +1,4 @@
-"""The online RL loop (experiments/stages/online.py) that PPO, RLOO and GRPO share: schedule of
+"""The online RL loop's schedule (experiments/stages/iterations.py) that PPO, RLOO and GRPO share:
 evaluations and checkpoints, metrics rows, and preemption by a real signal."""
 import json
 import os
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from experiments.stages import online, trainer
+from experiments.stages import iterations, trainer
 
 
 class Closed:
@@ -29,7 +29,7 @@ def _loop(workdir, start, end, total, signal_at=None, calls=None, **kw):
   ck = Closed()
   args = dict(eval_every=2, checkpoint_every=3, eval_before=True, postfix={'proxy': '+.2f'})
   args.update(kw)
-  it = online.run_iterations(str(workdir), start=start, end=end, total=total, desc='t',
+  it = iterations.run_iterations(str(workdir), start=start, end=end, total=total, desc='t',
                              iterate=iterate, evaluate=calls['eval'].append,
                              save=calls['save'].append, checkpointer=ck, **args)
   assert ck.closed
@@ -70,10 +70,10 @@ def test_preempted_at_a_checkpoint_step_saves_once(tmp_path):
 
 
 def test_eval_log_keeps_rows_up_to_the_resumed_iteration(tmp_path):
-  log = online.EvalLog(str(tmp_path), 0)
+  log = iterations.EvalLog(str(tmp_path), 0)
   for i in (0, 2, 4):
     log.add({'iteration': i, 'gold': i / 10})
-  assert [r['iteration'] for r in online.EvalLog(str(tmp_path), 2).rows] == [0, 2]
-  assert [json.loads(l)['iteration'] for l in open(tmp_path / online.EVAL_FILE)] == [0, 2]
-  assert online.EvalLog(str(tmp_path), 0).rows == []  # a fresh run starts a new file
-  assert (tmp_path / online.EVAL_FILE).read_text() == ''
+  assert [r['iteration'] for r in iterations.EvalLog(str(tmp_path), 2).rows] == [0, 2]
+  assert [json.loads(l)['iteration'] for l in open(tmp_path / iterations.EVAL_FILE)] == [0, 2]
+  assert iterations.EvalLog(str(tmp_path), 0).rows == []  # a fresh run starts a new file
+  assert (tmp_path / iterations.EVAL_FILE).read_text() == ''

@@ -73,16 +73,17 @@ def runs(tmp_path):
       g = 0.1 + (d * (a - b * math.log(d)) if d > 0 else 0.0)
       rows.append({'iteration': it * 10, 'gold': g, 'proxy': 0.7 * d, 'kl': kl, 'beta': beta})
     return rows
-  _write(str(tmp_path / 'ppo_b0' / 'eval.jsonl'), rl_rows(0.2, 0.05, 0.0), lines=True)
+  _write(str(tmp_path / 'ppo_b0' / 'results.json'), {'stage': 'ppo', 'evals': rl_rows(0.2, 0.05, 0.0)})
   _write(str(tmp_path / 'ppo_b0' / 'config.json'), {'reward_from': rm, 'reward_source': rm})
-  _write(str(tmp_path / 'grpo' / 'eval.jsonl'), rl_rows(0.3, 0.1, 0.05), lines=True)
-  _write(str(tmp_path / 'grpo' / 'config.json'), {'reward_from': rm, 'method': 'grpo'})
+  grpo_rows = [{k: v for k, v in r.items() if k != 'beta'} for r in rl_rows(0.3, 0.1, 0.05)]
+  _write(str(tmp_path / 'grpo' / 'results.json'), {'stage': 'grpo', 'evals': grpo_rows})
+  _write(str(tmp_path / 'grpo' / 'config.json'), {'reward_from': rm, 'kl': {'coef': 0.05}})
   for beta, kl, g in ((0.1, 2.0, 0.25), (0.3, 0.8, 0.2)):
     wd = str(tmp_path / f'dpo_b{beta}')
-    _write(os.path.join(wd, 'eval.json'), {'after': {'gold': g, 'proxy': 0.5, 'kl': kl},
-                                           'before': {'gold': 0.1, 'proxy': 0.0, 'kl': 0.0}})
-    _write(os.path.join(wd, 'config.json'), {'reward_from': rm, 'loss': {'beta': beta}})
-  os.makedirs(tmp_path / 'ppo_unfinished')          # exists but holds no eval.jsonl
+    _write(os.path.join(wd, 'results.json'), {'stage': 'dpo', 'after': {'gold': g, 'proxy': 0.5, 'kl': kl},
+                                              'before': {'gold': 0.1, 'proxy': 0.0, 'kl': 0.0}})
+    _write(os.path.join(wd, 'config.json'), {'reward_from': rm, 'kl': {'coef': beta}})
+  os.makedirs(tmp_path / 'ppo_unfinished')          # exists but holds no results.json
   return tmp_path
 
 
@@ -90,7 +91,8 @@ def config_for(root, **kw):
   c = overopt_config.get_config()
   c.bon = str(root / 'bon') + ',' + str(root / 'bon_missing')
   c.ppo = str(root / 'ppo*')
-  c.pg = str(root / 'grpo') + ',' + str(root / 'rloo*')
+  c.grpo = str(root / 'grpo')
+  c.rloo = str(root / 'rloo*')
   c.dpo = str(root / 'dpo*')
   c.update(kw)
   return c
@@ -101,7 +103,7 @@ def test_study_reads_series_skips_missing_and_fits(runs, capsys):
   printed = capsys.readouterr().out
   # Missing / unfinished workdirs are listed and skipped, not a crash.
   assert f'note: skipping bon {runs / "bon_missing"}: no such directory' in printed
-  assert 'ppo_unfinished: no eval.jsonl' in printed
+  assert 'ppo_unfinished: no results.json' in printed
   assert 'rloo*: no such directory' in printed
   assert {s['path'] for s in out['skipped']} == {str(runs / 'bon_missing'), str(runs / 'ppo_unfinished'),
                                                  str(runs / 'rloo*')}
@@ -116,7 +118,7 @@ def test_study_reads_series_skips_missing_and_fits(runs, capsys):
   assert (small['alpha'], small['beta']) == pytest.approx((0.3, 0.2))
   assert (main['ppo ppo_b0']['fits']['gold']['alpha'], main['ppo ppo_b0']['fits']['gold']['beta']) == \
       pytest.approx((0.2, 0.05))
-  assert main['ppo ppo_b0']['beta'] == 0.0
+  assert main['ppo ppo_b0']['beta'] == 0.0 and main['grpo grpo']['beta'] == 0.05   # (from kl.coef)
   assert (main['grpo grpo']['fits']['gold']['alpha'], main['grpo grpo']['fits']['gold']['beta']) == \
       pytest.approx((0.3, 0.1))
   # DPO: the two runs are one series of 2 points + the shared d = 0 point: too few to fit.
@@ -129,14 +131,14 @@ def test_study_reads_series_skips_missing_and_fits(runs, capsys):
 
 
 def test_study_with_only_some_series(runs):
-  c = config_for(runs, ppo='', pg='', dpo=str(runs / 'nothing_here'))
+  c = config_for(runs, ppo='', grpo='', rloo='', dpo=str(runs / 'nothing_here'))
   out = overoptimisation.run(c, str(runs / 'out2'))
   assert [s['name'] for p in out['panels'].values() for s in p['series']] == ['bon rm', 'bon rm_small']
 
 
 def test_no_series_is_one_sentence(tmp_path):
   c = overopt_config.get_config()
-  c.update(bon=str(tmp_path / 'a'), ppo=str(tmp_path / 'ppo*'), pg='', dpo='')
+  c.update(bon=str(tmp_path / 'a'), ppo=str(tmp_path / 'ppo*'), grpo='', rloo='', dpo='')
   with pytest.raises(ConfigError) as e:
     overoptimisation.run(c, str(tmp_path / 'out'))
   msg = str(e.value)

@@ -24,10 +24,10 @@ def test_group_drops_empty_and_duplicate_responses():
 
 def test_bad_config_is_one_sentence():
   c = rlhf_preferences.get_config()
-  c.k = 1
+  c.rollout.samples = 1
   with pytest.raises(ConfigError, match='at least 2 responses'):
     preferences.check(c)
-  c.k, c.gold = 4, 'bleu'
+  c.rollout.samples, c.eval.gold = 4, 'bleu'
   with pytest.raises(ConfigError, match='not a gold reward'):
     preferences.check(c)
 
@@ -41,7 +41,7 @@ def test_preferences_file_reads_back_as_ranked_groups(tmp_path, monkeypatch):
   c = rlhf_preferences.get_config()
   c.init_from = src
   c.prompts.n_train, c.prompts.n_eval = 6, 4
-  c.k, c.max_new_tokens, c.batch_size = 3, 6, 8
+  c.rollout.update(samples=3, max_new_tokens=6, batch_size=8)
   report = preferences.run(c, str(tmp_path / 'prefs'))
   path = os.path.join(tmp_path, 'prefs', preferences.FILE)
   with open(path) as f:

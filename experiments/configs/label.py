@@ -20,12 +20,10 @@ def get_config():
   c.prompts = rlhf_base.prompts()  # training line openings, unless prompts_file is set
   c.prompts_file = ''              # one prompt a line, or .jsonl with {"prompt": ...}
   c.out = ''                       # preference file; '' = WORKDIR/preferences.jsonl
-  c.k = 4                          # samples ranked per prompt (InstructGPT: 4-9)
-  c.max_new_tokens = 24
-  c.temperature = 1.0
+  # samples ranked per prompt (InstructGPT: 4-9); batch_size rows per generation call
+  c.rollout = rlhf_base.sampling(samples=4, batch_size=16)
   c.port = 8765                    # on 127.0.0.1 only; 0 = any free port (the URL is printed)
   c.max_items = 0                  # stop after this many rankings; 0 = when prompts run out
   c.queue = 4                      # items sampled ahead while the person reads
-  c.batch_size = 16                # sampled rows per generation call (batch_size // k prompts)
   c.mesh = rlhf_base.mesh()
   return c

@@ -6,13 +6,14 @@ a note. Writes overoptimisation.json, overoptimisation_{gold,proxy}.png.
 
 python -m experiments.run --config=experiments/configs/overoptimisation.py \
     --workdir=runs/rlhf/overopt --config.bon=runs/rlhf/bon \
-    --config.ppo='runs/rlhf/ppo*' --config.pg='runs/rlhf/grpo*,runs/rlhf/rloo*' \
+    --config.ppo='runs/rlhf/ppo*' --config.grpo='runs/rlhf/grpo*' --config.rloo='runs/rlhf/rloo*' \
     --config.dpo='runs/rlhf/dpo*'
 
 The runs it reads (see experiments/configs/rlhf_bon.py for the second, smaller RM):
   rlhf_bon  --config.reward_from=runs/rlhf/rm,runs/rlhf_small/rm,runs/rlhf/rm_ens
-  rlhf_ppo  --config.kl.beta=B --workdir=runs/rlhf/ppo_bB  (B = 0, 0.01, 0.05, ...)
-  rlhf_grpo / rlhf_rloo, rlhf_dpo --config.loss.beta=B --workdir=runs/rlhf/dpo_bB
+  rlhf_ppo  --config.kl.coef=B --workdir=runs/rlhf/ppo_bB  (B = 0, 0.01, 0.05, ...)
+  rlhf_grpo / rlhf_rloo, rlhf_dpo --config.kl.coef=B --workdir=runs/rlhf/dpo_bB
+Every policy stage writes results.json in one schema (experiments/stages/online_report.py).
 """
 from ml_collections import ConfigDict
 
@@ -20,8 +21,9 @@ from ml_collections import ConfigDict
 def get_config():
   c = ConfigDict()
   c.experiment = 'overoptimisation'
-  c.bon = 'runs/rlhf/bon*'                         # results.json of `bon` runs
-  c.ppo = 'runs/rlhf/ppo*'                         # eval.jsonl of `ppo` runs
-  c.pg = 'runs/rlhf/grpo*,runs/rlhf/rloo*'         # eval.jsonl of `pg` runs (GRPO / RLOO)
-  c.dpo = 'runs/rlhf/dpo*'                         # eval.json of `dpo` runs
+  c.bon = 'runs/rlhf/bon*'                         # workdirs of `bon` runs
+  c.ppo = 'runs/rlhf/ppo*'                         # ... of `ppo` runs
+  c.grpo = 'runs/rlhf/grpo*'                       # ... of `grpo` runs
+  c.rloo = 'runs/rlhf/rloo*'                       # ... of `rloo` runs
+  c.dpo = 'runs/rlhf/dpo*'                         # ... of `dpo` runs
   return c

@@ -27,11 +27,10 @@ def get_config():
   c.init_from = 'runs/rlhf/sft'
   c.reward_from = 'runs/rlhf/rm'    # one RM workdir, or several separated by commas
   c.prompts = rlhf_base.prompts()
-  c.prompts.n_eval = 64             # held-out prompts (x n_samples responses each)
-  c.n_samples = 256                 # N draws per prompt; n = 1, 2, 4, ..., N
-  c.max_new_tokens = 24             # as rlhf_preferences (the RM saw responses this long)
-  c.temperature = 1.0               # KL_bon is relative to the distribution sampled from
-  c.gold = 'vader'                  # rl/gold.GOLDS
-  c.batch_size = 256
+  c.prompts.n_eval = 64             # held-out prompts (x rollout.samples responses each)
+  # N = samples draws per prompt (n = 1, 2, 4, ..., N); max_new_tokens as rlhf_preferences (the
+  # RM saw responses this long); KL_bon is relative to the distribution sampled (temperature)
+  c.rollout = rlhf_base.sampling(samples=256, batch_size=256)
+  c.eval = ConfigDict(dict(gold='vader'))   # rl/gold.GOLDS
   c.mesh = rlhf_base.mesh()
   return c

@@ -3,8 +3,8 @@ policy, then held-out gold / proxy / KL beside the SFT policy's.
 
 python -m experiments.run --config=experiments/configs/rlhf_dpo.py --workdir=runs/rlhf/dpo_b0.1 \
     --config.init_from=runs/rlhf/sft --config.data.path=runs/rlhf/prefs/preferences.jsonl \
-    --config.reward_from=runs/rlhf/rm --config.loss.beta=0.1
-(a beta sweep: one workdir per beta, e.g. runs/rlhf/dpo_b0.03, dpo_b0.3)
+    --config.reward_from=runs/rlhf/rm --config.kl.coef=0.1
+(a kl.coef (beta) sweep: one workdir per beta, e.g. runs/rlhf/dpo_b0.03, dpo_b0.3)
 """
 import dataclasses
 
@@ -29,8 +29,8 @@ def get_config():
       max_val=256))          # cap on held-out pairs (whole batches)
   c.loss = ConfigDict(dict(
       kind='dpo',            # dpo | ipo | cdpo
-      beta=0.1,              # KL strength (IPO: tau)
       label_smoothing=0.0))  # cdpo: probability eps that a label is flipped
+  c.kl = ConfigDict(dict(coef=0.1))   # beta: the KL strength (IPO: tau)
   c.peft = ConfigDict({k: v for k, v in dataclasses.asdict(peft.PeftConfig()).items()})
   c.train = ConfigDict(dict(
       steps=150, batch_size=32, grad_accum=1, log_every=10, eval_every=50,
@@ -39,7 +39,8 @@ def get_config():
       lr=1e-4, min_lr=1e-5, warmup_steps=10, decay_steps=0, schedule='cosine',
       b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip=1.0, mu_dtype=''))
   c.prompts = rlhf_base.prompts()      # n_eval held-out prompts for the final evaluation
-  c.eval = ConfigDict(dict(max_new_tokens=24, temperature=1.0, gold='vader', batch_size=64,
+  c.rollout = ConfigDict(dict(max_new_tokens=24, temperature=1.0))   # the held-out samples
+  c.eval = ConfigDict(dict(gold='vader', batch_size=64,
                            before=True))   # also evaluate the reference (same prompts / draws)
   c.mesh = rlhf_base.mesh()
   return c

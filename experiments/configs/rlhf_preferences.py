@@ -15,10 +15,7 @@ def get_config():
   c.seed = 0
   c.init_from = 'runs/rlhf/sft'
   c.prompts = rlhf_base.prompts()
-  c.k = 4                   # samples ranked per prompt (InstructGPT: 4-9)
-  c.max_new_tokens = 24
-  c.temperature = 1.0
-  c.gold = 'vader'          # rl/gold.GOLDS
-  c.batch_size = 64
+  c.rollout = rlhf_base.sampling(samples=4, batch_size=64)   # samples ranked per prompt (InstructGPT: 4-9)
+  c.eval = ConfigDict(dict(gold='vader'))                     # rl/gold.GOLDS: the labeller
   c.mesh = rlhf_base.mesh()
   return c

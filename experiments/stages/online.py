@@ -1,88 +1,405 @@
-"""The loop every online RL stage runs (PPO in experiments/ppo.py; RLOO and GRPO in
-experiments/pg.py). The stage gives one iteration (rollout -> score -> update) as a function;
-around it this file keeps what each needs the same way: the progress bar, metrics.jsonl and
-TensorBoard, held-out evaluations on a schedule (eval.jsonl), checkpoints, and preemption:
-SIGTERM / SIGINT saves at the iteration reached and exits 128 + N, as pretraining does, so
-rerunning the same command continues exactly."""
+"""The one online-RL loop. PPO, GRPO and RLOO (experiments/ppo.py, grpo.py, rloo.py) are
+adapters on it: an algorithm supplies only what differs, and this file owns the rest.
+
+  algorithm supplies             the skeleton owns
+  ------------------             -----------------
+  check(config)                  policy (init_from) and reward model (reward_from), opened one
+  trees(ctx)       role-named    way with one tokenizer check; prompts; the mesh and the batch
+  score(...)       in one jit:   checks; stage.build and the checkpointed state; the draw of
+                   rollout ->    each iteration's prompts and keys; generation; the update
+                   batch+metrics (epochs x shuffled minibatches of lm.train.update, one jit);
+  loss_fn(...)     the update's  gold scoring; held-out evaluations; metrics.jsonl, eval.jsonl,
+                   objective     results.json, plots; checkpoints and preemption
+
+Trees have role names. Trainable: {'policy': params} (full fine-tuning) or {'adapters': LoRA}
+(whose frozen base is the reference), plus an algorithm's own ('value', 'value_head').
+Frozen: {'reference': params, 'reward': the reward model's params}. Frozen trees are step
+arguments, never constants.
+
+One iteration: `draw` (prompts_per_iter random training prompts, each `samples` times, and
+the iteration's keys, all from the checkpointed RNG) -> generate (lm.decode, one program per
+run) -> score (one jit) -> update (one jit: algorithm.prepare, then the minibatch scans) ->
+algorithm.after on the host (e.g. PPO's KL controller). Checkpoints hold the train state,
+the algorithm's extras, the RNG and the iteration, so a resumed run continues exactly.
+"""
 from __future__ import annotations
 
-import json
-import signal
-from typing import Callable
+import dataclasses
+import functools
+import time
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from experiments.stages import runlog
-from experiments.stages import trainer
-from lm import paths
+from experiments.stages import compiled, iterations, online_report, policy, stage, trainer
+from lm import checkpoint as ckpt_lib
+from lm import decode, paths, peft, sharding, train as train_lib
+from lm.config import ConfigError
+from rl import common, gold, rollout
 
-EVAL_FILE = 'eval.jsonl'
+POSTFIX = {'gold': '+.3f', 'proxy': '+.3f', 'kl': '.3f', 'tokens_per_sec': ',.0f'}
 
 
-class EvalLog:
-  """eval.jsonl: one {iteration, gold, proxy, kl, ...} line per held-out evaluation; a resumed
-  run drops lines past the iteration it resumes from (they are evaluated again)."""
+@dataclasses.dataclass
+class Context:
+  """What the skeleton set up before an algorithm builds anything (read-only for adapters)."""
+  config: ConfigDict
+  pol: policy.Policy
+  rm: Any                        # stages.reward_model.RewardModel, on this run's mesh
+  mesh: Any
+  train_ids: list
+  eval_ids: list
+  width: int                     # prompts are left-padded to this many tokens
+  pcfg: peft.PeftConfig
 
-  def __init__(self, workdir: str, start: int):
-    self.path = paths.path(workdir) / EVAL_FILE
-    self.rows = []
-    if self.path.exists():
-      self.rows = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
-      self.rows = [r for r in self.rows if start and r['iteration'] <= start]
-    self._flush()
+  @property
+  def rows(self) -> int:
+    r = self.config.rollout
+    return r.prompts * r.samples
 
-  def _flush(self):
-    if jax.process_index() == 0:
-      paths.write_text(self.path, ''.join(json.dumps(r) + '\n' for r in self.rows))
+  def reward(self, frozen, tokens, mask):
+    """[B] normalised reward-model scores of full rows (usable inside a jit)."""
+    return self.rm.score(frozen['reward'], tokens, mask)
 
-  def add(self, row: dict) -> dict:
-    self.rows.append(row)
-    self._flush()
+
+class Algorithm:
+  """An online RL method. Override what differs; `score` and `loss_fn` are required."""
+  name = ''
+  adaptive_kl = False            # whether kl.mode=adaptive means something (PPO's controller)
+
+  def check(self, config: ConfigDict) -> None:
+    """Start-up errors of the algorithm's own keys (one sentence each)."""
+
+  def trees(self, ctx: Context) -> policy.Trees:
+    return policy.trees(ctx.config, ctx.pol, ctx.mesh, reward=ctx.rm)
+
+  def extras(self, ctx: Context) -> dict:
+    """Arrays checkpointed beside the train state (e.g. PPO's beta); {} for none."""
+    return {}
+
+  def score(self, ctx: Context, trees: policy.Trees, params, frozen, tokens, mask) -> tuple[dict, dict]:
+    """In one jit: a rollout [B, P+N] -> (rows for the update, scalar metrics)."""
+    raise NotImplementedError
+
+  def prepare(self, ctx: Context, batch: dict, extras: dict) -> tuple[dict, dict, dict]:
+    """In the update jit, before the minibatches: (batch, extras, metrics)."""
+    return batch, extras, {}
+
+  def loss_fn(self, ctx: Context, trees: policy.Trees) -> Callable:
+    """(params, minibatch, rng, frozen) -> (loss_sum, weight, metric sums)."""
+    raise NotImplementedError
+
+  def batch_extras(self, ctx: Context, host_rng: np.random.Generator) -> dict:
+    """Host arrays [rows, ...] added to the update batch (e.g. PPO-ptx text)."""
+    return {}
+
+  def after(self, ctx: Context, extras: dict, row: dict) -> dict:
+    """Host side after the update (e.g. a KL controller); returns the new extras."""
+    return extras
+
+  def log_extras(self, extras: dict) -> dict:
+    """Scalars of the extras for metrics and eval rows."""
+    return {}
+
+
+# Set-up --------------------------------------------------------------------------------------
+def check(config: ConfigDict, algo: Algorithm) -> None:
+  """The skeleton's start-up errors (one sentence each), then the algorithm's."""
+  r, t, k = config.rollout, config.train, config.kl
+  if not config.reward_from:
+    raise ConfigError(f'{algo.name} needs --config.reward_from=DIR (the workdir of a finished `reward` run).')
+  if r.max_new_tokens < 1 or not r.temperature > 0:
+    raise ConfigError('rollout.max_new_tokens must be >= 1 and rollout.temperature > 0 (samples, not greedy).')
+  for name in ('prompts', 'samples'):
+    if r[name] < 1:
+      raise ConfigError(f'rollout.{name}={r[name]} must be >= 1.')
+  for name in ('iterations', 'epochs', 'minibatches', 'grad_accum'):
+    if t[name] < 1:
+      raise ConfigError(f'train.{name}={t[name]} must be >= 1.')
+  if k.coef < 0:
+    raise ConfigError(f'kl.coef={k.coef} must be >= 0 (0: no KL to the reference).')
+  if k.estimator not in common.KL_ESTIMATORS:
+    raise ConfigError(f'kl.estimator={k.estimator!r} is not known; choose one of {common.KL_ESTIMATORS}.')
+  if k.mode != 'fixed' and not algo.adaptive_kl:
+    raise ConfigError(f"kl.mode={k.mode!r}: {algo.name} keeps kl.coef fixed; set kl.mode=fixed.")
+  if config.peft.method not in ('none', 'lora'):
+    raise ConfigError(f'peft.method={config.peft.method!r}: online RL trains the full policy (none) or '
+                      'LoRA (whose reference is the base without adapters); choose none or lora.')
+  gold.check(config.eval.gold)
+  algo.check(config)
+
+
+def check_mesh(config: ConfigDict, mesh, rows: int) -> None:
+  """Rollout rows split into minibatches, microbatches, then over the batch mesh axes."""
+  m, a = config.train.minibatches, config.train.grad_accum
+  div = sharding.batch_size_divisor(mesh)
+  if rows % (m * a) or (rows // (m * a)) % div:
+    raise ConfigError(f'The {rows} rollouts per iteration (rollout.prompts x rollout.samples) must '
+                      f'split into train.minibatches={m} x train.grad_accum={a} microbatches that '
+                      f'divide over the {div} devices of the batch mesh axes; use a multiple of '
+                      f'{m * a * div}.')
+
+
+def open_context(config: ConfigDict, workdir: str, algo: Algorithm, devices=None) -> Context:
+  check(config, algo)
+  paths.path(workdir).mkdir(parents=True, exist_ok=True)   # a local folder or a gs:// bucket
+  r = config.rollout
+  pol = policy.open_policy(config.init_from)
+  max_prompt = pol.cfg.max_seq_len - r.max_new_tokens
+  if max_prompt < 1:
+    raise ConfigError(f'rollout.max_new_tokens={r.max_new_tokens} leaves no room for prompts in the '
+                      f'model context ({pol.cfg.max_seq_len}).')
+  train_ids = policy.encode_prompts(pol, policy.prompt_texts(config, 'train'), max_prompt)
+  eval_ids = policy.encode_prompts(pol, policy.prompt_texts(config, 'eval'), max_prompt)
+  if r.prompts > len(train_ids):
+    raise ConfigError(f'rollout.prompts={r.prompts} exceeds the {len(train_ids)} training prompts; '
+                      'raise prompts.n_train or lower rollout.prompts.')
+  width = max(len(p) for p in train_ids)           # one prompt width: one program per run
+  mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+  check_mesh(config, mesh, r.prompts * r.samples)
+  longest = max(width, max(len(p) for p in eval_ids)) + r.max_new_tokens
+  rm = policy.open_reward(config.reward_from, pol, mesh, max_len=longest)
+  stage.check_resume_source(workdir, pol.source)
+  if jax.process_index() == 0:   # the policy's tokenizer: the run is a source for later stages
+    stage.save_tokenizer(pol.tok, workdir)
+  return Context(config, pol, rm, mesh, train_ids, eval_ids, width, stage.peft_config(config))
+
+
+@dataclasses.dataclass
+class Run:
+  """A set-up run (tests drive these pieces directly)."""
+  ctx: Context
+  algo: Algorithm
+  trees: policy.Trees
+  setup: stage.Setup
+  st: dict                       # the checkpointed state: train, extras, rng, iteration
+  checkpointer: ckpt_lib.Checkpointer
+  score: Callable                # (params, frozen, tokens, mask) -> (batch, metrics)
+  update: Callable               # (state, extras, batch, frozen, key) -> (state, extras, metrics)
+
+  @property
+  def start(self) -> int:
+    return int(self.st['iteration'])
+
+
+def prepare(config: ConfigDict, workdir: str, algo: Algorithm, devices=None) -> Run:
+  ctx = open_context(config, workdir, algo, devices)
+  trees = algo.trees(ctx)
+  t = config.train
+  total = t.iterations * t.epochs * t.minibatches
+  setup = stage.build(config, None, ctx.mesh, axes=trees.axes, init_params=trees.init_params,
+                      total_steps=total, initial_params=trees.initial)
+  rep = sharding.replicated(ctx.mesh)
+  st = {'train': setup.state, 'rng': jax.device_put(jax.random.key_data(jax.random.key(config.seed)), rep),
+        'iteration': jax.device_put(jnp.int32(0), rep)}
+  extras = algo.extras(ctx)
+  if extras:
+    st['extras'] = jax.device_put(extras, rep)
+  ck = ckpt_lib.Checkpointer(paths.path(workdir) / 'checkpoints', t.keep_checkpoints)
+  found = ck.restore_or_none(jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), st))
+  if found is not None:
+    st = found[1]
+  trainer.write_config(config, workdir, {
+      'source': pol_record(ctx), 'reward_source': str(paths.absolute(config.reward_from)),
+      'resolved': {'vocab_size': ctx.pol.cfg.vocab_size,
+                   # a later stage (init_from), export and evaluate read the policy from here
+                   'params_at': ['train', 'params', trees.policy_role],
+                   'prompt_width': ctx.width, 'rollouts_per_iter': ctx.rows,
+                   'train_prompts': len(ctx.train_ids), 'eval_prompts': len(ctx.eval_ids),
+                   'devices': ctx.mesh.size, 'mesh': dict(ctx.mesh.shape), 'updates': total,
+                   'policy_params': ctx.pol.cfg.num_params(), 'rm_params': ctx.rm.cfg.num_params()},
+      'model': dataclasses.asdict(ctx.pol.cfg)})
+  score, update = programs(ctx, algo, trees, setup)
+  return Run(ctx, algo, trees, setup, st, ck, score, update)
+
+
+def pol_record(ctx: Context) -> dict:
+  return ctx.pol.source.record()
+
+
+# The two jitted programs ---------------------------------------------------------------------
+def minibatches(batch: dict, key, n: int) -> dict:
+  """[B, ...] rows -> [n, B/n, ...] after a permutation drawn from `key` (one epoch)."""
+  b = jax.tree.leaves(batch)[0].shape[0]
+  perm = jax.random.permutation(key, b)
+  return jax.tree.map(lambda x: x[perm].reshape(n, b // n, *x.shape[1:]), batch)
+
+
+def epochs_of_updates(state, batch, key, frozen, *, loss_fn, tx, epochs: int, n_minibatches: int,
+                      grad_accum: int, mesh, grad_sh):
+  """epochs x minibatches of lm.train.update in nested lax.scans; minibatch i of epoch e
+  gets rng fold_in(epoch_key_e, i). Returns (state, per-update metrics [E, M])."""
+  upd = functools.partial(train_lib.update, loss_fn=loss_fn, tx=tx, grad_accum=grad_accum, mesh=mesh,
+                          grad_sh=grad_sh)
+
+  def constrain(x):
+    spec = P(sharding.logical_to_pspec(('batch',), None, mesh)[0], *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+  def epoch(state, ek):
+    def step(state, xs):
+      i, mb = xs
+      return upd(state, jax.tree.map(constrain, mb), jax.random.fold_in(ek, i), frozen)
+    return jax.lax.scan(step, state, (jnp.arange(n_minibatches), minibatches(batch, ek, n_minibatches)))
+  return jax.lax.scan(epoch, state, jax.random.split(key, epochs))
+
+
+_PROGRAMS = compiled.ProgramCache()
+
+
+def programs(ctx: Context, algo: Algorithm, trees: policy.Trees, setup: stage.Setup):
+  """The scoring and update jits, cached on what they close over (a rerun in the process,
+  e.g. a resume or a test, compiles nothing new)."""
+  c = ctx.config
+  rm = ctx.rm      # its score closes over the normaliser and the ensemble combination
+  key = (type(algo), trees.cfg, trees.pcfg, ctx.width, ctx.mesh, ctx.pol.eos, rm.cfg, str(rm.gain),
+         str(rm.bias), rm.members, rm.combine, rm.lam,
+         compiled.frozen_config(c, ('rollout', 'kl', 'loss', 'reward', 'value', 'ptx', 'optim', 'train')))
+  return _PROGRAMS.get(key, lambda: _make_programs(ctx, algo, trees, setup))
+
+
+def _make_programs(ctx: Context, algo: Algorithm, trees: policy.Trees, setup: stage.Setup):
+  t, mesh = ctx.config.train, ctx.mesh
+  rep = sharding.replicated(mesh)
+  rows = lambda x: sharding.batch_sharding(mesh, x.ndim)
+  score = functools.partial(algo.score, ctx, trees)
+  loss_fn = algo.loss_fn(ctx, trees)
+
+  def update(state, extras, batch, frozen, key):
+    batch, extras, metrics = algo.prepare(ctx, batch, extras)
+    state, per = epochs_of_updates(state, batch, key, frozen, loss_fn=loss_fn, tx=setup.tx,
+                                   epochs=t.epochs, n_minibatches=t.minibatches,
+                                   grad_accum=t.grad_accum, mesh=mesh, grad_sh=setup.shardings.params)
+    metrics.update({k: jnp.mean(v) for k, v in per.items() if k != 'lr'})
+    return state, extras, metrics
+
+  jitted = {}
+
+  def score_jit(params, frozen, tokens, mask):
+    if 'score' not in jitted:    # the output shardings follow the algorithm's output shapes
+      shapes = jax.eval_shape(score, params, frozen, tokens, mask)
+      out_sh = (jax.tree.map(rows, shapes[0]), jax.tree.map(lambda _: rep, shapes[1]))
+      jitted['score'] = jax.jit(score, out_shardings=out_sh)
+    return jitted['score'](params, frozen, tokens, mask)
+  update_jit = jax.jit(update, out_shardings=(setup.shardings, rep, rep), donate_argnums=(0,))
+  return train_lib.with_mesh(score_jit, mesh), train_lib.with_mesh(update_jit, mesh)
+
+
+# One iteration -------------------------------------------------------------------------------
+def draw(run: Run, rng):
+  """The iteration's prompts (rollout.prompts random training prompts without replacement,
+  each rollout.samples times, adjacent) and keys, all from the checkpointed RNG."""
+  r = run.ctx.config.rollout
+  it_key, rng = jax.random.split(rng)
+  host_rng = np.random.default_rng(np.asarray(jax.random.key_data(it_key)))
+  idx = host_rng.choice(len(run.ctx.train_ids), r.prompts, replace=False)
+  prompts = [run.ctx.train_ids[i] for i in idx for _ in range(r.samples)]
+  return prompts, it_key, host_rng, rng
+
+
+def iterate(run: Run, state, extras, rng, frozen):
+  """One rollout -> score -> update; returns (state, extras, rng, metrics row)."""
+  ctx, r = run.ctx, run.ctx.config.rollout
+  prompts, it_key, host_rng, rng = draw(run, rng)
+  toks, pmask = decode.left_pad(prompts, ctx.width)
+  sampling = policy.sampling_config(ctx.pol, r.max_new_tokens, r.temperature)
+  t0 = time.perf_counter()
+  gen = decode.generate_padded(run.trees.generation(state.params, frozen), toks, pmask,
+                               jax.random.fold_in(it_key, 0), ctx.pol.cfg, sampling, mesh=ctx.mesh)
+  tokens, mask = jax.block_until_ready(gen.sequences())
+  t1 = time.perf_counter()
+  batch, m = run.score(state.params, frozen, tokens, mask)
+  m = jax.device_get(m)
+  t2 = time.perf_counter()
+  batch_sh = lambda x: sharding.batch_sharding(ctx.mesh, x.ndim)
+  batch.update({k: jax.device_put(v, batch_sh(v)) for k, v in run.algo.batch_extras(ctx, host_rng).items()})
+  state, extras, um = run.update(state, extras, batch, frozen, jax.random.fold_in(it_key, 1))
+  um = jax.device_get(um)
+  t3 = time.perf_counter()
+  g = gold.score(policy.texts_of(ctx.pol, gen), ctx.config.eval.gold)
+  t4 = time.perf_counter()
+  row = {**{k: float(v) for k, v in m.items()}, 'gold': float(g.mean()),
+         **{(f'{k}_loss' if k in m else k): float(v) for k, v in um.items() if k != 'tokens'},
+         **run.algo.log_extras(extras),
+         'time_generate': t1 - t0, 'time_score': t2 - t1, 'time_update': t3 - t2,
+         'time_reward': t4 - t3, 'tokens_per_sec': float(m['response_tokens']) / (t4 - t0)}
+  return state, extras, rng, row
+
+
+def common_scores(ctx: Context, trees: policy.Trees, params, frozen, tokens, mask, *, values=None):
+  """What every algorithm's score starts from (inside its jit): policy and reference
+  log-probs and entropy [B, N], the reward model's normalised scores and EOS flags [B], the
+  k1 sequence KL, and the shared metrics. `values(policy_params)` adds the critic's [B, N]."""
+  n_prompt, cfg = ctx.width, ctx.pol.cfg
+  pol = trees.full(params, frozen)
+  out = rollout.score_rollout(pol, trees.reference(frozen), tokens, mask, n_prompt, cfg,
+                              temperature=ctx.config.rollout.temperature,
+                              reward=lambda x, m: ctx.reward(frozen, x, m))
+  if values is not None:
+    out['values'] = jax.lax.stop_gradient(values(pol))
+  rmask = mask[:, n_prompt:].astype(jnp.float32)
+  out['has_eos'] = rollout.has_eos(tokens[:, n_prompt:], rmask, ctx.pol.eos)
+  out['kl_seq'] = jnp.sum((out['logp'] - out['ref_logp']) * rmask, -1)      # k1: log pi - log ref
+  metrics = {'proxy': jnp.mean(out['scores']), 'kl': jnp.mean(out['kl_seq']),
+             'entropy': jnp.sum(out['entropy']) / jnp.maximum(jnp.sum(rmask), 1.0),
+             'length': jnp.mean(jnp.sum(rmask, -1)),
+             'eos_rate': jnp.mean(out['has_eos'].astype(jnp.float32)), 'response_tokens': jnp.sum(rmask)}
+  return out, metrics
+
+
+# The stage -----------------------------------------------------------------------------------
+def run(config: ConfigDict, workdir: str, algo: Algorithm) -> dict:
+  """check -> prepare -> loop -> finish: results.json, eval.jsonl, plots."""
+  r = prepare(config, workdir, algo)
+  ctx, t, e = r.ctx, config.train, config.eval
+  start = r.start
+  print(f'{algo.name} from {ctx.pol.source.path} (step {ctx.pol.source.step}) against '
+        f'{config.reward_from}, peft {ctx.pcfg.method}: {config.rollout.prompts} prompts x '
+        f'{config.rollout.samples} samples per iteration, {t.epochs * t.minibatches} updates each; '
+        f'{len(ctx.train_ids):,} training / {len(ctx.eval_ids)} held-out prompts; mesh '
+        f'{dict(ctx.mesh.shape)}; ' + (f'resuming at iteration {start}' if start else 'starting'),
+        flush=True)
+  eval_key = jax.random.fold_in(jax.random.key(config.seed), 1 << 20)   # same draws every time
+  evals = iterations.EvalLog(workdir, start)
+  frozen = r.trees.frozen
+  live = {'state': r.st['train'], 'extras': r.st.get('extras', {}),
+          'rng': jax.random.wrap_key_data(r.st['rng'])}
+
+  def held_out(it):
+    params = live['state'].params
+    rep = policy.evaluate(r.trees.generation(params, frozen), r.trees.reference(frozen), ctx.pol,
+                          ctx.eval_ids, eval_key,
+                          max_new_tokens=e.max_new_tokens or config.rollout.max_new_tokens,
+                          gold_kind=e.gold, reward=lambda tk, m: ctx.reward(frozen, tk, m),
+                          mesh=ctx.mesh, batch=e.batch_size, temperature=config.rollout.temperature)
+    row = evals.add({'iteration': it, **{k: v for k, v in rep.items() if k != 'samples'},
+                     'sqrt_kl': float(np.sqrt(max(rep['kl'], 0.0))), **algo.log_extras(live['extras'])})
+    tqdm.write(f"iteration {it}: held-out gold {row['gold']:+.3f}, proxy {row['proxy']:+.3f}, "
+               f"KL {row['kl']:.3f}, length {row['length']:.1f}, eos {row['eos_rate']:.2f} | "
+               f"{rep['samples'][0]!r}")
+
+  def one(it):
+    live['state'], extras, live['rng'], row = iterate(r, live['state'], live['extras'], live['rng'], frozen)
+    live['extras'] = algo.after(ctx, extras, row)
     return row
 
+  def save(it):
+    st = {'train': live['state'], 'rng': jax.random.key_data(live['rng']), 'iteration': jnp.int32(it)}
+    if live['extras']:
+      st['extras'] = live['extras']
+    r.checkpointer.save(it, st, {}, {'iteration': it})
 
-def run_iterations(workdir: str, *, start: int, end: int, total: int, desc: str,
-                   iterate: Callable[[int], dict], evaluate: Callable[[int], None] | None,
-                   save: Callable[[int], None], checkpointer, eval_every: int,
-                   checkpoint_every: int, eval_before: bool, postfix: dict[str, str]) -> int:
-  """Iterations start+1 .. end of a run of `total`. `iterate(i)` runs the iteration after i and
-  returns its metrics row; `evaluate(i)` the held-out evaluation after iteration i (before the
-  first when eval_before, every eval_every, and after the last of the run); `save(i)` the
-  checkpoint (every checkpoint_every and at `end`). `postfix` names the row's keys the bar
-  shows, with their formats. Returns the iteration reached; raises trainer.Preempted (after
-  saving) on SIGTERM / SIGINT."""
-  writer = runlog.MetricsWriter(workdir, resume_step=start or None)
-  bar = tqdm(total=total, initial=start, desc=desc, unit='it', dynamic_ncols=True,
-             disable=jax.process_index() != 0)
-  # An iteration (generation included) is long: the hosts can agree on a signal every one.
-  stop = trainer._StopSignals(check_every=1)
-  it = saved = start
-  try:
-    with stop:
-      if start == 0 and eval_before and evaluate:
-        evaluate(0)
-      while it < end:
-        row = iterate(it)
-        it += 1
-        writer.write(it, row)
-        bar.update(1)
-        bar.set_postfix({k: format(row[k], f) for k, f in postfix.items() if k in row})
-        if evaluate and ((eval_every and it % eval_every == 0) or it == total):
-          evaluate(it)
-        if (checkpoint_every and it % checkpoint_every == 0) or it == end:
-          save(it)
-          saved = it
-        if stop.should_stop(it):
-          break
-    if stop.signum is not None and saved != it:
-      save(it)                          # preempted: keep the iteration reached
-  finally:
-    bar.close()
-    checkpointer.close()
-    writer.close()
-  if stop.signum is not None and it < end:
-    print(f'{signal.Signals(stop.signum).name} received: saved a checkpoint at iteration {it}; '
-          'rerun the same command to continue.', flush=True)
-    raise trainer.Preempted(it, stop.signum)
-  return it
+  end = t.iterations if not t.stop_after else min(t.iterations, start + t.stop_after)
+  it = iterations.run_iterations(
+      workdir, start=start, end=end, total=t.iterations, desc=algo.name, iterate=one,
+      evaluate=held_out, save=save, checkpointer=r.checkpointer, eval_every=e.every,
+      checkpoint_every=t.checkpoint_every, eval_before=e.before, postfix=POSTFIX)
+  out = online_report.finish(workdir, algo.name, start, it, t.iterations, evals.rows)
+  out['state'] = live['state']
+  return out

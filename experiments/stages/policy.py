@@ -19,11 +19,13 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 import numpy as np
 from ml_collections import ConfigDict
 
 from data import formats, openings, tokenizers
 from experiments.stages import reward_model, stage
+from lm import model, peft
 from lm import decode, paths
 from lm.config import ConfigError, ModelConfig
 from rl import gold, rollout
@@ -145,47 +147,67 @@ def evaluate(params, ref, pol: Policy, prompts: Sequence[np.ndarray], key, *, ma
   return out
 
 
-# Trainable policy stages (dpo, pg; usable by ppo) ----------------------------------------
+# Trainable policy stages (dpo and the online loop) ---------------------------------------
 @dataclasses.dataclass
 class Trees:
-  """The trainable tree of a policy stage and its frozen tree, which is always the reference
-  policy: full fine-tuning trains a copy of init_from's params against the frozen original;
-  LoRA trains adapters on the frozen base, whose plain forward *is* the reference (no second
-  copy of the weights)."""
+  """A policy stage's trees, by role. Trainable: {'policy': params} (full fine-tuning, a copy
+  of init_from trained against the frozen original) or {'adapters': LoRA} (on the frozen base,
+  whose plain forward *is* the reference: no second copy of the weights), plus whatever an
+  algorithm adds ('value', 'value_head'). Frozen: {'reference': params} plus 'reward' (the
+  reward model's params) where a stage scores rollouts."""
   axes: Any
   init_params: Callable          # key -> a fresh trainable tree (shapes / sharding only)
   initial: Callable | None       # () -> the starting trainable tree (init_from's weights)
-  frozen: Any                    # the reference params, on the mesh
+  frozen: Any                    # {'reference': ..., ['reward': ...]}, on the mesh
   frozen_sh: Any
   cfg: ModelConfig
   pcfg: Any
 
+  @property
+  def policy_role(self) -> str:
+    return 'policy' if self.pcfg.method == 'none' else 'adapters'
+
+  def reference(self, frozen):
+    return frozen['reference']
+
   def full(self, trainable, frozen):
-    """Params model.forward runs: the trainable tree itself, or the base with adapters hooked in."""
-    from lm import peft
-    return trainable if self.pcfg.method == 'none' else peft.combine(frozen, trainable, self.cfg, self.pcfg)
+    """Params model.forward runs: the trained policy, or the base with adapters hooked in."""
+    if self.pcfg.method == 'none':
+      return trainable['policy']
+    return peft.combine(frozen['reference'], trainable['adapters'], self.cfg, self.pcfg)
 
   def generation(self, trainable, frozen):
     """Params decode runs (LoRA folded into the base: exact, and in the rules table's tree)."""
-    from lm import peft
-    return trainable if self.pcfg.method == 'none' else peft.merge(frozen, trainable, self.cfg, self.pcfg)
+    if self.pcfg.method == 'none':
+      return trainable['policy']
+    return peft.merge(frozen['reference'], trainable['adapters'], self.cfg, self.pcfg)
+
+  def with_trainable(self, axes: dict, init: Callable, initial: Callable) -> 'Trees':
+    """These trees plus more trainable roles (axes, key -> fresh, () -> starting values)."""
+    first = self.initial or (lambda: self.init_params(jax.random.key(0)))
+    return dataclasses.replace(
+        self, axes={**self.axes, **axes}, init_params=lambda k: {**self.init_params(k), **init(k)},
+        initial=lambda: {**first(), **initial()})
 
 
-def trees(config: ConfigDict, pol: Policy, mesh) -> Trees:
-  """Trees for config.peft.method in ('none', 'lora') (ConfigError otherwise)."""
-  from lm import model, peft
+def trees(config: ConfigDict, pol: Policy, mesh, reward=None) -> Trees:
+  """Trees for config.peft.method in ('none', 'lora') (ConfigError otherwise); `reward` (a
+  RewardModel on `mesh`) adds the frozen 'reward' role."""
   pcfg = stage.peft_config(config)
   if pcfg.method not in ('none', 'lora'):
     raise ConfigError(f'peft.method={pcfg.method!r}: policy stages train the full model (none) or '
                       'LoRA (whose reference is the base without adapters); choose none or lora.')
-  frozen = pol.source.restore_params(mesh, pol.cfg)
+  ref = pol.source.restore_params(mesh, pol.cfg)
+  frozen = {'reference': ref, **({'reward': reward.params} if reward is not None else {})}
   frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
   if pcfg.method == 'none':
-    return Trees(model.logical_axes(pol.cfg), functools.partial(model.init, pol.cfg),
-                 lambda: pol.source.restore_params(mesh, pol.cfg), frozen, frozen_sh, pol.cfg, pcfg)
-  return Trees(peft.logical_axes(pol.cfg, pcfg),
-               functools.partial(peft.init, pol.cfg, pcfg, base_params=frozen), None, frozen,
-               frozen_sh, pol.cfg, pcfg)
+    return Trees({'policy': model.logical_axes(pol.cfg)},
+                 lambda k: {'policy': model.init(pol.cfg, k)},
+                 lambda: {'policy': pol.source.restore_params(mesh, pol.cfg)}, frozen, frozen_sh,
+                 pol.cfg, pcfg)
+  lora_init = lambda k: {'adapters': peft.init(pol.cfg, pcfg, k, base_params=ref)}
+  return Trees({'adapters': peft.logical_axes(pol.cfg, pcfg)}, lora_init,
+               lambda: lora_init(jax.random.key(config.seed)), frozen, frozen_sh, pol.cfg, pcfg)
 
 
 def same_tokenizer(a, b) -> bool:
@@ -204,19 +226,26 @@ def reward_tokenizer(reward_from: str):
   return stage.load_tokenizer(reward_from)
 
 
-def open_reward(reward_from: str, pol: Policy, mesh_cfg: dict | None = None, max_len: int = 0):
-  """(RewardModel, reward(tokens, mask) -> [B] normalised scores) for scoring this policy's
-  rollouts; ConfigError at start-up if its tokenizer or context does not fit the policy."""
-  rm_tok = reward_tokenizer(reward_from)
+def open_reward(reward_from: str, pol: Policy, mesh=None, max_len: int = 0):
+  """The reward model in `reward_from` for scoring this policy's rollouts, its params on `mesh`
+  (the same specs on this run's devices); ConfigError at start-up if its tokenizer or context
+  does not fit the policy. The RM's tokenizer is compared with eos added, as the policy's is."""
+  rm_tok = tokenizers.add_special_tokens(reward_tokenizer(reward_from), ['eos'])
   if not same_tokenizer(rm_tok, pol.tok):
     raise ConfigError(f'The reward model in {reward_from} uses a different tokenizer from the policy '
                       f'in {pol.source.path} ({rm_tok.vocab_size} vs {pol.tok.vocab_size} ids); train '
                       'the reward model from the same SFT (or pretraining) lineage as the policy.')
-  rm = reward_model.load_reward_model(reward_from, mesh_cfg)
-  if max_len and max_len > rm.cfg.max_seq_len:
-    raise ConfigError(f'Rollouts of up to {max_len} tokens exceed the reward model\'s context '
-                      f'({rm.cfg.max_seq_len}); lower max_new_tokens or the prompt length.')
-  return rm, lambda tokens, mask: rm.score(rm.params, tokens, mask)
+  rm = reward_model.load_reward_model(reward_from, {'data': -1})
+  context = min(rm.cfg.max_seq_len, rm.seq_len or rm.cfg.max_seq_len)
+  if max_len and max_len > context:
+    raise ConfigError(f'Rollouts of up to {max_len} tokens (prompt + rollout.max_new_tokens) exceed '
+                      f"the reward model's {context}-token context; lower max_new_tokens or the "
+                      'prompt length.')
+  if mesh is not None:
+    onto = lambda x: jax.device_put(x, NamedSharding(mesh, x.sharding.spec))
+    rm = dataclasses.replace(rm, params=jax.tree.map(onto, rm.params))
+  return rm
+
 
 
 def dedup_responses(responses: list[str], scores: np.ndarray, counts: dict) -> tuple[list[str], list[float]]:

@@ -120,7 +120,7 @@ def hold_stop_signals() -> None:
   """Call right after jax.distributed.initialize. It installs a SIGTERM handler that only
   notifies JAX's preemption service, so a SIGTERM during data preparation or compile would be
   lost and the run would train on until the scheduler's SIGKILL. Hold SIGTERM / SIGINT here
-  instead: the loop's _StopSignals takes the held signal and stops at its first check step
+  instead: the loop's StopSignals takes the held signal and stops at its first check step
   (with a checkpoint); a second signal stops at once."""
   def hold(signum, frame):
     if _HELD:
@@ -131,7 +131,7 @@ def hold_stop_signals() -> None:
       signal.signal(s, hold)
 
 
-class _StopSignals:
+class StopSignals:
   """SIGTERM / SIGINT set a flag the loop reads at the next step boundary; a second one
   stops at once. With several processes the hosts must stop at one step (the checkpoint save
   is collective) though the signal may reach one host only, or each at a different step:
@@ -291,7 +291,7 @@ def train(run: Run) -> Any:
     saved.append(at_step)
     run.checkpointer.save(at_step, state, run.batches.state(), {'step': at_step, **counts})
 
-  stop = _StopSignals(cfg.get('preempt_check_every', 10))
+  stop = StopSignals(cfg.get('preempt_check_every', 10))
   try:
     with stop:
       while step < end:

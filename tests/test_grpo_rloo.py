@@ -1,0 +1,237 @@
+"""GRPO and RLOO (experiments/grpo.py, rloo.py: adapters on experiments/stages/online.py).
+
+The losses and advantages against the papers' formulas in numpy on a small batch (survivors
+3 and 4 of issue 21: a KL added to RLOO's reward instead of subtracted, GRPO's old and
+reference log-probs swapped); then the whole stage on tiny random-weight workdirs
+(tests/rl_fixtures): one iteration's update on 8 fake devices equals 1 device, a resumed or
+preempted run continues exactly, start-up errors are one sentence."""
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import export, grpo, rloo
+from experiments.configs import rlhf_grpo, rlhf_rloo
+from experiments.stages import online, stage, trainer
+from lm import sharding
+from lm.config import ConfigError
+from rl import pg
+from tests import rl_fixtures, rl_reference as ref
+
+
+# --- the math against hand arithmetic ---------------------------------------------------------
+def test_rloo_reward_subtracts_the_kl_and_leaves_one_out():
+  scores = np.array([1.0, 0.0, 2.0, 5.0, 5.0, 5.0], np.float32)
+  kl = np.array([0.5, 1.0, 0.0, 2.0, 0.0, 1.0], np.float32)
+  r = np.asarray(pg.rloo_rewards(scores, kl, 0.1))
+  np.testing.assert_allclose(r, [0.95, -0.1, 2.0, 4.8, 5.0, 4.9], rtol=1e-6)
+  adv = np.asarray(pg.rloo_advantages(r.reshape(2, 3))).reshape(-1)
+  # group 1: 0.95 - (-0.1 + 2.0)/2 = 0.0, -0.1 - (0.95 + 2.0)/2 = -1.575, 2.0 - 0.425 = 1.575
+  np.testing.assert_allclose(adv[:3], [0.0, -1.575, 1.575], atol=1e-6)
+  np.testing.assert_allclose(adv[3:], [4.8 - 4.95, 5.0 - 4.85, 4.9 - 4.9], atol=1e-6)
+
+
+def test_grpo_advantages_by_hand():
+  adv = np.asarray(pg.grpo_advantages(np.array([[1.0, 3.0], [2.0, 2.0]], np.float32)))
+  std = np.std([1.0, 3.0], ddof=1)                       # sqrt(2)
+  np.testing.assert_allclose(adv[0], [-1 / (std + 1e-4), 1 / (std + 1e-4)], rtol=1e-6)
+  np.testing.assert_allclose(adv[1], [0.0, 0.0])
+
+
+# --- the adapters' wiring against the formulas --------------------------------------------------
+def test_rloo_adapter_advantages_equal_the_formula():
+  ctx, trees, params, frozen, tokens, mask = ref.setup('rloo', rollout={'samples': 2}, kl={'coef': 0.3})
+  scores = np.array([0.5, -1.0, 2.0, 0.25], np.float32)
+  ctx.reward = lambda fr, t, m: scores
+  batch, _ = rloo.RLOO().score(ctx, trees, params, frozen, tokens, mask)
+  logp = ref.logprobs(params['policy'], tokens, ctx.pol.cfg)
+  ref_logp = ref.logprobs(frozen['reference'], tokens, ctx.pol.cfg)
+  r = (scores - 0.3 * (logp - ref_logp).sum(1)).reshape(2, 2)
+  want = (r - r[:, ::-1]).reshape(-1)                    # k = 2: the other sample is the baseline
+  assert np.abs((logp - ref_logp).sum(1)).min() > 1e-3   # a KL to get the sign of
+  np.testing.assert_allclose(np.asarray(batch['adv']), want, rtol=2e-4, atol=2e-5)
+
+
+def test_grpo_loss_uses_old_logprobs_for_the_ratio_and_the_reference_for_the_kl():
+  ctx, trees, params, frozen, tokens, mask = ref.setup(
+      'grpo', rollout={'samples': 2}, kl={'coef': 0.5}, loss={'clip_eps': 0.2, 'level': 'sequence'})
+  cfg = ctx.pol.cfg
+  logp = ref.logprobs(params['policy'], tokens, cfg)
+  rng = np.random.default_rng(0)
+  old = (logp + rng.uniform(-0.5, 0.5, logp.shape)).astype(np.float32)    # the rollout policy
+  ref_logp = (logp + rng.uniform(-1.0, 1.0, logp.shape)).astype(np.float32)  # the reference
+  adv = np.array([1.0, -0.5, 2.0, -1.5], np.float32)
+  batch = {'tokens': tokens, 'mask': mask, 'old_logp': old, 'ref_logp': ref_logp, 'adv': adv}
+  total, weight, _ = grpo.GRPO().loss_fn(ctx, trees)(params, batch, jax.random.key(0), frozen)
+  per_token = ref.ppo_clip(logp, old, adv[:, None], 0.2) + 0.5 * ref.k3(logp, ref_logp)
+  want = per_token.mean(1).mean()                        # per sequence, then over sequences
+  np.testing.assert_allclose(float(total) / float(weight), want, rtol=1e-4)
+
+
+# --- the stage -------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  d = tmp_path_factory.mktemp('pg')
+  pol = rl_fixtures.policy_run(d / 'sft', n_layers=1)   # compile-bound: one layer (as test_ppo_stage)
+  return {'dir': d, 'policy': pol, 'rm': rl_fixtures.reward_run(d / 'rm', pol)}
+
+
+def config(runs, method='rloo', **train):
+  c = (rlhf_rloo if method == 'rloo' else rlhf_grpo).get_config()
+  c.init_from, c.reward_from = runs['policy'], runs['rm']
+  c.rollout.update(samples=2, max_new_tokens=6, prompts=4)
+  c.prompts.update(n_train=12, n_eval=8)
+  c.optim.lr = 1e-2                    # big steps: a lost update shows in the params
+  t = dict(iterations=3, checkpoint_every=1)
+  if method == 'grpo':           # 2 epochs x 2 shuffled minibatches of 8 rollouts
+    t.update(epochs=2, minibatches=2)
+    c.rollout.prompts = 8
+  c.train.update(**t, **train)
+  c.eval.update(before=False, every=0)
+  return c
+
+
+ALGOS = {'rloo': rloo.RLOO, 'grpo': grpo.GRPO}
+
+
+def fake_rollout(n_rows, width, n_new, vocab, eos, seed=0):
+  """[B, P+N] rows as generation lays them out: left-padded prompts, right-padded responses
+  (some ending with eos, some cut at n_new)."""
+  r = np.random.default_rng(seed)
+  tokens = r.integers(1, vocab - 1, (n_rows, width + n_new)).astype(np.int32)
+  mask = np.zeros_like(tokens)
+  for i in range(n_rows):
+    p, n = r.integers(1, width + 1), r.integers(1, n_new + 1)
+    mask[i, width - p:width + n] = 1
+    if n < n_new:
+      tokens[i, width + n - 1] = eos
+  return tokens * mask, mask
+
+
+def one_iteration(c, method, workdir, devices):
+  """The stage's two programs on a mesh of `devices`: one scored and updated (fixed) rollout."""
+  r = online.prepare(c, workdir, ALGOS[method](), devices=devices)
+  r.checkpointer.close()
+  pol, frozen = r.ctx.pol, r.trees.frozen
+  tokens, mask = fake_rollout(r.ctx.rows, r.ctx.width, c.rollout.max_new_tokens, pol.cfg.vocab_size,
+                              pol.eos)
+  batch, m = r.score(r.st['train'].params, frozen, tokens, mask)
+  state, _, um = r.update(r.st['train'], {}, batch, frozen, jax.random.key(5))
+  return jax.device_get(state.params), {**jax.device_get(m), **jax.device_get(um)}
+
+
+@pytest.mark.parametrize('method', ['rloo', 'grpo'])
+def test_update_on_8_devices_equals_1(runs, method, tmp_path):
+  p0 = jax.device_get({'policy': stage.read_source(runs['policy']).restore_params(one_device())})
+  # Adam's eps at 1e-3: with 1e-8 its first step is lr * g / |g| even where the true gradient
+  # is 0 or ~1e-10 (the key bias: softmax ignores a shift shared by every key), which turns
+  # the reduction order's rounding into lr-sized differences. The comparison is of the
+  # gradients' sharding invariance, so it runs where the update is near-linear in them.
+  c1, c8 = config(runs, method), config(runs, method)
+  c1.optim.eps = c8.optim.eps = 1e-3
+  c1.mesh.data = 1
+  p8, m8 = one_iteration(c8, method, str(tmp_path / '8'), None)
+  p1, m1 = one_iteration(c1, method, str(tmp_path / '1'), jax.devices()[:1])
+  assert m8['proxy'] == pytest.approx(m1['proxy'], rel=1e-5)
+  d1 = jax.tree.map(lambda a, b: a - b, p1, p0)
+  d8 = jax.tree.map(lambda a, b: a - b, p8, p0)
+  assert max(np.abs(x).max() for x in jax.tree.leaves(d1)) > 1e-3    # the update did something
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6), d1, d8)
+
+
+def one_device():
+  return sharding.make_mesh({'data': 1}, jax.devices()[:1])
+
+
+def final_params(workdir, policy_dir):
+  """(iteration, policy params) of an online workdir's newest checkpoint."""
+  src = stage.read_source(workdir)
+  assert src.params_at == ('train', 'params', 'policy')
+  return src.step, jax.device_get(src.restore_params(one_device()))
+
+
+def rows(workdir):
+  return [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+
+
+@pytest.fixture(scope='module')
+def straight(runs):
+  """Three iterations without a stop."""
+  wd = str(runs['dir'] / 'straight')
+  rloo.run(config(runs), wd)
+  return wd
+
+
+def test_resumed_run_continues_exactly(runs, straight):
+  halves = str(runs['dir'] / 'halves')
+  rloo.run(config(runs, stop_after=2), halves)          # stopped (preempted) after 2 iterations
+  assert [r['step'] for r in rows(halves)] == [1, 2]
+  rloo.run(config(runs, stop_after=2), halves)          # resumes at 2: only one more to go
+  a, b = rows(straight), rows(halves)
+  assert [r['step'] for r in b] == [1, 2, 3]
+  for x, y in zip(a, b):   # same rollouts (RNG restored), same updates (state restored)
+    for k in ('proxy', 'kl', 'loss', 'length', 'gold'):
+      assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6), (x['step'], k)
+  sa, pa = final_params(straight, runs['policy'])
+  sb, pb = final_params(halves, runs['policy'])
+  assert sa == sb == 3
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7), pa, pb)
+  # the trained policy is what a later stage (init_from) and export read from the workdir
+  jax.tree.map(np.testing.assert_array_equal,
+               jax.device_get(export.load_merged(straight, one_device())[2]), pa)
+  data = json.load(open(os.path.join(halves, 'results.json')))
+  assert data['stage'] == 'rloo' and data['iterations'] == 3 and data['after']['iteration'] == 3
+  assert os.path.exists(os.path.join(halves, 'reward.png'))
+
+
+def test_sigterm_mid_run_saves_and_the_rerun_continues_exactly(runs, straight, monkeypatch):
+  """A real SIGTERM during iteration 2: the run saves at 2 and exits 143; the same command
+  again runs only iteration 3 and ends where the straight run did."""
+  wd = str(runs['dir'] / 'preempted')
+  real, calls = online.gold.score, []
+
+  def score(texts, kind):   # the gold of each iteration's rollouts (no held-out evals here)
+    calls.append(kind)
+    if len(calls) == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(texts, kind)
+  monkeypatch.setattr(online.gold, 'score', score)
+  with pytest.raises(trainer.Preempted) as e:
+    rloo.run(config(runs), wd)
+  assert e.value.code == 143 and e.value.step == 2
+  assert final_params(wd, runs['policy'])[0] == 2 and [r['step'] for r in rows(wd)] == [1, 2]
+  monkeypatch.undo()
+  rloo.run(config(runs), wd)
+  assert [r['step'] for r in rows(wd)] == [1, 2, 3]
+  (sa, pa), (sb, pb) = final_params(straight, runs['policy']), final_params(wd, runs['policy'])
+  assert sa == sb == 3
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7), pa, pb)
+
+
+def test_start_up_errors(runs, tmp_path):
+  c = config(runs)
+  c.rollout.samples = 1
+  with pytest.raises(ConfigError, match='at least 2 per prompt'):
+    rloo.run(c, str(tmp_path / 'a'))
+  c = config(runs)
+  c.kl.coef = -0.1
+  with pytest.raises(ConfigError, match='kl.coef'):
+    rloo.run(c, str(tmp_path / 'b'))
+  c = config(runs, 'grpo')
+  c.kl.mode = 'adaptive'
+  with pytest.raises(ConfigError, match='kl.mode'):
+    grpo.run(c, str(tmp_path / 'b2'))
+  # A reward model whose tokenizer is not the policy's: one sentence before anything compiles.
+  other = rl_fixtures.reward_run_other_tokenizer(tmp_path / 'rm2', runs['policy'])
+  c = config(runs)
+  c.reward_from = other
+  with pytest.raises(ConfigError, match='different tokenizer'):
+    rloo.run(c, str(tmp_path / 'c'))
+  # Minibatches that do not divide over the devices of the mesh.
+  c = config(runs, minibatches=4)
+  with pytest.raises(ConfigError, match='multiple of 32'):
+    rloo.run(c, str(tmp_path / 'd'))
+  assert not os.path.exists(tmp_path / 'd' / 'checkpoints')
