@@ -89,8 +89,10 @@ def logical_to_pspec(axes: Sequence[str | None], shape: Sequence[int] | None = N
                      mesh: Mesh | None = None, name: str = '') -> P:
   """PartitionSpec for one array from its logical axis names.
 
-  Mesh axes of size 1 are dropped (they shard nothing). A mesh axis used twice in one
-  spec, a name with no rule, or a dimension that the mesh axes do not divide raises.
+  Mesh axes of size 1 are dropped (they shard nothing). A mesh axis that an earlier
+  dimension of the same array already uses is skipped for the later one (first use wins: a
+  PartitionSpec may name each mesh axis once). A name with no rule, or a dimension that its
+  mesh axes do not divide, raises.
   """
   spec, used = [], set()
   for i, ax in enumerate(axes):

@@ -1,16 +1,16 @@
-"""The PPO stage's reward/advantage switches (experiments/ppo_step.advantages) against a
+"""PPO's reward/advantage switches (rl/ppo.token_advantages, through the ppo adapter's
+prepare) against a
 naive per-row Python computation: k1 KL penalty + score at the last token, optional reward
 whitening (TRL's: standardised, mean added back), GAE by a loop, optional advantage whitening."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.stages import ppo_step
-from lm import peft
-from lm.config import ModelConfig
-from rl import ppo
+import types
 
-CFG = ModelConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=1, max_seq_len=16)
+from experiments import ppo as ppo_stage
+from experiments.configs import rlhf_ppo
+from rl import ppo
 
 
 def _rollout(seed=0, b=3, p=2, n=5):
@@ -51,9 +51,11 @@ def _naive(ro, p, beta, whiten_rewards, whiten_adv, gamma=1.0, lam=0.95):
                                                       (False, True), (True, True)])
 def test_advantages_follow_the_switches(whiten_rewards, whiten_adv):
   ro, p = _rollout()
-  s = ppo_step.Settings(cfg=CFG, rm_cfg=CFG, pcfg=peft.PeftConfig(), n_prompt=p,
-                        whiten_rewards=whiten_rewards, whiten_advantages=whiten_adv)
-  batch, _, _ = ppo_step.advantages(ro, 0.1, ppo.running_moments(), s)
+  c = rlhf_ppo.get_config()
+  c.reward.whiten, c.loss.whiten_advantages = whiten_rewards, whiten_adv
+  ctx = types.SimpleNamespace(config=c, width=p)
+  extras = {'beta': jnp.float32(0.1), 'moments': ppo.running_moments()._asdict()}
+  batch, _, _ = ppo_stage.PPO().prepare(ctx, ro, extras)
   adv, ret = _naive(ro, p, 0.1, whiten_rewards, whiten_adv)
   np.testing.assert_allclose(np.asarray(batch['advantages']), adv, atol=1e-5)
   np.testing.assert_allclose(np.asarray(batch['returns']), ret, atol=1e-5)

@@ -28,6 +28,18 @@ def test_logical_rules_errors_name_the_problem():
     sharding.logical_to_pspec(('embed', 'kv_heads', 'head_dim'), (8, 1, 4), mesh, 'wk')
 
 
+def test_a_mesh_axis_used_twice_goes_to_the_first_dimension_only():
+  """The docstring's rule: a PartitionSpec names each mesh axis once, so a later dimension
+  whose rule asks for a mesh axis already used keeps it unsharded (here 'heads' and 'mlp'
+  both map to 'tensor'; 'batch' and 'embed' share 'fsdp')."""
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  assert sharding.logical_to_pspec(('heads', 'mlp'), (4, 4), mesh) == jax.sharding.PartitionSpec('tensor', None)
+  assert sharding.logical_to_pspec(('batch', 'embed'), (8, 4), mesh) == \
+      jax.sharding.PartitionSpec(('data', 'fsdp'), None)
+  assert sharding.logical_to_pspec(('embed', 'batch'), (4, 8), mesh) == \
+      jax.sharding.PartitionSpec('fsdp', 'data')
+
+
 CFG = ModelConfig(vocab_size=65, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16,
                   **PRESETS['llama'])
 OPTIM = dict(lr=3e-3, min_lr=3e-4, warmup_steps=5, b1=0.9, b2=0.99, weight_decay=0.1, grad_clip=1.0)
