@@ -458,11 +458,9 @@ def _safetensor_files(path: str) -> list[str]:
 
 
 def _iter_tensors(files: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-  from safetensors import safe_open
-  for f in files:
-    with safe_open(f, framework='np') as st:
-      for name in st.keys():
-        yield name, st.get_tensor(name)
+  reader = _Tensors(files)   # pread, not mmap: the file leaves nothing resident behind
+  for name in reader.where:
+    yield name, reader(name)
 
 
 def _set(tree: dict, path: tuple, layer, value: np.ndarray) -> None:

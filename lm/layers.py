@@ -489,6 +489,21 @@ def _rotate(q, k, positions, cfg: ModelConfig, local):
   return apply_rope(q, positions, inv, af), apply_rope(k, positions, inv, af)
 
 
+def _fused_attention(q, k, v, mask, bias, scale, cfg: ModelConfig):
+  """jax.nn.dot_product_attention through cuDNN (flash); mask None means plain causal."""
+  dt = dtype_of(cfg.dtype)
+  fused = functools.partial(jax.nn.dot_product_attention, q, k, v,
+                            bias=None if bias is None else bias.astype(dt),
+                            mask=None if mask is None else mask[:, None], is_causal=mask is None,
+                            scale=None if scale is True else (1.0 if scale is False else scale))
+  try:  # implementation=None would mean XLA; name cuDNN explicitly
+    return fused(implementation='cudnn')
+  except (ValueError, NotImplementedError, RuntimeError):
+    if cfg.attention_impl == 'cudnn':
+      raise
+    return fused(implementation='xla')   # 'auto': shapes/dtypes cuDNN rejects
+
+
 def _use_fused(cfg: ModelConfig) -> bool:
   if cfg.attn_softcap:   # no soft-capping in jax.nn.dot_product_attention
     return False
@@ -573,20 +588,11 @@ def attention(p: dict, x: jax.Array, cfg: ModelConfig, positions: jax.Array,
 
   scale = score_scale(cfg)
   if _use_fused(cfg) and cache is None:
-    scale = None if scale is True else (1.0 if scale is False else scale)
     # A plain causal mask goes in as is_causal (flash attention never builds [T, S]);
-    # packed segments and prefixes need the explicit boolean mask.
+    # packed segments, prefixes and sliding windows need the explicit boolean mask.
     plain = (causal and segment_ids is None and prefix_len is None and not prefixed
              and not (local is not None and cfg.sliding_window))
-    fused = functools.partial(jax.nn.dot_product_attention, q, k, v,
-                              bias=None if bias is None else bias.astype(dt),
-                              mask=None if plain else mask[:, None], is_causal=plain, scale=scale)
-    try:  # implementation=None would mean XLA; name cuDNN explicitly
-      out = fused(implementation='cudnn')
-    except (ValueError, NotImplementedError, RuntimeError):
-      if cfg.attention_impl == 'cudnn':
-        raise
-      out = fused(implementation='xla')   # 'auto': shapes/dtypes cuDNN rejects
+    out = _fused_attention(q, k, v, None if plain else mask, bias, scale, cfg)
   elif cfg.attention_q_block and cache is None and causal and prefix_len is None and not prefixed:
     out = _causal_blocks(q, k.astype(dt), v.astype(dt), mask, bias, scale,
                          cfg.attention_q_block, cfg.attn_softcap)
