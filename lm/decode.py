@@ -29,6 +29,10 @@ buckets (powers of two), and the numeric knobs (temperature, top_p, min_p, penal
 max/min_new_tokens) are traced values, so a stream of varied requests compiles only one
 program per (bucket shape, top_k, which processors are on). `compiled_programs()` counts.
 
+Sliding-window attention (Mistral, Gemma) is a mask on positions, so decoding respects the
+window exactly; a model whose every layer is a sliding-window one keeps its KV cache in a ring
+of max(prompt, window) slots (cache_slots), however many tokens it generates.
+
 Generation fits the context (check_context); the legacy `sample` keeps a sliding window
 beyond it for free-running samples of small models.
 """
@@ -101,7 +105,7 @@ def _knobs(s: SamplingConfig) -> dict:
 
 
 def check_context(cfg: ModelConfig, prompt_len: int, max_new_tokens: int) -> None:
-  """Generation keeps the whole sequence in the context (one KV cache, no sliding window)."""
+  """Generation keeps the whole sequence within model.max_seq_len (the positions it was trained on)."""
   if prompt_len + max_new_tokens > cfg.max_seq_len:
     raise ConfigError(f'A prompt of {prompt_len} tokens plus max_new_tokens={max_new_tokens} '
                       f'exceeds the model context model.max_seq_len={cfg.max_seq_len}; shorten '
@@ -245,6 +249,28 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
   return {'k': z(), 'v': z()}
 
 
+def cache_slots(cfg: ModelConfig, prompt_len: int, n_new: int, soft: int = 0) -> int:
+  """KV cache slots a generation needs: one per token, except that a model whose every layer
+  is a sliding-window one (Mistral) keeps only the last max(prompt, window) tokens, in a ring."""
+  full = soft + prompt_len + n_new
+  if soft or not cfg.sliding_window or not all(cfg.local_layers):
+    return full
+  return min(full, max(prompt_len, cfg.sliding_window))
+
+
+def _slot_view(index, last, kv_pos, kv_mask, slots: int):
+  """(cache write index, kv_positions [B, slots], kv_mask [B, slots]) for a call that writes the
+  tokens from absolute index `index` to `last`. With fewer slots than tokens the cache is a
+  ring: slot s holds the latest index j <= last with j % slots == s (none yet if j < 0), and the
+  window mask keeps every query to the keys the ring still holds."""
+  if slots >= kv_pos.shape[1]:   # static: every token has its own slot
+    return index, kv_pos, kv_mask
+  s = jnp.arange(slots)
+  j = s + slots * ((last - s) // slots)
+  jc = jnp.clip(j, 0, kv_pos.shape[1] - 1)
+  return index % slots, kv_pos[:, jc], kv_mask[:, jc] & (j >= 0)[None]
+
+
 def _step_logits(params, tokens, positions, cache, index, kv_positions, kv_mask, cfg):
   """Run tokens [B, T] through the model writing the cache at `index`; last-position logits."""
   h, cache = model.hidden_states(params, tokens, cfg, positions=positions, cache=cache,
@@ -279,8 +305,10 @@ def _decode(params, prompt_tokens, prompt_mask, active, key, knobs, ban, eos, *,
   positions, lengths, kv_pos, kv_mask = _cache_layout(prompt_mask, n_new)
   # A prompt-tuned model (lm/peft) writes its soft prompt into the first cache slots too.
   soft = params['soft_prompt'].shape[0] if 'soft_prompt' in params else 0
-  cache = init_cache(cfg, b, soft + p + n_new)
-  logits, cache = _step_logits(params, prompt_tokens, positions, cache, 0, kv_pos, kv_mask, cfg)
+  slots = cache_slots(cfg, p, n_new, soft)
+  cache = init_cache(cfg, b, slots)
+  logits, cache = _step_logits(params, prompt_tokens, positions, cache,
+                               *_slot_view(0, p - 1, kv_pos, kv_mask, slots), cfg)
   use_penalty = flags[4]
   # Tokens the repetition penalty applies to: every real prompt token, then each new one.
   rows = jnp.arange(b)[:, None]
@@ -311,8 +339,8 @@ def _decode(params, prompt_tokens, prompt_mask, active, key, knobs, ban, eos, *,
                raw=put(s['raw'], raw))
     done = s['done'] | (live & eos[tok])
     seen = s['seen'].at[jnp.arange(b), tok].set(True) if use_penalty else None
-    logits, cache = _step_logits(params, tok[:, None], (lengths + i)[:, None], s['cache'], p + i,
-                                 kv_pos, kv_mask, cfg)
+    logits, cache = _step_logits(params, tok[:, None], (lengths + i)[:, None], s['cache'],
+                                 *_slot_view(p + i, p + i, kv_pos, kv_mask, slots), cfg)
     return dict(i=i + 1, cache=cache, logits=logits, done=done, seen=seen, **out)
 
   s = jax.lax.while_loop(cond, body, state)
@@ -467,8 +495,10 @@ def _beam_search(params, prompt_tokens, prompt_mask, ban, eos, alpha, *, cfg, nu
   positions, lengths, kv_pos, kv_mask = _cache_layout(prompt_mask, n_new)
   # A prompt-tuned model (lm/peft) writes its soft prompt into the first cache slots too.
   soft = params['soft_prompt'].shape[0] if 'soft_prompt' in params else 0
-  cache = init_cache(cfg, b, soft + p + n_new)
-  logits, cache = _step_logits(params, prompt_tokens, positions, cache, 0, kv_pos, kv_mask, cfg)
+  slots = cache_slots(cfg, p, n_new, soft)
+  cache = init_cache(cfg, b, slots)
+  logits, cache = _step_logits(params, prompt_tokens, positions, cache,
+                               *_slot_view(0, p - 1, kv_pos, kv_mask, slots), cfg)
   # Prefill once per prompt, then give every beam its own copy of the rows: [B * K, ...].
   rep = lambda x, axis=0: jnp.repeat(x, k, axis=axis)
   cache = jax.tree.map(lambda c: rep(c, 1), cache)
@@ -509,8 +539,8 @@ def _beam_search(params, prompt_tokens, prompt_mask, ban, eos, alpha, *, cfg, nu
     parent = (jnp.arange(b)[:, None] * k + a_idx // v).reshape(-1)
     cache = jax.tree.map(lambda c: c[:, parent], s['cache'])
     tok = (a_idx % v).reshape(-1).astype(jnp.int32)
-    logits, cache = _step_logits(params, tok[:, None], (lengths + t)[:, None], cache, p + t,
-                                 kv_pos, kv_mask, cfg)
+    logits, cache = _step_logits(params, tok[:, None], (lengths + t)[:, None], cache,
+                                 *_slot_view(p + t, p + t, kv_pos, kv_mask, slots), cfg)
     # Stop a row once k hypotheses have ended and (early_stopping) or no alive beam can still
     # beat the worst of them: its sum only falls, and its best length is the longest (alpha > 0)
     # or the shortest (alpha <= 0) still possible. That bound makes the stop exact.

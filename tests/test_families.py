@@ -43,6 +43,8 @@ def _configs():
                                rope_parameters={'rope_type': 'default', 'rope_theta': 1e6}),
       'qwen3': t.Qwen3Config(**SIZES, num_hidden_layers=2, head_dim=32, tie_word_embeddings=True),
       'mistral': t.MistralConfig(**SIZES, num_hidden_layers=2, sliding_window=6, head_dim=16),
+      # a window wider than the (bucketed, 8-token) prompt: ring slots start out empty
+      'mistral-w12': t.MistralConfig(**SIZES, num_hidden_layers=2, sliding_window=12, head_dim=16),
       'gemma2': t.Gemma2Config(**SIZES, num_hidden_layers=4, head_dim=16, query_pre_attn_scalar=24,
                                sliding_window=6, attn_logit_softcapping=3.0, final_logit_softcapping=2.0),
       'gemma3': t.Gemma3TextConfig(
@@ -127,7 +129,7 @@ def _greedy_equal(hf, params, cfg, tokens, mask, n=5):
     assert got.tolist() == ref[i, :len(got)].tolist(), (i, got, ref[i])
 
 
-@pytest.mark.parametrize('name', list(_configs()))
+@pytest.mark.parametrize('name', [n for n in _configs() if n != 'mistral-w12'])
 def test_family_matches_transformers(name, built, tmp_path):
   hf, folder = built(name)
   params, cfg = convert.import_hf(str(folder / 'hf'))
@@ -321,3 +323,25 @@ def test_bfloat16_export_reads_back_rounded(built, tmp_path):
   for want, a, b in zip(jax.tree.leaves(rounded), jax.tree.leaves(again), jax.tree.leaves(streamed)):
     np.testing.assert_array_equal(a, want)
     np.testing.assert_array_equal(np.asarray(b), want)
+
+
+@pytest.mark.parametrize('name,slots', [('mistral', 8), ('mistral-w12', 12)])
+def test_all_sliding_model_decodes_from_a_ring_cache(name, slots, built):
+  """Mistral (every layer sliding, window 6 or 12) generating 30 tokens after an 8-token prompt
+  keeps max(8, window) cache slots, not 40, and still gives transformers' greedy tokens; so does
+  beam search with one beam (greedy by construction) on the same ring."""
+  hf, folder = built(name)
+  params, cfg = convert.import_hf(str(folder / 'hf'))
+  assert decode.cache_slots(cfg, 8, 32) == slots
+  prompts = np.random.default_rng(1).integers(1, VOCAB, (2, 8))
+  with torch.no_grad():
+    ref = hf.generate(input_ids=torch.tensor(prompts), do_sample=False, max_new_tokens=30,
+                      min_new_tokens=30, pad_token_id=0).numpy()[:, 8:]
+  ours = decode.generate(params, list(prompts), jax.random.key(0), cfg=cfg,
+                         sampling=decode.SamplingConfig(temperature=0.0, max_new_tokens=30, min_new_tokens=30,
+                                                        eos_ids=cfg.eos_ids))
+  np.testing.assert_array_equal(np.asarray(ours.tokens), ref)
+  beams = decode.beam_search(params, prompts[0], cfg=cfg, num_beams=1, max_new_tokens=30, early_stopping=True)
+  n = int(beams.lengths[0, 0])   # beam search has no min length: it may end at an EOS first
+  np.testing.assert_array_equal(np.asarray(beams.tokens[0, 0, :n]), ref[0, :n])
+  assert n == 30 or ref[0, n - 1] in cfg.eos_ids
