@@ -27,6 +27,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from data import corpora
 from data import mixture, sources
 
 
@@ -471,7 +472,6 @@ def hh_chat(path: str | None = None, split: str | None = None,
   Default: the harmless-base test split shipped in data/corpora. split='train' or
   'validation' keeps that part (by a hash of the first human turn, as data/sources splits);
   None keeps all. Returns (examples, report); bad records are counted in report['skipped']."""
-  from data import corpora
   path = path or corpora.path('hh-rlhf-harmless-base')
   parse = lambda obj: {'messages': hh_messages(sources.text_field(obj, 'chosen'))}
   return _split_records(path, parse, split, val_fraction, lambda r: r['messages'][0]['content'])

@@ -40,6 +40,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
+from data import sources
 from data import formats, tokenizers
 from experiments import registry
 from experiments.configs import base, export as export_config, reward_base, rlhf_dpo, rlhf_grpo, rlhf_ppo
@@ -65,7 +66,6 @@ def _save(workdir: str, tree, config: dict) -> None:
 
 def tiny_runs(workdir: str, model_kw: dict, seed: int) -> tuple[str, str]:
   """(policy dir, reward dir): a char-tokenizer GPT-2 with eos, and an RM on its own trunk."""
-  from data import sources
   text = ''.join(sorted({c for f in sources.resolve_files('shakespeare_works')
                          for c in sources.read_text(f)} | set(CHARS)))
   tok = tokenizers.add_special_tokens(tokenizers.CharTokenizer.from_texts([text]), ['eos'])

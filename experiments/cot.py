@@ -30,6 +30,11 @@ import types
 import numpy as np
 from ml_collections import ConfigDict
 
+from experiments.configs import base
+from experiments.evaluation import builtin
+from experiments.evaluation import model as eval_model
+from experiments.stages import stage
+from lm import sharding
 from experiments import registry
 from data import arith, sources, tokenizers
 from experiments.evaluation import answers, prompting, sandbox
@@ -98,7 +103,6 @@ def problems(config: ConfigDict) -> tuple[list[dict], list[dict], list[dict], di
   """(training problems, demonstrations, held-out examples, report)."""
   d, p = config.data, config.prompt
   if d.source == 'gsm8k':
-    from experiments.evaluation import builtin
     read = lambda path: prompting.from_gsm8k(builtin.gsm8k(
         types.SimpleNamespace(path=path, query_template='{question}'))[0])
     docs = read(d.path)
@@ -148,7 +152,6 @@ def char_vocabulary(train: list[dict], held: list[dict], fmt: prompting.Format) 
 
 # 3. Models ---------------------------------------------------------------------------------------
 def pretrain_config(config: ConfigDict, corpus: str, tokenizer: str) -> ConfigDict:
-  from experiments.configs import base
   c = base.pretrain()
   c.seed = config.seed
   c.model = copy.deepcopy(config.model)
@@ -197,9 +200,6 @@ def train_models(config: ConfigDict, workdir: str, train: list[dict], held: list
 def language_model(config: ConfigDict, init_from: str):
   import dataclasses
 
-  from experiments.stages import stage
-  from experiments.evaluation import model as eval_model
-  from lm import sharding
   source = stage.read_source(init_from)
   cfg = dataclasses.replace(source.cfg, dtype=config.eval.dtype)
   mesh = sharding.make_mesh(config.mesh.to_dict())

@@ -30,6 +30,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+# The project's own modules (and JAX with them) are imported inside the functions that need
+# them, on purpose: --help, --show and a bad flag or config path answer in a second, before
+# JAX starts (and the CPU collective timeouts must reach XLA_FLAGS before it does).
+
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Where the run writes everything (created if absent).')
 flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() with auto-detection.')

@@ -15,6 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
+from lm.config import ConfigError
+
 GOLDS = ('vader', 'vader_neg')
 
 
@@ -26,7 +28,6 @@ def _analyzer():
 
 def check(kind: str) -> None:
   if kind not in GOLDS:
-    from lm.config import ConfigError
     raise ConfigError(f'gold={kind!r} is not a gold reward; choose one of {GOLDS}.')
 
 

@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from data import works_qa
+from lm import model
 from lm.config import ConfigError
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)*")
@@ -45,7 +47,6 @@ def load_collection(source: str = 'works', plays=None) -> tuple[list[Passage], d
   `plays` keeps those titles only); PATH: JSON lines of {title, text} (text split into
   lines; bad or empty records counted in report['skipped']). A missing or empty collection is a ConfigError."""
   if source == 'works':
-    from data import works_qa
     docs = [Passage(d.title, d.lines) for d in works_qa.collection(plays=plays)]
     if not docs:
       raise ConfigError(f'No play of the works is among {plays}; name titles as data/tasks.load_plays gives them.')
@@ -122,7 +123,6 @@ def mean_pooled(lm, texts: Sequence[str], max_tokens: int = 64) -> np.ndarray:
   and padding excluded), from an experiments.evaluation.model.LanguageModel."""
   import jax
   import jax.numpy as jnp
-  from lm import model
   key = ('mean_pooled', lm.cfg)
   if key not in _JITS:
     def pool(params, tokens, mask):

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
+from data import corpora
+from experiments.stages import stage
 from data import tokenizers
 from lm import model, objectives, probe, sharding, train as train_lib
 from lm.config import ConfigError, ModelConfig
@@ -222,7 +224,6 @@ def save_run(config: ConfigDict, workdir: str, cfg: ModelConfig, tok, setup, sta
 def train_model(config: ConfigDict, workdir: str, log=print) -> tuple[dict, ModelConfig, object, list]:
   """Train the synthetic model into workdir (resuming a finished one: no steps), probing as it
   goes. Returns (params on the host, cfg, tokenizer, probe rows)."""
-  from experiments.stages import stage
   os.makedirs(workdir, exist_ok=True)
   tok = tokenizer()
   cfg = model_config(config, tok.vocab_size)
@@ -288,8 +289,6 @@ def train_model(config: ConfigDict, workdir: str, log=print) -> tuple[dict, Mode
 def probe_checkpoint(config: ConfigDict, workdir: str) -> dict:
   """Scores of an existing model (init_from): per-head induction / previous-token / copying
   scores on repeated random tokens, and the ICL score on windows of tinyshakespeare."""
-  from data import corpora
-  from experiments.stages import stage
   source = stage.read_source(config.init_from)
   cfg = source.cfg
   mesh = sharding.make_mesh(config.mesh.to_dict())

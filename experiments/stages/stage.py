@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
+from lm import convert
 from data import tokenizers
 from lm import checkpoint as ckpt_lib
 from lm import model, paths, peft, sharding, train as train_lib
@@ -69,7 +70,6 @@ class Source:
     abstract = jax.eval_shape(functools.partial(model.init, cfg), jax.random.key(0))
     shardings = sharding.tree_shardings(model.logical_axes(cfg), abstract, mesh)
     if self.kind == 'hf':
-      from lm import convert
       params, _ = convert.import_hf(self.path, dtype=np.dtype(cfg.param_dtype))
       return jax.device_put(params, shardings)
     return self._restore(train_lib.abstract_with_shardings(abstract, shardings))
@@ -117,7 +117,6 @@ def read_source(init_from: str) -> Source:
     if not os.path.exists(cfg_path):
       raise ConfigError(f'init_from={init_from} has no config.json; point hf: at a local Hugging '
                         'Face model folder (config.json, *.safetensors, tokenizer.json).')
-    from lm import convert
     with open(cfg_path) as f:
       hf = json.load(f)
     cfg = convert.config_from_hf(hf)
