@@ -190,9 +190,46 @@ def _family_config(hf: dict) -> dict:
       c['rope_local_theta'] = lf['rope_theta']
   eos = hf.get('eos_token_id')
   c['eos_ids'] = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-  rest = sorted(k for k in hf if k not in seen and k not in _NEUTRAL and hf[k] is not None)
+  _refuse_unread(hf, kind, seen)
+  return c
+
+
+def _refuse_unread(hf: dict, kind: str, seen: set, neutral: frozenset = frozenset()) -> None:
+  """A field nobody read may change the network: refuse it (None means off everywhere)."""
+  rest = sorted(k for k in hf if k not in seen | _NEUTRAL | neutral and hf[k] is not None)
   if rest:
     raise _refuse(kind, rest[0], hf[rest[0]], 'it is not a field this importer knows, so its effect cannot be reproduced')
+
+
+_GPT2_ACTIVATIONS = {'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu': 'gelu', 'relu': 'relu'}
+# dropout and the sequence-summary head (GPT2DoubleHeads) do not touch the LM's forward pass;
+# reorder_and_upcast_attn only changes fp16 rounding.
+_GPT2_NEUTRAL = frozenset({'resid_pdrop', 'embd_pdrop', 'attn_pdrop', 'summary_type', 'summary_use_proj',
+                           'summary_activation', 'summary_proj_to_labels', 'summary_first_dropout',
+                           'reorder_and_upcast_attn', 'n_ctx'})
+
+
+def _gpt2_config(hf: dict) -> dict:
+  """ModelConfig fields of a GPT-2 config.json; switches GPT-2 has and we lack are refused."""
+  kind, seen = 'gpt2', set()
+
+  def get(name, default=None):
+    seen.add(name)
+    return hf.get(name, default)
+
+  act = get('activation_function', 'gelu_new')
+  if act not in _GPT2_ACTIVATIONS:
+    raise _refuse(kind, 'activation_function', act, f'the MLP here takes one of {sorted(_GPT2_ACTIVATIONS)}')
+  for name, want in (('scale_attn_weights', True), ('scale_attn_by_inverse_layer_idx', False),
+                     ('add_cross_attention', False), ('tie_word_embeddings', True)):
+    if get(name, want) != want:
+      raise _refuse(kind, name, hf[name], f'GPT-2 here has {name}={want}')
+  d = get('n_embd')
+  c = dict(vocab_size=get('vocab_size'), d_model=d, n_layers=get('n_layer'), n_heads=get('n_head'),
+           d_ff=get('n_inner') or 4 * d, max_seq_len=get('n_positions'), norm='layernorm',
+           norm_eps=get('layer_norm_epsilon', 1e-5), activation=_GPT2_ACTIVATIONS[act], positions='learned',
+           use_bias=True, tie_embeddings=True)
+  _refuse_unread(hf, kind, seen, _GPT2_NEUTRAL)
   return c
 
 
@@ -200,12 +237,7 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
   """ModelConfig from a Hugging Face config.json dict (GPT-2 or LLaMA families)."""
   kind = hf.get('model_type')
   if kind == 'gpt2':
-    act = {'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu': 'gelu',
-           'relu': 'relu'}[hf.get('activation_function', 'gelu_new')]
-    c = dict(vocab_size=hf['vocab_size'], d_model=hf['n_embd'], n_layers=hf['n_layer'],
-             n_heads=hf['n_head'], d_ff=hf.get('n_inner') or 4 * hf['n_embd'],
-             max_seq_len=hf['n_positions'], norm='layernorm', norm_eps=hf.get('layer_norm_epsilon', 1e-5),
-             activation=act, positions='learned', use_bias=True, tie_embeddings=True)
+    c = _gpt2_config(hf)
   elif kind in FAMILIES:
     c = _family_config(hf)
   elif kind == 'gemma3':

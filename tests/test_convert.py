@@ -138,3 +138,21 @@ def test_unmapped_config_fields_are_refused_in_one_sentence(extra, match):
 def test_llama_gelu_is_a_gated_gelu_not_silu():
   assert convert.config_from_hf({**LLAMA, 'hidden_act': 'gelu'}).activation == 'geglu'
   assert convert.config_from_hf(LLAMA).activation == 'swiglu'
+
+
+GPT2 = {'model_type': 'gpt2', 'vocab_size': 99, 'n_embd': 64, 'n_layer': 2, 'n_head': 4, 'n_positions': 32}
+
+
+@pytest.mark.parametrize('extra,match', [
+    ({'activation_function': 'silu'}, "activation_function='silu'"),
+    ({'scale_attn_by_inverse_layer_idx': True}, 'scale_attn_by_inverse_layer_idx=True'),
+    ({'scale_attn_weights': False}, 'scale_attn_weights=False'),
+    ({'add_cross_attention': True}, 'add_cross_attention=True'),
+    ({'tie_word_embeddings': False}, 'tie_word_embeddings=False'),
+    ({'some_new_switch': 1}, 'some_new_switch=1'),
+])
+def test_gpt2_fields_we_lack_are_refused_in_one_sentence(extra, match):
+  assert convert.config_from_hf({**GPT2, 'resid_pdrop': 0.1, 'summary_type': 'cls_index'}).activation == 'gelu_tanh'
+  with pytest.raises(convert.ConfigError, match=match) as e:
+    convert.config_from_hf({**GPT2, **extra})
+  assert str(e.value).count('. ') == 0 and str(e.value).endswith('.')
