@@ -174,8 +174,10 @@ def _family_config(hf: dict) -> dict:
              query_pre_attn_scalar=float(get('query_pre_attn_scalar') or head_dim),
              attn_softcap=float(hf.get('attn_logit_softcapping') or 0.0),
              final_softcap=float(hf.get('final_logit_softcapping') or 0.0))
-  elif hf.get('attn_logit_softcapping') or hf.get('final_logit_softcapping'):
-    raise _refuse(kind, 'attn_logit_softcapping', hf.get('attn_logit_softcapping'), f'{kind} has no soft-capping')
+  else:
+    for name in ('attn_logit_softcapping', 'final_logit_softcapping'):
+      if hf.get(name):
+        raise _refuse(kind, name, hf[name], f'{kind} has no soft-capping')
   c['sliding_window'], c['layer_types'] = _layer_types(hf, kind, c['n_layers'], get)
   seen.update({'rope_parameters', 'rope_theta', 'rope_scaling', 'rope_local_base_freq'})
   full, local = _rope_parameters(hf, kind)
@@ -186,8 +188,8 @@ def _family_config(hf: dict) -> dict:
     lf = _rope_fields(local, kind, max_pos)
     if len(lf) > 1:
       raise _refuse(kind, 'rope_parameters.sliding_attention', local, 'sliding layers take unscaled RoPE here')
-    if lf['rope_theta'] != c['rope_theta']:
-      c['rope_local_theta'] = lf['rope_theta']
+    if lf['rope_theta'] != c['rope_theta'] or c.get('rope_scaling', 'none') != 'none':
+      c['rope_local_theta'] = lf['rope_theta']   # sliding layers: unscaled, their own base
   eos = hf.get('eos_token_id')
   c['eos_ids'] = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
   _refuse_unread(hf, kind, seen)
@@ -363,6 +365,8 @@ def _architecture(cfg: ModelConfig) -> dict:
   drop |= set() if kind == 'yarn' else {'rope_beta_fast', 'rope_beta_slow', 'rope_attention_factor', 'rope_truncate'}
   if not cfg.sliding_window:
     drop |= {'sliding_window', 'layer_types'}
+  if not any(cfg.local_layers) or (cfg.rope_local_theta == cfg.rope_theta and kind == 'none'):
+    drop.add('rope_local_theta')   # no layer uses it, or it is the global RoPE anyway
   return {k: v for k, v in a.items() if k not in drop}
 
 

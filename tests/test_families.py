@@ -345,3 +345,15 @@ def test_all_sliding_model_decodes_from_a_ring_cache(name, slots, built):
   n = int(beams.lengths[0, 0])   # beam search has no min length: it may end at an EOS first
   np.testing.assert_array_equal(np.asarray(beams.tokens[0, 0, :n]), ref[0, :n])
   assert n == 30 or ref[0, n - 1] in cfg.eos_ids
+
+
+def test_gemma3_sliding_layers_keep_unscaled_rope_when_the_bases_agree():
+  """Gemma-3's sliding layers take their own (default) RoPE even when its base equals the
+  global one: only the global layers are scaled."""
+  hf = dict(REAL['gemma-3-1b'][0], rope_local_base_freq=1000000,
+            rope_scaling={'rope_type': 'linear', 'factor': 8.0})
+  cfg = convert.config_from_hf(hf)
+  assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_local_theta) == ('linear', 8.0, 1e6)
+  back = convert.config_to_hf(cfg)['rope_parameters']
+  assert back['sliding_attention'] == {'rope_type': 'default', 'rope_theta': 1e6}
+  assert back['full_attention']['rope_type'] == 'linear'
