@@ -5,7 +5,9 @@
   logits, _ = forward(params, tokens, cfg) # [B, T, padded_vocab] float32
 
 Layers are stacked on a leading 'layers' axis and run with `lax.scan` (remat applies per
-layer); cfg.scan_unroll trades compile time for step time.
+layer); cfg.scan_unroll trades compile time for step time. Where layers differ (Mistral's and
+Gemma's sliding-window layers, Gemma-3's local RoPE base), a [n_layers] flag array is scanned
+beside the params (layer_flags): one body, never unrolled copies.
 """
 from __future__ import annotations
 
