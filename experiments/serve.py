@@ -41,6 +41,8 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from data import formats, tokenizers
+# Opening a run (read_source) and Preempted: the one place to repoint if stages/ moves.
+from experiments.stages import stage, trainer
 from lm import engine as engine_lib
 from lm import sharding
 from lm.config import ConfigError
@@ -49,16 +51,6 @@ HOST = '127.0.0.1'
 MAX_BODY = 1 << 20          # bytes of JSON a request may carry
 MAX_N = 16                  # choices per prompt
 MAX_STOP = 8                # stop strings per request
-
-
-def _shared(name: str):
-  """A shared stage module (stage: opening a run; trainer: Preempted), from experiments/stages
-  after the restructuring or experiments/ before it: the one import to repoint."""
-  import importlib
-  try:
-    return importlib.import_module(f'experiments.stages.{name}')
-  except ImportError:
-    return importlib.import_module(f'experiments.{name}')
 
 
 class BadRequest(Exception):
@@ -82,7 +74,7 @@ class Model:
   def __init__(self, init_from: str, name: str = ''):
     if not init_from:
       raise ConfigError('serve needs --config.init_from=DIR (a run workdir) or hf:PATH.')
-    source = _shared('stage').read_source(init_from)
+    source = stage.read_source(init_from)
     self.cfg, self.tok = source.cfg, source.tokenizer
     if self.cfg.arch != 'decoder' or not self.cfg.causal:
       raise ConfigError(f'serve generates with causal decoder-only models; {init_from} holds a '
@@ -638,7 +630,7 @@ def run(config: ConfigDict, workdir: str) -> dict:
       signal.signal(s, h)
   print(f'Stopped by {signal.Signals(signum[0]).name}; requests in flight '
         f'{"all finished" if drained else "cut off after drain_seconds"}.', flush=True)
-  raise _shared('trainer').Preempted(0, signum[0])
+  raise trainer.Preempted(0, signum[0])
 
 
 # Bench: the engine beside static batching -----------------------------------------------------
@@ -663,8 +655,43 @@ def _timed(fn, repeats: int = 1) -> float:
   return (time.perf_counter() - t0) / repeats
 
 
+def _static(params, cfg, work, slots: int) -> dict:
+  """decode.generate on consecutive batches of `slots` requests; a batch runs as long as its
+  longest response, so rows that ended sit idle."""
+  from lm import decode
+
+  def go():
+    for i in range(0, len(work), slots):
+      batch = work[i:i + slots]
+      s = decode.SamplingConfig(temperature=0, max_new_tokens=max(n for _, n in batch))
+      gen = decode.generate(params, [np.array(p) for p, _ in batch], jax.random.key(0), cfg=cfg,
+                            sampling=s)
+      jax.block_until_ready(gen.tokens)
+
+  row_steps = sum(slots * max(n for _, n in work[i:i + slots]) for i in range(0, len(work), slots))
+  width = max(decode._bucket(max(len(p) for p, _ in work[i:i + slots])) +
+              decode._bucket(max(n for _, n in work[i:i + slots])) for i in range(0, len(work), slots))
+  return {'seconds': _timed(go), 'row_steps': row_steps, 'width': width, 'slots': slots,
+          'cache_rows': slots}
+
+
+def _engine(params, cfg, work, slots: int, width: int, sync_every: int) -> dict:
+  # prefix_cache=1: the prompts differ, and the kept row is counted in the cache memory.
+  eng = engine_lib.Engine(params, cfg, slots=slots, max_len=width, sync_every=sync_every,
+                          prefix_cache=1)
+  go = lambda: eng.generate([engine_lib.Request(prompt=p, max_tokens=n) for p, n in work])
+  seconds = _timed(go)
+  calls = eng.stats['decode_calls'] // 2       # _timed ran it twice
+  return {'seconds': seconds, 'row_steps': calls * sync_every * slots, 'width': width, 'slots': slots,
+          'cache_rows': slots + 1}
+
+
 def bench(config: ConfigDict, workdir: str) -> dict:
-  from lm import decode, model as model_lib
+  """Tokens/s of the engine and of static batching on one workload, same model and process.
+  Cache memory: the engine's (slots + 1 kept prompt) x width beside the static batch's largest
+  (slots x (prompt bucket + response bucket)); the engine runs at the static batch size and at
+  the slot count the static batch's largest cache would hold."""
+  from lm import model as model_lib
   from lm.config import ModelConfig
   b = config.bench
   cfg = ModelConfig.from_dict(b.model.to_dict())
@@ -672,32 +699,25 @@ def bench(config: ConfigDict, workdir: str) -> dict:
   work = workload(b)
   useful = sum(n for _, n in work)
   width = b.prompt_max + max(b.short_max, b.long_max)
-  eng = engine_lib.Engine(params, cfg, slots=b.slots, max_len=width, sync_every=config.sync_every)
-
-  def run_engine():
-    eng.generate([engine_lib.Request(prompt=p, max_tokens=n) for p, n in work])
-
-  def run_static():   # a batch waits for its longest response: rows that ended idle
-    for i in range(0, len(work), b.slots):
-      batch = work[i:i + b.slots]
-      s = decode.SamplingConfig(temperature=0, max_new_tokens=max(n for _, n in batch))
-      gen = decode.generate(params, [np.array(p) for p, _ in batch], jax.random.key(0), cfg=cfg,
-                            sampling=s)
-      jax.block_until_ready(gen.tokens)
-
-  t_engine, t_static = _timed(run_engine), _timed(run_static)
   kv_token = 2 * cfg.n_layers * cfg.kv_heads * cfg.head_dim * np.dtype(cfg.dtype).itemsize
-  static_width = decode._bucket(b.prompt_max) + decode._bucket(max(b.short_max, b.long_max))
-  report = {'requests': len(work), 'useful_tokens': useful, 'slots': b.slots,
-            'engine_tokens_per_s': round(useful / t_engine, 1),
-            'static_tokens_per_s': round(useful / t_static, 1),
-            'speedup': round(t_static / t_engine, 2),
-            'engine_cache_bytes': b.slots * width * kv_token,
-            'static_cache_bytes_max': b.slots * static_width * kv_token,
-            'engine_seconds': round(t_engine, 2), 'static_seconds': round(t_static, 2),
-            'engine_programs': engine_lib.compiled_programs(), 'backend': jax.default_backend(),
-            'device': str(jax.devices()[0].device_kind), 'model': b.model.to_dict()}
+  static = _static(params, cfg, work, b.slots)
+  equal_slots = static['slots'] * static['width'] // width - 1   # the kept prompt row
+  runs = {'static': static}
+  for slots in dict.fromkeys((b.slots, equal_slots)):
+    runs[f'engine_{slots}_slots'] = _engine(params, cfg, work, slots, width, config.sync_every)
+  table = {}
+  for name, r in runs.items():
+    table[name] = {'tokens_per_s': round(useful / r['seconds'], 1), 'seconds': round(r['seconds'], 2),
+                   'slots': r['slots'], 'cache_bytes': r['cache_rows'] * r['width'] * kv_token,
+                   'row_utilisation': round(useful / r['row_steps'], 3),
+                   'ms_per_step': round(1e3 * r['seconds'] / (r['row_steps'] / r['slots']), 2),
+                   'speedup_vs_static': round(static['seconds'] / r['seconds'], 2)}
+  report = {'requests': len(work), 'useful_tokens': useful, 'sync_every': config.sync_every,
+            'runs': table, 'engine_programs': engine_lib.compiled_programs(),
+            'backend': jax.default_backend(), 'device': str(jax.devices()[0].device_kind),
+            'model': b.model.to_dict()}
   with open(os.path.join(workdir, 'bench.json'), 'w') as f:
     json.dump(report, f, indent=2)
-  print(json.dumps({k: v for k, v in report.items() if k != 'model'}, indent=1), flush=True)
+  for name, row in table.items():
+    print(f'{name:>18}: ' + ', '.join(f'{k} {v}' for k, v in row.items()), flush=True)
   return report

@@ -20,14 +20,17 @@ A row's stop rule: an EOS id or max_tokens (on device), or a stop string (host, 
 Equal to the static path. Greedy rows give lm.decode.generate's tokens: the same model
 function, processors and masks; only the cache layout differs (right-aligned columns instead
 of left padding), which changes float summation order at most. A sampled row draws token i
-with fold_in(key(seed), i) over its own logits, so it does not depend on its companions.
+with fold_in(key(seed), i) over its own logits, so it does not depend on its companions
+(they set the decode window, which adds masked columns only: exact zeros in the softmax).
 
 Shared prefixes. A prompt prefilled recently (an LRU of `prefix_cache` rows) is copied, not
 recomputed: n samples of one prompt prefill it once. `Request.prefix_len` marks a shared head
 (few-shot demonstrations): it is prefilled once and each prompt prefills only its own tail.
 
-Compiled programs: one decode program per (pool size, sync_every), one prefill per prompt
-bucket (powers of two up to W), one insert. `compiled_programs()` counts traces.
+Compiled programs: one decode program per (pool size, sync_every, window), the window being
+the columns the live rows reach (a power of two up to W: a step's cost follows the cache it
+carries), one prefill per prompt bucket (powers of two up to W), one insert.
+`compiled_programs()` counts traces.
 """
 from __future__ import annotations
 
@@ -163,11 +166,15 @@ def _row_forward(params, cache_row, tok, pos, cfg):
   return model.logits_from_hidden(params, h, cfg)[0, 0], jax.tree.map(lambda a: a[:, 0], cache)
 
 
-def _decode_chunk(params, state, ban, kill, *, cfg, steps):
-  """`steps` decode steps over the whole pool; returns (state, tokens/logprobs/raw/emitted [B, steps])."""
+def _decode_chunk(params, state, ban, kill, *, cfg, steps, window):
+  """`steps` decode steps over the whole pool; returns (state, tokens/logprobs/raw/emitted [B, steps]).
+
+  Only the first `window` columns take part (every live row stays inside them this chunk): a
+  step's cost follows the cache it carries, so short requests do not pay for the full row."""
   _TRACES['decode'] += 1
-  width = state['cache']['k'].shape[2]
-  state = {**state, 'done': state['done'] | kill}
+  full = state['cache']
+  state = {**state, 'done': state['done'] | kill,
+           'cache': {n: c[:, :, :window] for n, c in full.items()}}
   forward = jax.vmap(functools.partial(_row_forward, cfg=cfg), in_axes=(None, 1, 0, 0),
                      out_axes=(0, 1))
 
@@ -175,22 +182,31 @@ def _decode_chunk(params, state, ban, kill, *, cfg, steps):
     live = ~s['done']
     x, eos_mask = _process(s['logits'], s, ban)
     draw = jax.vmap(lambda k, i, row: jax.random.categorical(jax.random.fold_in(k, i), row))
-    sampled = draw(s['keys'], s['n_gen'], x)
-    tok = jnp.where(s['greedy'], jnp.argmax(x, axis=-1), sampled).astype(jnp.int32)
+    greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    # Random bits and the top alternatives cost a step real time: only when a row needs them.
+    sampled = jax.lax.cond(jnp.any(live & ~s['greedy']),
+                           lambda: draw(s['keys'], s['n_gen'], x).astype(jnp.int32), lambda: greedy)
+    tok = jnp.where(s['greedy'], greedy, sampled)
     lp = decode._token_logprob(x, tok)
     raw = decode._token_logprob(s['logits'], tok)
-    top_lp, top_id = jax.lax.top_k(jax.nn.log_softmax(s['logits'], axis=-1), TOP_LOGPROBS)
+    b = tok.shape[0]
+    top_lp, top_id = jax.lax.cond(
+        jnp.any(live & s['want_top']),
+        lambda: tuple(jax.lax.top_k(jax.nn.log_softmax(s['logits'], axis=-1), TOP_LOGPROBS)),
+        lambda: (jnp.zeros((b, TOP_LOGPROBS), jnp.float32), jnp.zeros((b, TOP_LOGPROBS), jnp.int32)))
     n_gen = s['n_gen'] + live
     hit_eos = jnp.take_along_axis(eos_mask, tok[:, None], axis=1)[:, 0]
     done = s['done'] | (live & (hit_eos | (n_gen >= s['max_new'])))
     # Finished rows keep running (the batch is fixed) at a frozen, in-range column.
-    pos = jnp.minimum(s['pos'], width - 1)
+    pos = jnp.minimum(s['pos'], window - 1)
     logits, cache = forward(params, s['cache'], tok, pos)
     s = {**s, 'cache': cache, 'logits': jnp.where(live[:, None], logits, s['logits']),
          'pos': s['pos'] + live, 'n_gen': n_gen, 'done': done}
     return s, (tok, lp, raw, live, top_id, top_lp)
 
   state, (tok, lp, raw, live, top_id, top_lp) = jax.lax.scan(body, state, None, length=steps)
+  state['cache'] = {n: jax.lax.dynamic_update_slice_in_dim(full[n], c, 0, 2)
+                    for n, c in state['cache'].items()}
   return state, {'tokens': tok.T, 'logprobs': lp.T, 'raw': raw.T, 'emitted': live.T,
                  'top_id': top_id.swapaxes(0, 1), 'top_lp': top_lp.swapaxes(0, 1)}
 
@@ -209,7 +225,7 @@ def _jitted(fn, donate: tuple, **static):
 
 _ROW_FIELDS = {'pos': np.int32, 'n_gen': np.int32, 'max_new': np.int32, 'min_new': np.int32,
                'done': bool, 'greedy': bool, 'temperature': np.float32, 'top_p': np.float32,
-               'top_k': np.int32, 'min_p': np.float32}
+               'top_k': np.int32, 'min_p': np.float32, 'want_top': bool}
 
 
 @dataclasses.dataclass
@@ -242,7 +258,6 @@ class Engine:
     self._ban = decode._ban_mask(cfg, unsampleable)
     self._prefill = _jitted(_prefill, (), cfg=cfg)
     self._insert = _jitted(_insert, (0,))
-    self._chunk = _jitted(_decode_chunk, (1,), cfg=cfg, steps=sync_every)
     self._state = self._empty_state()
     self._rows: list[_Live | None] = [None] * slots
     self._kill = np.zeros(slots, bool)   # rows the host ended (stop string, cancel)
@@ -311,7 +326,11 @@ class Engine:
     self._admit()
     if not any(r is not None for r in self._rows):
       return False
-    self._state, out = self._chunk(self.params, self._state, self._ban, self._kill)
+    # The window: every live row's next sync_every columns, bucketed (few programs).
+    reach = max(len(x.req.prompt) + len(x.tokens) for x in self._rows if x is not None)
+    window = min(decode._bucket(reach + self.sync_every), self.width)
+    chunk = _jitted(_decode_chunk, (1,), cfg=self.cfg, steps=self.sync_every, window=window)
+    self._state, out = chunk(self.params, self._state, self._ban, self._kill)
     self._kill[:] = False
     self.stats['decode_calls'] += 1
     out = jax.tree.map(np.asarray, out)
@@ -351,7 +370,7 @@ class Engine:
     eos[:len(req.eos_ids)] = list(req.eos_ids)
     vals = dict(pos=len(req.prompt), n_gen=0, max_new=req.max_tokens, min_new=req.min_tokens,
                 done=False, greedy=greedy, temperature=1.0 if greedy else req.temperature,
-                top_p=req.top_p, top_k=req.top_k, min_p=req.min_p)
+                top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, want_top=req.top_logprobs > 0)
     out = {n: np.asarray(v, _ROW_FIELDS[n]) for n, v in vals.items()}
     # A legacy uint32[2] key: folded with the token index on device, whatever the batch.
     out['keys'] = np.asarray(jax.random.PRNGKey(req.seed % 2**32), np.uint32)

@@ -56,7 +56,7 @@ def test_sampled_reproducible_per_seed_whatever_the_companions(params):
   ps = prompts(1)
   mine = engine.Request(prompt=ps[0], max_tokens=20, temperature=1.0, top_p=0.9, seed=7)
   clone = lambda **kw: engine.Request(**{**mine.__dict__, 'on_update': None, **kw})
-  eng = engine.Engine(params, CFG, slots=3)
+  eng = engine.Engine(params, CFG, slots=4)
   alone = eng.generate([clone()])[0]
   others = [engine.Request(prompt=q, max_tokens=5 + i, temperature=0.7 * (i % 2), seed=i, top_k=5)
             for i, q in enumerate(ps[1:6])]
@@ -72,7 +72,7 @@ def test_stop_rules(params):
   ref, _ = static(params, CFG, ps, 30)
   texts = [detok(r) for r in ref]
   stops = [t[6:8] for t in texts]    # a string each greedy continuation produces
-  eng = engine.Engine(params, CFG, slots=2, detokenize=detok)
+  eng = engine.Engine(params, CFG, slots=4, detokenize=detok)
   out = eng.generate([engine.Request(prompt=q, max_tokens=30, stop=(s, 'never!'))
                       for q, s in zip(ps, stops)])
   for o, t, r, s in zip(out, texts, ref, stops):
@@ -114,7 +114,7 @@ def test_prefix_sharing_prefills_once(params):
 
 def test_compiled_programs_bounded(params):
   """A varied stream (prompt lengths 1-40, every sampling knob, shared heads) compiles one
-  decode program for the pool, one insert and at most one prefill per length bucket."""
+  decode program per window bucket, one insert and at most one prefill per length bucket."""
   before = {k: engine.compiled_programs(k) for k in ('decode', 'insert', 'prefill')}
   eng = engine.Engine(params, CFG, slots=5, sync_every=3, detokenize=detok)
   rng = np.random.default_rng(5)
@@ -127,7 +127,7 @@ def test_compiled_programs_bounded(params):
   out = eng.generate(reqs)
   assert all(1 <= len(o.tokens) <= r.max_tokens for o, r in zip(out, reqs))
   grown = {k: engine.compiled_programs(k) - v for k, v in before.items()}
-  assert grown['decode'] == 1 and grown['insert'] <= 1
+  assert grown['decode'] <= 3 and grown['insert'] <= 1   # windows 16, 32, 64 (3 steps ahead)
   assert grown['prefill'] <= 4          # buckets 8, 16, 32, 64
   eng.generate(reqs[:5])                # a second pass compiles nothing
   assert engine.compiled_programs() - sum(before.values()) == sum(grown.values())
