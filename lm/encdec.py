@@ -22,14 +22,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lm import layers, model, sharding
+from lm import blocks, layers, sharding
 from lm.config import ModelConfig
 from lm.layers import Spec
 
 
 def param_specs(cfg: ModelConfig) -> dict:
   def stack(n, cross):
-    s = {'layers': jax.tree.map(lambda x: x.stacked(n), model.layer_specs(cfg, cross),
+    s = {'layers': jax.tree.map(lambda x: x.stacked(n), blocks.layer_specs(cfg, cross),
                                 is_leaf=lambda x: isinstance(x, Spec))}
     if cfg.has_final_norm:
       s['final_norm'] = layers.norm_specs(cfg)
@@ -54,8 +54,8 @@ def _positions(tokens):
 
 def _run_stack(body, x, stacked, cfg: ModelConfig):
   if cfg.remat != 'none':
-    body = jax.checkpoint(body, policy=model.REMAT_POLICIES[cfg.remat], prevent_cse=False)
-  x, _ = jax.lax.scan(lambda h, p: (body(h, p), None), x, stacked, unroll=model.scan_unroll(cfg))
+    body = jax.checkpoint(body, policy=blocks.REMAT_POLICIES[cfg.remat], prevent_cse=False)
+  x, _ = jax.lax.scan(lambda h, p: (body(h, p), None), x, stacked, unroll=blocks.scan_unroll(cfg))
   return x
 
 
@@ -76,7 +76,7 @@ def encode(params: dict, inputs: jax.Array, cfg: ModelConfig,
     x = layers.residual(p, 'ln2', x, lambda h: layers.mlp(p['mlp'], h, cfg), cfg)
     return sharding.constrain(x, ('batch', 'length', 'embed'))
 
-  x = model.embed(params, inputs, pos, cfg)
+  x = blocks.embed(params, inputs, pos, cfg)
   return _finish(enc, _run_stack(body, x, enc['layers'], cfg), cfg)
 
 
@@ -97,14 +97,14 @@ def decode_hidden(params: dict, decoder_inputs: jax.Array, memory: jax.Array, cf
     x = layers.residual(p, 'ln2', x, lambda h: layers.mlp(p['mlp'], h, cfg), cfg)
     return sharding.constrain(x, ('batch', 'length', 'embed'))
 
-  x = model.embed(params, decoder_inputs, pos, cfg)
+  x = blocks.embed(params, decoder_inputs, pos, cfg)
   return _finish(dec, _run_stack(body, x, dec['layers'], cfg), cfg)
 
 
 def logits_from_hidden(params: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:
   if cfg.tie_embeddings:  # T5: rescale before reusing the embedding as the output layer
     h = h * cfg.d_model ** -0.5
-  return model.logits_from_hidden(params, h, cfg)
+  return blocks.logits_from_hidden(params, h, cfg)
 
 
 def forward(params: dict, inputs: jax.Array, decoder_inputs: jax.Array, cfg: ModelConfig, *,
