@@ -9,7 +9,9 @@ int32 array`, `decode(ids) -> str`, `save(path)`):
                           (`build_tokenizer('bpe' | 'unigram', texts, vocab_size, prefix)`) or
                           any existing `.model` file (e.g. LLaMA's).
   HFTokenizer             a Hugging Face `tokenizer.json` (the `tokenizers` library), so public
-                          checkpoints keep their own vocabulary.
+                          checkpoints keep their own vocabulary; `load_hf_folder(folder)` reads a
+                          model folder as transformers' AutoTokenizer does (the special tokens and
+                          chat_template that tokenizer_config.json declares).
 
 `add_special_tokens(tok, ['eos', 'user', ...])` wraps any of them (WithSpecialTokens) with the
 special tokens it lacks (a char vocabulary has no eos; chat role markers), as new ids after
@@ -255,7 +257,8 @@ class SentencePieceTokenizer:
       json.dump({'kind': self.kind, 'model': os.path.basename(target)}, f)
 
 
-# Names under which public tokenizer.json files spell the specials we use.
+# Names under which public tokenizer.json files spell the specials we use: only for a bare
+# tokenizer.json; a model folder's tokenizer_config.json declares its own (load_hf_folder).
 _HF_SPECIAL_NAMES = {
     'pad': ('<pad>', '<|pad|>', '[PAD]'),
     'bos': ('<s>', '<|begin_of_text|>', '<bos>', '[CLS]'),
@@ -267,26 +270,33 @@ _HF_SPECIAL_NAMES = {
 class HFTokenizer:
   """A Hugging Face `tokenizer.json` (through the `tokenizers` library), e.g. GPT-2's or LLaMA's.
 
+  `special_tokens` (name -> piece) as a model folder declares them; with `declared` False (a bare
+  tokenizer.json) the conventional spellings above are looked up too. `chat_template` is the
+  folder's Jinja chat template, if any (`encode_chat` renders it as transformers does).
   Exactness of the round trip is whatever that tokenizer gives (byte-level BPE is exact)."""
   kind = 'hf'
 
-  def __init__(self, path: str, special_tokens: dict[str, str] | None = None):
-    if not os.path.isfile(path):
-      raise TokenizerError(f'Hugging Face tokenizer {path} does not exist.')
-    # importlib: this module is itself called `tokenizers`; we want the installed library.
-    hf = importlib.import_module('tokenizers')
-    try:
-      self.tk = hf.Tokenizer.from_file(path)
-    except Exception as e:  # the library raises a bare Exception for malformed files
-      raise TokenizerError(f'{path} is not a readable Hugging Face tokenizer.json ({e}).') from None
-    self.path = path
+  def __init__(self, path: str, special_tokens: dict[str, str] | None = None,
+               chat_template: str | None = None, declared: bool = False, tk=None):
+    hf = importlib.import_module('tokenizers')   # this module is itself called `tokenizers`
+    if tk is None:
+      if not os.path.isfile(path):
+        raise TokenizerError(f'Hugging Face tokenizer {path} does not exist.')
+      try:
+        tk = hf.Tokenizer.from_file(path)
+      except Exception as e:  # the library raises a bare Exception for malformed files
+        raise TokenizerError(f'{path} is not a readable Hugging Face tokenizer.json ({e}).') from None
+    self.tk, self.path, self.chat_template, self.declared = tk, path, chat_template, declared
     vocab = self.tk.get_vocab(with_added_tokens=True)
     names = {k: (v,) for k, v in (special_tokens or {}).items()}
     self._special = {}
-    for name, pieces in {**_HF_SPECIAL_NAMES, **names}.items():
+    for name, pieces in ({**names} if declared else {**_HF_SPECIAL_NAMES, **names}).items():
       hit = next((vocab[p] for p in pieces if p in vocab), None)
       if hit is not None:
         self._special[name] = hit
+      elif declared:
+        raise TokenizerError(f'{path} declares {name}_token={pieces[0]!r}, which is not in its vocabulary.')
+    self._fast = None
 
   @property
   def vocab_size(self) -> int:
@@ -307,14 +317,61 @@ class HFTokenizer:
     return self.tk.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size],
                           skip_special_tokens=True)
 
+  def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The chat template's text for `messages`, rendered by transformers' apply_chat_template
+    (bos_token, eos_token, ... as this tokenizer declares them)."""
+    if not self.chat_template:
+      raise TokenizerError(f'{self.path} has no chat_template to format conversations with.')
+    if self._fast is None:
+      from transformers import PreTrainedTokenizerFast
+      pieces = {f'{n}_token': self.tk.id_to_token(i) for n, i in self._special.items()}
+      self._fast = PreTrainedTokenizerFast(tokenizer_object=self.tk, chat_template=self.chat_template, **pieces)
+    return self._fast.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+  def encode_chat(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, [n, 2] character offsets) of a rendered chat: special tokens written in it are theirs."""
+    enc = self.tk.encode(text, add_special_tokens=False)
+    return np.asarray(enc.ids, np.int32), np.asarray(enc.offsets, np.int64).reshape(-1, 2)
+
   def save(self, path: str) -> None:
-    """A JSON pointer next to a copy of the tokenizer.json (as STEM.hf.json)."""
+    """A JSON pointer next to the tokenizer (as STEM.hf.json) and its chat template."""
     target = os.path.splitext(path)[0] + '.hf.json'
     if os.path.abspath(target) != os.path.abspath(self.path):
-      shutil.copyfile(self.path, target)
+      self.tk.save(target)
     with open(path, 'w', encoding='utf-8') as f:
-      json.dump({'kind': self.kind, 'model': os.path.basename(target),
-                 'special_tokens': {k: self.tk.id_to_token(v) for k, v in self._special.items()}}, f)
+      json.dump({'kind': self.kind, 'model': os.path.basename(target), 'declared': self.declared,
+                 'special_tokens': {k: self.tk.id_to_token(v) for k, v in self._special.items()},
+                 'chat_template': self.chat_template}, f)
+
+
+def load_hf_folder(folder: str) -> HFTokenizer:
+  """A Hugging Face model folder's tokenizer as transformers reads it: AutoTokenizer's own
+  tokenizer (ids equal to its `encode(text, add_special_tokens=False)`), with exactly the
+  special tokens and chat_template its tokenizer_config.json declares. A folder with only a
+  tokenizer.json falls back to that file and the conventional spellings."""
+  path = os.path.join(folder, 'tokenizer.json')
+  if not os.path.exists(os.path.join(folder, 'tokenizer_config.json')):
+    return HFTokenizer(path)
+  from transformers import AutoTokenizer
+  try:
+    fast = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+  except (OSError, ValueError) as e:
+    raise TokenizerError(f'transformers cannot read the tokenizer in {folder} ({e}).') from None
+  if not getattr(fast, 'is_fast', False):
+    raise TokenizerError(f'{folder} holds a slow ({type(fast).__name__}) tokenizer; save it with tokenizer.json.')
+  specials = {n: str(getattr(fast, f'{n}_token')) for n in ('pad', 'bos', 'eos', 'unk')
+              if getattr(fast, f'{n}_token', None) is not None}
+  hf = importlib.import_module('tokenizers')
+  tk = hf.Tokenizer.from_str(fast.backend_tokenizer.to_str())   # its own copy, settings as transformers left them
+  stored = HFTokenizer(path, declared=True).vocab_size
+  if tk.get_vocab_size(with_added_tokens=True) != stored:
+    extra = [tk.id_to_token(i) for i in range(stored, tk.get_vocab_size(with_added_tokens=True))]
+    raise TokenizerError(f"transformers' {type(fast).__name__} adds {extra} (its class defaults), which "
+                         f'{path} lacks; declare them in tokenizer_config.json (e.g. "unk_token": null).')
+  tk.no_truncation()
+  tk.no_padding()
+  template = fast.chat_template if isinstance(fast.chat_template, str) else None
+  return HFTokenizer(path, specials, template, declared=True, tk=tk)
 
 
 # Chat role markers (data/formats.py's `chat` template). Not in SPECIAL_TOKENS, so vocabularies
@@ -358,6 +415,16 @@ class WithSpecialTokens:
 
   def encode(self, text: str) -> np.ndarray:
     return self.base.encode(text)
+
+  @property
+  def chat_template(self) -> str | None:
+    return getattr(self.base, 'chat_template', None)
+
+  def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return self.base.render_chat(messages, add_generation_prompt)
+
+  def encode_chat(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    return self.base.encode_chat(text)
 
   def decode(self, ids: Iterable[int], keep_special: bool = False) -> str:
     """Added ids are dropped, or spelled out (e.g. '<|user|>') with keep_special=True."""
@@ -451,7 +518,8 @@ def load(path: str):
   if kind == 'sentencepiece':
     return SentencePieceTokenizer(os.path.join(here, meta['model']))
   if kind == 'hf':
-    return HFTokenizer(os.path.join(here, meta['model']), meta.get('special_tokens'))
+    return HFTokenizer(os.path.join(here, meta['model']), meta.get('special_tokens'), meta.get('chat_template'),
+                       bool(meta.get('declared')))
   if kind == 'added':
     return WithSpecialTokens(load(os.path.join(here, meta['base'])), meta['added'])
   if kind is None and isinstance(meta.get('model'), dict):  # a Hugging Face tokenizer.json itself
@@ -495,7 +563,7 @@ def to_hf(tokenizer):
   elif isinstance(base, SentencePieceTokenizer):
     tk, specials = _spm_to_hf(base.model_path)
   elif isinstance(base, HFTokenizer):
-    tk = hf.Tokenizer.from_file(base.path)
+    tk = hf.Tokenizer.from_str(base.tk.to_str())
   else:
     raise TokenizerError(f'Cannot export a {type(base).__name__} to Hugging Face format.')
   tk.add_special_tokens([hf.AddedToken(p, special=True, normalized=False) for p in specials])

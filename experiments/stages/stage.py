@@ -67,11 +67,11 @@ class Source:
       raise ConfigError(f'{self.path} is a {pcfg.method}-tuned run: its extra parameters have no '
                         'place in the plain model a stage starts from or exports; tune with '
                         'peft.method=lora (merged) or none.')
+    if self.kind == 'hf':   # streamed tensor by tensor into the rules table's shardings
+      params, _ = convert.import_hf_to_mesh(self.path, mesh, dtype=np.dtype(cfg.param_dtype))
+      return params
     abstract = jax.eval_shape(functools.partial(model.init, cfg), jax.random.key(0))
     shardings = sharding.tree_shardings(model.logical_axes(cfg), abstract, mesh)
-    if self.kind == 'hf':
-      params, _ = convert.import_hf(self.path, dtype=np.dtype(cfg.param_dtype))
-      return jax.device_put(params, shardings)
     return self._restore(train_lib.abstract_with_shardings(abstract, shardings))
 
   def peft_config(self) -> peft.PeftConfig:
@@ -92,7 +92,7 @@ class Source:
     if not self.base:
       raise ckpt_lib.CheckpointError(f'{self.path} is a LoRA run whose config.json records no base '
                                      "('source'); it cannot be restored without it.")
-    base = read_source(self.base['path'])
+    base = read_source(('hf:' if self.base.get('kind') == 'hf' else '') + self.base['path'])
     if base.config_hash != self.base.get('config_hash'):
       raise ckpt_lib.CheckpointError(f'The base {self.base["path"]} is no longer the run {self.path} '
                                      'was tuned on (its config changed); the adapters need the '
@@ -117,14 +117,11 @@ def read_source(init_from: str) -> Source:
     if not os.path.exists(cfg_path):
       raise ConfigError(f'init_from={init_from} has no config.json; point hf: at a local Hugging '
                         'Face model folder (config.json, *.safetensors, tokenizer.json).')
-    with open(cfg_path) as f:
-      hf = json.load(f)
-    cfg = convert.config_from_hf(hf)
-    tok_path = os.path.join(path, 'tokenizer.json')
-    if not os.path.exists(tok_path):
+    cfg, hf = convert.config_from_folder(path)   # EOS ids: config.json's and generation_config.json's
+    if not os.path.exists(os.path.join(path, 'tokenizer.json')):
       raise ConfigError(f'init_from={init_from} has no tokenizer.json; save the tokenizer with the '
                         'model (tokenizer.save_pretrained(PATH)).')
-    return Source('hf', path, cfg, tokenizers.load(tok_path), None, 0, _hash(hf))
+    return Source('hf', path, cfg, tokenizers.load_hf_folder(path), None, 0, _hash(hf))
   path = init_from if paths.is_url(init_from) else os.path.expanduser(init_from)
   cfg_path = paths.path(path) / 'config.json'
   if not cfg_path.exists():
