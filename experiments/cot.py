@@ -32,7 +32,7 @@ from ml_collections import ConfigDict
 
 from experiments.configs import base
 from experiments.evaluation import builtin
-from experiments.evaluation import model as eval_model
+from experiments.evaluation import eval_model
 from experiments.stages import stage
 from lm import sharding
 from experiments import registry

@@ -25,8 +25,8 @@ from ml_collections import ConfigDict
 
 from data.tokenizers import TokenizerError
 from experiments.stages import stage
-from experiments.evaluation import model as eval_model
-from experiments.evaluation import tasks as eval_tasks
+from experiments.evaluation import eval_model
+from experiments.evaluation import eval_tasks
 from lm.config import ConfigError
 
 TRUNCATION_WARN = 0.1   # warn when more than this fraction of a task's prompts lose tokens

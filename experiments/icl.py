@@ -30,13 +30,13 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from experiments.stages import bursty, stage
-from experiments.evaluation import icl
-from experiments.evaluation import model as eval_model
+from experiments.evaluation import icl_prompts
+from experiments.evaluation import eval_model
 from lm.config import ConfigError
 
 
 # Tasks -----------------------------------------------------------------------------------------
-def synthetic_task(t: ConfigDict) -> tuple[list[dict], list[dict], list[str], icl.Template]:
+def synthetic_task(t: ConfigDict) -> tuple[list[dict], list[dict], list[str], icl_prompts.Template]:
   """(pool, eval, labels, template) of the entity-classification task."""
   rng = np.random.default_rng(t.seed)
   if not 1 <= t.n_entities <= len(bursty.LETTERS):
@@ -57,7 +57,7 @@ def synthetic_task(t: ConfigDict) -> tuple[list[dict], list[dict], list[str], ic
       out.append({'id': f'{prefix}{i}', 'x': f'{bursty.random_word(rng, t.word_len)} {e}',
                   'y': mapping[e], 'entity': e})
     return out
-  template = icl.Template(input='{x}', output='{y}', separator=' ')
+  template = icl_prompts.Template(input='{x}', output='{y}', separator=' ')
   return examples(t.n_pool, 'pool'), examples(t.n_eval, 'eval'), labels, template
 
 
@@ -83,7 +83,7 @@ def jsonl_task(t: ConfigDict):
     raise ConfigError(f'task {t.path}: the demonstration pool ({len(pool)}) and the evaluated set '
                       f'({len(evals)}) must both be non-empty; lower task.n_pool or add records.')
   labels = list(t.labels) if t.labels else sorted({e['y'] for e in pool + evals})
-  template = icl.Template(input=t.input_template, output=t.output_template, separator=t.separator)
+  template = icl_prompts.Template(input=t.input_template, output=t.output_template, separator=t.separator)
   return pool, evals, labels, template
 
 
@@ -97,7 +97,7 @@ def combos(config: ConfigDict) -> list[tuple[str, str]]:
     if c.count('/') != 1:
       raise ConfigError(f'sweep.combos entry {c!r} must be "selection/ordering", e.g. "bm25/similar_last".')
     sel, order = c.split('/')
-    icl.check(sel, order)
+    icl_prompts.check(sel, order)
     out.append((sel, order))
   return out
 
@@ -136,24 +136,24 @@ def load_model(config: ConfigDict, workdir: str):
 
 
 # The sweep -------------------------------------------------------------------------------------
-def build_prompts(sel: icl.Selector, ordering: str, k: int, seed: int, evals, pool, instruction,
+def build_prompts(sel: icl_prompts.Selector, ordering: str, k: int, seed: int, evals, pool, instruction,
                   template, lm, labels, s: ConfigDict):
   """Prompts for every evaluated example, and per prompt the demos dropped to fit."""
   demo_sets = [sel.select(q, k) for q in evals]
   info = [{} for _ in evals]
   if ordering == 'global_entropy':
-    make = lambda ds, q: icl.Prompt(instruction, template, tuple(pool[i] for i in ds), q)
+    make = lambda ds, q: icl_prompts.Prompt(instruction, template, tuple(pool[i] for i in ds), q)
     probe_sets = []
     for ds in demo_sets:
       rng = np.random.default_rng([seed, 7, *ds])
       rest = [i for i in range(len(pool)) if i not in set(ds)]
       probe_sets.append([pool[i] for i in rng.choice(rest, min(s.n_probe, len(rest)), replace=False)])
-    demo_sets, info = icl.global_entropy_orders(
-        demo_sets, probe_sets, make, lambda ps: icl.classify(lm, fit_all(ps, lm, labels, template)[0], labels)[0],
+    demo_sets, info = icl_prompts.global_entropy_orders(
+        demo_sets, probe_sets, make, lambda ps: icl_prompts.classify(lm, fit_all(ps, lm, labels, template)[0], labels)[0],
         labels, s.n_perms, seed)
   else:
-    demo_sets = [icl.order(ds, q, ordering, sel, seed) for ds, q in zip(demo_sets, evals)]
-  prompts = [icl.Prompt(instruction, template, tuple(pool[i] for i in ds), q)
+    demo_sets = [icl_prompts.order(ds, q, ordering, sel, seed) for ds, q in zip(demo_sets, evals)]
+  prompts = [icl_prompts.Prompt(instruction, template, tuple(pool[i] for i in ds), q)
              for ds, q in zip(demo_sets, evals)]
   prompts, dropped = fit_all(prompts, lm, labels, template)
   return prompts, dropped, info
@@ -165,7 +165,7 @@ def fit_all(prompts, lm, labels, template):
   bos = 1 if lm.bos is not None else 0
   room = lm.max_length + 1 - longest - bos
   n_tokens = lambda text: len(lm.encode(text))
-  out = [icl.fit(p, n_tokens, room) for p in prompts]
+  out = [icl_prompts.fit(p, n_tokens, room) for p in prompts]
   return [p for p, _ in out], [d for _, d in out]
 
 
@@ -211,8 +211,8 @@ def run(config: ConfigDict, workdir: str):
   lm = eval_model.LanguageModel(params, cfg, tok, mesh, batch_size=config.batch_size,
                                 add_bos=config.add_bos, truncate='left')
   embed = None
-  if any(sel in icl.NEEDS_EMBEDDINGS for sel, _ in pairs):
-    fn = lambda texts: icl.mean_pooled(params, cfg, tok, texts, config.batch_size)
+  if any(sel in icl_prompts.NEEDS_EMBEDDINGS for sel, _ in pairs):
+    fn = lambda texts: icl_prompts.mean_pooled(params, cfg, tok, texts, config.batch_size)
     embed = (fn([str(e['x']) for e in pool]), fn)
   s, ks = config.sweep, list(config.sweep.ks)
   results, t0 = {}, time.perf_counter()
@@ -223,13 +223,13 @@ def run(config: ConfigDict, workdir: str):
       for k in ks:
         accs, dropped = [], 0
         for seed in range(s.seeds):
-          sel = icl.Selector(pool, sel_name, seed, embed if sel_name in icl.NEEDS_EMBEDDINGS
+          sel = icl_prompts.Selector(pool, sel_name, seed, embed if sel_name in icl_prompts.NEEDS_EMBEDDINGS
                              or (ordering == 'similar_last' and embed) else None)
           if sel._embed_fn is not None:
             sel.prefetch(evals)
           prompts, drops, info = build_prompts(sel, ordering, k, seed, evals, pool,
                                                config.task.instruction, template, lm, labels, s)
-          preds, lp = icl.classify(lm, prompts, labels)
+          preds, lp = icl_prompts.classify(lm, prompts, labels)
           correct = [p == q['y'] for p, q in zip(preds, evals)]
           accs.append(float(np.mean(correct)))
           dropped += sum(drops)

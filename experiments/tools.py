@@ -266,7 +266,7 @@ def run(config: ConfigDict, workdir: str):
     oracle.append({'family': q['family'], 'react_oracle': float(seen)})
 
   params, cfg, tok, train_report = train_model(config, workdir, segments, source)
-  from experiments.evaluation import model as eval_model
+  from experiments.evaluation import eval_model
   from lm import sharding
   mesh = sharding.make_mesh(config.mesh.to_dict())
   lm = eval_model.LanguageModel(params, cfg, tok, mesh, batch_size=config.batch_size,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from data import tokenizers
-from experiments.evaluation import model as em
+from experiments.evaluation import eval_model as em
 from lm import model, sharding
 from lm.config import ConfigError, ModelConfig
 
@@ -234,7 +234,7 @@ def test_tasks_this_model_cannot_run_are_left_out_in_one_sentence(tmp_path, monk
   HumanEval's stop strings), with a context shorter than HumanEval's 256 new tokens."""
   from experiments import evaluate
   from experiments.configs import evaluate as evaluate_config
-  from experiments.evaluation import tasks
+  from experiments.evaluation import eval_tasks as tasks
   config = evaluate_config.get_config()          # default tasks: cloze, ppl, instruct, humaneval
   config.task.works_cloze.options.n = 4
   config.task.works_ppl.limit = 1

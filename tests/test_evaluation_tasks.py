@@ -10,8 +10,8 @@ from data import tasks as data_tasks
 from data.sources import CorpusError
 from experiments import evaluate
 from experiments.configs import evaluate as evaluate_config
-from experiments.evaluation import answers, fewshot, tasks
-from experiments.evaluation import model as em
+from experiments.evaluation import answers, eval_tasks, fewshot
+from experiments.evaluation import eval_model as em
 from lm.config import ConfigError
 
 GSM8K = os.path.join(os.path.dirname(__file__), 'data', 'gsm8k_sample.jsonl')
@@ -30,8 +30,8 @@ def test_gsm8k_strict_and_flexible_extraction():
 
 
 def test_gsm8k_task_scores_strict_and_flexible_apart():
-  cfg = tasks.preset('gsm8k', path=GSM8K)
-  docs, report = tasks.load(cfg)
+  cfg = eval_tasks.preset('gsm8k', path=GSM8K)
+  docs, report = eval_tasks.load(cfg)
   assert len(docs) == 5 and report['records'] == 5 and docs[2]['answer'] == '2050'
   outputs = ['3 * 4 = 12 apples.\n#### 12', 'It costs 45 dollars.', 'They sold 2,050 eggs.\n#### 2,050',
              '#### 7', 'nothing']
@@ -39,7 +39,7 @@ def test_gsm8k_task_scores_strict_and_flexible_apart():
   class Fixed:
     def generate_until(self, requests, references=None):
       return outputs
-  m = tasks.run(cfg, docs, Fixed(), bootstrap_iters=50)['metrics']
+  m = eval_tasks.run(cfg, docs, Fixed(), bootstrap_iters=50)['metrics']
   assert m['exact_match_strict']['value'] == pytest.approx(2 / 5)     # 12, 2,050
   assert m['exact_match_flexible']['value'] == pytest.approx(3 / 5)   # 12, 45, 2,050 (7 is wrong: -7)
 
@@ -77,8 +77,8 @@ def test_fewshot_samplers_behave():
 
 
 def test_demo_ids_logged_and_prompt_built(tmp_path):
-  cfg = tasks.preset('gsm8k', path=GSM8K, fewshot=dict(k=2, sampler='first_n'))
-  docs, _ = tasks.load(cfg)
+  cfg = eval_tasks.preset('gsm8k', path=GSM8K, fewshot=dict(k=2, sampler='first_n'))
+  docs, _ = eval_tasks.load(cfg)
   assert docs[0]['demo_ids'] == ['2', '3'] and docs[1]['demo_ids'] == ['1', '3']
   assert docs[0]['prompt'].startswith('Question: A book costs') and docs[0]['prompt'].endswith(
       docs[0]['query'])
@@ -87,19 +87,19 @@ def test_demo_ids_logged_and_prompt_built(tmp_path):
 
 def test_bad_input_fails_at_start_up_in_one_sentence(tmp_path):
   with pytest.raises(CorpusError, match='does not exist|No such|not found|exist'):
-    tasks.load(tasks.preset('gsm8k', path=str(tmp_path / 'missing.jsonl')))
+    eval_tasks.load(eval_tasks.preset('gsm8k', path=str(tmp_path / 'missing.jsonl')))
   empty = tmp_path / 'empty.jsonl'
   empty.write_text('')
   with pytest.raises(CorpusError, match='empty'):
-    tasks.load(tasks.preset('gsm8k', path=str(empty)))
+    eval_tasks.load(eval_tasks.preset('gsm8k', path=str(empty)))
   with pytest.raises(ConfigError, match="metric 'acc' does not fit a generate task"):
-    tasks.check(tasks.preset('gsm8k', path=GSM8K, metrics=('acc',)))
+    eval_tasks.check(eval_tasks.preset('gsm8k', path=GSM8K, metrics=('acc',)))
   with pytest.raises(ConfigError, match='pass@5 needs generation.n >= 5'):
-    tasks.check(tasks.preset('humaneval', metrics=('pass@5',)))
+    eval_tasks.check(eval_tasks.preset('humaneval', metrics=('pass@5',)))
   with pytest.raises(ConfigError, match='needs a path'):
-    tasks.check(tasks.preset('gsm8k'))
+    eval_tasks.check(eval_tasks.preset('gsm8k'))
   with pytest.raises(ConfigError, match='unknown metric'):
-    tasks.check(tasks.preset('works_cloze', metrics=('f1_macro',)))
+    eval_tasks.check(eval_tasks.preset('works_cloze', metrics=('f1_macro',)))
 
 
 def test_bad_records_are_counted(tmp_path):
@@ -109,14 +109,14 @@ def test_bad_records_are_counted(tmp_path):
           {'q': 'Yes?', 'choices': ['yes', 'no'], 'gold': 5},           # gold out of range
           {'choices': ['a', 'b'], 'gold': 1}]                            # no q
   f.write_text('\n'.join(json.dumps(r) for r in rows) + '\nnot json\n')
-  cfg = tasks.task_config(name='mc', path=str(f), kind='multiple_choice', metrics=('acc', 'acc_norm'),
+  cfg = eval_tasks.task_config(name='mc', path=str(f), kind='multiple_choice', metrics=('acc', 'acc_norm'),
                           query_template='{q}')
-  docs, report = tasks.load(cfg)
+  docs, report = eval_tasks.load(cfg)
   assert len(docs) == 1 and report['skipped'] == {'bad_choices': 1, 'bad_gold': 1,
                                                    'template_field_missing': 1, 'bad_json': 1}
   f.write_text(json.dumps(rows[1]) + '\n')
   with pytest.raises(CorpusError, match='no usable documents'):
-    tasks.load(cfg)
+    eval_tasks.load(cfg)
 
 
 def test_evaluate_reference_reaches_every_ceiling(tmp_path):
@@ -176,18 +176,18 @@ def test_negative_and_comma_answers_score_against_the_final_line(tmp_path):
           ('It fell from 5 to -2.', '5 - 7 = -2\n#### -2'),
           ('Three million?', '#### 3,000,000')]
   f.write_text(''.join(json.dumps({'question': q, 'answer': a}) + '\n' for q, a in rows))
-  cfg = tasks.preset('gsm8k', path=str(f))
-  docs, _ = tasks.load(cfg)
+  cfg = eval_tasks.preset('gsm8k', path=str(f))
+  docs, _ = eval_tasks.load(cfg)
   assert [d['answer'] for d in docs] == ['-1234', '-2', '3000000']
   outputs = ['It is below zero: -1,234.\n#### -1,234', 'fell to -2\n#### -2', '#### 3,000,000']
 
   class Fixed:
     def generate_until(self, requests, references=None):
       return list(outputs)
-  m = tasks.run(cfg, docs, Fixed(), bootstrap_iters=0)['metrics']
+  m = eval_tasks.run(cfg, docs, Fixed(), bootstrap_iters=0)['metrics']
   assert m['exact_match_strict']['value'] == 1.0 and m['exact_match_flexible']['value'] == 1.0
   outputs[0] = '#### 1,234'   # the sign matters
-  m = tasks.run(cfg, docs, Fixed(), bootstrap_iters=0)['metrics']
+  m = eval_tasks.run(cfg, docs, Fixed(), bootstrap_iters=0)['metrics']
   assert m['exact_match_strict']['value'] == pytest.approx(2 / 3)
 
 
@@ -227,14 +227,14 @@ def test_jsonl_task_defined_from_the_command_line_with_metric_options(tmp_path):
   t.bleu.tokenize, t.bleu.lowercase, t.rouge.use_stemmer = 'char', True, False
   (cfg,) = evaluate.task_configs(config)
   assert cfg.metrics == ('bleu', 'rouge1')
-  docs, _ = tasks.load(cfg)
+  docs, _ = eval_tasks.load(cfg)
   assert docs[0]['prompt'] == 'French: Les chiens sont rentrés.\nEnglish:'
   outputs = ['the dog ran home', 'A cat is sleeping.', 'Birds sing.']
 
   class Fixed:
     def generate_until(self, requests, references=None):
       return outputs
-  m = tasks.run(cfg, docs, Fixed(), bootstrap_iters=0)['metrics']
+  m = eval_tasks.run(cfg, docs, Fixed(), bootstrap_iters=0)['metrics']
   refs = [[r['en'] for r in rows]]
   assert m['bleu']['value'] == pytest.approx(
       sacrebleu.corpus_bleu(outputs, refs, tokenize='char', lowercase=True).score)
@@ -258,13 +258,13 @@ def test_a_failing_task_is_named_with_its_key_and_the_others_are_written(tmp_pat
   config.task.works_cloze.options.n = 5
   config.task.works_ppl.limit = 2
   config.bootstrap_iters = 10
-  real = tasks.run
+  real = eval_tasks.run
 
   def broken(cfg, *a, **k):
     if cfg.name == 'works_cloze':
       raise RuntimeError('device out of memory')
     return real(cfg, *a, **k)
-  monkeypatch.setattr(tasks, 'run', broken)
+  monkeypatch.setattr(eval_tasks, 'run', broken)
   with pytest.raises(ConfigError) as e:
     evaluate.run(config, str(tmp_path))
   assert 'works_cloze' in str(e.value) and 'results.json' in str(e.value)
@@ -290,8 +290,8 @@ def test_skip_and_truncation_counts_are_printed(tmp_path, capsys):
       self.stats['truncated'] += len(requests) // 2
       return super().loglikelihood(requests, references)
   config = evaluate_config.get_config()
-  cfg = tasks.preset('works_cloze', options=dict(n=3))
-  docs, report = tasks.load(cfg)
+  cfg = eval_tasks.preset('works_cloze', options=dict(n=3))
+  docs, report = eval_tasks.load(cfg)
   out = evaluate.run_task(config, cfg, docs, report, Truncating())
   assert (out['report']['prompts'], out['report']['truncated']) == (12, 6)
   printed = capsys.readouterr().out

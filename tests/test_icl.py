@@ -1,4 +1,4 @@
-"""experiments/evaluation/icl.py: prompt construction, selection, ordering, overflow, scoring;
+"""experiments/evaluation/icl_prompts.py: prompt construction, selection, ordering, overflow, scoring;
 experiments/icl.py: start-up checks and a tiny end-to-end sweep."""
 import itertools
 import json
@@ -9,7 +9,7 @@ import pytest
 
 from experiments import icl as sweep
 from experiments.configs import icl_sweep as sweep_config
-from experiments.evaluation import icl
+from experiments.evaluation import icl_prompts
 from lm.config import ConfigError
 
 
@@ -18,11 +18,11 @@ def ex(i, x, y):
 
 
 def test_prompt_is_the_surveys_decomposition():
-  t = icl.Template(input='Q: {x}\nA:', output=' {y}', separator='\n\n')
-  p = icl.Prompt('Answer yes or no.', t, (ex(0, 'a?', 'yes'), ex(1, 'b?', 'no')), ex(2, 'c?', 'yes'))
+  t = icl_prompts.Template(input='Q: {x}\nA:', output=' {y}', separator='\n\n')
+  p = icl_prompts.Prompt('Answer yes or no.', t, (ex(0, 'a?', 'yes'), ex(1, 'b?', 'no')), ex(2, 'c?', 'yes'))
   assert p.context() == 'Answer yes or no.\n\nQ: a?\nA: yes\n\nQ: b?\nA: no\n\nQ: c?\nA:'
   assert t.continuation('yes') == ' yes'
-  assert icl.Prompt('', t, (), ex(2, 'c?', 'yes')).context() == 'Q: c?\nA:'
+  assert icl_prompts.Prompt('', t, (), ex(2, 'c?', 'yes')).context() == 'Q: c?\nA:'
 
 
 POOL = [ex(0, 'cherry grape', 'a'), ex(1, 'apple kiwi', 'b'), ex(2, 'apple banana kiwi', 'a'),
@@ -49,33 +49,33 @@ def bm25_by_hand(docs, query, k1=1.5, b=0.75):
 
 def test_bm25_selection_matches_hand_computed_order():
   q = {'id': 'q', 'x': 'apple banana'}
-  sel = icl.Selector(POOL, 'bm25')
+  sel = icl_prompts.Selector(POOL, 'bm25')
   want = bm25_by_hand([e['x'] for e in POOL], q['x'])
   np.testing.assert_allclose(sel.bm25_scores(q), want, rtol=1e-5)
   # hand: p2 has both words (0.70) > p4 'banana' (a 1-word doc, 0.53) > p1 'apple' (0.43) > 0
   assert list(np.argsort(-want)[:3]) == [2, 4, 1]
   assert sel.select(q, 3) == [1, 4, 2]              # the nearest last (closest to the query)
-  assert icl.order([2, 1, 4], q, 'similar_last', sel) == [1, 4, 2]
+  assert icl_prompts.order([2, 1, 4], q, 'similar_last', sel) == [1, 4, 2]
 
 
 def test_class_balanced_counts_and_seeded_determinism():
   pool = [ex(i, f'w{i}', 'abc'[i % 3]) for i in range(30)]
   q = {'id': 'q', 'x': 'zzz'}
   for k, want in ((6, {'a': 2, 'b': 2, 'c': 2}), (4, {'a': 2, 'b': 1, 'c': 1}), (3, {'a': 1, 'b': 1, 'c': 1})):
-    got = icl.Selector(pool, 'class_balanced', seed=1).select(q, k)
+    got = icl_prompts.Selector(pool, 'class_balanced', seed=1).select(q, k)
     counts = {c: sum(pool[i]['y'] == c for i in got) for c in 'abc'}
     assert counts == want and len(set(got)) == k
-  a = icl.Selector(pool, 'random', seed=3).select(q, 5)
-  assert a == icl.Selector(pool, 'random', seed=3).select(q, 5)
-  assert a != icl.Selector(pool, 'random', seed=4).select(q, 5)
+  a = icl_prompts.Selector(pool, 'random', seed=3).select(q, 5)
+  assert a == icl_prompts.Selector(pool, 'random', seed=3).select(q, 5)
+  assert a != icl_prompts.Selector(pool, 'random', seed=4).select(q, 5)
   assert len(set(a)) == 5
 
 
 def test_a_query_is_never_its_own_demo():
   pool = [ex(0, 'same text', 'a'), ex(1, 'other', 'b'), ex(2, 'third', 'a')]
   emb = np.eye(3)
-  for how in icl.SELECTIONS:
-    sel = icl.Selector(pool, how, embed=(emb, lambda xs: np.eye(3)[[0] * len(xs)]))
+  for how in icl_prompts.SELECTIONS:
+    sel = icl_prompts.Selector(pool, how, embed=(emb, lambda xs: np.eye(3)[[0] * len(xs)]))
     for q in ({'id': 'p0', 'x': 'zzz'}, {'id': 'new', 'x': 'same text'}):
       assert 0 not in sel.select(q, 3), how
 
@@ -86,49 +86,49 @@ def test_knn_by_embeddings_and_diversity_by_clusters():
   emb = np.concatenate([c + 0.1 * rng.normal(size=(4, 3)) for c in centers])   # 3 tight clusters
   pool = [ex(i, f'w{i}', 'abc'[i // 4]) for i in range(12)]
   query_vec = np.asarray([[1.0, 0.2, 0.0]])
-  sel = icl.Selector(pool, 'knn', embed=(emb, lambda xs: query_vec))
+  sel = icl_prompts.Selector(pool, 'knn', embed=(emb, lambda xs: query_vec))
   q = {'id': 'q', 'x': 'zzz'}
   cos = (emb / np.linalg.norm(emb, axis=1, keepdims=True)) @ (query_vec[0] / np.linalg.norm(query_vec))
   assert sel.select(q, 3) == list(np.argsort(-cos)[:3])       # nearest first
-  assert icl.order(sel.select(q, 3), q, 'similar_last', sel) == list(np.argsort(-cos)[:3])[::-1]
-  div = icl.Selector(pool, 'diversity', seed=0, embed=(emb, lambda xs: query_vec)).select(q, 3)
+  assert icl_prompts.order(sel.select(q, 3), q, 'similar_last', sel) == list(np.argsort(-cos)[:3])[::-1]
+  div = icl_prompts.Selector(pool, 'diversity', seed=0, embed=(emb, lambda xs: query_vec)).select(q, 3)
   assert sorted(i // 4 for i in div) == [0, 1, 2]             # one per cluster
   for i in div:                                               # the member nearest its centroid
     members = range(4 * (i // 4), 4 * (i // 4) + 4)
     centroid = emb[list(members)].mean(0)
     assert i == min(members, key=lambda j: ((emb[j] - centroid) ** 2).sum())
-  c1, a1 = icl.kmeans(emb, 3, seed=5)
-  c2, a2 = icl.kmeans(emb, 3, seed=5)
+  c1, a1 = icl_prompts.kmeans(emb, 3, seed=5)
+  c2, a2 = icl_prompts.kmeans(emb, 3, seed=5)
   np.testing.assert_array_equal(a1, a2)
 
 
 def test_random_ordering_is_seeded_per_query():
   q = {'id': 'q', 'x': 'x'}
-  a = icl.order([1, 2, 3, 4, 5], q, 'random', seed=0)
+  a = icl_prompts.order([1, 2, 3, 4, 5], q, 'random', seed=0)
   assert sorted(a) == [1, 2, 3, 4, 5]
-  assert a == icl.order([1, 2, 3, 4, 5], q, 'random', seed=0)
-  assert any(icl.order([1, 2, 3, 4, 5], q, 'random', seed=s) != a for s in range(1, 5))
-  assert icl.order([1, 2, 3], q, 'selection') == [1, 2, 3]
+  assert a == icl_prompts.order([1, 2, 3, 4, 5], q, 'random', seed=0)
+  assert any(icl_prompts.order([1, 2, 3, 4, 5], q, 'random', seed=s) != a for s in range(1, 5))
+  assert icl_prompts.order([1, 2, 3], q, 'selection') == [1, 2, 3]
 
 
 def test_entropy_and_candidate_orders():
-  assert icl.entropy(['a', 'a', 'b', 'b'], ['a', 'b', 'c']) == pytest.approx(math.log(2))
-  assert icl.entropy(['a'] * 4, ['a', 'b']) == 0.0
-  assert icl.candidate_orders(3, 6, 0, 'k') == list(itertools.permutations(range(3)))
-  c = icl.candidate_orders(4, 5, 0, 'k')
+  assert icl_prompts.entropy(['a', 'a', 'b', 'b'], ['a', 'b', 'c']) == pytest.approx(math.log(2))
+  assert icl_prompts.entropy(['a'] * 4, ['a', 'b']) == 0.0
+  assert icl_prompts.candidate_orders(3, 6, 0, 'k') == list(itertools.permutations(range(3)))
+  c = icl_prompts.candidate_orders(4, 5, 0, 'k')
   assert len(c) == 5 and c[0] == (0, 1, 2, 3) and len(set(c)) == 5
-  assert c == icl.candidate_orders(4, 5, 0, 'k')
+  assert c == icl_prompts.candidate_orders(4, 5, 0, 'k')
 
 
 def test_global_entropy_picks_the_max_entropy_permutation():
   pool = [ex(0, 'u', '0'), ex(1, 'v', '1'), ex(2, 'w', '0')]
-  t = icl.Template()
+  t = icl_prompts.Template()
   probes = [{'id': f'r{i}', 'x': 'odd' if i % 2 else 'even'} for i in range(4)]
-  make = lambda ds, q: icl.Prompt('', t, tuple(pool[i] for i in ds), q)
+  make = lambda ds, q: icl_prompts.Prompt('', t, tuple(pool[i] for i in ds), q)
   # a fake model: odd probes copy the last demo's label, even ones the first's, so an order
   # whose first and last labels differ predicts both labels (entropy ln 2), else one (0)
   predict = lambda ps: [p.demos[-1]['y'] if p.query['x'] == 'odd' else p.demos[0]['y'] for p in ps]
-  chosen, info = icl.global_entropy_orders([[0, 1, 2], [2]], [probes, probes], make, predict,
+  chosen, info = icl_prompts.global_entropy_orders([[0, 1, 2], [2]], [probes, probes], make, predict,
                                            ['0', '1'], n_perms=6)
   # permutations in order: (0,1,2) -> 0; (0,2,1) -> labels 0 and 1 -> ln 2: the first maximum
   assert chosen[0] == [0, 2, 1]
@@ -137,15 +137,15 @@ def test_global_entropy_picks_the_max_entropy_permutation():
 
 
 def test_overflow_drops_demos_from_the_front_and_counts_them():
-  t = icl.Template(input='{x}', output='{y}', separator=' ')
+  t = icl_prompts.Template(input='{x}', output='{y}', separator=' ')
   demos = (ex(0, 'aa', '1'), ex(1, 'bb', '2'), ex(2, 'cc', '3'))
-  p = icl.Prompt('', t, demos, {'id': 'q', 'x': 'dd'})
+  p = icl_prompts.Prompt('', t, demos, {'id': 'q', 'x': 'dd'})
   assert p.context() == 'aa1 bb2 cc3 dd'           # 14 chars
-  fitted, dropped = icl.fit(p, len, 14)
+  fitted, dropped = icl_prompts.fit(p, len, 14)
   assert dropped == 0 and fitted == p
-  fitted, dropped = icl.fit(p, len, 9)              # 'bb2 cc3 dd' is 10
+  fitted, dropped = icl_prompts.fit(p, len, 9)              # 'bb2 cc3 dd' is 10
   assert dropped == 2 and fitted.context() == 'cc3 dd'
-  fitted, dropped = icl.fit(p, len, 1)             # even the query alone is too long
+  fitted, dropped = icl_prompts.fit(p, len, 1)             # even the query alone is too long
   assert dropped == 3 and fitted.context() == 'dd'
 
 
@@ -161,23 +161,23 @@ class FakeLM:
 
 
 def test_classify_scores_every_label_and_takes_the_argmax():
-  t = icl.Template(input='{x}', output=' {y}')
-  prompts = [icl.Prompt('', t, (), {'id': 'a', 'x': 'hi'}), icl.Prompt('', t, (), {'id': 'b', 'x': 'yo'})]
+  t = icl_prompts.Template(input='{x}', output=' {y}')
+  prompts = [icl_prompts.Prompt('', t, (), {'id': 'a', 'x': 'hi'}), icl_prompts.Prompt('', t, (), {'id': 'b', 'x': 'yo'})]
   lm = FakeLM({' pos': -1.0, ' neg': -2.0})
-  preds, lp = icl.classify(lm, prompts, ['neg', 'pos'])
+  preds, lp = icl_prompts.classify(lm, prompts, ['neg', 'pos'])
   assert preds == ['pos', 'pos'] and lp.shape == (2, 2)
   assert lm.requests[:2] == [('hi', ' neg'), ('hi', ' pos')]
-  preds, _ = icl.classify(FakeLM({' pos': -1.0, ' neg': -1.0}), prompts, ['neg', 'pos'])
+  preds, _ = icl_prompts.classify(FakeLM({' pos': -1.0, ' neg': -1.0}), prompts, ['neg', 'pos'])
   assert preds == ['neg', 'neg']                   # ties: the first label
 
 
 def test_bad_configs_fail_in_one_sentence():
   with pytest.raises(ConfigError, match='unknown'):
-    icl.check('nearest', 'random')
+    icl_prompts.check('nearest', 'random')
   with pytest.raises(ConfigError, match='unknown'):
-    icl.check('random', 'sorted')
+    icl_prompts.check('random', 'sorted')
   with pytest.raises(ConfigError, match='embeddings'):
-    icl.Selector(POOL, 'knn')
+    icl_prompts.Selector(POOL, 'knn')
   c = sweep_config.get_config()
   c.sweep.combos = ('random',)
   with pytest.raises(ConfigError, match='selection/ordering'):
@@ -239,7 +239,7 @@ def test_mean_pooled_is_the_mean_of_the_models_hidden_states():
   params = jax.tree.map(lambda s: np.ones(s.shape, np.float32) if s.init == 'ones' else
                         (s.std * rng.normal(size=s.shape)).astype(np.float32),
                         model.param_specs(cfg), is_leaf=lambda x: hasattr(x, 'init'))
-  got = icl.mean_pooled(params, cfg, tok, ['abc', 'hgfedcba ab'], batch_size=4)
+  got = icl_prompts.mean_pooled(params, cfg, tok, ['abc', 'hgfedcba ab'], batch_size=4)
   h = jax.jit(lambda p, x: model.hidden_states(p, x, cfg)[0])(params, tok.encode('abc')[None])
   np.testing.assert_allclose(got[0], np.asarray(h[0]).mean(0), rtol=1e-4, atol=1e-5)  # pads unseen
   assert got.shape == (2, 16)
@@ -255,7 +255,7 @@ def test_jsonl_task_splits_pool_and_eval(tmp_path):
   pool, evals, labels, t = sweep.jsonl_task(c)
   assert [e['x'] for e in pool] == [f'review {i}' for i in range(4)]
   assert [e['x'] for e in evals] == ['review 4', 'review 5', 'review 6'] and labels == ['neg', 'pos']
-  assert icl.Prompt('', t, (pool[1],), evals[0]).context() == \
+  assert icl_prompts.Prompt('', t, (pool[1],), evals[0]).context() == \
       'Review: review 1\nSentiment: pos\n\nReview: review 4\nSentiment:'
   c.n_pool = 10
   with pytest.raises(ConfigError, match='non-empty'):

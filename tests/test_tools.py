@@ -215,7 +215,7 @@ def test_normalize_answers():
 
 def test_mean_pooled_ignores_padding_and_batching():
   import jax
-  from experiments.evaluation import model as eval_model
+  from experiments.evaluation import eval_model
   from lm import model
   from lm.config import ModelConfig
   tok = tokenizers.CharTokenizer.from_texts(['abcdefgh xyz'])

@@ -33,7 +33,7 @@ A JSON-lines file of your own, from the command line: the slots `jsonl`, `jsonl_
 """
 from ml_collections import ConfigDict
 
-from experiments.evaluation import tasks as eval_tasks
+from experiments.evaluation import eval_tasks
 
 JSONL_SLOTS = ('jsonl', 'jsonl_2', 'jsonl_3')
 

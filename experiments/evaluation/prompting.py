@@ -2,7 +2,7 @@
 
 An example is a dict {question, rationale, final} (the answer as text), optionally with a
 PAL `program`; data/arith.py's problems and GSM8K records (via `from_gsm8k`) both are.
-Every method asks `lm.generate_until` (experiments/evaluation/model.py) and returns one
+Every method asks `lm.generate_until` (experiments/evaluation/eval_model.py) and returns one
 record per example: the prompt(s), the output(s), the extracted answer and whether it is right.
 
   direct            demos 'Q: q\\nA:\\n#### N', query 'Q: q\\nA:\\n####': the answer at once

@@ -120,7 +120,7 @@ class DenseIndex:
 
 def mean_pooled(lm, texts: Sequence[str], max_tokens: int = 64) -> np.ndarray:
   """[N, d_model] float32: the mean of the final hidden states over each text's tokens (BOS
-  and padding excluded), from an experiments.evaluation.model.LanguageModel."""
+  and padding excluded), from an experiments.evaluation.eval_model.LanguageModel."""
   import jax
   import jax.numpy as jnp
   key = ('mean_pooled', lm.cfg)
