@@ -9,8 +9,13 @@ and may carry a loss 'weight' (default 1) that scales all of its tokens in the l
 
 Templates are data (`TEMPLATES`, chosen by name from config):
   alpaca  Alpaca's prompt ("Below is an instruction ... ### Response:\\n"), the output, eos
-  chat    per turn: <|role|> content <|end|>, the markers being special ids
+  chat    per turn: <|role|> content <|end|>, the markers being special ids; on a tokenizer that
+          carries a chat_template (a Hugging Face folder's) that template renders the chat instead,
+          with the ids of transformers' apply_chat_template (`chat_template_tokens`)
   none    instruction, input and output concatenated raw, then eos
+
+`chat_template_jinja` writes a template of ours as a Jinja chat_template, which export puts
+in the Hugging Face folder so apply_chat_template formats exactly as the run trained.
 
 `render` gives TokenizedExample(tokens, loss_mask). loss_mask is 1 on what the model must
 learn to say: the output and the token that ends it (eos; in chats every assistant turn's
@@ -175,9 +180,44 @@ def pieces(example: Mapping, template: str | Template) -> list[tuple[str, str, b
   return [('text', fmt.format(**values), False), ('text', output, True), ('special', t.end, True)]
 
 
+def uses_chat_template(template: str | Template, tokenizer) -> bool:
+  """Whether a chat template is rendered by the tokenizer's own chat_template (a Hugging Face
+  folder's): the model's conversation format wins over our role markers."""
+  return get_template(template).is_chat and bool(getattr(tokenizer, 'chat_template', None))
+
+
+def chat_template_jinja(template: str | Template, tokenizer, spell: Mapping[str, str]) -> str:
+  """A Jinja chat_template rendering conversations as `template` does over `tokenizer`, its
+  special tokens spelled `spell[name]` (as its Hugging Face export spells them); the generation
+  prompt is what precedes a response. Text templates read a chat as `_as_instruction` does:
+  system and user turns joined by a blank line, then the response."""
+  import json
+  t = get_template(template)
+  check_tokenizer(t, tokenizer)
+  special_piece = lambda name: spell[name]
+  lit = lambda text: '{{ ' + json.dumps(text) + ' }}'   # a JSON string is a Jinja string literal
+  if t.is_chat:
+    turns = ''.join(f"{{% {'if' if i == 0 else 'elif'} m['role'] == {json.dumps(r)} %}}{lit(special_piece(n))}"
+                    for i, (r, n) in enumerate(t.roles.items()))
+    return ("{% for m in messages %}" + turns + "{% endif %}{{ m['content'] }}" + lit(special_piece(t.end)) +
+            "{% endfor %}{% if add_generation_prompt %}" + lit(special_piece(t.roles['assistant'])) + "{% endif %}")
+  fmt = t.prompt_no_input if t.prompt_no_input is not None else t.prompt
+  if _fields(fmt) != ['instruction']:
+    raise FormatError(f'Template {t.name!r} prompts with fields {_fields(fmt)}; only an instruction-only '
+                      'prompt can be written as a chat_template.')
+  head, tail = fmt.split('{instruction}')
+  return ("{% set ns = namespace(parts=[]) %}{% for m in messages %}{% if m['role'] != 'assistant' %}"
+          "{% set ns.parts = ns.parts + [m['content']] %}{% else %}" + lit(head) + "{{ ns.parts | join('\n\n') }}"
+          + lit(tail) + "{{ m['content'] }}" + lit(special_piece(t.end)) + "{% set ns.parts = [] %}{% endif %}"
+          "{% endfor %}{% if add_generation_prompt %}" + lit(head) + "{{ ns.parts | join('\n\n') }}" + lit(tail)
+          + "{% endif %}")
+
+
 def check_tokenizer(template: str | Template, tokenizer) -> None:
   """FormatError unless the tokenizer has every special token the template uses."""
   t = get_template(template)
+  if uses_chat_template(t, tokenizer):
+    t = dataclasses.replace(t, roles={}, end='eos')   # its chat_template spells the turns; text ends in eos
   missing = [n for n in t.special_names() if n not in tokenizer.special_ids]
   if missing:
     raise FormatError(f'Template {t.name!r} needs special tokens {missing} that the tokenizer lacks; '
@@ -229,12 +269,38 @@ def _encode(ps: Sequence[tuple[str, str, bool]], template, tokenizer) -> tuple[n
   return np.concatenate(toks), np.concatenate(learn)
 
 
+def chat_template_tokens(messages: list[dict], tokenizer, add_generation_prompt: bool = False
+                         ) -> tuple[np.ndarray, np.ndarray]:
+  """(ids, learned?) of a chat rendered by the tokenizer's chat_template: the ids of transformers'
+  apply_chat_template, learned where they fall in an assistant turn (its content and whatever the
+  template closes it with), located as the text each turn adds to the conversation before it."""
+  text = tokenizer.render_chat(messages, add_generation_prompt)
+  ids, offsets = tokenizer.encode_chat(text)
+  learn = np.zeros(len(ids), bool)
+  for i, m in enumerate(messages):
+    if m['role'] != 'assistant':
+      continue
+    before = tokenizer.render_chat(messages[:i], add_generation_prompt=True)
+    through = tokenizer.render_chat(messages[:i + 1])
+    if not (through.startswith(before) and text.startswith(through)):
+      raise FormatError(f'The chat_template does not render assistant turn {i} as an extension of the '
+                        'conversation before it, so its loss mask cannot be placed; use data.template=alpaca or none.')
+    learn |= (offsets[:, 0] >= len(before)) & (offsets[:, 0] < len(through))
+  return ids, learn
+
+
 def _render(example, template, tokenizer, train_on, max_len, truncate) -> tuple[TokenizedExample, bool]:
   if train_on not in TRAIN_ON:
     raise FormatError(f'train_on={train_on!r} is not supported; choose one of {TRAIN_ON}.')
   if truncate not in TRUNCATE:
     raise FormatError(f'truncate={truncate!r} is not supported; choose one of {TRUNCATE}.')
-  tokens, learn = _encode(pieces(example, template), template, tokenizer)
+  if not uses_chat_template(template, tokenizer):
+    tokens, learn = _encode(pieces(example, template), template, tokenizer)
+  elif _is_text(example):
+    text_t = dataclasses.replace(get_template(template), roles=None, end='eos')
+    tokens, learn = _encode(pieces(example, text_t), text_t, tokenizer)
+  else:
+    tokens, learn = chat_template_tokens(as_messages(example, get_template(template).name), tokenizer)
   cut = max_len is not None and len(tokens) > max_len
   if cut:
     tokens, learn = _truncate(tokens, learn, max_len, truncate)
@@ -259,6 +325,11 @@ def prompt_tokens(example: Mapping, template: str | Template, tokenizer) -> np.n
 
   The example's final output may be absent (evaluation)."""
   ex = dict(example)
+  if uses_chat_template(template, tokenizer):
+    msgs = as_messages({**ex, 'output': ex.get('output', '')}, get_template(template).name)
+    if msgs[-1]['role'] == 'assistant':
+      msgs = msgs[:-1]
+    return chat_template_tokens(msgs, tokenizer, add_generation_prompt=True)[0]
   if 'messages' in ex:
     if ex['messages'] and ex['messages'][-1].get('role') != 'assistant':
       ex['messages'] = list(ex['messages']) + [{'role': 'assistant', 'content': ''}]

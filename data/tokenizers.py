@@ -604,17 +604,26 @@ def _spm_to_hf(model_path: str):
   return tk, control
 
 
-def export_hf(tokenizer, folder: str) -> str:
+def export_hf(tokenizer, folder: str, chat_template: str | None = None) -> str:
   """Write `tokenizer` as a Hugging Face tokenizer (tokenizer.json, tokenizer_config.json, ...)
-  in `folder`, so `transformers.AutoTokenizer.from_pretrained(folder)` loads it offline."""
+  in `folder`, so `transformers.AutoTokenizer.from_pretrained(folder)` loads it offline; with
+  `chat_template`, its apply_chat_template formats conversations with it."""
   from transformers import PreTrainedTokenizerFast
   tk = to_hf(tokenizer)
   names = {f'{n}_token': tk.id_to_token(i) for n, i in tokenizer.special_ids.items()
            if n in ('pad', 'bos', 'eos', 'unk')}
   # No cleanup: it would delete spaces before punctuation, and decode must give the text back.
-  # split_special_tokens: like ours, text spelling '<|response|>' is ordinary pieces, never the id.
+  # split_special_tokens: like ours, text spelling '<|response|>' is ordinary pieces, never the id;
+  # but a chat template writes its markers as text, which must then become their ids.
   fast = PreTrainedTokenizerFast(tokenizer_object=tk, clean_up_tokenization_spaces=False,
-                                 split_special_tokens=True, **names)
+                                 split_special_tokens=chat_template is None, chat_template=chat_template, **names)
   os.makedirs(folder, exist_ok=True)
   fast.save_pretrained(folder)
+  if chat_template is not None:   # also where transformers < 4.43 looks for it
+    path = os.path.join(folder, 'tokenizer_config.json')
+    with open(path, encoding='utf-8') as f:
+      meta = json.load(f)
+    meta['chat_template'] = chat_template
+    with open(path, 'w', encoding='utf-8') as f:
+      json.dump(meta, f, indent=2, ensure_ascii=False)
   return folder

@@ -8,17 +8,21 @@ they are (PPO's policy without its value model); a LoRA run's checkpoints hold o
 adapters, so its base (config.json 'source') is restored and the adapters are folded in
 (peft.merge). The folder then loads offline with
 `AutoModelForCausalLM.from_pretrained(out)` and `AutoTokenizer.from_pretrained(out)`, and the
-tokenizer gives the same ids as the run's own (data.tokenizers.export_hf).
+tokenizer gives the same ids as the run's own (data.tokenizers.export_hf). A run trained with a
+template (SFT's data.template) exports it as the tokenizer's chat_template, so
+`apply_chat_template` gives the ids the run trained on, and generation_config.json's
+eos_token_id leads with the token that ends a response (<|end|> for the chat template).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import jax
 from ml_collections import ConfigDict
 
-from data import tokenizers
+from data import formats, tokenizers
 from experiments.stages import stage
 from lm import convert, sharding
 from lm.config import ConfigError
@@ -55,21 +59,41 @@ def load_merged(init_from: str, mesh):
   return source.cfg, source.tokenizer, source.restore_params(mesh)   # LoRA: merged into its base
 
 
+def chat_format(source: stage.Source, tok) -> tuple[str | None, tuple]:
+  """(chat_template, end-of-turn ids) of a run trained with a template (its data.template): our
+  template written as Jinja (formats.chat_template_jinja) and the token that ends its responses,
+  or a Hugging Face folder's own chat_template where the run used that (its EOS ids are already
+  the model's). (None, ()) for a run without a template (pretraining)."""
+  name = source.config.get('data', {}).get('template') if source.config is not None else None
+  if not name:
+    return None, ()
+  template = formats.get_template(name)
+  if formats.uses_chat_template(template, tok):
+    return tok.chat_template, ()
+  hf = tokenizers.to_hf(tok)
+  spell = {n: hf.id_to_token(i) for n, i in tok.special_ids.items()}
+  return formats.chat_template_jinja(template, tok, spell), (tok.special_ids[template.end],)
+
+
 def export(init_from: str, out: str, mesh_cfg: dict | None = None) -> str:
   """Write init_from's model and tokenizer to `out` in Hugging Face format; returns `out`."""
   mesh = sharding.make_mesh(mesh_cfg or {'data': -1})
+  source = stage.read_source(init_from)
   cfg, tok, params = load_merged(init_from, mesh)
   tokenizers.check_vocab(tok, cfg.vocab_size)
-  convert.export_hf(jax.device_get(params), cfg, out, special_ids=tok.special_ids)
-  # Special ids in the model config too, so generate() stops at our eos and pads with our pad.
+  chat_template, end = chat_format(source, tok)
+  # generation_config.json: generate() stops where a turn ends (<|end|> for the chat template)
+  gen_cfg = dataclasses.replace(cfg, eos_ids=tuple(dict.fromkeys([*end, *cfg.eos_ids])))
+  convert.export_hf(jax.device_get(params), gen_cfg, out, special_ids=tok.special_ids)
+  # bos / pad in the model config too (eos: export_hf wrote generation_config's ids there).
   path = os.path.join(out, 'config.json')
   with open(path) as f:
     hf = json.load(f)
   ids = tok.special_ids
-  hf.update({f'{n}_token_id': ids.get(n) for n in ('bos', 'eos', 'pad')})
+  hf.update({f'{n}_token_id': ids.get(n) for n in ('bos', 'pad')})
   with open(path, 'w') as f:
     json.dump(hf, f, indent=2)
-  tokenizers.export_hf(tok, out)
+  tokenizers.export_hf(tok, out, chat_template)
   return out
 
 

@@ -111,3 +111,103 @@ def test_a_bare_tokenizer_json_keeps_the_conventional_spellings(folder, tmp_path
   shutil.copy(folder / 'tokenizer.json', tmp_path / 'tokenizer.json')
   tok = tokenizers.load_hf_folder(str(tmp_path))
   assert tok.chat_template is None and 'eos' not in tok.special_ids   # '<|eot|>' is not guessed
+
+
+# Chat templates ---------------------------------------------------------------------------------
+def _apply(auto, messages, **kw):
+  out = auto.apply_chat_template(messages, tokenize=True, **kw)
+  return list(out['input_ids'] if hasattr(out, 'keys') else out)
+
+
+def test_a_folders_chat_template_formats_sft_and_prompts(folder):
+  """data.template=chat on a tokenizer that carries a chat_template: the ids are
+  apply_chat_template's, the loss mask covers exactly the assistant turns (content and their
+  <|im_end|>\\n), and a prompt ends in the generation prompt."""
+  from experiments.stages import sft_data
+  auto = transformers.AutoTokenizer.from_pretrained(folder)
+  tok = stage.read_source(f'hf:{folder}').tokenizer
+  assert tokenizers.add_special_tokens(tok, sft_data.needed_tokens(formats.TEMPLATES['chat'], tok)) is tok
+  ex = formats.render({'messages': CHAT}, 'chat', tok)
+  assert ex.tokens.tolist() == _apply(auto, CHAT)
+  learned = auto.decode(ex.tokens[ex.loss_mask > 0])
+  assert learned == 'The first citizen.<|im_end|>\nAll, speaking together.<|im_end|>\n'
+  prompt = formats.prompt_tokens({'messages': CHAT[:4]}, 'chat', tok)
+  assert prompt.tolist() == _apply(auto, CHAT[:4], add_generation_prompt=True)
+  # instruction examples are one user turn
+  inst = formats.render({'instruction': 'Name a king.', 'output': 'Lear.'}, 'chat', tok)
+  assert inst.tokens.tolist() == _apply(auto, [{'role': 'user', 'content': 'Name a king.'},
+                                               {'role': 'assistant', 'content': 'Lear.'}])
+  # other templates keep their own format on the same tokenizer
+  assert formats.render({'messages': CHAT[1:3]}, 'alpaca', tok).tokens.tolist() != _apply(auto, CHAT[1:3])
+
+
+def test_policy_prompts_use_an_hf_folders_chat_template(folder):
+  from experiments.stages import policy
+  pol = policy.open_policy(f'hf:{folder}')
+  auto = transformers.AutoTokenizer.from_pretrained(folder)
+  got = policy.encode_prompts(pol, ['Speak the speech, I pray you'], 64)
+  assert got[0].tolist() == _apply(auto, [{'role': 'user', 'content': 'Speak the speech, I pray you'}],
+                                   add_generation_prompt=True)
+
+
+@pytest.fixture(scope='module')
+def spm(tmp_path_factory):
+  d = tmp_path_factory.mktemp('spm')
+  return tokenizers.build_tokenizer('bpe', [_text()], 400, str(d / 'bpe'))
+
+
+@pytest.mark.parametrize('name', ['chat', 'alpaca', 'none'])
+def test_our_template_exports_as_a_chat_template(name, spm, tmp_path):
+  """Our template, written as the exported folder's chat_template: AutoTokenizer's
+  apply_chat_template gives the ids the run trained on, generation prompt included."""
+  from experiments import export
+  t = formats.get_template(name)
+  tok = tokenizers.add_special_tokens(spm, t.special_names())
+  src = stage.Source('run', str(tmp_path), None, tok, __import__('ml_collections').ConfigDict(
+      {'data': {'template': name}}), 1, '')
+  template, end = export.chat_format(src, tok)
+  assert end == (tok.special_ids[t.end],)
+  tokenizers.export_hf(tok, str(tmp_path / 'hf'), template)
+  auto = transformers.AutoTokenizer.from_pretrained(tmp_path / 'hf')
+  assert json.loads((tmp_path / 'hf' / 'tokenizer_config.json').read_text())['chat_template'] == template
+  chats = [CHAT] if t.is_chat else [CHAT[:3], CHAT[1:3]]   # text templates: one (system +) user turn
+  for chat in chats:
+    assert _apply(auto, chat) == formats.render({'messages': chat}, name, tok).tokens.tolist()
+    want = formats.prompt_tokens({'messages': chat[:-1]}, name, tok).tolist()
+    assert _apply(auto, chat[:-1], add_generation_prompt=True) == want
+
+
+# A LoRA run on an hf: base --------------------------------------------------------------------
+def test_a_lora_sft_run_on_an_hf_base_exports_and_chains(folder, tmp_path):
+  """LoRA SFT from hf:FOLDER with the folder's chat template: the run is a source for the next
+  stage (its base read back as hf:, adapters merged) and exports to a folder transformers loads
+  with the same logits, the same chat template and generation_config's end-of-turn EOS."""
+  import jax.numpy as jnp
+  from experiments import export, sft
+  from lm import model
+  from tests.test_sft import sft_config
+  rows = [json.dumps({'messages': [{'role': 'user', 'content': f'Say {w}.'}, {'role': 'assistant', 'content': w}]})
+          for w in ['ROMEO', 'JULIET', 'king', 'queen', 'lord', 'lady'] * 5]
+  (tmp_path / 'chat.jsonl').write_text('\n'.join(rows) + '\n', encoding='utf-8')
+  c = sft_config(f'hf:{folder}', str(tmp_path / 'chat.jsonl'), steps=2, checkpoint_every=2)
+  c.data.update(template='chat', seq_len=64)
+  c.peft.method = 'lora'
+  c.optim.lr = 3e-2   # B starts at zero: two big steps make the LoRA update matter
+  sft.run(c, str(tmp_path / 'lora'))
+  src = stage.read_source(str(tmp_path / 'lora'))
+  assert src.base['kind'] == 'hf' and src.peft_config().method == 'lora'
+  mesh = sharding.make_mesh({'data': -1})
+  merged = jax.device_get(src.restore_params(mesh))     # what a later stage's init_from gives
+  base, _ = convert.import_hf(str(folder))
+  assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(base))) > 1e-4
+  export.export(str(tmp_path / 'lora'), str(tmp_path / 'out'))
+  hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'out').eval()
+  auto = transformers.AutoTokenizer.from_pretrained(tmp_path / 'out')
+  ids = _apply(auto, CHAT)
+  assert ids == formats.render({'messages': CHAT}, 'chat', src.tokenizer).tokens.tolist()
+  with torch.no_grad():
+    want = hf(input_ids=torch.tensor([ids])).logits.numpy()[0]
+  got, _ = model.forward(merged, jnp.asarray([ids]), src.cfg)
+  np.testing.assert_allclose(np.asarray(got)[0, :, :want.shape[-1]], want, atol=1e-4)
+  eos = transformers.GenerationConfig.from_pretrained(tmp_path / 'out').eos_token_id
+  assert auto.convert_tokens_to_ids('<|im_end|>') in eos and auto.eos_token == '<|eot|>'

@@ -61,12 +61,26 @@ def prompt_texts(config: ConfigDict, split: str) -> list[str]:
   raise ConfigError(f'prompts.source={d.source!r} is not known; use openings.')
 
 
+def prompt_template(pol: Policy) -> str:
+  """The template prompts are laid out in: 'chat' (one user turn, then the generation prompt)
+  where the model's own chat_template formatted it (an hf: folder that carries one, or a run
+  whose data.template=chat used one), else the policy's."""
+  if getattr(pol.tok, 'chat_template', None):
+    d = pol.source.config.get('data', {}) if pol.source.config is not None else {}
+    if pol.source.kind == 'hf' or d.get('template') == 'chat':
+      return 'chat'
+  return pol.template
+
+
 def encode_prompts(pol: Policy, texts: Sequence[str], max_len: int) -> list[np.ndarray]:
   """Prompt tokens as the SFT template laid them out; a prompt longer than max_len is a
   ConfigError (it would leave no room for the response)."""
   out = []
+  template = prompt_template(pol)
   for t in texts:
-    ids = formats.prompt_tokens({'instruction': '', 'input': t}, pol.template, pol.tok)
+    chat = formats.uses_chat_template(template, pol.tok)
+    ex = {'messages': [{'role': 'user', 'content': t}]} if chat else {'instruction': '', 'input': t}
+    ids = formats.prompt_tokens(ex, template, pol.tok)
     if len(ids) == 0:
       raise ConfigError(f'Prompt {t!r} encodes to no tokens; drop empty prompts.')
     if len(ids) > max_len:

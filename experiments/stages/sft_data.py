@@ -42,7 +42,10 @@ PRETRAIN = 'pretrain'
 
 
 def needed_tokens(template: formats.Template, tokenizer) -> list[str]:
-  """Special tokens the template writes (role markers, the end token)."""
+  """Special tokens the template writes (role markers, the end token); none but eos where the
+  tokenizer's own chat_template renders the chats (a Hugging Face folder's)."""
+  if formats.uses_chat_template(template, tokenizer):
+    return ['eos']   # pretraining text mixed in ends in eos
   return template.special_names()
 
 
