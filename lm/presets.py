@@ -24,6 +24,14 @@ _BERT = dict(norm='layernorm', norm_eps=1e-12, norm_position='post', embed_norm=
 _T5 = dict(arch='encoder_decoder', norm='rmsnorm', norm_eps=1e-6, activation='relu', positions='relative',
            use_bias=False, scale_attention=False, tie_embeddings=True, vocab_size=32128,
            max_seq_len=512, d_head=64)
+# Modern open families (configs as released; the same ModelConfig lm.convert imports from them).
+_LLAMA3 = dict(FAMILIES['llama'], vocab_size=128256, max_seq_len=131072, norm_eps=1e-5, rope_theta=500000.0,
+               rope_scaling='llama3', rope_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+               rope_original_max_len=8192)
+_QWEN2 = dict(FAMILIES['llama'], vocab_size=152064, max_seq_len=131072, rope_theta=1e6, qkv_bias=True)
+_GEMMA2 = dict(norm='rmsnorm', norm_eps=1e-6, norm_unit_offset=True, norm_position='sandwich', activation='geglu_tanh',
+               positions='rope', use_bias=False, tie_embeddings=True, scale_embeddings=True, vocab_size=256000,
+               max_seq_len=8192, d_head=256, attn_softcap=50.0, final_softcap=30.0, sliding_window=4096)
 _BLOOM = dict(norm='layernorm', embed_norm=True, positions='alibi', activation='gelu_tanh', use_bias=True,
               tie_embeddings=True, vocab_size=250880, max_seq_len=2048)
 
@@ -77,6 +85,12 @@ _TABLE = {
     't5-small': (_T5, 6, 512, 8, 2048, {}),
     't5-base': (_T5, 12, 768, 12, 3072, {}),
     't5-large': (_T5, 24, 1024, 16, 4096, {}),
+    # LLaMA-3.1 8B, Qwen2.5 7B, Gemma-2 9B (their config.json). Exact counts: transformers'
+    # LlamaForCausalLM / Qwen2ForCausalLM (q/k/v biases) / Gemma2ForCausalLM (4 norms a layer, tied).
+    'llama3.1-8b': (_LLAMA3, 32, 4096, 32, 14336, dict(n_kv_heads=8)),
+    'qwen2.5-7b': (_QWEN2, 28, 3584, 28, 18944, dict(n_kv_heads=4)),
+    'gemma2-9b': (_GEMMA2, 42, 3584, 16, 14336, dict(n_kv_heads=8, query_pre_attn_scalar=256.0,
+                                                     layer_types=('sliding', 'full') * 21)),
     # BLOOM (BigScience 2022): ALiBi, LayerNorm after the embedding. Exact counts: BloomForCausalLM.
     'bloom-560m': (_BLOOM, 24, 1024, 16, 0, {}),
     'bloom-176b': (_BLOOM, 70, 14336, 112, 0, {}),

@@ -32,7 +32,12 @@ EXACT = {
     'opt-125m': 125_239_296, 'opt-1.3b': 1_315_758_080, 'opt-2.7b': 2_651_596_800,
     'opt-6.7b': 6_658_473_984, 'opt-13b': 12_853_473_280, 'opt-30b': 29_974_540_288,
     'opt-66b': 65_719_701_504, 'opt-175b': 174_604_468_224,
+    # LlamaForCausalLM / Qwen2ForCausalLM / Gemma2ForCausalLM from the released config.json
+    # (tests/test_families.REAL) on the meta device: the published checkpoints' counts.
+    'llama3.1-8b': 8_030_261_248, 'qwen2.5-7b': 7_615_616_512, 'gemma2-9b': 9_241_705_984,
 }
+# The preset of a modern family is the model lm.convert imports from its released config.json.
+RELEASED = {'llama3.1-8b': 'Llama-3.1-8B', 'qwen2.5-7b': 'Qwen2.5-7B', 'gemma2-9b': 'gemma-2-9b'}
 # transformers' BertModel has a pooler (d x d + d) and token-type embeddings (2 x d) that our
 # BERT (a bidirectional encoder with an LM head) does not have; they are added back explicitly.
 BERT_UNMODELLED = lambda d: d * d + d + 2 * d
@@ -79,11 +84,19 @@ def test_rounded_counts(name):
   assert presets.preset(name).num_params() == pytest.approx(ROUNDED[name], rel=0.03)
 
 
+@pytest.mark.parametrize('name', sorted(RELEASED))
+def test_modern_presets_are_the_imported_configs(name):
+  from lm import convert
+  from tests.test_families import REAL
+  hf = convert.config_from_hf(REAL[RELEASED[name]][0])
+  assert presets.preset(name) == dataclasses.replace(hf, eos_ids=())   # eos ids: the tokenizer's business
+
+
 def test_every_preset_is_covered():
   assert set(presets.names()) == set(EXACT) | set(PALM)
 
 
-@pytest.mark.parametrize('name', ['gpt3-175b', 'palm-540b', 'llama2-70b', 'bloom-176b', 't5-large'])
+@pytest.mark.parametrize('name', ['gpt3-175b', 'palm-540b', 'llama2-70b', 'bloom-176b', 't5-large', 'gemma2-9b'])
 def test_big_presets_build_abstractly(name):
   cfg = presets.preset(name)
   shapes = jax.eval_shape(functools.partial(model.init, cfg), jax.random.key(0))
