@@ -25,7 +25,6 @@ import functools
 import json
 import math
 import os
-import re
 import time
 from typing import Any
 

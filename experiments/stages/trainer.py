@@ -204,7 +204,7 @@ class _Loop:
     self.n_dev = jax.device_count()
     self.end = cfg.steps if not cfg.stop_after else min(cfg.steps, run.start_step + cfg.stop_after)
     self.state, self.step = run.state, run.start_step
-    # Before the first step donates the state.
+    # A spike restart's restore target, read before the first step donates the state.
     self.target = _abstract(self.state) if self.spike_k else None
     self.pending = None                 # (step, device metrics) published one step late
     self.flags = []                     # (step, device 'skipped') not yet read on the host
