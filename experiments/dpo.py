@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -146,22 +147,38 @@ def _rows(data: dict, seed: int):
   return make
 
 
-# The stage ---------------------------------------------------------------------------------
-def run(config: ConfigDict, workdir: str):
-  paths.path(workdir).mkdir(parents=True, exist_ok=True)   # a local folder or a gs:// bucket
+# The stage: check -> prepare -> loop -> finish --------------------------------------------------
+@dataclasses.dataclass
+class Prepared:
+  """A DPO run after start-up: everything checked, pairs encoded, trees and state built."""
+  config: ConfigDict
+  pol: policy.Policy
+  seq_len: int
+  held_ids: Any              # the held-out prompts, encoded
+  mesh: Any
+  reward: Callable | None    # (tokens, mask) -> proxy reward, with reward_from
+  train_data: dict
+  val_data: dict
+  report: dict
+  trees: Any                 # policy.trees: trainable policy (full or LoRA), frozen reference
+  batch_sh: dict
+  rows: tuple[int, int]      # this process's rows of a batch
+  batches: pipeline.RowBatches
+  setup: stage.Setup
+
+
+def prepare(config: ConfigDict, workdir: str) -> Prepared:
+  """Open and check the policy, prompts, reward model and pairs (ConfigError before any
+  compile), then the trainable tree (full or LoRA), the frozen reference and the state."""
   t = config.train
-  # 1. Everything a user can get wrong, before any compile.
-  check(config)
   pol = policy.open_policy(config.init_from)
   cfg = pol.cfg
   seq_len = config.data.seq_len or cfg.max_seq_len
   if seq_len > cfg.max_seq_len:
     raise ConfigError(f'data.seq_len={seq_len} is longer than the model context {cfg.max_seq_len}.')
-  e = config.eval
   held_ids = policy.encode_prompts(pol, policy.prompt_texts(config, 'eval'),
                                    cfg.max_seq_len - config.rollout.max_new_tokens)
-  mesh_cfg = config.mesh.to_dict()
-  mesh = sharding.make_mesh(mesh_cfg)
+  mesh = sharding.make_mesh(config.mesh.to_dict())
   rm = policy.open_reward(config.reward_from, pol, mesh) if config.reward_from else None
   reward = (lambda tokens, mask: rm.score(rm.params, tokens, mask)) if rm is not None else None
   train_data, val_data, report = load_pairs(config, pol, seq_len)
@@ -170,7 +187,6 @@ def run(config: ConfigDict, workdir: str):
   if jax.process_index() == 0:
     stage.save_tokenizer(pol.tok, workdir)
 
-  # 2. Trainable tree (full or LoRA) and the frozen reference.
   trees = policy.trees(config, pol, mesh)
   spec = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in train_data.items()}
   batch_sh = train_lib.batch_shardings(mesh, spec)
@@ -180,60 +196,85 @@ def run(config: ConfigDict, workdir: str):
                       total_steps=t.steps, initial_params=trees.initial)
   if setup.data_state is not None:
     batches.restore(setup.data_state)
+  p = Prepared(config, pol, seq_len, held_ids, mesh, reward, train_data, val_data, report, trees,
+               batch_sh, rows, batches, setup)
+  _announce(p, workdir)
+  return p
+
+
+def _announce(p: Prepared, workdir: str) -> None:
+  config, cfg, report, mesh = p.config, p.pol.cfg, p.report, p.mesh
   trainer.write_config(config, workdir, {
       'model': dataclasses.asdict(cfg),
-      'resolved': {'vocab_size': cfg.vocab_size, 'seq_len': seq_len, 'params': cfg.num_params(),
+      'resolved': {'vocab_size': cfg.vocab_size, 'seq_len': p.seq_len, 'params': cfg.num_params(),
                    # a later stage (init_from), export and evaluate read the policy from here
-                   'params_at': ['params', trees.policy_role],
+                   'params_at': ['params', p.trees.policy_role],
                    'devices': jax.device_count(), 'mesh': dict(mesh.shape), 'data': report},
-      'source': pol.source.record()})
-  print(f'dpo ({config.loss.kind}, beta={config.kl.coef}) from {pol.source.path} (step '
-        f'{pol.source.step}), peft {trees.pcfg.method}: {report["pairs"]["train"]:,} training / '
+      'source': p.pol.source.record()})
+  print(f'dpo ({config.loss.kind}, beta={config.kl.coef}) from {p.pol.source.path} (step '
+        f'{p.pol.source.step}), peft {p.trees.pcfg.method}: {report["pairs"]["train"]:,} training / '
         f'{report["pairs"]["validation"]:,} held-out pairs ({config.data.pairs}) from '
         f'{sum(report["records"].values()):,} records (skipped: {report["skipped"] or "none"}; '
         f'truncated: {report["truncated"]["train"]}); mesh {dict(mesh.shape)}; '
-        + (f'resuming at step {setup.start}' if setup.start else 'starting'))
+        + (f'resuming at step {p.setup.start}' if p.setup.start else 'starting'))
 
-  # 3. The step: frozen reference as an argument.
+
+def loop(p: Prepared, workdir: str):
+  """(state, held-out pair metrics function or None): the shared train loop, the frozen
+  reference an argument of the step."""
+  config, t, trees, setup, mesh = p.config, p.config.train, p.trees, p.setup, p.mesh
   loss_fn = make_loss(trees, config.loss.kind, config.kl.coef, config.loss.label_smoothing)
-  step_fn = train_lib.make_train_step(loss_fn, setup.tx, mesh, setup.shardings, batch_sh,
+  step_fn = train_lib.make_train_step(loss_fn, setup.tx, mesh, setup.shardings, p.batch_sh,
                                       frozen_sh=trees.frozen_sh, grad_accum=t.grad_accum,
                                       seed=config.seed, schedule=setup.schedule)
   step_fn = functools.partial(trainer.with_frozen, step_fn, trees.frozen)
-  to_global = functools.partial(pipeline.to_global, shardings=batch_sh, global_batch=t.batch_size)
+  to_global = functools.partial(pipeline.to_global, shardings=p.batch_sh, global_batch=t.batch_size)
   evaluate = None
-  if len(val_data['tokens']):
-    eval_step = train_lib.make_eval_step(loss_fn, mesh, setup.shardings.params, batch_sh,
+  if len(p.val_data['tokens']):
+    eval_step = train_lib.make_eval_step(loss_fn, mesh, setup.shardings.params, p.batch_sh,
                                          trees.frozen_sh)
-    val = [{k: v[i:i + t.batch_size][rows[0]:rows[1]] for k, v in val_data.items()}
-           for i in range(0, len(val_data['tokens']), t.batch_size)]
-    evaluate = trainer.eval_fn(lambda p, b: eval_step(p, b, trees.frozen), val, to_global)
+    val = [{k: v[i:i + t.batch_size][p.rows[0]:p.rows[1]] for k, v in p.val_data.items()}
+           for i in range(0, len(p.val_data['tokens']), t.batch_size)]
+    evaluate = trainer.eval_fn(lambda q, b: eval_step(q, b, trees.frozen), val, to_global)
   state = trainer.train(trainer.Run(
       config=config, workdir=workdir, mesh=mesh, state=setup.state, start_step=setup.start,
-      step_fn=step_fn, batches=batches, to_global=to_global,
+      step_fn=step_fn, batches=p.batches, to_global=to_global,
       evaluate=evaluate if t.eval_every else None, checkpointer=setup.checkpointer,
-      flops_per_token=cfg.flops_per_token(seq_len) * 4 / 3, tokens_per_step=t.batch_size * 2 * seq_len))
+      flops_per_token=p.pol.cfg.flops_per_token(p.seq_len) * 4 / 3,
+      tokens_per_step=t.batch_size * 2 * p.seq_len))
   setup.checkpointer.close()
-  if int(state.step) < t.steps:
-    return state
+  return state, evaluate
 
-  # 4. Held-out pairs, then the testbed evaluation of the policy and of its reference.
+
+def finish(p: Prepared, state, evaluate, workdir: str) -> None:
+  """Held-out pairs, then the testbed evaluation of the policy and of its reference."""
+  config, t, e, trees = p.config, p.config.train, p.config.eval, p.trees
   results = {'loss': {'kind': config.loss.kind, 'beta': config.kl.coef,
-                      'label_smoothing': config.loss.label_smoothing}, 'data': report}
+                      'label_smoothing': config.loss.label_smoothing}, 'data': p.report}
   if evaluate is not None:
     results['pairs'] = evaluate(state.params)
   key = jax.random.fold_in(jax.random.key(config.seed), 0xE7A1)   # same prompts & draws for both
-  common = dict(max_new_tokens=config.rollout.max_new_tokens, gold_kind=e.gold, reward=reward,
-                mesh=mesh, batch=e.batch_size, temperature=config.rollout.temperature)
+  common = dict(max_new_tokens=config.rollout.max_new_tokens, gold_kind=e.gold, reward=p.reward,
+                mesh=p.mesh, batch=e.batch_size, temperature=config.rollout.temperature)
   gen_params = trees.generation(state.params, trees.frozen)
   ref = trees.reference(trees.frozen)
-  held_out = lambda params, r, it: _eval_row(policy.evaluate(params, r, pol, held_ids, key, **common), it)
+  held_out = lambda params, r, it: _eval_row(
+      policy.evaluate(params, r, p.pol, p.held_ids, key, **common), it)
   results['after'] = held_out(gen_params, ref, t.steps)
   results['before'] = held_out(ref, None, 0) if e.before else None
   results.update(stage='dpo', iterations=t.steps, started_at=0, seconds_per_iteration={},
                  tokens_per_sec=None,
                  evals=[r for r in (results['before'], results['after']) if r is not None])
   write(workdir, results)
+
+
+def run(config: ConfigDict, workdir: str):
+  paths.path(workdir).mkdir(parents=True, exist_ok=True)   # a local folder or a gs:// bucket
+  check(config)
+  p = prepare(config, workdir)
+  state, evaluate = loop(p, workdir)
+  if int(state.step) >= config.train.steps:
+    finish(p, state, evaluate, workdir)
   return state
 
 

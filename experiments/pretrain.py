@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -67,21 +68,48 @@ def seq_len_of(config: ConfigDict, cfg: ModelConfig) -> int:
   return t
 
 
-def run(config: ConfigDict, workdir: str):
-  paths.path(workdir).mkdir(parents=True, exist_ok=True)   # a local folder or a gs:// bucket
+# The stage: check -> prepare -> loop -> finish --------------------------------------------------
+@dataclasses.dataclass
+class Prepared:
+  """A pretraining run after start-up: corpus, model config and sampling checked, the
+  batches and the fresh or restored state built, nothing compiled."""
+  config: ConfigDict
+  source: stage.Source | None  # init_from's model and tokenizer, if given
+  data: Any                    # corpus.load's tokenizer and token streams
+  cfg: ModelConfig
+  seq_len: int
+  prompt: Any                  # the sample prompt's ids (None: no samples)
+  can_sample: bool
+  mesh: Any
+  spec: dict
+  batch_sh: dict
+  batches: Any
+  setup: stage.Setup
+
+
+def check_model(config: ConfigDict, cfg: ModelConfig, tok) -> tuple[int, Any, bool]:
+  """(seq_len, sample prompt ids, can sample?): the objective, sequence length and sample
+  length checked against the model (ConfigError). Needs the tokenizer, so it runs inside
+  prepare, after the corpus is read."""
   t = config.train
-  # 1. Data and model config, validated (init_from: the source's model and tokenizer).
-  source = stage.read_source(config.init_from) if config.init_from else None
-  data = corpus.load(config, workdir, tokenizer=source.tokenizer if source else None)
-  tok = data.tokenizer
-  cfg = stage.model_from_source(config, source) if source else model_config(config, tok.vocab_size)
   check_objective(config, cfg)
   seq_len = seq_len_of(config, cfg)
   prompt = tok.encode(t.sample_prompt) if t.samples else None
   can_sample = cfg.causal and cfg.arch == 'decoder' and t.objective != 'span_corruption'
   if t.samples and can_sample:
     decode.check_length(cfg, len(prompt), t.sample_tokens)
-  # 2. Mesh, data shardings; then resume, or init (from init_from's weights if given).
+  return seq_len, prompt, can_sample
+
+
+def prepare(config: ConfigDict, workdir: str) -> Prepared:
+  """Data and model config, validated (init_from: the source's model and tokenizer); then
+  mesh, data shardings, and resume, or init (from init_from's weights if given)."""
+  t = config.train
+  source = stage.read_source(config.init_from) if config.init_from else None
+  data = corpus.load(config, workdir, tokenizer=source.tokenizer if source else None)
+  tok = data.tokenizer
+  cfg = stage.model_from_source(config, source) if source else model_config(config, tok.vocab_size)
+  seq_len, prompt, can_sample = check_model(config, cfg, tok)
   mesh = sharding.make_mesh(config.mesh.to_dict())
   trainer.check_batch(config, mesh)
   spec = data.batch_spec(seq_len)
@@ -91,14 +119,21 @@ def run(config: ConfigDict, workdir: str):
   setup = stage.build(config, workdir, mesh, axes=model.logical_axes(cfg),
                       init_params=functools.partial(model.init, cfg), total_steps=t.steps,
                       initial_params=(lambda: source.restore_params(mesh, cfg)) if source else None)
-  state, start, shardings = setup.state, setup.start, setup.shardings
   if setup.data_state is not None:
     batches.restore(setup.data_state)
+  p = Prepared(config, source, data, cfg, seq_len, prompt, can_sample, mesh, spec, batch_sh,
+               batches, setup)
+  _announce(p, workdir)
+  return p
+
+
+def _announce(p: Prepared, workdir: str) -> None:
+  config, cfg, data, source, mesh, start = p.config, p.cfg, p.data, p.source, p.mesh, p.setup.start
   counts = cfg.param_counts()
   n_train = sum(map(len, data.train.values()))
   n_val = sum(map(len, data.validation.values()))
   trainer.write_config(config, workdir, {'resolved': {
-      'vocab_size': cfg.vocab_size, 'seq_len': seq_len, 'params': counts['total'],
+      'vocab_size': cfg.vocab_size, 'seq_len': p.seq_len, 'params': counts['total'],
       'non_embedding_params': counts['non_embedding'], 'devices': jax.device_count(),
       'mesh': dict(mesh.shape), 'train_tokens': n_train, 'val_tokens': n_val},
       **({'source': source.record(), 'model': dataclasses.asdict(cfg)} if source else {})})
@@ -109,47 +144,68 @@ def run(config: ConfigDict, workdir: str):
                                         f'starting from {config.init_from} (step {source.step})'
                                         if source else 'starting fresh'))
 
-  # 4. Steps.
+
+def _evaluate(p: Prepared, loss_fn: Callable):
+  """Validation loss on fixed batches of each validation stream (a mixture: each source's
+  and their token-weighted mean), or None without train.eval_every."""
+  t, mesh, seq_len = p.config.train, p.mesh, p.seq_len
+  if not t.eval_every:
+    return None
+  eb = t.eval_batch_size or t.batch_size
+  eval_sh = train_lib.batch_shardings(mesh, p.spec)
+  if eb % sharding.batch_size_divisor(mesh):
+    raise ConfigError(f'train.eval_batch_size={eb} does not divide over the batch mesh axes '
+                      f'({sharding.batch_size_divisor(mesh)} devices); change it.')
+  eval_rows = pipeline.local_rows(eval_sh['inputs'], eb, seq_len)
+  eval_step = train_lib.make_eval_step(loss_fn, mesh, p.setup.shardings.params, eval_sh)
+  to_global_eval = functools.partial(pipeline.to_global, shardings=eval_sh, global_batch=eb)
+  per_source = {}
+  for name, stream in p.data.validation.items():
+    local = [{k: v[eval_rows[0]:eval_rows[1]] for k, v in b.items()}
+             for b in pipeline.eval_batches(stream, seq_len, eb, t.eval_batches, name)]
+    per_source[name] = trainer.eval_fn(eval_step, local, to_global_eval)
+  return per_source['data'] if not p.data.is_mixture else trainer.combine_evals(per_source)
+
+
+def loop(p: Prepared, workdir: str):
+  """The shared train loop on the configured objective; the state it reached."""
+  config, t, setup, cfg = p.config, p.config.train, p.setup, p.cfg
   loss_fn = functools.partial(objectives.OBJECTIVES[t.objective], cfg=cfg)
-  step_fn = train_lib.make_train_step(loss_fn, setup.tx, mesh, shardings, batch_sh,
+  step_fn = train_lib.make_train_step(loss_fn, setup.tx, p.mesh, setup.shardings, p.batch_sh,
                                       grad_accum=t.grad_accum, seed=config.seed,
                                       schedule=setup.schedule)
-  to_global = functools.partial(pipeline.to_global, shardings=batch_sh, global_batch=t.batch_size)
-  evaluate = None
-  if t.eval_every:
-    eb = t.eval_batch_size or t.batch_size
-    eval_sh = train_lib.batch_shardings(mesh, spec)
-    if eb % sharding.batch_size_divisor(mesh):
-      raise ConfigError(f'train.eval_batch_size={eb} does not divide over the batch mesh axes '
-                        f'({sharding.batch_size_divisor(mesh)} devices); change it.')
-    eval_rows = pipeline.local_rows(eval_sh['inputs'], eb, seq_len)
-    eval_step = train_lib.make_eval_step(loss_fn, mesh, shardings.params, eval_sh)
-    to_global_eval = functools.partial(pipeline.to_global, shardings=eval_sh, global_batch=eb)
-    per_source = {}
-    for name, stream in data.validation.items():
-      local = [{k: v[eval_rows[0]:eval_rows[1]] for k, v in b.items()}
-               for b in pipeline.eval_batches(stream, seq_len, eb, t.eval_batches, name)]
-      per_source[name] = trainer.eval_fn(eval_step, local, to_global_eval)
-    evaluate = per_source['data'] if not data.is_mixture else trainer.combine_evals(per_source)
+  to_global = functools.partial(pipeline.to_global, shardings=p.batch_sh, global_batch=t.batch_size)
+  evaluate = _evaluate(p, loss_fn)   # may still raise ConfigError: nothing has compiled yet
   state = trainer.train(trainer.Run(
-      config=config, workdir=workdir, mesh=mesh, state=state, start_step=start, step_fn=step_fn,
-      batches=batches, to_global=to_global, evaluate=evaluate, checkpointer=setup.checkpointer,
-      flops_per_token=cfg.flops_per_token(seq_len), tokens_per_step=t.batch_size * seq_len,
-      meta=setup.meta))
+      config=config, workdir=workdir, mesh=p.mesh, state=setup.state, start_step=setup.start,
+      step_fn=step_fn, batches=p.batches, to_global=to_global, evaluate=evaluate,
+      checkpointer=setup.checkpointer, flops_per_token=cfg.flops_per_token(p.seq_len),
+      tokens_per_step=t.batch_size * p.seq_len, meta=setup.meta))
   setup.checkpointer.close()
-  if data.is_mixture:
-    report = batches.report()
+  return state
+
+
+def finish(p: Prepared, state, workdir: str) -> None:
+  """mixture.json (target rates vs. rows drawn), then samples from the trained model."""
+  t, cfg = p.config.train, p.cfg
+  if p.data.is_mixture:
+    report = p.batches.report()
     print('mixture, target rates vs. rows drawn:\n' + corpus.format_report(report))
     if jax.process_index() == 0:
       paths.write_text(paths.path(workdir) / 'mixture.json', json.dumps(report, indent=2))
-
-  # 5. Samples from the trained model.
   if t.samples and int(state.step) >= t.steps:
-    if can_sample:
-      write_samples(state.params, cfg, tok, prompt, config, workdir)
+    if p.can_sample:
+      write_samples(state.params, cfg, p.data.tokenizer, p.prompt, p.config, workdir)
     else:
       print(f'(no free-running samples: the {t.objective} objective on a {cfg.arch} model '
             'does not train a left-to-right generator over the tokenizer\'s vocabulary)')
+
+
+def run(config: ConfigDict, workdir: str):
+  paths.path(workdir).mkdir(parents=True, exist_ok=True)   # a local folder or a gs:// bucket
+  p = prepare(config, workdir)   # checks inside (check_model): they need the corpus
+  state = loop(p, workdir)
+  finish(p, state, workdir)
   return state
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,13 +34,13 @@ import numpy as np
 import optax
 from ml_collections import ConfigDict
 
-from experiments.stages import reward_model
 from data import pipeline, tokenizers
-from experiments.stages import reward_data, reward_eval, stage, trainer
+from experiments.stages import reward_data, reward_eval, reward_model, stage, trainer
 from lm import checkpoint as ckpt_lib
 from lm import heads, model, paths, peft, sharding, train as train_lib
 from lm.config import ConfigError, ModelConfig
 from rl import reward as reward_lib
+
 
 def scores_of(trunk, head, batch, cfg: ModelConfig) -> jax.Array:
   """[B, K, T] groups -> [B, K] float32 scores, read at each row's last real token."""
@@ -165,17 +165,56 @@ def make_ensemble_step(loss_fn, tx1, mesh, shardings, member_param_sh, batch_sh,
   return call
 
 
-def run(config: ConfigDict, workdir: str):
-  paths.path(workdir).mkdir(parents=True, exist_ok=True)   # a local folder or a gs:// bucket
-  t = config.train
-  # 1. Everything a user can get wrong, before any compile.
+# The stage: check -> prepare -> loop -> finish --------------------------------------------------
+@dataclasses.dataclass
+class Prepared:
+  """A reward run after start-up: everything checked, trees and state built, nothing compiled."""
+  config: ConfigDict
+  cfg: ModelConfig
+  pcfg: peft.PeftConfig
+  ens: ConfigDict
+  source: stage.Source
+  seq_len: int
+  data: reward_data.RewardData
+  mesh: Any
+  setup: stage.Setup
+  tx1: Any                   # an ensemble's member optimizer (None for one model)
+  axes: Any
+  init_params: Callable
+  frozen: Any                # the PEFT base (None: full fine-tuning)
+  frozen_sh: Any
+  batch_sh: dict             # training batches ([B, M, K, T] for an ensemble)
+  val_sh: dict               # held-out batches ([B, K, T])
+  batches: pipeline.RowBatches
+  rows: tuple[int, int]      # this process's rows of a held-out batch
+
+  @property
+  def m(self) -> int:
+    return self.ens.members
+
+  @property
+  def extra(self) -> tuple:
+    """The frozen tree as the trailing argument of the jitted functions, if there is one."""
+    return () if self.frozen is None else (self.frozen,)
+
+  def local(self, chunk: dict):
+    """A held-out chunk -> this process's rows as global arrays."""
+    return pipeline.to_global({k: v[self.rows[0]:self.rows[1]] for k, v in chunk.items()},
+                              shardings=self.val_sh, global_batch=self.config.train.batch_size)
+
+
+def check(config: ConfigDict) -> None:
+  """The config errors that need nothing read (the rest come in prepare, before any compile)."""
   if not config.init_from:
     raise ConfigError('reward needs --config.init_from=DIR (an SFT or pretraining workdir) or hf:PATH.')
   if config.data.k < 2:
     raise ConfigError(f'data.k={config.data.k}: a reward model learns from comparisons, so each '
                       'prompt needs at least 2 responses; set data.k >= 2.')
+
+
+def _open(config: ConfigDict, workdir: str):
+  """(ens, pcfg, source, cfg, seq_len, data, mesh), each checked; ConfigError at start-up."""
   ens = reward_model.ensemble_config(config)
-  m = ens.members
   pcfg = stage.peft_config(config)
   source = stage.read_source(config.init_from)
   cfg = stage.model_from_source(config, source)
@@ -193,9 +232,16 @@ def run(config: ConfigDict, workdir: str):
   stage.check_resume_source(workdir, source)
   if jax.process_index() == 0:
     stage.save_tokenizer(tok, workdir)
+  return ens, pcfg, source, cfg, seq_len, data, mesh
 
-  # 2. Trainable and frozen trees, sharded by the rules table.
-  # Ensembles: a leading member axis on the params, and on the batch after its batch axis.
+
+def prepare(config: ConfigDict, workdir: str) -> Prepared:
+  """Open and check everything, then the trainable and frozen trees, sharded by the rules
+  table, and the fresh or restored state. Ensembles: a leading member axis on the params,
+  and on the batch after its batch axis."""
+  t = config.train
+  ens, pcfg, source, cfg, seq_len, data, mesh = _open(config, workdir)
+  m = ens.members
   spec = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in data.train.items()}
   val_sh = train_lib.batch_shardings(mesh, spec)
   if m == 1:
@@ -205,6 +251,7 @@ def run(config: ConfigDict, workdir: str):
                                   pipeline.local_rows(batch_sh['ranks'], t.batch_size, config.data.k))
     setup = stage.build(config, workdir, mesh, axes=axes, init_params=init_params,
                         total_steps=t.steps, initial_params=initial)
+    tx1 = None
   else:
     axes, init_params, initial, frozen, frozen_sh = _ensemble_trees(config, cfg, pcfg, source, mesh, m)
     batch_sh = train_lib.batch_shardings(
@@ -216,85 +263,128 @@ def run(config: ConfigDict, workdir: str):
   rows = pipeline.local_rows(val_sh['ranks'], t.batch_size, config.data.k)
   if setup.data_state is not None:
     batches.restore(setup.data_state)
-  trainable = (stage.peft_counts(cfg, pcfg)['trainable'] + cfg.d_model + 1) * m
+  p = Prepared(config, cfg, pcfg, ens, source, seq_len, data, mesh, setup, tx1, axes, init_params,
+               frozen, frozen_sh, batch_sh, val_sh, batches, rows)
+  _announce(p, workdir)
+  return p
+
+
+def _announce(p: Prepared, workdir: str) -> None:
+  """config.json (with the network itself, so load_reward_model needs no source) and a line."""
+  config, cfg, m, mesh, setup = p.config, p.cfg, p.m, p.mesh, p.setup
+  trainable = (stage.peft_counts(cfg, p.pcfg)['trainable'] + cfg.d_model + 1) * m
   trainer.write_config(config, workdir, {
-      'model': dataclasses.asdict(cfg),   # the network itself, so load_reward_model needs no source
-      'resolved': {'vocab_size': cfg.vocab_size, 'seq_len': seq_len, 'params': cfg.num_params(),
+      'model': dataclasses.asdict(cfg),
+      'resolved': {'vocab_size': cfg.vocab_size, 'seq_len': p.seq_len, 'params': cfg.num_params(),
                    'trainable_params': trainable, 'devices': jax.device_count(),
-                   'mesh': dict(mesh.shape), 'data': data.report},
-      'source': source.record()})
-  rep = data.report
-  print(f'reward from {source.path} (step {source.step}): {cfg.num_params():,} params, '
-        f'{trainable:,} trainable ({pcfg.method}' + (f', ensemble of {m}' if m > 1 else '') +
+                   'mesh': dict(mesh.shape), 'data': p.data.report},
+      'source': p.source.record()})
+  rep = p.data.report
+  print(f'reward from {p.source.path} (step {p.source.step}): {cfg.num_params():,} params, '
+        f'{trainable:,} trainable ({p.pcfg.method}' + (f', ensemble of {m}' if m > 1 else '') +
         f'); {rep["used"]["train"]:,} training / '
         f'{rep["used"]["validation"]:,} held-out groups of K={config.data.k} '
         f'(skipped: {rep["skipped"] or "none"}; truncated: {rep["truncated"]["train"]}); '
         f'mesh {dict(mesh.shape)}; ' + (f'resuming at step {setup.start}' if setup.start else 'starting'))
 
-  # 3. The ranking loss on the combined params.
-  margin = config.data.margin
 
-  def trunk_of(params, frozen=None):
-    return params['trunk'] if frozen is None else peft.combine(frozen, params['adapters'], cfg, pcfg)
+def _trunk_of(params, frozen, cfg: ModelConfig, pcfg: peft.PeftConfig):
+  return params['trunk'] if frozen is None else peft.combine(frozen, params['adapters'], cfg, pcfg)
+
+
+def _loss_fn(p: Prepared) -> Callable:
+  """The ranking loss on the combined params (one model's tree)."""
+  cfg, pcfg, margin = p.cfg, p.pcfg, p.config.data.margin
 
   def loss_fn(params, batch, rng, frozen=None):
-    return ranking_loss(scores_of(trunk_of(params, frozen), params['head'], batch, cfg), batch, margin)
+    return ranking_loss(scores_of(_trunk_of(params, frozen, cfg, pcfg), params['head'], batch, cfg),
+                        batch, margin)
+  return loss_fn
+
+
+def _step_fn(p: Prepared, loss_fn: Callable) -> Callable:
+  """The jitted update: lm.train's step, or its vmap over the members of an ensemble."""
+  t, s = p.config.train, p.setup
+  if p.m == 1:
+    step_fn = train_lib.make_train_step(loss_fn, s.tx, p.mesh, s.shardings, p.batch_sh,
+                                        frozen_sh=p.frozen_sh, grad_accum=t.grad_accum,
+                                        seed=p.config.seed, schedule=s.schedule)
+  else:
+    member_sh = sharding.tree_shardings(p.axes, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+        jax.eval_shape(p.init_params, jax.random.key(0))), p.mesh)
+    step_fn = make_ensemble_step(loss_fn, p.tx1, p.mesh, s.shardings, member_sh, p.batch_sh, m=p.m,
+                                 frozen_sh=p.frozen_sh, grad_accum=t.grad_accum, seed=p.config.seed,
+                                 schedule=s.schedule)
+  if p.frozen is not None:
+    step_fn = functools.partial(trainer.with_frozen, step_fn, p.frozen)
+  return step_fn
+
+
+def _evaluate(p: Prepared, loss_fn: Callable):
+  """The held-out loss every eval_every steps (an ensemble: summed over members), or None."""
+  t = p.config.train
+  if not (t.eval_every and len(p.data.val['ranks'])):
+    return None
 
   def ensemble_loss(params, batch, rng, frozen=None):
     """Held-out loss of all members on the same batch: sums over members (val_* = member mean)."""
-    out = jax.vmap(lambda p: loss_fn(p, batch, rng, frozen))(params)
+    out = jax.vmap(lambda q: loss_fn(q, batch, rng, frozen))(params)
     return jax.tree.map(lambda x: jnp.sum(x, 0), out)
+  eval_step = train_lib.make_eval_step(loss_fn if p.m == 1 else ensemble_loss, p.mesh,
+                                       p.setup.shardings.params, p.val_sh, p.frozen_sh)
+  val = [c for c, _ in reward_eval.chunks(p.data.val, t.batch_size)]
+  return trainer.eval_fn(lambda q, b: eval_step(q, b, *p.extra), val, p.local)
 
-  if m == 1:
-    step_fn = train_lib.make_train_step(loss_fn, setup.tx, mesh, setup.shardings, batch_sh,
-                                        frozen_sh=frozen_sh, grad_accum=t.grad_accum,
-                                        seed=config.seed, schedule=setup.schedule)
-  else:
-    member_sh = sharding.tree_shardings(axes, jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
-        jax.eval_shape(init_params, jax.random.key(0))), mesh)
-    step_fn = make_ensemble_step(loss_fn, tx1, mesh, setup.shardings, member_sh, batch_sh, m=m,
-                                 frozen_sh=frozen_sh, grad_accum=t.grad_accum, seed=config.seed,
-                                 schedule=setup.schedule)
-  extra = () if frozen is None else (frozen,)
-  if frozen is not None:
-    step_fn = functools.partial(trainer.with_frozen, step_fn, frozen)
-  to_global = functools.partial(pipeline.to_global, shardings=batch_sh, global_batch=t.batch_size)
-  val_global = functools.partial(pipeline.to_global, shardings=val_sh, global_batch=t.batch_size)
-  local = lambda c: val_global({k: v[rows[0]:rows[1]] for k, v in c.items()})
-  evaluate = None
-  if t.eval_every and len(data.val['ranks']):
-    eval_step = train_lib.make_eval_step(loss_fn if m == 1 else ensemble_loss, mesh,
-                                         setup.shardings.params, val_sh, frozen_sh)
-    val = [c for c, _ in reward_eval.chunks(data.val, t.batch_size)]
-    evaluate = trainer.eval_fn(lambda p, b: eval_step(p, b, *extra), val, local)
+
+def loop(p: Prepared, workdir: str):
+  """The shared train loop on the ranking loss; the state it reached."""
+  config, t = p.config, p.config.train
+  loss_fn = _loss_fn(p)
+  step_fn = _step_fn(p, loss_fn)
+  to_global = functools.partial(pipeline.to_global, shardings=p.batch_sh, global_batch=t.batch_size)
+  evaluate = _evaluate(p, loss_fn)
   state = trainer.train(trainer.Run(
-      config=config, workdir=workdir, mesh=mesh, state=setup.state, start_step=setup.start,
-      step_fn=step_fn, batches=batches, to_global=to_global, evaluate=evaluate,
-      checkpointer=setup.checkpointer, flops_per_token=cfg.flops_per_token(seq_len),
-      tokens_per_step=t.batch_size * config.data.k * seq_len * m))
-  setup.checkpointer.close()
-  if int(state.step) < t.steps:
-    return state
+      config=config, workdir=workdir, mesh=p.mesh, state=p.setup.state, start_step=p.setup.start,
+      step_fn=step_fn, batches=p.batches, to_global=to_global, evaluate=evaluate,
+      checkpointer=p.setup.checkpointer, flops_per_token=p.cfg.flops_per_token(p.seq_len),
+      tokens_per_step=t.batch_size * config.data.k * p.seq_len * p.m))
+  p.setup.checkpointer.close()
+  return state
 
-  # 4. Held-out evaluation beside the baselines; the normaliser on the training responses.
-  def group_scores(p, b, *f):
+
+def finish(p: Prepared, state, workdir: str) -> None:
+  """Held-out evaluation beside the baselines; the normaliser on the training responses."""
+  cfg, pcfg, m = p.cfg, p.pcfg, p.m
+
+  def group_scores(q, b, *f):
+    trunk_of = lambda r: _trunk_of(r, f[0] if f else None, cfg, pcfg)
     if m == 1:
-      return scores_of(trunk_of(p, *f), p['head'], b, cfg)
-    per = jax.vmap(lambda q: scores_of(trunk_of(q, *f), q['head'], b, cfg))(p)   # [M, B, K]
-    return jnp.swapaxes(per, 0, 1)                                                  # [B, M, K]
+      return scores_of(trunk_of(q), q['head'], b, cfg)
+    per = jax.vmap(lambda r: scores_of(trunk_of(r), r['head'], b, cfg))(q)   # [M, B, K]
+    return jnp.swapaxes(per, 0, 1)                                           # [B, M, K]
   score_jit = jax.jit(group_scores,
-                      in_shardings=(setup.shardings.params, val_sh, *([frozen_sh] if extra else [])),
-                      out_shardings=sharding.replicated(mesh))
+                      in_shardings=(p.setup.shardings.params, p.val_sh,
+                                    *([p.frozen_sh] if p.extra else [])),
+                      out_shardings=sharding.replicated(p.mesh))
 
   def score_fn(chunk):
-    with sharding.activation_sharding(mesh):
-      return score_jit(state.params, local(chunk), *extra)
-  results = evaluate_pairs(config, data, functools.partial(reward_eval.scores, score_fn,
-                                                           b=t.batch_size), ens)
-  results['data'] = data.report
+    with sharding.activation_sharding(p.mesh):
+      return score_jit(state.params, p.local(chunk), *p.extra)
+  results = evaluate_pairs(p.config, p.data, functools.partial(reward_eval.scores, score_fn,
+                                                               b=p.config.train.batch_size), p.ens)
+  results['data'] = p.data.report
   reward_model.write_norm(workdir, results['norm'])
   reward_eval.write(workdir, results)
+
+
+def run(config: ConfigDict, workdir: str):
+  paths.path(workdir).mkdir(parents=True, exist_ok=True)   # a local folder or a gs:// bucket
+  check(config)
+  p = prepare(config, workdir)
+  state = loop(p, workdir)
+  if int(state.step) >= config.train.steps:
+    finish(p, state, workdir)
   return state
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, Callable
 
 import jax
 from ml_collections import ConfigDict
@@ -18,15 +19,44 @@ from ml_collections import ConfigDict
 from data import formats, pipeline, tokenizers
 from experiments.stages import sft_data, sft_eval, stage, trainer
 from lm import model, objectives, paths, peft, sharding, train as train_lib
-from lm.config import ConfigError
+from lm.config import ConfigError, ModelConfig
 
 
-def run(config: ConfigDict, workdir: str):
-  paths.path(workdir).mkdir(parents=True, exist_ok=True)   # a local folder or a gs:// bucket
-  t = config.train
-  # 1. Everything a user can get wrong, before any compile.
+def _loss(params, batch, rng, frozen=None, *, cfg: ModelConfig, pcfg: peft.PeftConfig):
+  """Next-token loss on the combined params (the frozen base + adapters, with PEFT)."""
+  full = params if frozen is None else peft.combine(frozen, params, cfg, pcfg)
+  return objectives.next_token_loss(full, batch, rng, cfg=cfg)
+
+
+# The stage: check -> prepare -> loop -> finish --------------------------------------------------
+@dataclasses.dataclass
+class Prepared:
+  """An SFT run after start-up: everything checked, examples rendered, trees and state built."""
+  config: ConfigDict
+  cfg: ModelConfig
+  pcfg: peft.PeftConfig
+  source: stage.Source
+  tok: Any
+  template: Any
+  seq_len: int
+  data: Any                  # sft_data.load's rendered, counted examples
+  mesh: Any
+  frozen: Any                # the PEFT base (None: full fine-tuning)
+  frozen_sh: Any
+  batch_sh: dict
+  batches: pipeline.RowBatches
+  setup: stage.Setup
+  loss_fn: Callable
+
+
+def check(config: ConfigDict) -> None:
+  """The config errors that need nothing read (the rest come in prepare, before any compile)."""
   if not config.init_from:
     raise ConfigError('sft needs --config.init_from=DIR (a pretraining workdir) or hf:PATH.')
+
+
+def _open(config: ConfigDict, workdir: str):
+  """(pcfg, source, cfg, tok, template, seq_len, data, mesh), each checked; ConfigError at start-up."""
   pcfg = stage.peft_config(config)
   source = stage.read_source(config.init_from)
   cfg = stage.model_from_source(config, source)
@@ -49,12 +79,16 @@ def run(config: ConfigDict, workdir: str):
   stage.check_resume_source(workdir, source)
   if jax.process_index() == 0:
     stage.save_tokenizer(tok, workdir)
+  return pcfg, source, cfg, tok, template, seq_len, data, mesh
 
-  # 2. Trainable and frozen trees, sharded by the rules table.
-  base_axes = model.logical_axes(cfg)
-  key = jax.random.key(config.seed)
+
+def prepare(config: ConfigDict, workdir: str) -> Prepared:
+  """Open and check everything, then the trainable and frozen trees, sharded by the rules
+  table, and the fresh or restored state."""
+  t = config.train
+  pcfg, source, cfg, tok, template, seq_len, data, mesh = _open(config, workdir)
   if pcfg.method == 'none':
-    axes, init_params, frozen, frozen_sh = base_axes, functools.partial(model.init, cfg), None, None
+    axes, init_params, frozen, frozen_sh = model.logical_axes(cfg), functools.partial(model.init, cfg), None, None
     initial = lambda: source.restore_params(mesh, cfg)
   else:
     frozen = source.restore_params(mesh, cfg)
@@ -70,43 +104,70 @@ def run(config: ConfigDict, workdir: str):
                       total_steps=t.steps, initial_params=initial)
   if setup.data_state is not None:
     batches.restore(setup.data_state)
+  p = Prepared(config, cfg, pcfg, source, tok, template, seq_len, data, mesh, frozen, frozen_sh,
+               batch_sh, batches, setup, functools.partial(_loss, cfg=cfg, pcfg=pcfg))
+  _announce(p, workdir)
+  return p
+
+
+def _announce(p: Prepared, workdir: str) -> None:
+  config, cfg, pcfg, data, mesh = p.config, p.cfg, p.pcfg, p.data, p.mesh
   trainer.write_config(config, workdir, {
-      'resolved': {'vocab_size': cfg.vocab_size, 'seq_len': seq_len, 'params': cfg.num_params(),
+      'resolved': {'vocab_size': cfg.vocab_size, 'seq_len': p.seq_len, 'params': cfg.num_params(),
                    'trainable_params': stage.peft_counts(cfg, pcfg)['trainable'],
                    'devices': jax.device_count(), 'mesh': dict(mesh.shape), 'data': data.report},
-      'source': source.record(),
+      'source': p.source.record(),
       'model': dataclasses.asdict(cfg)})   # the model actually trained: what a next stage reads
-  print(f'sft from {source.path} (step {source.step}): {cfg.num_params():,} params, '
+  print(f'sft from {p.source.path} (step {p.source.step}): {cfg.num_params():,} params, '
         f'{stage.peft_counts(cfg, pcfg)["trainable"]:,} trainable ({pcfg.method}); '
         f'{data.report["train"]["kept"]:,} training examples ({data.report["train"]["dropped"] or "none"} '
         f'dropped, {data.report["train"]["truncated"]} truncated); mesh {dict(mesh.shape)}; '
-        + (f'resuming at step {setup.start}' if setup.start else 'starting'))
+        + (f'resuming at step {p.setup.start}' if p.setup.start else 'starting'))
 
-  # 3. Loss on the combined params; eval before (baseline) and after.
-  def loss_fn(params, batch, rng, frozen=None):
-    full = params if frozen is None else peft.combine(frozen, params, cfg, pcfg)
-    return objectives.next_token_loss(full, batch, rng, cfg=cfg)
 
-  evaluator = sft_eval.Evaluator(config, cfg, tok, template, data, mesh, loss_fn, setup.shardings.params,
-                                 batch_sh, frozen_sh, frozen)
-  results = {}
-  if setup.start == 0 and config.eval.before:
-    results['before'] = evaluator.run(setup.state.params, 'before')
-  step_fn = train_lib.make_train_step(loss_fn, setup.tx, mesh, setup.shardings, batch_sh,
-                                      frozen_sh=frozen_sh, grad_accum=t.grad_accum,
+def evaluator(p: Prepared) -> sft_eval.Evaluator:
+  return sft_eval.Evaluator(p.config, p.cfg, p.tok, p.template, p.data, p.mesh, p.loss_fn,
+                            p.setup.shardings.params, p.batch_sh, p.frozen_sh, p.frozen)
+
+
+def loop(p: Prepared, workdir: str, ev: sft_eval.Evaluator):
+  """The shared train loop (validation loss from the evaluator); the state it reached."""
+  config, t, setup = p.config, p.config.train, p.setup
+  step_fn = train_lib.make_train_step(p.loss_fn, setup.tx, p.mesh, setup.shardings, p.batch_sh,
+                                      frozen_sh=p.frozen_sh, grad_accum=t.grad_accum,
                                       seed=config.seed, schedule=setup.schedule)
-  if frozen is not None:
-    step_fn = functools.partial(trainer.with_frozen, step_fn, frozen)
-  to_global = functools.partial(pipeline.to_global, shardings=batch_sh, global_batch=t.batch_size)
+  if p.frozen is not None:
+    step_fn = functools.partial(trainer.with_frozen, step_fn, p.frozen)
+  to_global = functools.partial(pipeline.to_global, shardings=p.batch_sh, global_batch=t.batch_size)
   state = trainer.train(trainer.Run(
-      config=config, workdir=workdir, mesh=mesh, state=setup.state, start_step=setup.start,
-      step_fn=step_fn, batches=batches, to_global=to_global,
-      evaluate=evaluator.val_loss if t.eval_every else None, checkpointer=setup.checkpointer,
-      flops_per_token=cfg.flops_per_token(seq_len), tokens_per_step=t.batch_size * seq_len))
+      config=config, workdir=workdir, mesh=p.mesh, state=setup.state, start_step=setup.start,
+      step_fn=step_fn, batches=p.batches, to_global=to_global,
+      evaluate=ev.val_loss if t.eval_every else None, checkpointer=setup.checkpointer,
+      flops_per_token=p.cfg.flops_per_token(p.seq_len), tokens_per_step=t.batch_size * p.seq_len))
   setup.checkpointer.close()
-  if int(state.step) >= t.steps:
-    results['after'] = evaluator.run(state.params, 'after')
-    sft_eval.write(workdir, results, data.report)
   return state
 
 
+def baseline(p: Prepared, ev: sft_eval.Evaluator) -> dict:
+  """{'before': the evaluation of the untrained model} on a fresh run with eval.before, else {}."""
+  if p.setup.start == 0 and p.config.eval.before:
+    return {'before': ev.run(p.setup.state.params, 'before')}
+  return {}
+
+
+def finish(p: Prepared, ev: sft_eval.Evaluator, state, results: dict, workdir: str) -> None:
+  """The same evaluation after training, beside the baseline: eval.json."""
+  results['after'] = ev.run(state.params, 'after')
+  sft_eval.write(workdir, results, p.data.report)
+
+
+def run(config: ConfigDict, workdir: str):
+  paths.path(workdir).mkdir(parents=True, exist_ok=True)   # a local folder or a gs:// bucket
+  check(config)
+  p = prepare(config, workdir)
+  ev = evaluator(p)
+  results = baseline(p, ev)
+  state = loop(p, workdir, ev)
+  if int(state.step) >= config.train.steps:
+    finish(p, ev, state, results, workdir)
+  return state

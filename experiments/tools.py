@@ -25,15 +25,19 @@ import functools
 import json
 import math
 import os
-import re
 import time
+from typing import Any
 
+import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from data import works_qa
+from data import formats, sources, tokenizers, works_qa
+from experiments.evaluation import eval_model
 from experiments.evaluation import react, retrieval
-from lm.config import ConfigError
+from experiments.stages import stage, trainer
+from lm import model, objectives, sharding, train as train_lib
+from lm.config import ConfigError, ModelConfig
 
 METHODS = ('closed_book', 'rag', 'react')
 
@@ -81,7 +85,6 @@ def render(segments, tok, seq_len: int, add_eos: bool = True):
   """Segments -> formats.TokenizedExample (BOS first when the tokenizer has one, EOS after the
   last learned segment), or None when too long. Tokens are those of the whole text; a token
   is learned when it starts inside a learned segment."""
-  from data import formats
   text = ''.join(s for s, _ in segments)
   ids = list(tok.encode(text))
   learn = np.zeros(len(ids), np.float32)
@@ -103,33 +106,23 @@ def render(segments, tok, seq_len: int, add_eos: bool = True):
 
 
 # The model -------------------------------------------------------------------------------------
-def train_model(config: ConfigDict, workdir: str, segments: dict, source=None):
-  """(params, ModelConfig, tokenizer, report): source's model (or a fresh one with a BPE
-  vocabulary from the training texts) trained on the segments for train.steps."""
-  import jax
-  from data import formats, sources, tokenizers
-  from experiments.stages import stage, trainer
-  from lm import model, objectives, sharding, train as train_lib
-  from lm.config import ModelConfig
-  t = config.train
-  mesh = sharding.make_mesh(config.mesh.to_dict())
-  texts = [''.join(s for s, _ in ex) for m in METHODS for ex in segments[m]]
-  if source is None:   # the vocabulary: the training examples and a few plays' text
-    plays = [sources.read_text(f) for f in sources.resolve_files('shakespeare_works')[:8]]
-    tok = tokenizers.build(config.tokenizer, texts + plays, config.vocab_size,
-                           prefix=os.path.join(workdir, 'tokenizer', config.tokenizer), max_lines=200_000)
-    if tok.eos_id is None:   # a character vocabulary: answers still need an end
-      tok = tokenizers.add_special_tokens(tok, ['eos'])
-    cfg = ModelConfig.from_dict({**config.model.to_dict(), 'vocab_size': tok.vocab_size})
-  else:
-    tok = source.tokenizer
+def _vocabulary_and_model(config: ConfigDict, workdir: str, segments: dict, source):
+  """(tokenizer, ModelConfig): source's, or a BPE vocabulary from the training texts and a few
+  plays' text with config.model on it."""
+  if source is not None:
     runtime = {k: v for k, v in config.model.to_dict().items() if k in stage.RUNTIME_FIELDS}
-    cfg = dataclasses.replace(source.cfg, **runtime)
-  seq_len = min(config.seq_len or cfg.max_seq_len, cfg.max_seq_len)
-  report = {'params': cfg.num_params(), 'too_long': 0, 'steps': int(t.steps)}
-  if source is not None and not t.steps:
-    trainer.write_config(config, workdir, {'source': source.record()})
-    return source.restore_params(mesh, cfg), cfg, tok, report
+    return source.tokenizer, dataclasses.replace(source.cfg, **runtime)
+  texts = [''.join(s for s, _ in ex) for m in METHODS for ex in segments[m]]
+  plays = [sources.read_text(f) for f in sources.resolve_files('shakespeare_works')[:8]]
+  tok = tokenizers.build(config.tokenizer, texts + plays, config.vocab_size,
+                         prefix=os.path.join(workdir, 'tokenizer', config.tokenizer), max_lines=200_000)
+  if tok.eos_id is None:   # a character vocabulary: answers still need an end
+    tok = tokenizers.add_special_tokens(tok, ['eos'])
+  return tok, ModelConfig.from_dict({**config.model.to_dict(), 'vocab_size': tok.vocab_size})
+
+
+def _packed_rows(segments: dict, tok, seq_len: int, batch_size: int, report: dict) -> dict:
+  """Every training example rendered (too long ones counted in report) and packed into rows."""
   rendered = []
   for m in METHODS:
     for ex in segments[m]:
@@ -141,32 +134,32 @@ def train_model(config: ConfigDict, workdir: str, segments: dict, source=None):
   report['examples'] = len(rendered)
   rows = formats.pack(rendered, seq_len)
   report['rows'] = int(len(rows['inputs']))
-  if report['rows'] < t.batch_size:
-    raise ConfigError(f'{report["rows"]} packed rows do not fill one batch of {t.batch_size}; '
+  if report['rows'] < batch_size:
+    raise ConfigError(f'{report["rows"]} packed rows do not fill one batch of {batch_size}; '
                       'lower train.batch_size or raise data.n_train.')
-  axes = model.logical_axes(cfg)
+  return rows
+
+
+def train_model(config: ConfigDict, workdir: str, segments: dict, source=None):
+  """(params, ModelConfig, tokenizer, report): source's model (or a fresh one with a BPE
+  vocabulary from the training texts) trained on the segments for train.steps."""
+  t = config.train
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  tok, cfg = _vocabulary_and_model(config, workdir, segments, source)
+  seq_len = min(config.seq_len or cfg.max_seq_len, cfg.max_seq_len)
+  report = {'params': cfg.num_params(), 'too_long': 0, 'steps': int(t.steps)}
+  if source is not None and not t.steps:
+    trainer.write_config(config, workdir, {'source': source.record()})
+    return source.restore_params(mesh, cfg), cfg, tok, report
+  rows = _packed_rows(segments, tok, seq_len, t.batch_size, report)
   initial = None if source is None else (lambda: source.restore_params(mesh, cfg))
   # WORKDIR/checkpoints: a rerun resumes (or, finished, skips training); init_from=WORKDIR
   # with train.steps=0 evaluates the trained model again
-  setup = stage.build(config, workdir, mesh, axes=axes, init_params=functools.partial(model.init, cfg),
+  setup = stage.build(config, workdir, mesh, axes=model.logical_axes(cfg),
+                      init_params=functools.partial(model.init, cfg),
                       total_steps=t.steps, initial_params=initial)
-  spec = {k: jax.ShapeDtypeStruct((seq_len,), v.dtype) for k, v in rows.items()}
-  batch_sh = train_lib.batch_shardings(mesh, spec)
-  loss_fn = functools.partial(objectives.next_token_loss, cfg=cfg)
-  step_fn = train_lib.make_train_step(loss_fn, setup.tx, mesh, setup.shardings, batch_sh,
-                                      seed=config.seed, schedule=setup.schedule)
-  state, n = setup.state, len(rows['inputs'])
-  losses, inflight, t0 = [], [], time.perf_counter()
-  for step in range(setup.start, t.steps):
-    batch = {k: jax.device_put(v[batch_rows(config.seed, step, t.batch_size, n)], batch_sh[k])
-             for k, v in rows.items()}
-    state, metrics = step_fn(state, batch)
-    inflight.append(metrics['loss'])
-    trainer.bounded(inflight)   # XLA:CPU collectives stall with many steps queued
-    if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
-      loss = float(metrics['loss'])
-      losses.append((step + 1, loss))
-      print(f'step {step + 1}/{t.steps} loss {loss:.4f} ({time.perf_counter() - t0:.0f}s)', flush=True)
+  t0 = time.perf_counter()
+  state, losses = _fit(config, setup, cfg, rows, seq_len, mesh, t0)
   if setup.start < t.steps:
     setup.checkpointer.save(t.steps, state, {}, force=True)
   setup.checkpointer.close()
@@ -177,6 +170,29 @@ def train_model(config: ConfigDict, workdir: str, segments: dict, source=None):
                                          **({'source': source.record()} if source else {})})
   report.update(losses=losses, train_seconds=time.perf_counter() - t0, resumed_at=setup.start)
   return state.params, cfg, tok, report
+
+
+def _fit(config: ConfigDict, setup, cfg: ModelConfig, rows: dict, seq_len: int, mesh, t0: float):
+  """(state, logged [(step, loss)]): next-token steps from setup.start to train.steps."""
+  t = config.train
+  spec = {k: jax.ShapeDtypeStruct((seq_len,), v.dtype) for k, v in rows.items()}
+  batch_sh = train_lib.batch_shardings(mesh, spec)
+  loss_fn = functools.partial(objectives.next_token_loss, cfg=cfg)
+  step_fn = train_lib.make_train_step(loss_fn, setup.tx, mesh, setup.shardings, batch_sh,
+                                      seed=config.seed, schedule=setup.schedule)
+  state, n = setup.state, len(rows['inputs'])
+  losses, inflight = [], []
+  for step in range(setup.start, t.steps):
+    batch = {k: jax.device_put(v[batch_rows(config.seed, step, t.batch_size, n)], batch_sh[k])
+             for k, v in rows.items()}
+    state, metrics = step_fn(state, batch)
+    inflight.append(metrics['loss'])
+    trainer.bounded(inflight)   # XLA:CPU collectives stall with many steps queued
+    if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+      loss = float(metrics['loss'])
+      losses.append((step + 1, loss))
+      print(f'step {step + 1}/{t.steps} loss {loss:.4f} ({time.perf_counter() - t0:.0f}s)', flush=True)
+  return state, losses
 
 
 def batch_rows(seed: int, step: int, batch: int, n: int) -> np.ndarray:
@@ -202,8 +218,12 @@ def accuracy(rows: list[dict], key: str) -> dict:
   return out
 
 
+def _methods(config: ConfigDict) -> list[str]:
+  return [config.methods] if isinstance(config.methods, str) else list(config.methods)
+
+
 def check(config: ConfigDict) -> None:
-  methods = [config.methods] if isinstance(config.methods, str) else list(config.methods)
+  methods = _methods(config)
   bad = sorted(set(methods) - set(METHODS))
   if bad or not methods:
     raise ConfigError(f'methods={methods} must be a non-empty subset of {list(METHODS)}.')
@@ -225,21 +245,36 @@ def _demos(config, segments, method) -> str:
   return ''.join(''.join(s for s, _ in ex) + '\n\n' for ex in exs)
 
 
-def run(config: ConfigDict, workdir: str):
-  check(config)
-  os.makedirs(workdir, exist_ok=True)
+# The stage: check -> prepare -> train -> answer -> finish -----------------------------------------
+@dataclasses.dataclass
+class Prepared:
+  """Everything before the model: the indexed collection, the questions, the training
+  examples, BM25's recall and the tools' ceiling (the oracle)."""
+  docs: list
+  collection: dict          # the collection's report
+  source: Any               # init_from's stage.Source, or None (a model trained here)
+  index: retrieval.BM25Index
+  env: react.Env
+  families: list[str]
+  train_q: list[dict]
+  eval_q: list[dict]
+  segments: dict            # {method: [segments]} of the training questions
+  examples: dict            # their counts
+  kmax: int                 # the deepest retrieval any report needs
+  hits: list                # BM25 hits of each held-out question
+  gold: list                # the documents holding each quoted line
+  recall: dict
+  oracle: list              # per held-out question: the gold plan's success through the tools
+
+
+def prepare(config: ConfigDict, workdir: str) -> Prepared:
   if config.train.steps:
-    from experiments.stages import trainer
-    from lm import sharding
     trainer.check_batch(config, sharding.make_mesh(config.mesh.to_dict()))
   d = config.data
   fams = [f for f in d.families.split(',') if f]
   plays = [p.strip() for p in d.plays.split(',') if p.strip()] or None
   docs, coll_report = retrieval.load_collection(d.collection, plays)   # ConfigError if empty / missing
-  source = None
-  if config.init_from:
-    from experiments.stages import stage
-    source = stage.read_source(config.init_from)                  # no weights read yet
+  source = stage.read_source(config.init_from) if config.init_from else None   # no weights read yet
   t0 = time.perf_counter()
   index = retrieval.BM25Index([f'{x.title}\n{x.text}' for x in docs], config.bm25.k1, config.bm25.b)
   env = react.Env(docs, index, config.obs_lines)
@@ -264,69 +299,93 @@ def run(config: ConfigDict, workdir: str):
   for q in eval_q:
     segs, seen = react.gold_trajectory(works_qa.gold_plan(q), q['answer'], env)
     oracle.append({'family': q['family'], 'react_oracle': float(seen)})
+  return Prepared(docs, coll_report, source, index, env, fams, train_q, eval_q, segments,
+                  ex_report, kmax, hits, gold, recall, oracle)
 
-  params, cfg, tok, train_report = train_model(config, workdir, segments, source)
-  from experiments.evaluation import eval_model
-  from lm import sharding
+
+def reader(config: ConfigDict, params, cfg: ModelConfig, tok) -> eval_model.LanguageModel:
+  """The trained model behind the evaluation harness's generation interface."""
   mesh = sharding.make_mesh(config.mesh.to_dict())
-  lm = eval_model.LanguageModel(params, cfg, tok, mesh, batch_size=config.batch_size,
-                                max_length=min(config.seq_len or cfg.max_seq_len, cfg.max_seq_len),
-                                seed=config.seed)
-  if config.dense:
-    t1 = time.perf_counter()
-    embed = lambda texts: retrieval.mean_pooled(lm, texts)
-    dense = retrieval.DenseIndex(embed([f'{x.title}\n{x.text}' for x in docs]), embed)
-    dhits = [[i for i, _ in h] for h in dense.search_many([q['question'] for q in eval_q], kmax)]
-    recall['dense'] = {str(k): retrieval.recall_at_k(dhits, gold, k) for k in config.recall_k}
-    recall['dense_seconds'] = time.perf_counter() - t1
+  return eval_model.LanguageModel(params, cfg, tok, mesh, batch_size=config.batch_size,
+                                  max_length=min(config.seq_len or cfg.max_seq_len, cfg.max_seq_len),
+                                  seed=config.seed)
 
-  methods = [config.methods] if isinstance(config.methods, str) else list(config.methods)
-  gen = lambda prompts, n: lm.generate_until(
-      [(p, {'until': ['\n', react.STOP], 'max_new_tokens': n}) for p in prompts])
+
+def dense_recall(config: ConfigDict, p: Prepared, lm: eval_model.LanguageModel) -> None:
+  """recall@k of mean-pooled model embeddings, beside BM25's (into p.recall)."""
+  t1 = time.perf_counter()
+  embed = lambda texts: retrieval.mean_pooled(lm, texts)
+  dense = retrieval.DenseIndex(embed([f'{x.title}\n{x.text}' for x in p.docs]), embed)
+  dhits = [[i for i, _ in h] for h in dense.search_many([q['question'] for q in p.eval_q], p.kmax)]
+  p.recall['dense'] = {str(k): retrieval.recall_at_k(dhits, p.gold, k) for k in config.recall_k}
+  p.recall['dense_seconds'] = time.perf_counter() - t1
+
+
+def _generate(lm, prompts, n: int) -> list[str]:
+  return lm.generate_until([(q, {'until': ['\n', react.STOP], 'max_new_tokens': n}) for q in prompts])
+
+
+def answer_closed_book(config: ConfigDict, p: Prepared, lm, rows: list[dict]) -> None:
+  prompts = [_demos(config, p.segments, 'closed_book') + closed_book_prompt(q) for q in p.eval_q]
+  for r, q, out in zip(rows, prompts, _generate(lm, prompts, config.max_answer_tokens)):
+    r.update(closed_book_prompt=q, closed_book_output=out,
+             closed_book=float(normalize(out) == normalize(r['answer'])))
+
+
+def answer_rag(config: ConfigDict, p: Prepared, lm, rows: list[dict]) -> None:
+  prompts = [_demos(config, p.segments, 'rag') + rag_prompt(q, p.docs, h[:config.rag_k])
+             for q, h in zip(p.eval_q, p.hits)]
+  for r, q, out in zip(rows, prompts, _generate(lm, prompts, config.max_answer_tokens)):
+    r.update(rag_prompt=q, rag_output=out, rag=float(normalize(out) == normalize(r['answer'])))
+
+
+def answer_react(config: ConfigDict, p: Prepared, lm, rows: list[dict]) -> dict:
+  """ReAct episodes on every held-out question; their counts."""
+  step_gen = lambda prompts: lm.generate_until(
+      [(q, {'until': [react.STOP], 'max_new_tokens': config.max_step_tokens}) for q in prompts])
+  demo = _demos(config, p.segments, 'react')
+  eps = react.run_episodes(step_gen, [demo + react_prompt(q) for q in p.eval_q], p.env, config.max_steps)
+  for r, e in zip(rows, eps):
+    r.update(react_transcript=e.prompt + e.text, react_answer=e.answer, react_steps=e.steps,
+             react_stop=e.stop, react_actions=e.actions,
+             react=float(normalize(e.answer) == normalize(r['answer'])) if e.answer is not None else 0.0)
+  return {'episodes': len(eps), 'steps': sum(e.steps for e in eps),
+          'malformed': sum(e.counts['malformed'] for e in eps),
+          'unknown_tool': sum(e.counts['unknown_tool'] for e in eps),
+          'step_limit': sum(e.stop == 'step_limit' for e in eps),
+          'finished': sum(e.stop == 'finish' for e in eps)}
+
+
+def answer(config: ConfigDict, p: Prepared, lm) -> tuple[list[dict], dict, dict]:
+  """(a row per held-out question, seconds per method, ReAct counts): each method's answers."""
   rows = [{'id': q['id'], 'family': q['family'], 'question': q['question'], 'answer': q['answer'],
            'gold_docs': sorted(g), 'bm25_top': h[:config.rag_k], **o}
-          for q, g, h, o in zip(eval_q, gold, hits, oracle)]
+          for q, g, h, o in zip(p.eval_q, p.gold, p.hits, p.oracle)]
   timing, react_counts = {}, {}
-  if 'closed_book' in methods:
-    t1 = time.perf_counter()
-    prompts = [_demos(config, segments, 'closed_book') + closed_book_prompt(q) for q in eval_q]
-    for r, p, out in zip(rows, prompts, gen(prompts, config.max_answer_tokens)):
-      r.update(closed_book_prompt=p, closed_book_output=out,
-               closed_book=float(normalize(out) == normalize(r['answer'])))
-    timing['closed_book'] = time.perf_counter() - t1
-  if 'rag' in methods:
-    t1 = time.perf_counter()
-    prompts = [_demos(config, segments, 'rag') + rag_prompt(q, docs, h[:config.rag_k])
-               for q, h in zip(eval_q, hits)]
-    for r, p, out in zip(rows, prompts, gen(prompts, config.max_answer_tokens)):
-      r.update(rag_prompt=p, rag_output=out, rag=float(normalize(out) == normalize(r['answer'])))
-    timing['rag'] = time.perf_counter() - t1
-  if 'react' in methods:
-    t1 = time.perf_counter()
-    step_gen = lambda prompts: lm.generate_until(
-        [(p, {'until': [react.STOP], 'max_new_tokens': config.max_step_tokens}) for p in prompts])
-    demo = _demos(config, segments, 'react')
-    eps = react.run_episodes(step_gen, [demo + react_prompt(q) for q in eval_q], env, config.max_steps)
-    for r, e in zip(rows, eps):
-      r.update(react_transcript=e.prompt + e.text, react_answer=e.answer, react_steps=e.steps,
-               react_stop=e.stop, react_actions=e.actions,
-               react=float(normalize(e.answer) == normalize(r['answer'])) if e.answer is not None else 0.0)
-    react_counts = {'episodes': len(eps), 'steps': sum(e.steps for e in eps),
-                    'malformed': sum(e.counts['malformed'] for e in eps),
-                    'unknown_tool': sum(e.counts['unknown_tool'] for e in eps),
-                    'step_limit': sum(e.stop == 'step_limit' for e in eps),
-                    'finished': sum(e.stop == 'finish' for e in eps)}
-    timing['react'] = time.perf_counter() - t1
+  methods = _methods(config)
+  for name, fn in (('closed_book', answer_closed_book), ('rag', answer_rag), ('react', answer_react)):
+    if name in methods:
+      t1 = time.perf_counter()
+      out = fn(config, p, lm, rows)
+      if name == 'react':
+        react_counts = out
+      timing[name] = time.perf_counter() - t1
+  return rows, timing, react_counts
 
+
+def finish(config: ConfigDict, workdir: str, p: Prepared, lm, rows: list[dict], timing: dict,
+           react_counts: dict, train_report: dict) -> dict:
+  """results.json, samples.jsonl, the table and tools_qa.png."""
+  methods = _methods(config)
   results = {m: accuracy(rows, m) for m in [*methods, 'react_oracle']}
-  results['_retrieval'] = {'recall_at_k': recall, 'rag_k': config.rag_k,
+  results['_retrieval'] = {'recall_at_k': p.recall, 'rag_k': config.rag_k,
                            'query': 'the question text (bm25_quote_only: the quoted line, as the gold search action)'}
   results['_react'] = react_counts
   results['_meta'] = {
-      'model': source.record() if source else 'trained here from scratch', 'train': train_report,
-      'documents': len(docs), 'collection': coll_report, 'train_questions': len(train_q),
-      'eval_questions': len(eval_q), 'examples': ex_report, 'seconds': timing,
-      'truncated_prompts': lm.stats.get('truncated', 0), 'families': fams}
+      'model': p.source.record() if p.source else 'trained here from scratch', 'train': train_report,
+      'documents': len(p.docs), 'collection': p.collection, 'train_questions': len(p.train_q),
+      'eval_questions': len(p.eval_q), 'examples': p.examples, 'seconds': timing,
+      'truncated_prompts': lm.stats.get('truncated', 0), 'families': p.families}
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(results, f, indent=2, default=str)
   with open(os.path.join(workdir, 'samples.jsonl'), 'w', encoding='utf-8') as f:
@@ -335,6 +394,18 @@ def run(config: ConfigDict, workdir: str):
   print(table(results, [*methods, 'react_oracle']), flush=True)
   plot(results, [*methods, 'react_oracle'], os.path.join(workdir, 'tools_qa.png'))
   return results
+
+
+def run(config: ConfigDict, workdir: str):
+  check(config)
+  os.makedirs(workdir, exist_ok=True)
+  p = prepare(config, workdir)
+  params, cfg, tok, train_report = train_model(config, workdir, p.segments, p.source)
+  lm = reader(config, params, cfg, tok)
+  if config.dense:
+    dense_recall(config, p, lm)
+  rows, timing, react_counts = answer(config, p, lm)
+  return finish(config, workdir, p, lm, rows, timing, react_counts, train_report)
 
 
 def table(results: dict, methods) -> str:
@@ -352,7 +423,7 @@ def table(results: dict, methods) -> str:
 
 
 def plot(results: dict, methods, path: str) -> None:
-  import matplotlib
+  import matplotlib   # here, not at the top: only the plot needs it, and it is slow to import
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   fams = [f for f in results[methods[0]] if f != 'all'] + ['all']

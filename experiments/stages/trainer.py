@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
@@ -45,7 +46,6 @@ def process_zero_first(fn: Callable, name: str):
   """Run fn on process 0, then on the others: a shared data directory is written once."""
   if jax.process_count() == 1:
     return fn()
-  from jax.experimental import multihost_utils
   out = fn() if jax.process_index() == 0 else None
   multihost_utils.sync_global_devices(name)
   return out if jax.process_index() == 0 else fn()
@@ -176,7 +176,6 @@ def agree_on_signal(local: int | None) -> int | None:
   """A collective over all processes: the first signalled process's signal, or None if none
   was signalled. One int32 per host, so the cost is the round trip (and draining the steps
   already queued before it), paid once per train.preempt_check_every steps."""
-  from jax.experimental import multihost_utils
   flags = np.ravel(multihost_utils.process_allgather(np.int32(local or 0)))
   hit = [int(f) for f in flags if f]
   return hit[0] if hit else None
@@ -187,165 +186,204 @@ def _abstract(state):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
-def train(run: Run) -> Any:
-  cfg = run.config.train
-  meta = run.meta or {}
-  counts = {'skipped_steps': int(meta.get('skipped_steps', 0)),
-            'spike_restarts': int(meta.get('spike_restarts', 0))}
-  max_skips = cfg.get('max_consecutive_skips', 20)
-  spike_k, spike_w = cfg.get('spike_factor', 0.0), cfg.get('spike_window', 20)
-  writer = runlog.MetricsWriter(run.workdir, resume_step=run.start_step or None)
-  peak = mfu_lib.peak_flops()
-  n_dev = jax.device_count()
-  end = cfg.steps if not cfg.stop_after else min(cfg.steps, run.start_step + cfg.stop_after)
-  state, step = run.state, run.start_step
-  target = _abstract(state) if spike_k else None   # before the first step donates the state
-  pending = None                       # (step, device metrics) published one step late
-  flags = []                           # (step, device 'skipped') not yet read on the host
-  inflight = []                        # device metrics of the last steps, to bound run-ahead
-  consecutive = 0
-  recent = collections.deque(maxlen=spike_w)   # (step, loss) of the last logged steps
-  spike = None                         # the step whose logged loss spiked
-  last_t, last_step = time.perf_counter(), step
-  bar = tqdm(total=cfg.steps, initial=step, desc='train', unit='step', dynamic_ncols=True,
-             disable=jax.process_index() != 0)
+class _Loop:
+  """The mutable state of one `train` call and the steps that change it. A class rather than
+  closures over nonlocals, so each piece (measure, publish, spike restart, save) is its own
+  short method; `train` reads as open -> steps -> close -> report."""
 
-  def count_skips(upto: int) -> None:
+  def __init__(self, run: Run):
+    cfg = self.cfg = run.config.train
+    self.run = run
+    meta = run.meta or {}
+    self.counts = {'skipped_steps': int(meta.get('skipped_steps', 0)),
+                   'spike_restarts': int(meta.get('spike_restarts', 0))}
+    self.max_skips = cfg.get('max_consecutive_skips', 20)
+    self.spike_k, self.spike_w = cfg.get('spike_factor', 0.0), cfg.get('spike_window', 20)
+    self.writer = runlog.MetricsWriter(run.workdir, resume_step=run.start_step or None)
+    self.peak = mfu_lib.peak_flops()
+    self.n_dev = jax.device_count()
+    self.end = cfg.steps if not cfg.stop_after else min(cfg.steps, run.start_step + cfg.stop_after)
+    self.state, self.step = run.state, run.start_step
+    # A spike restart's restore target, read before the first step donates the state.
+    self.target = _abstract(self.state) if self.spike_k else None
+    self.pending = None                 # (step, device metrics) published one step late
+    self.flags = []                     # (step, device 'skipped') not yet read on the host
+    self.inflight = []                  # device metrics of the last steps, to bound run-ahead
+    self.consecutive = 0
+    self.recent = collections.deque(maxlen=self.spike_w)   # (step, loss) of the last logged steps
+    self.spike = None                   # the step whose logged loss spiked
+    self.last_t, self.last_step = time.perf_counter(), self.step
+    self.bar = tqdm(total=cfg.steps, initial=self.step, desc='train', unit='step',
+                    dynamic_ncols=True, disable=jax.process_index() != 0)
+    self.saved = run.start_step         # the last step with a checkpoint
+    self.stop = StopSignals(cfg.get('preempt_check_every', 10))
+
+  def count_skips(self, upto: int) -> None:
     """Read the skip flags of steps <= upto (with metrics already being fetched: no extra
     sync per step) and stop after max_consecutive_skips non-finite updates in a row."""
-    nonlocal flags, consecutive
-    now = [f for f in flags if f[0] <= upto]
-    flags = [f for f in flags if f[0] > upto]
+    now = [f for f in self.flags if f[0] <= upto]
+    self.flags = [f for f in self.flags if f[0] > upto]
     for s, skipped in zip([f[0] for f in now], jax.device_get([f[1] for f in now])):
       if float(skipped):
-        counts['skipped_steps'] += 1
-        consecutive += 1
+        self.counts['skipped_steps'] += 1
+        self.consecutive += 1
       else:
-        consecutive = 0
-      if max_skips and consecutive >= max_skips:
+        self.consecutive = 0
+      if self.max_skips and self.consecutive >= self.max_skips:
         raise TrainingError(
-            f'{consecutive} consecutive steps (up to step {s}) had a non-finite loss or gradient '
-            f'and were skipped; lower optim.lr, raise optim.warmup_steps, check the data, or '
-            f'raise train.max_consecutive_skips.')
+            f'{self.consecutive} consecutive steps (up to step {s}) had a non-finite loss or '
+            'gradient and were skipped; lower optim.lr, raise optim.warmup_steps, check the '
+            'data, or raise train.max_consecutive_skips.')
 
-  def measure(at_step, dev_metrics) -> dict:
+  def measure(self, at_step, dev_metrics) -> dict:
     """Host copy of a step's metrics plus throughput since the previous reading."""
-    nonlocal last_t, last_step
-    count_skips(at_step)
+    self.count_skips(at_step)
     m = {k: float(v) for k, v in jax.device_get(dev_metrics).items()}
     now = time.perf_counter()
-    tps = (at_step - last_step) * run.tokens_per_step / (now - last_t) if at_step > last_step else None
-    last_t, last_step = now, at_step
+    tps = ((at_step - self.last_step) * self.run.tokens_per_step / (now - self.last_t)
+           if at_step > self.last_step else None)
+    self.last_t, self.last_step = now, at_step
     m['tokens_per_sec'] = tps
-    m['mfu'] = None if tps is None else mfu_lib.mfu(tps, run.flops_per_token, n_dev, peak)
-    m.update(counts)
+    m['mfu'] = None if tps is None else mfu_lib.mfu(tps, self.run.flops_per_token, self.n_dev, self.peak)
+    m.update(self.counts)
     return m
 
-  def publish(row_step, row):
-    nonlocal spike
-    writer.write(row_step, row)
+  def publish(self, row_step, row) -> None:
+    """Log a row, and note a loss spike (handled at the step boundary)."""
+    self.writer.write(row_step, row)
     postfix = {'loss': f"{row['loss']:.4f}"}
     if row.get('tokens_per_sec'):
       postfix['tok/s'] = f"{row['tokens_per_sec']:,.0f}"
       postfix['mfu'] = 'n/a' if row['mfu'] is None else f"{100 * row['mfu']:.1f}%"
-    bar.set_postfix(postfix)
+    self.bar.set_postfix(postfix)
     loss = row['loss']
-    if not spike_k or not np.isfinite(loss):
+    if not self.spike_k or not np.isfinite(loss):
       return
-    if len(recent) == spike_w and loss > spike_k * float(np.median([l for _, l in recent])):
-      spike = spike or row_step      # handled at the step boundary below
+    recent = self.recent
+    if len(recent) == self.spike_w and loss > self.spike_k * float(np.median([l for _, l in recent])):
+      self.spike = self.spike or row_step
     else:
       recent.append((row_step, loss))
 
-  def restart_before_spike():
+  def publish_pending(self) -> None:
+    if self.pending is not None:
+      self.publish(self.pending[0], self.measure(*self.pending))
+      self.pending = None
+
+  def restart_before_spike(self) -> None:
     """PaLM's recipe: back to the newest checkpoint before the spike, skipping the batches
     that led into it (the restored position + spike_skip_batches, default: through the spike)."""
-    nonlocal state, step, pending, flags, inflight, writer, last_t, last_step, spike
+    run, spike = self.run, self.spike
     run.checkpointer.wait()
     good = [s for s in run.checkpointer.steps() if s < spike]
     if not good:
-      raise TrainingError(f'The loss spiked at step {spike} (over {spike_k} x the median of the '
-                          f'last {spike_w} logged losses) and no checkpoint precedes it to restart '
+      raise TrainingError(f'The loss spiked at step {spike} (over {self.spike_k} x the median of the '
+                          f'last {self.spike_w} logged losses) and no checkpoint precedes it to restart '
                           'from; checkpoint more often (train.checkpoint_every) or set train.spike_factor=0.')
     back = good[-1]
-    state, data_state, _ = run.checkpointer.restore(back, target)
+    self.state, data_state, _ = run.checkpointer.restore(back, self.target)
     run.checkpointer.delete_after(back)   # they hold the spiking trajectory
     run.batches.restore(data_state)
-    n_skip = cfg.get('spike_skip_batches', 0) or spike - back
+    n_skip = self.cfg.get('spike_skip_batches', 0) or spike - back
     for _ in range(n_skip):
       next(run.batches)
-    counts['spike_restarts'] += 1
-    bar.write(f'loss spike at step {spike}: restarting from step {back}, skipping {n_skip} batches')
-    writer.close()                      # the restarted steps are logged again
-    writer = runlog.MetricsWriter(run.workdir, resume_step=back)
-    while recent and recent[-1][0] > back:
-      recent.pop()
-    step, pending, flags, inflight, spike = back, None, [], [], None
-    bar.n = back
-    bar.refresh()
-    last_t, last_step = time.perf_counter(), step
+    self.counts['spike_restarts'] += 1
+    self.bar.write(f'loss spike at step {spike}: restarting from step {back}, skipping {n_skip} batches')
+    self.writer.close()                   # the restarted steps are logged again
+    self.writer = runlog.MetricsWriter(run.workdir, resume_step=back)
+    while self.recent and self.recent[-1][0] > back:
+      self.recent.pop()
+    self.step, self.pending, self.flags, self.inflight, self.spike = back, None, [], [], None
+    self.bar.n = back
+    self.bar.refresh()
+    self.last_t, self.last_step = time.perf_counter(), self.step
 
-  saved = [run.start_step]
+  def save(self, at_step: int) -> None:
+    self.saved = at_step
+    self.run.checkpointer.save(at_step, self.state, self.run.batches.state(),
+                               {'step': at_step, **self.counts})
 
-  def save(at_step):
-    saved.append(at_step)
-    run.checkpointer.save(at_step, state, run.batches.state(), {'step': at_step, **counts})
+  def advance(self) -> None:
+    """One step: draw, update, then publish the previous step's row (or evaluate)."""
+    run, cfg = self.run, self.cfg
+    local = next(run.batches)
+    if run.transform_batch is not None:
+      local = run.transform_batch(self.step + 1, local)
+    self.state, dev_metrics = run.step_fn(self.state, run.to_global(local))
+    self.step += 1
+    step = self.step
+    self.bar.update(1)
+    if 'skipped' in dev_metrics:
+      self.flags.append((step, dev_metrics['skipped']))
+    self.inflight = self.inflight[-MAX_INFLIGHT:] + [dev_metrics]
+    bounded(self.inflight)
+    self.publish_pending()                # step N-1's numbers are fetched while step N runs
+    if step == run.start_step + 1:        # keep compile time out of the throughput figures
+      jax.block_until_ready(dev_metrics)
+      self.last_t, self.last_step = time.perf_counter(), step
+    is_eval = run.evaluate and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
+    if is_eval:
+      row = self.measure(step, dev_metrics)
+      row.update(run.evaluate(self.state.params))
+      self.publish(step, row)
+      self.bar.write(f"step {step}: loss {row['loss']:.4f}, val_loss {row['val_loss']:.4f}")
+      self.last_t = time.perf_counter()   # don't charge evaluation to training throughput
+    elif step % cfg.log_every == 0 or step == self.end:
+      self.pending = (step, dev_metrics)
 
-  stop = StopSignals(cfg.get('preempt_check_every', 10))
+  def steps(self) -> None:
+    """Steps up to `end`, a spike restart, a checkpoint or a stop at each boundary."""
+    cfg = self.cfg
+    while self.step < self.end:
+      self.advance()
+      if self.spike is not None:
+        self.restart_before_spike()
+        continue
+      if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == self.end):
+        self.save(self.step)
+      if self.stop.should_stop(self.step):
+        break
+    self.publish_pending()
+    self.count_skips(self.step)
+
+  @property
+  def preempted(self) -> bool:
+    return self.stop.signum is not None and self.step < self.end
+
+  def after_steps(self) -> None:
+    if self.spike is not None:           # in the very last logged row: reported, not restarted
+      self.bar.write(f'loss spike at step {self.spike} (the last logged step); not restarted')
+    if self.preempted and self.saved != self.step:
+      self.save(self.step)               # preempted: keep the step reached
+
+  def close(self) -> None:
+    """Also on errors: finish async writes, flush logs."""
+    self.bar.close()
+    self.run.checkpointer.wait()
+    self.writer.close()
+
+  def report(self) -> Any:
+    """The loss plot; Preempted if a signal stopped the run early, else the final state."""
+    workdir = self.run.workdir
+    if jax.process_index() == 0 and self.writer.path.exists():
+      runlog.plot_losses(self.writer.path, paths.path(workdir) / 'loss.png',
+                         title=paths.absolute(workdir).name)
+    if self.preempted:
+      print(f'{signal.Signals(self.stop.signum).name} received: saved a checkpoint at step '
+            f'{self.step}; rerun the same command to continue.', flush=True)
+      raise Preempted(self.step, self.stop.signum)
+    return self.state
+
+
+def train(run: Run) -> Any:
+  loop = _Loop(run)
   try:
-    with stop:
-      while step < end:
-        local = next(run.batches)
-        if run.transform_batch is not None:
-          local = run.transform_batch(step + 1, local)
-        state, dev_metrics = run.step_fn(state, run.to_global(local))
-        step += 1
-        bar.update(1)
-        if 'skipped' in dev_metrics:
-          flags.append((step, dev_metrics['skipped']))
-        inflight = inflight[-MAX_INFLIGHT:] + [dev_metrics]
-        bounded(inflight)
-        if pending is not None:          # step N-1's numbers are fetched while step N runs
-          publish(pending[0], measure(*pending))
-          pending = None
-        if step == run.start_step + 1:   # keep compile time out of the throughput figures
-          jax.block_until_ready(dev_metrics)
-          last_t, last_step = time.perf_counter(), step
-        is_eval = run.evaluate and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
-        if is_eval:
-          row = measure(step, dev_metrics)
-          row.update(run.evaluate(state.params))
-          publish(step, row)
-          bar.write(f"step {step}: loss {row['loss']:.4f}, val_loss {row['val_loss']:.4f}")
-          last_t = time.perf_counter()   # don't charge evaluation to training throughput
-        elif step % cfg.log_every == 0 or step == end:
-          pending = (step, dev_metrics)
-        if spike is not None:
-          restart_before_spike()
-          continue
-        if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == end):
-          save(step)
-        if stop.should_stop(step):
-          break
-      if pending is not None:
-        publish(pending[0], measure(*pending))
-      count_skips(step)
-    if spike is not None:              # in the very last logged row: reported, not restarted
-      bar.write(f'loss spike at step {spike} (the last logged step); not restarted')
-    if stop.signum is not None and step < end and saved[-1] != step:
-      save(step)                       # preempted: keep the step reached
-  finally:                             # also on errors: finish async writes, flush logs
-    bar.close()
-    run.checkpointer.wait()
-    writer.close()
-  if jax.process_index() == 0 and writer.path.exists():
-    runlog.plot_losses(writer.path, paths.path(run.workdir) / 'loss.png',
-                            title=paths.absolute(run.workdir).name)
-  if stop.signum is not None and step < end:
-    print(f'{signal.Signals(stop.signum).name} received: saved a checkpoint at step {step}; '
-          'rerun the same command to continue.', flush=True)
-    raise Preempted(step, stop.signum)
-  return state
+    with loop.stop:
+      loop.steps()
+    loop.after_steps()
+  finally:
+    loop.close()
+  return loop.report()
 
 
 def eval_fn(eval_step: Callable, batches: list, to_global: Callable) -> Callable[[Any], dict]:
