@@ -647,43 +647,49 @@ def workload(b: ConfigDict) -> list[tuple[list[int], int]]:
   return out
 
 
-def _timed(fn, repeats: int = 1) -> float:
-  fn()                                   # compile
-  t0 = time.perf_counter()
-  for _ in range(repeats):
-    fn()
-  return (time.perf_counter() - t0) / repeats
-
-
 def _static(params, cfg, work, slots: int) -> dict:
   """decode.generate on consecutive batches of `slots` requests; a batch runs as long as its
   longest response, so rows that ended sit idle."""
   from lm import decode
+  batches = [work[i:i + slots] for i in range(0, len(work), slots)]
 
   def go():
-    for i in range(0, len(work), slots):
-      batch = work[i:i + slots]
+    for batch in batches:
       s = decode.SamplingConfig(temperature=0, max_new_tokens=max(n for _, n in batch))
       gen = decode.generate(params, [np.array(p) for p, _ in batch], jax.random.key(0), cfg=cfg,
                             sampling=s)
       jax.block_until_ready(gen.tokens)
+    return sum(slots * max(n for _, n in batch) for batch in batches)   # row-steps
 
-  row_steps = sum(slots * max(n for _, n in work[i:i + slots]) for i in range(0, len(work), slots))
-  width = max(decode._bucket(max(len(p) for p, _ in work[i:i + slots])) +
-              decode._bucket(max(n for _, n in work[i:i + slots])) for i in range(0, len(work), slots))
-  return {'seconds': _timed(go), 'row_steps': row_steps, 'width': width, 'slots': slots,
-          'cache_rows': slots}
+  width = max(decode._bucket(max(len(p) for p, _ in batch)) + decode._bucket(max(n for _, n in batch))
+              for batch in batches)
+  return {'go': go, 'width': width, 'slots': slots, 'cache_rows': slots}
 
 
 def _engine(params, cfg, work, slots: int, width: int, sync_every: int) -> dict:
   # prefix_cache=1: the prompts differ, and the kept row is counted in the cache memory.
   eng = engine_lib.Engine(params, cfg, slots=slots, max_len=width, sync_every=sync_every,
                           prefix_cache=1)
-  go = lambda: eng.generate([engine_lib.Request(prompt=p, max_tokens=n) for p, n in work])
-  seconds = _timed(go)
-  calls = eng.stats['decode_calls'] // 2       # _timed ran it twice
-  return {'seconds': seconds, 'row_steps': calls * sync_every * slots, 'width': width, 'slots': slots,
-          'cache_rows': slots + 1}
+
+  def go():
+    before = eng.stats['decode_calls']
+    eng.generate([engine_lib.Request(prompt=p, max_tokens=n) for p, n in work])
+    return (eng.stats['decode_calls'] - before) * sync_every * slots   # row-steps
+
+  return {'go': go, 'width': width, 'slots': slots, 'cache_rows': slots + 1}
+
+
+def _time_interleaved(runs: dict, repeats: int) -> None:
+  """Compile every run, then time them in turn `repeats` times, keeping each one's fastest:
+  on a shared machine the load drifts, and alternating spreads it over all of them."""
+  for r in runs.values():
+    r['row_steps'] = r['go']()
+    r['seconds'] = float('inf')
+  for _ in range(repeats):
+    for r in runs.values():
+      t0 = time.perf_counter()
+      r['go']()
+      r['seconds'] = min(r['seconds'], time.perf_counter() - t0)
 
 
 def bench(config: ConfigDict, workdir: str) -> dict:
@@ -705,6 +711,7 @@ def bench(config: ConfigDict, workdir: str) -> dict:
   runs = {'static': static}
   for slots in dict.fromkeys((b.slots, equal_slots)):
     runs[f'engine_{slots}_slots'] = _engine(params, cfg, work, slots, width, config.sync_every)
+  _time_interleaved(runs, b.repeats)
   table = {}
   for name, r in runs.items():
     table[name] = {'tokens_per_s': round(useful / r['seconds'], 1), 'seconds': round(r['seconds'], 2),
@@ -713,6 +720,7 @@ def bench(config: ConfigDict, workdir: str) -> dict:
                    'ms_per_step': round(1e3 * r['seconds'] / (r['row_steps'] / r['slots']), 2),
                    'speedup_vs_static': round(static['seconds'] / r['seconds'], 2)}
   report = {'requests': len(work), 'useful_tokens': useful, 'sync_every': config.sync_every,
+            'repeats': b.repeats,
             'runs': table, 'engine_programs': engine_lib.compiled_programs(),
             'backend': jax.default_backend(), 'device': str(jax.devices()[0].device_kind),
             'model': b.model.to_dict()}

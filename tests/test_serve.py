@@ -257,3 +257,22 @@ def test_sigterm_drains_in_flight_requests(run_dir, tmp_path):
   finally:
     if proc.poll() is None:
       proc.kill()
+
+
+def test_bench_mode_writes_the_comparison(tmp_path):
+  """mode=bench on a tiny random model: static beside the engine at the static batch size and at
+  equal cache memory; row utilisation (no timing in it) is the engine's gain."""
+  c = serve_config.get_config()
+  c.mode = 'bench'
+  c.bench.update(requests=24, repeats=1, slots=4, prompt_max=16, long_max=64)
+  c.bench.model.update(d_model=32, n_layers=1, n_heads=2, vocab_size=64, max_seq_len=128)
+  serve.run(c, str(tmp_path))
+  rep = json.loads((tmp_path / 'bench.json').read_text())
+  runs = rep['runs']
+  assert set(runs) >= {'static', 'engine_4_slots'} and len(runs) == 3
+  for r in runs.values():
+    assert 0 < r['row_utilisation'] <= 1 and r['tokens_per_s'] > 0
+  assert runs['engine_4_slots']['row_utilisation'] > 1.5 * runs['static']['row_utilisation']
+  equal = [r for n, r in runs.items() if n not in ('static', 'engine_4_slots')][0]
+  row = 80 * 2 * 1 * 2 * 16 * 4   # one engine row: 16 + 64 columns x (k, v) x layer x heads x dim x 4 B
+  assert equal['cache_bytes'] <= runs['static']['cache_bytes'] < equal['cache_bytes'] + row

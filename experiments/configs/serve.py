@@ -14,8 +14,10 @@ The bench workload: 96 requests, prompts of 8-32 tokens, response lengths a mixt
 line completions (the RLHF testbed's: median 16, at most 32) and long rationales (the CoT
 testbed's: median 64, at most 160), greedy, no EOS (each request asks for its length). Static
 batching runs decode.generate on consecutive batches of `slots` requests, each batch as long
-as its longest response; the engine has the same `slots` rows of prompt_max + 160 columns
-(no more cache than the static batch's largest).
+as its longest response. The engine runs with the same `slots` rows of prompt_max + 160
+columns (less cache than the static batch's largest), and with as many rows as that largest
+static cache holds (equal memory). Runs are compiled first, then timed in turn `repeats` times
+(the fastest of each kept), so a machine's drifting load spreads over all of them.
 """
 from ml_collections import ConfigDict
 
@@ -34,7 +36,7 @@ def get_config():
   c.request_timeout = 600.0   # seconds a request may wait for its tokens
   c.drain_seconds = 60.0      # on SIGTERM: how long requests in flight may take to finish
   c.bench = ConfigDict(dict(
-      seed=0, requests=96, slots=16, prompt_min=8, prompt_max=32, short_fraction=0.5,
+      seed=0, requests=96, repeats=2, slots=16, prompt_min=8, prompt_max=32, short_fraction=0.5,
       short_median=16, short_max=32, long_median=64, long_max=160, sigma=0.5,
       model=dict(vocab_size=512, d_model=256, n_layers=4, n_heads=4, max_seq_len=256)))
   return c
