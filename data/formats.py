@@ -200,7 +200,8 @@ def chat_template_jinja(template: str | Template, tokenizer, spell: Mapping[str,
     turns = ''.join(f"{{% {'if' if i == 0 else 'elif'} m['role'] == {json.dumps(r)} %}}{lit(special_piece(n))}"
                     for i, (r, n) in enumerate(t.roles.items()))
     return ("{% for m in messages %}" + turns + "{% endif %}{{ m['content'] }}" + lit(special_piece(t.end)) +
-            "{% endfor %}{% if add_generation_prompt %}" + lit(special_piece(t.roles['assistant'])) + "{% endif %}")
+            "{% endfor %}{% if add_generation_prompt %}" + lit(special_piece(t.roles['assistant']))
+            + "{% endif %}")
   fmt = t.prompt_no_input if t.prompt_no_input is not None else t.prompt
   if _fields(fmt) != ['instruction']:
     raise FormatError(f'Template {t.name!r} prompts with fields {_fields(fmt)}; only an instruction-only '
@@ -284,7 +285,8 @@ def chat_template_tokens(messages: list[dict], tokenizer, add_generation_prompt:
     through = tokenizer.render_chat(messages[:i + 1])
     if not (through.startswith(before) and text.startswith(through)):
       raise FormatError(f'The chat_template does not render assistant turn {i} as an extension of the '
-                        'conversation before it, so its loss mask cannot be placed; use data.template=alpaca or none.')
+                        'conversation before it, so its loss mask cannot be placed; use '
+                        'data.template=alpaca or none.')
     learn |= (offsets[:, 0] >= len(before)) & (offsets[:, 0] < len(through))
   return ids, learn
 

@@ -325,7 +325,8 @@ class HFTokenizer:
     if self._fast is None:
       from transformers import PreTrainedTokenizerFast
       pieces = {f'{n}_token': self.tk.id_to_token(i) for n, i in self._special.items()}
-      self._fast = PreTrainedTokenizerFast(tokenizer_object=self.tk, chat_template=self.chat_template, **pieces)
+      own = importlib.import_module('tokenizers').Tokenizer.from_str(self.tk.to_str())   # self.tk stays as it is
+      self._fast = PreTrainedTokenizerFast(tokenizer_object=own, chat_template=self.chat_template, **pieces)
     return self._fast.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
   def encode_chat(self, text: str) -> tuple[np.ndarray, np.ndarray]:
@@ -370,7 +371,8 @@ def load_hf_folder(folder: str) -> HFTokenizer:
                          f'{path} lacks; declare them in tokenizer_config.json (e.g. "unk_token": null).')
   tk.no_truncation()
   tk.no_padding()
-  template = fast.chat_template if isinstance(fast.chat_template, str) else None
+  template = fast.chat_template   # several named templates: the default one
+  template = template if isinstance(template, str) or template is None else template.get('default')
   return HFTokenizer(path, specials, template, declared=True, tk=tk)
 
 

@@ -29,8 +29,8 @@ _LLAMA3 = dict(FAMILIES['llama'], vocab_size=128256, max_seq_len=131072, norm_ep
                rope_scaling='llama3', rope_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
                rope_original_max_len=8192)
 _QWEN2 = dict(FAMILIES['llama'], vocab_size=152064, max_seq_len=131072, rope_theta=1e6, qkv_bias=True)
-_GEMMA2 = dict(norm='rmsnorm', norm_eps=1e-6, norm_unit_offset=True, norm_position='sandwich', activation='geglu_tanh',
-               positions='rope', use_bias=False, tie_embeddings=True, scale_embeddings=True, vocab_size=256000,
+_GEMMA2 = dict(norm='rmsnorm', norm_eps=1e-6, norm_unit_offset=True, norm_position='sandwich',
+               activation='geglu_tanh', positions='rope', use_bias=False, tie_embeddings=True, scale_embeddings=True, vocab_size=256000,
                max_seq_len=8192, d_head=256, attn_softcap=50.0, final_softcap=30.0, sliding_window=4096)
 _BLOOM = dict(norm='layernorm', embed_norm=True, positions='alibi', activation='gelu_tanh', use_bias=True,
               tie_embeddings=True, vocab_size=250880, max_seq_len=2048)
