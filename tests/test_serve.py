@@ -131,6 +131,16 @@ def test_chat_equals_the_engine_alone(served, client):
   assert all(len(t.top_logprobs) == 3 for t in lp)
 
 
+def test_chat_uses_the_runs_instruction_template(served, monkeypatch):
+  """An SFT run tuned with a text template takes one user turn as its instruction."""
+  m = served.app.model
+  monkeypatch.setattr(m, 'template', 'none')
+  assert m.chat_prompt([{'role': 'user', 'content': 'Who goes?'}]) == m.encode('Who goes?')
+  with pytest.raises(serve.BadRequest, match='single-turn'):
+    m.chat_prompt([{'role': 'user', 'content': 'A'}, {'role': 'assistant', 'content': 'B'},
+                   {'role': 'user', 'content': 'C'}])
+
+
 def test_models_and_health(served, client):
   assert [m.id for m in client.models.list().data] == [served.app.model.name]
   conn = http.client.HTTPConnection('127.0.0.1', served.server.server_port, timeout=10)
