@@ -49,16 +49,6 @@ def scores_of(trunk, head, batch, cfg: ModelConfig) -> jax.Array:
   return heads.score(trunk, head, batch['tokens'].reshape(b * k, t), lengths, cfg)[:, 0].reshape(b, k)
 
 
-def ranking_loss(scores: jax.Array, batch, margin: float = 0.0):
-  """rl.reward.kwise_loss over the group (K = 2 is the pairwise loss) plus the summed margin."""
-  loss, n, metrics = reward_lib.kwise_loss(scores, batch['ranks'], margin, batch['valid'])
-  v = batch['valid']
-  pair = (batch['ranks'][:, :, None] < batch['ranks'][:, None, :]) * v[:, :, None] * v[:, None, :]
-  diff = scores[:, :, None] - scores[:, None, :]
-  metrics['margin'] = jax.lax.stop_gradient(jnp.sum(diff * pair))
-  return loss, n, metrics
-
-
 def _trees(config, cfg, pcfg, source, mesh):
   """(axes, init_params, initial_params, frozen, frozen_sh) of the trainable tree."""
   head_axes = heads.logical_axes(cfg, 1)
@@ -297,8 +287,8 @@ def _loss_fn(p: Prepared) -> Callable:
   cfg, pcfg, margin = p.cfg, p.pcfg, p.config.data.margin
 
   def loss_fn(params, batch, rng, frozen=None):
-    return ranking_loss(scores_of(_trunk_of(params, frozen, cfg, pcfg), params['head'], batch, cfg),
-                        batch, margin)
+    scores = scores_of(_trunk_of(params, frozen, cfg, pcfg), params['head'], batch, cfg)
+    return reward_lib.kwise_loss(scores, batch['ranks'], margin, batch['valid'])
   return loss_fn
 
 

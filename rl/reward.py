@@ -30,8 +30,8 @@ def kwise_loss(scores: jax.Array, ranks: jax.Array, margin=0.0, valid: jax.Array
 
   scores [B, K]; ranks [B, K] integers, lower = better (0 is the best); equal ranks (ties)
   form no pair. valid [B, K] (optional) drops padded responses when rows have fewer than K.
-  margin: scalar, or [B] per prompt. Returns (loss_sum, n_pairs, metric sums) where
-  accuracy counts pairs the model orders like the labels.
+  margin: scalar, or [B] per prompt. Returns (loss_sum, n_pairs, metric sums): accuracy counts
+  pairs the model orders like the labels, margin sums the preferred-minus-other score gaps.
   """
   s = scores.astype(jnp.float32)
   diff = s[:, :, None] - s[:, None, :]                        # [B, K(w), K(l)]
@@ -42,7 +42,8 @@ def kwise_loss(scores: jax.Array, ranks: jax.Array, margin=0.0, valid: jax.Array
   m = jnp.asarray(margin, jnp.float32)
   m = m.reshape(m.shape + (1, 1)) if m.ndim == 1 else m
   loss = -jax.nn.log_sigmoid(diff - m) * pair
-  metrics = {'accuracy': jnp.sum((diff > 0).astype(jnp.float32) * pair)}
+  metrics = {'accuracy': jnp.sum((diff > 0).astype(jnp.float32) * pair),
+             'margin': jax.lax.stop_gradient(jnp.sum(diff * pair))}
   return jnp.sum(loss), jnp.sum(pair), metrics
 
 

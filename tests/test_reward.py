@@ -151,7 +151,7 @@ def test_kwise_layout_and_loss_match_pairwise():
   assert arr['mask'][0].sum(-1).tolist() == [2, 3, 4]       # prompt + response (no eos in this vocab)
   scores = jnp.asarray([[0.1, 0.5, 0.3], [1.0, -1.0, 7.0]])
   batch = {k: jnp.asarray(v) for k, v in arr.items()}
-  loss, n, m = reward.ranking_loss(scores, batch)
+  loss, n, m = reward_lib.kwise_loss(scores, batch['ranks'], 0.0, batch['valid'])
   assert float(n) == 3 + 1                                   # C(3, 2) pairs + one pair
   # By hand: the pairs (0.5 > 0.3), (0.5 > 0.1), (0.3 > 0.1), (1.0 > -1.0).
   w, l = jnp.asarray([0.5, 0.5, 0.3, 1.0]), jnp.asarray([0.3, 0.1, 0.1, -1.0])

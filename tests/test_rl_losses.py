@@ -149,7 +149,7 @@ def test_kwise_loss_equals_mean_over_pairs_double_loop():
   scores = rng.normal(size=(b, k))
   ranks = np.stack([rng.permutation(k) for _ in range(b)])
   margin = np.array([0.0, 0.3, 1.0])
-  total, pairs, correct = 0.0, 0, 0
+  total, pairs, correct, gap = 0.0, 0, 0, 0.0
   for i in range(b):
     for w in range(k):
       for l in range(k):
@@ -157,11 +157,13 @@ def test_kwise_loss_equals_mean_over_pairs_double_loop():
           total += -_logsig(scores[i, w] - scores[i, l] - margin[i])
           pairs += 1
           correct += scores[i, w] > scores[i, l]
+          gap += scores[i, w] - scores[i, l]
   assert pairs == b * math.comb(k, 2)
   s, n, met = reward.kwise_loss(jnp.asarray(scores, jnp.float32), jnp.asarray(ranks), jnp.asarray(margin))
   assert float(n) == pairs
   assert float(s / n) == pytest.approx(total / pairs, rel=1e-5)
   assert float(met['accuracy']) == correct
+  assert float(met['margin']) == pytest.approx(gap, rel=1e-5)
   # K = 2 with ranks (0, 1) is the pairwise loss
   s2, _, _ = reward.kwise_loss(jnp.asarray(scores[:, :2], jnp.float32), jnp.array([[0, 1]] * b))
   s3, _, _ = reward.pairwise_loss(jnp.asarray(scores[:, 0], jnp.float32), jnp.asarray(scores[:, 1], jnp.float32))
