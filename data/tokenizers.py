@@ -606,10 +606,11 @@ def _spm_to_hf(model_path: str):
   return tk, control
 
 
-def export_hf(tokenizer, folder: str, chat_template: str | None = None) -> str:
+def export_hf(tokenizer, folder: str, chat_template: str | None = None, model_max_length: int | None = None) -> str:
   """Write `tokenizer` as a Hugging Face tokenizer (tokenizer.json, tokenizer_config.json, ...)
   in `folder`, so `transformers.AutoTokenizer.from_pretrained(folder)` loads it offline; with
-  `chat_template`, its apply_chat_template formats conversations with it."""
+  `chat_template`, its apply_chat_template formats conversations with it; `model_max_length`:
+  the model's context (else transformers' "unlimited" 1e30)."""
   from transformers import PreTrainedTokenizerFast
   tk = to_hf(tokenizer)
   names = {f'{n}_token': tk.id_to_token(i) for n, i in tokenizer.special_ids.items()
@@ -618,7 +619,8 @@ def export_hf(tokenizer, folder: str, chat_template: str | None = None) -> str:
   # split_special_tokens: like ours, text spelling '<|response|>' is ordinary pieces, never the id;
   # but a chat template writes its markers as text, which must then become their ids.
   fast = PreTrainedTokenizerFast(tokenizer_object=tk, clean_up_tokenization_spaces=False,
-                                 split_special_tokens=chat_template is None, chat_template=chat_template, **names)
+                                 split_special_tokens=chat_template is None, chat_template=chat_template, **names,
+                                 **({'model_max_length': model_max_length} if model_max_length else {}))
   os.makedirs(folder, exist_ok=True)
   fast.save_pretrained(folder)
   if chat_template is not None:   # also where transformers < 4.43 looks for it

@@ -93,7 +93,7 @@ def export(init_from: str, out: str, mesh_cfg: dict | None = None) -> str:
   hf.update({f'{n}_token_id': ids.get(n) for n in ('bos', 'pad')})
   with open(path, 'w') as f:
     json.dump(hf, f, indent=2)
-  tokenizers.export_hf(tok, out, chat_template)
+  tokenizers.export_hf(tok, out, chat_template, model_max_length=cfg.max_seq_len)
   return out
 
 

@@ -105,6 +105,25 @@ def test_class_default_tokens_the_file_lacks_are_refused(folder, tmp_path):
     tokenizers.load_hf_folder(str(tmp_path / 'f'))
 
 
+def test_gpt2_declares_one_token_for_bos_eos_and_unk(tmp_path):
+  """GPT-2's tokenizer_config.json makes '<|endoftext|>' its bos, eos and unk: all three are
+  kept (a guessed spelling list found it only as eos, and the export lost its bos_token)."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tk = Tokenizer(models.BPE())
+  tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tk.decoder = decoders.ByteLevel()
+  tk.train_from_iterator([_text()], trainers.BpeTrainer(vocab_size=300, special_tokens=['<|endoftext|>'],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  transformers.GPT2TokenizerFast(tokenizer_object=tk, bos_token='<|endoftext|>', eos_token='<|endoftext|>',
+                                 unk_token='<|endoftext|>').save_pretrained(tmp_path)
+  (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'gpt2'}))
+  tok = tokenizers.load_hf_folder(str(tmp_path))
+  assert tok.special_ids == {'bos': 0, 'eos': 0, 'unk': 0}
+  tokenizers.export_hf(tok, str(tmp_path / 'out'))
+  auto = transformers.AutoTokenizer.from_pretrained(tmp_path / 'out')
+  assert (auto.bos_token, auto.eos_token) == ('<|endoftext|>', '<|endoftext|>')
+
+
 def test_a_bare_tokenizer_json_keeps_the_conventional_spellings(folder, tmp_path):
   """Without tokenizer_config.json nothing is declared: the spelling list is all there is."""
   import shutil
@@ -211,3 +230,4 @@ def test_a_lora_sft_run_on_an_hf_base_exports_and_chains(folder, tmp_path):
   np.testing.assert_allclose(np.asarray(got)[0, :, :want.shape[-1]], want, atol=1e-4)
   eos = transformers.GenerationConfig.from_pretrained(tmp_path / 'out').eos_token_id
   assert auto.convert_tokens_to_ids('<|im_end|>') in eos and auto.eos_token == '<|eot|>'
+  assert auto.model_max_length == src.cfg.max_seq_len == 128   # the model's context, not 1e30
