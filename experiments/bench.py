@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
+from lm import checkpoint as ckpt_lib
 from experiments.stages import bench_nanogpt, bench_profile, stage, trainer
 from experiments.configs import base
 from lm import mfu as mfu_lib
@@ -87,7 +88,6 @@ def bench_one(name: str, spec: ConfigDict, config: ConfigDict, scan_unroll: int 
 def checkpoint_stall(state, repeats: int) -> dict:
   """ms the calling thread blocks in save() per checkpoint (median of `repeats`), and ms
   until the checkpoint is on disk, with async (orbax's background write) and sync saves."""
-  from lm import checkpoint as ckpt_lib
   out = {}
   for mode in ('async', 'sync'):
     with tempfile.TemporaryDirectory() as d:

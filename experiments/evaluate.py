@@ -23,6 +23,7 @@ import traceback
 
 from ml_collections import ConfigDict
 
+from lm import sharding
 from data.tokenizers import TokenizerError
 from experiments.stages import stage
 from experiments.evaluation import eval_model
@@ -150,7 +151,6 @@ def runnable(loaded: list, tokenizer, max_length: int) -> tuple[list, dict]:
 def _model(config: ConfigDict, source, mcfg):
   if source is None:
     return eval_model.ReferenceModel(), {'model': 'reference'}
-  from lm import sharding
   mesh = sharding.make_mesh(config.mesh.to_dict())
   params = source.restore_params(mesh, mcfg)
   lm = eval_model.LanguageModel(params, mcfg, source.tokenizer, mesh, batch_size=config.batch_size,

@@ -29,6 +29,7 @@ import time
 import numpy as np
 from ml_collections import ConfigDict
 
+from lm import sharding
 from experiments.stages import bursty, stage
 from experiments.evaluation import icl_prompts
 from experiments.evaluation import eval_model
@@ -117,7 +118,6 @@ def check(config: ConfigDict) -> list[tuple[str, str]]:
 
 def load_model(config: ConfigDict, workdir: str):
   """(params, ModelConfig, tokenizer, record): init_from's model, or the synthetic one."""
-  from lm import sharding
   if config.init_from:
     source, mcfg = stage.read_model_source(config)
     mesh = sharding.make_mesh(config.mesh.to_dict())

@@ -36,6 +36,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from lm import model
 from experiments.evaluation import fewshot
 from lm.config import ConfigError
 
@@ -98,7 +99,6 @@ def mean_pooled(params, cfg, tokenizer, texts: Sequence[str], batch_size: int = 
   model's own sentence embedding for kNN selection and diversity clustering."""
   import jax
   import jax.numpy as jnp
-  from lm import model
   ids = [np.asarray(tokenizer.encode(t), np.int32)[-cfg.max_seq_len:] for t in texts]
   width = max(8, 1 << (max(map(len, ids), default=1) - 1).bit_length())
   width = min(width, cfg.max_seq_len)

@@ -13,6 +13,8 @@ import time
 
 import numpy as np
 
+from experiments.stages import bench_profile
+
 
 def load_nanogpt(nanogpt_dir: str):
   path = os.path.join(nanogpt_dir, 'model.py')
@@ -69,6 +71,5 @@ def bench_nanogpt(nanogpt_dir: str, model: dict, batch_size: int, seq_len: int, 
          'tokens_per_sec': batch_size * seq_len / dt, 'torch_threads': torch.get_num_threads(),
          'params': n_params}
   if profile_steps:
-    from experiments.stages import bench_profile
     out['profile_ms'] = bench_profile.torch_breakdown(step, profile_steps)
   return out

@@ -16,6 +16,7 @@ import dataclasses
 import numpy as np
 from ml_collections import ConfigDict
 
+from data import corpora
 from data import sources
 from lm.config import ConfigError
 
@@ -114,7 +115,6 @@ def load(config: ConfigDict, tokenizer, seq_len: int) -> RewardData:
                       'at least 2 responses; set data.k >= 2.')
   if not 0 <= d.val_fraction < 1:
     raise ConfigError(f'data.val_fraction={d.val_fraction} must be in [0, 1).')
-  from data import corpora
   path = d.path or corpora.path('hh-rlhf-harmless-base')
   try:
     split, report = read(path, d.k, d.val_fraction)
