@@ -623,11 +623,14 @@ def export_hf(tokenizer, folder: str, chat_template: str | None = None, model_ma
                                  **({'model_max_length': model_max_length} if model_max_length else {}))
   os.makedirs(folder, exist_ok=True)
   fast.save_pretrained(folder)
+  path = os.path.join(folder, 'tokenizer_config.json')
+  with open(path, encoding='utf-8') as f:
+    meta = json.load(f)
+  # Specials we lack are declared absent: else AutoTokenizer's class for the model (Qwen2Tokenizer,
+  # LlamaTokenizer, ...) would add its defaults as new ids the model has no rows for.
+  meta.update({f'{n}_token': None for n in ('pad', 'bos', 'eos', 'unk') if f'{n}_token' not in names})
   if chat_template is not None:   # also where transformers < 4.43 looks for it
-    path = os.path.join(folder, 'tokenizer_config.json')
-    with open(path, encoding='utf-8') as f:
-      meta = json.load(f)
     meta['chat_template'] = chat_template
-    with open(path, 'w', encoding='utf-8') as f:
-      json.dump(meta, f, indent=2, ensure_ascii=False)
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump(meta, f, indent=2, ensure_ascii=False)
   return folder

@@ -231,3 +231,6 @@ def test_a_lora_sft_run_on_an_hf_base_exports_and_chains(folder, tmp_path):
   eos = transformers.GenerationConfig.from_pretrained(tmp_path / 'out').eos_token_id
   assert auto.convert_tokens_to_ids('<|im_end|>') in eos and auto.eos_token == '<|eot|>'
   assert auto.model_max_length == src.cfg.max_seq_len == 128   # the model's context, not 1e30
+  again = stage.read_source(f'hf:{tmp_path / "out"}')          # and the export is itself a source
+  assert again.tokenizer.special_ids == src.tokenizer.special_ids and again.cfg.eos_ids == tuple(eos)
+  assert again.tokenizer.chat_template == CHATML
