@@ -513,6 +513,44 @@ def _use_fused(cfg: ModelConfig) -> bool:
           and cfg.dtype in ('bfloat16', 'float16'))
 
 
+def _qkv(p: dict, x: jax.Array, kv_in: jax.Array, cfg: ModelConfig, dt):
+  """Queries from x, keys and values from kv_in (x itself, or an encoder's memory), with the
+  optional biases (Qwen2) and per-head q/k RMSNorm (Qwen3 / Gemma-3, before RoPE)."""
+  q = dense(x, p['wq'], 'btd,dhk->bthk', dt)
+  k = dense(kv_in, p['wk'], 'btd,dhk->bthk', dt)
+  v = dense(kv_in, p['wv'], 'btd,dhk->bthk', dt)
+  if 'bq' in p:
+    q, k, v = q + p['bq'].astype(dt), k + p['bk'].astype(dt), v + p['bv'].astype(dt)
+  if 'q_norm' in p:
+    q, k = norm({'scale': p['q_norm']}, q, cfg), norm({'scale': p['k_norm']}, k, cfg)
+  return q, k, v
+
+
+def _cross_attention(p: dict, q, k, v, positions, segment_ids, memory, memory_segment_ids,
+                     cfg: ModelConfig, dt) -> jax.Array:
+  """An encoder-decoder's cross-attention: every query sees every (same-segment) memory slot,
+  no positions apply."""
+  b, s = memory.shape[:2]
+  mem_seg = memory_segment_ids
+  q_seg = None if mem_seg is None else (
+      segment_ids if segment_ids is not None else jnp.ones(q.shape[:2], mem_seg.dtype))
+  mask = attention_mask(positions, jnp.zeros((b, s), jnp.int32), q_seg, mem_seg, causal=False)
+  out = _xla_attention(q, k.astype(dt), v.astype(dt), mask, None, cfg.scale_attention)
+  y = dense(out, p['wo'], 'bthk,hkd->btd', dt)
+  return y + p['bo'].astype(dt) if 'bo' in p else y
+
+
+def _position_bias(cfg: ModelConfig, positions, kv_pos, rel_table, bidirectional: bool):
+  """The additive score bias of ALiBi (-slope_h * distance) or T5's relative buckets; None
+  for the other position schemes."""
+  if cfg.positions == 'alibi':
+    dist = jnp.abs(positions[:, :, None] - kv_pos[:, None, :]).astype(jnp.float32)
+    return -alibi_slopes(cfg.n_heads)[None, :, None, None] * dist[:, None]
+  if cfg.positions == 'relative':
+    return relative_bias(rel_table, positions, kv_pos, bidirectional, cfg)
+  return None
+
+
 def attention(p: dict, x: jax.Array, cfg: ModelConfig, positions: jax.Array,
               segment_ids: jax.Array | None = None, cache: dict | None = None,
               cache_index: jax.Array | None = None, prefix_len: jax.Array | None = None, *,
@@ -536,23 +574,10 @@ def attention(p: dict, x: jax.Array, cfg: ModelConfig, positions: jax.Array,
   """
   dt = dtype_of(cfg.dtype)
   causal = cfg.causal if causal is None else causal
-  kv_in = x if memory is None else memory
-  q = dense(x, p['wq'], 'btd,dhk->bthk', dt)
-  k = dense(kv_in, p['wk'], 'btd,dhk->bthk', dt)
-  v = dense(kv_in, p['wv'], 'btd,dhk->bthk', dt)
-  if 'bq' in p:
-    q, k, v = q + p['bq'].astype(dt), k + p['bk'].astype(dt), v + p['bv'].astype(dt)
-  if 'q_norm' in p:   # Qwen3 / Gemma-3: RMSNorm of each head's q and k, before RoPE
-    q, k = norm({'scale': p['q_norm']}, q, cfg), norm({'scale': p['k_norm']}, k, cfg)
+  q, k, v = _qkv(p, x, x if memory is None else memory, cfg, dt)
   if memory is not None:
-    b, s = memory.shape[:2]
-    mem_seg = memory_segment_ids
-    q_seg = None if mem_seg is None else (
-        segment_ids if segment_ids is not None else jnp.ones(x.shape[:2], mem_seg.dtype))
-    mask = attention_mask(positions, jnp.zeros((b, s), jnp.int32), q_seg, mem_seg, causal=False)
-    out = _xla_attention(q, k.astype(dt), v.astype(dt), mask, None, cfg.scale_attention)
-    y = dense(out, p['wo'], 'bthk,hkd->btd', dt)
-    return (y + p['bo'].astype(dt) if 'bo' in p else y), cache
+    return _cross_attention(p, q, k, v, positions, segment_ids, memory, memory_segment_ids, cfg,
+                            dt), cache
   if cfg.positions == 'rope':
     q, k = _rotate(q, k, positions, cfg, local)
   q = sharding.constrain(q, ('batch', 'length', 'heads', 'head_dim'))
@@ -576,12 +601,7 @@ def attention(p: dict, x: jax.Array, cfg: ModelConfig, positions: jax.Array,
   if local is not None and cfg.sliding_window:   # HF: kv_idx > q_idx - sliding_window
     near = kv_pos[:, None, :] > positions[:, :, None] - cfg.sliding_window
     mask = mask & (near | ~local)
-  bias = None
-  if cfg.positions == 'alibi':  # -slope_h * distance, added to the scores
-    dist = jnp.abs(positions[:, :, None] - kv_pos[:, None, :]).astype(jnp.float32)
-    bias = -alibi_slopes(cfg.n_heads)[None, :, None, None] * dist[:, None]
-  elif cfg.positions == 'relative':
-    bias = relative_bias(rel_table, positions, kv_pos, not causal or prefix_len is not None, cfg)
+  bias = _position_bias(cfg, positions, kv_pos, rel_table, not causal or prefix_len is not None)
   prefixed = 'prefix_k' in p     # prefix tuning (lm.peft)
   if prefixed:
     k, v, mask, bias = _prepend_prefix(p, k, v, mask, bias)
