@@ -11,9 +11,9 @@ are the model's own (log_softmax of its logits). Without a seed each choice draw
 one; with a seed, choice i of a request uses seed + i (reproducible, whatever else is served).
 
 Chat prompts are rendered with the run's template (config.data.template of an SFT run: chat
-markers, or Alpaca / none for one user turn), else a Hugging Face folder's chat_template, else
-a plain transcript ("user: ...\\nassistant:"). Generation ends at the tokenizer's EOS (and the
-chat end marker), a stop string, or max_tokens.
+markers, or Alpaca / none for one user turn), else the tokenizer's chat_template (a Hugging
+Face folder's), else a plain transcript ("user: ...\\nassistant:"). Generation ends at the
+tokenizer's EOS (and the chat end marker), a stop string, or max_tokens.
 
 One engine thread runs every request; HTTP threads only parse, submit and write. A bad request
 gets {"error": {"message": one sentence, "type", "param"}} with a 4xx status and the server
@@ -86,11 +86,9 @@ class Model:
     self.template = None
     if source.kind == 'run' and source.config is not None and 'template' in source.config.get('data', {}):
       self.template = source.config.data.template
-    self.hf_path = source.path if source.kind == 'hf' else None
     ids = self.tok.special_ids
     self.eos_ids = tuple(sorted({ids[n] for n in ('eos', 'end') if ids.get(n) is not None}))
     self.unsampleable = ~tokenizers.sampling_mask(self.tok, self.cfg.padded_vocab)
-    self._hf_tok = None
 
   def encode(self, text: str) -> list[int]:
     try:
@@ -105,32 +103,17 @@ class Model:
     return self.decode([i])
 
   def chat_prompt(self, messages: list) -> list[int]:
-    """Prompt tokens for a chat: the run's template, an HF chat_template, or a transcript."""
-    if self.template:
-      try:
-        ex = ({'messages': messages} if formats.get_template(self.template).is_chat else
-              {'instruction': _single_user_turn(messages, self.template), 'input': ''})
-        return [int(i) for i in formats.prompt_tokens(ex, self.template, self.tok)]
-      except formats.FormatError as e:
-        raise BadRequest(str(e), param='messages') from None
-    hf = self._hf_chat_template()
-    if hf is not None:
-      text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-      return self.encode(text)
-    return self.encode(''.join(f"{m['role']}: {m['content']}\n" for m in messages) + 'assistant:')
-
-  def _hf_chat_template(self):
-    if self.hf_path is None:
-      return None
-    if self._hf_tok is None:
-      cfg_file = os.path.join(self.hf_path, 'tokenizer_config.json')
-      has = os.path.exists(cfg_file) and 'chat_template' in json.load(open(cfg_file))
-      if not has:
-        self._hf_tok = False
-      else:
-        import transformers   # only for folders that bring a chat template
-        self._hf_tok = transformers.AutoTokenizer.from_pretrained(self.hf_path)
-    return self._hf_tok or None
+    """Prompt tokens for a chat: the run's template, the tokenizer's chat_template (a Hugging
+    Face folder's, rendered by data/formats), or a plain transcript."""
+    template = self.template or ('chat' if getattr(self.tok, 'chat_template', None) else None)
+    if template is None:
+      return self.encode(''.join(f"{m['role']}: {m['content']}\n" for m in messages) + 'assistant:')
+    try:
+      ex = ({'messages': messages} if formats.get_template(template).is_chat else
+            {'instruction': _single_user_turn(messages, template), 'input': ''})
+      return [int(i) for i in formats.prompt_tokens(ex, template, self.tok)]
+    except (formats.FormatError, tokenizers.TokenizerError) as e:
+      raise BadRequest(str(e), param='messages') from None
 
 
 def _single_user_turn(messages: list, template: str) -> str:

@@ -139,6 +139,13 @@ def test_chat_uses_the_runs_instruction_template(served, monkeypatch):
   with pytest.raises(serve.BadRequest, match='single-turn'):
     m.chat_prompt([{'role': 'user', 'content': 'A'}, {'role': 'assistant', 'content': 'B'},
                    {'role': 'user', 'content': 'C'}])
+  # A tokenizer that carries a chat_template (an hf: folder's) renders chats through formats.
+  monkeypatch.setattr(m, 'template', None)
+  monkeypatch.setattr(m.tok, 'chat_template', '{{ messages }}', raising=False)
+  seen = []
+  monkeypatch.setattr(serve.formats, 'prompt_tokens', lambda ex, t, tok: seen.append((ex, t)) or [7])
+  assert m.chat_prompt([{'role': 'user', 'content': 'Hi'}]) == [7]
+  assert seen == [({'messages': [{'role': 'user', 'content': 'Hi'}]}, 'chat')]
 
 
 def test_models_and_health(served, client):
