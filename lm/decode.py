@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import model, sharding
+from lm import compiled, model, sharding
 from lm.config import ConfigError, ModelConfig
 
 NEG_INF = -jnp.inf
@@ -360,7 +360,7 @@ def _with_mesh(fn, mesh):
   return call
 
 
-_JITS: dict = {}
+_PROGRAMS = compiled.Programs()   # unbounded: a handful of (kind, cfg, mesh, options) per run
 
 
 def _jitted(kind: str, body, params, cfg: ModelConfig, mesh, batch_ndims: tuple, n_replicated: int,
@@ -370,18 +370,16 @@ def _jitted(kind: str, body, params, cfg: ModelConfig, mesh, batch_ndims: tuple,
   On a mesh: params by the rules table, per-row arrays (ndims `batch_ndims`, then
   `n_replicated` replicated args) and every output split over the batch axes.
   """
-  key = (kind, cfg, mesh, tuple(sorted(static.items())))
-  if key not in _JITS:
+  def make():
     fn = functools.partial(body, cfg=cfg, **static)
     if mesh is None:
-      _JITS[key] = jax.jit(fn)
-    else:
-      rows = lambda nd: sharding.batch_sharding(mesh, nd) if nd else sharding.replicated(mesh)
-      in_sh = ((_param_shardings(params, cfg, mesh),) + tuple(rows(nd) for nd in batch_ndims)
-               + (sharding.replicated(mesh),) * n_replicated)
-      out_sh = {k: rows(nd) for k, nd in out_ndims.items()}
-      _JITS[key] = _with_mesh(jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh), mesh)
-  return _JITS[key]
+      return jax.jit(fn)
+    rows = lambda nd: sharding.batch_sharding(mesh, nd) if nd else sharding.replicated(mesh)
+    in_sh = ((_param_shardings(params, cfg, mesh),) + tuple(rows(nd) for nd in batch_ndims)
+             + (sharding.replicated(mesh),) * n_replicated)
+    out_sh = {k: rows(nd) for k, nd in out_ndims.items()}
+    return _with_mesh(jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh), mesh)
+  return _PROGRAMS.get((kind, cfg, mesh, tuple(sorted(static.items()))), make)
 
 
 def _check_decoder(cfg: ModelConfig):

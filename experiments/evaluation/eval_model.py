@@ -45,7 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data import tokenizers
-from lm import decode, model, sharding
+from lm import compiled, decode, model, sharding
 from lm.config import ConfigError, ModelConfig
 
 TRUNCATE = ('left', 'error')
@@ -108,7 +108,7 @@ def _window_logprob(params, tokens, targets, mask, *, cfg):
   return jnp.where(mask, lp, 0.0)   # summed on the host in float64
 
 
-_JITS: dict = {}
+_PROGRAMS = compiled.Programs()
 MIN_CONTEXT_BUCKET = 64   # contexts pad to >= 64 tokens (or the context): few programs
 
 
@@ -159,16 +159,16 @@ class LanguageModel:
   # Plumbing -------------------------------------------------------------------------------
   def _jit(self, name, fn, **static):
     """One jax.jit per (core, cfg, mesh, static options), shared by every instance."""
-    key = (name, self.cfg, self.mesh, tuple(sorted(static.items())))
-    if key not in _JITS:
+    mesh = self.mesh
+
+    def make():
       jitted = jax.jit(functools.partial(fn, cfg=self.cfg, **static))
-      mesh = self.mesh
 
       def call(*args):
         with sharding.activation_sharding(mesh):   # the layers' activation constraints see it
           return jitted(*args)
-      _JITS[key] = call
-    return _JITS[key]
+      return call
+    return _PROGRAMS.get((name, self.cfg, mesh, tuple(sorted(static.items()))), make)
 
   def _rows(self) -> int:
     """Rows per call: batch_size rounded up to a power of two that the mesh's batch axes

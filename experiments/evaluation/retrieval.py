@@ -18,10 +18,12 @@ import os
 import re
 from typing import Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from data import works_qa
-from lm import model
+from lm import compiled, model
 from lm.config import ConfigError
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)*")
@@ -121,15 +123,11 @@ class DenseIndex:
 def mean_pooled(lm, texts: Sequence[str], max_tokens: int = 64) -> np.ndarray:
   """[N, d_model] float32: the mean of the final hidden states over each text's tokens (BOS
   and padding excluded), from an experiments.evaluation.eval_model.LanguageModel."""
-  import jax
-  import jax.numpy as jnp
-  key = ('mean_pooled', lm.cfg)
-  if key not in _JITS:
-    def pool(params, tokens, mask):
-      h, _ = model.hidden_states(params, tokens, lm.cfg)
-      m = mask.astype(h.dtype)[..., None]
-      return (h * m).sum(1) / jnp.maximum(m.sum(1), 1)
-    _JITS[key] = jax.jit(pool)
+  def pool(params, tokens, mask):
+    h, _ = model.hidden_states(params, tokens, lm.cfg)
+    m = mask.astype(h.dtype)[..., None]
+    return (h * m).sum(1) / jnp.maximum(m.sum(1), 1)
+  pooled = _PROGRAMS.get(('mean_pooled', lm.cfg), lambda: jax.jit(pool))
   width = min(max_tokens, lm.max_length)
   rows, out = lm._rows(), []
   for i in range(0, len(texts), rows):
@@ -138,11 +136,11 @@ def mean_pooled(lm, texts: Sequence[str], max_tokens: int = 64) -> np.ndarray:
     mask = np.zeros((rows, width), bool)
     for r, ids in enumerate(part):
       tokens[r, :len(ids)], mask[r, :len(ids)] = ids, True
-    out.append(np.asarray(_JITS[key](lm.params, tokens, mask))[:len(part)])
+    out.append(np.asarray(pooled(lm.params, tokens, mask))[:len(part)])
   return np.concatenate(out).astype(np.float32)
 
 
-_JITS: dict = {}
+_PROGRAMS = compiled.Programs()
 
 
 def recall_at_k(ranked: Sequence[Sequence[int]], gold: Sequence[set], k: int) -> float:

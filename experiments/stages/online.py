@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from experiments.stages import compiled, iterations, online_report, policy, stage, trainer
 from lm import checkpoint as ckpt_lib
+from lm import compiled as programs_lib
 from lm import decode, paths, peft, sharding, train as train_lib
 from lm.config import ConfigError
 from rl import common, gold, rollout
@@ -250,7 +251,7 @@ def epochs_of_updates(state, batch, key, frozen, *, loss_fn, tx, epochs: int, n_
   return jax.lax.scan(epoch, state, jax.random.split(key, epochs))
 
 
-_PROGRAMS = compiled.ProgramCache()
+_PROGRAMS = programs_lib.Programs(max_entries=1)   # compiled programs hold memory: one set
 
 
 def programs(ctx: Context, algo: Algorithm, trees: policy.Trees, setup: stage.Setup):

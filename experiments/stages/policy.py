@@ -14,7 +14,6 @@ uses are exactly the distribution the responses came from.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -26,7 +25,7 @@ from ml_collections import ConfigDict
 from data import formats, openings, tokenizers
 from experiments.stages import reward_model, stage
 from lm import model, peft
-from lm import decode, paths
+from lm import compiled, decode, paths
 from lm.config import ConfigError, ModelConfig
 from rl import gold, rollout
 
@@ -116,13 +115,15 @@ def texts_of(pol: Policy, gen: decode.Generation) -> list[str]:
   return out
 
 
-@functools.lru_cache(maxsize=None)
+_PROGRAMS = compiled.Programs()
+
+
 def _kl_fn(cfg: ModelConfig, n_prompt: int, temperature: float):
   def kl(params, ref, tokens, mask):
     logp, _ = rollout.response_logprobs(params, tokens, mask, n_prompt, cfg, temperature)
     ref_logp, _ = rollout.response_logprobs(ref, tokens, mask, n_prompt, cfg, temperature)
     return jnp.sum(logp - ref_logp, axis=1)        # log pi(y|x) - log pi_ref(y|x) per sequence
-  return jax.jit(kl)
+  return _PROGRAMS.get(('sequence_kl', cfg, n_prompt, temperature), lambda: jax.jit(kl))
 
 
 def sequence_kl(params, ref, pol: Policy, gen: decode.Generation, temperature: float = 1.0) -> np.ndarray:
