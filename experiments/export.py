@@ -16,8 +16,6 @@ eos_token_id leads with the token that ends a response (<|end|> for the chat tem
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
 import jax
 from ml_collections import ConfigDict
@@ -85,15 +83,6 @@ def export(init_from: str, out: str, mesh_cfg: dict | None = None) -> str:
   # generation_config.json: generate() stops where a turn ends (<|end|> for the chat template)
   gen_cfg = dataclasses.replace(cfg, eos_ids=tuple(dict.fromkeys([*end, *cfg.eos_ids])))
   convert.export_hf(jax.device_get(params), gen_cfg, out, special_ids=tok.special_ids)
-  # The special ids in the model config too, as generation_config.json has them (and without the
-  # '<name>_token_id_token_id' keys convert.export_hf writes, which no importer reads).
-  path = os.path.join(out, 'config.json')
-  with open(path) as f:
-    hf = json.load(f)
-  hf = {k: v for k, v in hf.items() if not k.endswith('_token_id_token_id')}
-  hf.update({k: v for k, v in convert.generation_config(gen_cfg, tok.special_ids).items()})
-  with open(path, 'w') as f:
-    json.dump(hf, f, indent=2)
   tokenizers.export_hf(tok, out, chat_template, model_max_length=cfg.max_seq_len)
   return out
 

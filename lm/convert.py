@@ -726,7 +726,7 @@ def export_hf(params: dict, cfg: ModelConfig, path: str, special_ids: dict | Non
   hf['torch_dtype'] = hf['dtype'] = dtype   # older transformers read torch_dtype
   kind = hf['model_type']
   gen = generation_config(cfg, special_ids)
-  hf.update({f'{n}_token_id': v for n, v in gen.items()})
+  hf.update(gen)   # the special ids in config.json too (generation_config's keys are already *_token_id)
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, 'config.json'), 'w') as f:
     json.dump(hf, f, indent=2)
