@@ -87,6 +87,21 @@ def test_bad_init_from_is_one_sentence(tmp_path):
     stage.read_source('hf:' + str(tmp_path / 'nowhere'))
 
 
+def test_a_hugging_face_folder_without_hf_prefix_names_the_prefix(tmp_path):
+  hf = tmp_path / 'gpt2'
+  hf.mkdir()
+  (hf / 'config.json').write_text(json.dumps({'model_type': 'gpt2', 'n_embd': 32}))
+  (hf / 'model.safetensors').write_bytes(b'')
+  with pytest.raises(ConfigError) as e:
+    stage.read_source(str(hf))
+  msg = str(e.value)
+  assert 'looks like a Hugging Face model folder' in msg and f'init_from=hf:{hf}' in msg
+  assert 'train it first' not in msg and len(msg.splitlines()) == 1
+  (hf / 'config.json').write_text(json.dumps({'architectures': ['X']}))   # either HF marker
+  with pytest.raises(ConfigError, match='looks like a Hugging Face'):
+    stage.read_source(str(hf))
+
+
 def test_init_from_a_hugging_face_folder(tmp_path):
   torch = pytest.importorskip('torch')
   transformers = pytest.importorskip('transformers')
@@ -115,3 +130,5 @@ def test_init_from_a_hugging_face_folder(tmp_path):
   for a, b in zip(leaves(want), leaves(state.params)):
     np.testing.assert_allclose(a, b, rtol=0, atol=0)
   assert json.load(open(os.path.join(wd, 'config.json')))['source']['kind'] == 'hf'
+  with pytest.raises(ConfigError, match=f'write init_from=hf:{folder}'):   # a real HF folder
+    stage.read_source(str(folder))

@@ -131,6 +131,9 @@ def read_source(init_from: str) -> Source:
   if not cfg_path.exists():
     raise ConfigError(f'init_from={init_from} holds no config.json, so it is not the workdir of a '
                       'finished run; point it at the --workdir of an earlier stage.')
+  if _looks_like_hf(path, cfg_path):
+    raise ConfigError(f'init_from={init_from} looks like a Hugging Face model folder (its config.json '
+                      f'has no run settings); write init_from=hf:{init_from} to start from it.')
   steps = ckpt_lib.Checkpointer.steps_in(paths.path(path) / 'checkpoints')
   if not steps:
     raise ckpt_lib.CheckpointError(f'{path} has no checkpoints to start from; train it first '
@@ -149,6 +152,19 @@ def read_source(init_from: str) -> Source:
   tokenizer = load_tokenizer(path)
   return Source('run', path, cfg, tokenizer, config, steps[-1], _hash(saved),
                 tuple(resolved.get('params_at', ('params',))), base)
+
+
+def _looks_like_hf(path: str, cfg_path) -> bool:
+  """A Hugging Face folder's config.json (model_type / architectures, no run settings), so that
+  a missing `hf:` prefix is named instead of reported as a run with no checkpoints."""
+  try:
+    saved = json.loads(paths.read_text(cfg_path))
+  except ValueError:
+    return False
+  if not isinstance(saved, dict) or 'model' in saved or 'experiment' in saved:
+    return False
+  return ('model_type' in saved or 'architectures' in saved
+          or any(paths.path(path).glob('*.safetensors')))
 
 
 def save_tokenizer(tok, workdir: str) -> None:
