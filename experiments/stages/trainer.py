@@ -24,11 +24,13 @@ from lm import mfu as mfu_lib
 from lm import paths
 from lm.config import ConfigError
 from lm import sharding, train as train_lib
-from experiments.stages import runlog
+from experiments.stages import runlog, validate
 
 
 def check_batch(config: ConfigDict, mesh) -> None:
-  """The global batch must split evenly into microbatches and over the batch mesh axes."""
+  """The global batch must split evenly into microbatches and over the batch mesh axes (after
+  validate.training: no key holds a value that no run can use)."""
+  validate.training(config)
   b, k = config.train.batch_size, config.train.grad_accum
   div = sharding.batch_size_divisor(mesh)
   if k < 1 or b % k:
