@@ -32,6 +32,8 @@ from lm import model, paths, peft, sharding, train as train_lib
 from lm.config import ConfigError, ModelConfig
 
 # Model fields a later stage may change without changing the network the weights belong to.
+# config.json's record of invocations (trainer.write_config), not settings of the run itself.
+INVOCATION_KEYS = ('history', 'written_at', 'resumed_from_step')
 RUNTIME_FIELDS = ('dtype', 'param_dtype', 'remat', 'attention_impl', 'attention_q_block',
                   'scan_unroll')
 
@@ -142,6 +144,8 @@ def read_source(init_from: str) -> Source:
     saved = json.loads(paths.read_text(cfg_path))
     resolved = saved.pop('resolved', {})
     base = saved.pop('source', None)
+    for k in INVOCATION_KEYS:   # the record of invocations is not the run's settings (nor its hash)
+      saved.pop(k, None)
     config = ConfigDict(saved)
     m = config.model.to_dict()
     m['vocab_size'] = resolved.get('vocab_size', m['vocab_size'])
