@@ -85,8 +85,25 @@ class Source:
     checkpointer = ckpt_lib.Checkpointer(paths.path(self.path) / 'checkpoints', async_save=False)
     try:
       return checkpointer.restore_params(self.step, abstract, at=self.params_at)
+    except ckpt_lib.CheckpointError as e:
+      raise ckpt_lib.CheckpointError(self._intact_before(checkpointer, abstract, e)) from None
     finally:
       checkpointer.close()
+
+  def _intact_before(self, checkpointer, abstract, error) -> str:
+    """The refusal for an unreadable newest checkpoint, naming the newest earlier one that reads
+    (a stage never silently starts from other weights than the step it records)."""
+    for s in reversed([s for s in checkpointer.steps() if s < self.step]):
+      try:
+        checkpointer.restore_params(s, abstract, at=self.params_at)
+      except ckpt_lib.CheckpointError:
+        continue
+      damaged = checkpointer.directory / str(self.step)
+      return (f'{str(error).rstrip(".")}; step {s} before it is intact: to start from it, move the '
+              f'damaged one aside (mv {damaged} {damaged}.unreadable) and rerun, or rerun the '
+              f'command that trained {self.path} (its resume sets step {self.step} aside and goes '
+              f'on from step {s}).')
+    return f'{str(error).rstrip(".")}, and no earlier checkpoint in {checkpointer.directory} reads.'
 
   def _merged_lora(self, mesh, cfg: ModelConfig, pcfg) -> Any:
     """A LoRA run's checkpoints hold only its adapters: they are folded into its base, as the
