@@ -218,6 +218,14 @@ def parse_flags(argv):
     sys.exit(f'error: {msg}; the keys and types are those of the --config file.')
 
 
+def check_values(config) -> None:
+  """Values no training run can use (batch size, learning rate, steps, intervals): one sentence
+  before the driver prepares data or writes into the workdir."""
+  from experiments.stages import validate
+  if validate.trains(config):
+    validate.training(config)
+
+
 def main(argv):
   del argv
   quiet_logs()
@@ -246,6 +254,7 @@ def main(argv):
   except KeyError as e:
     sys.exit(f'error: {e.args[0]}')
   try:
+    check_values(config)
     fn(config, FLAGS.workdir)
   except USER_ERRORS as e:  # bad input: one sentence, no traceback
     sys.exit(f'error: {e}')

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -51,18 +50,21 @@ def run_with_hook(c, workdir, hook, monkeypatch):
 
 
 # Preemption ----------------------------------------------------------------------------------
-# The launcher, with each step slowed down so that the signal lands in the middle of the run.
-SLOW_LAUNCHER = '''
-import dataclasses, sys, time
+# The launcher, with a hook that sends the process a real SIGTERM just before step SIGNAL_AT runs:
+# the handler's flag is set at a known step, whatever the machine's load (no wall-clock race).
+SIGNAL_AT = 7
+SIGNALLING_LAUNCHER = f'''
+import dataclasses, os, signal
 from experiments import run
 from experiments.stages import trainer
 orig = trainer.train
-def slow(r):
+def signalled(r):
   def hook(step, batch):
-    time.sleep(0.3)
+    if step == {SIGNAL_AT}:
+      os.kill(os.getpid(), signal.SIGTERM)
     return batch
   return orig(dataclasses.replace(r, transform_batch=hook))
-trainer.train = slow
+trainer.train = signalled
 run.app.run(run.main, flags_parser=run.parse_flags)
 '''
 
@@ -76,24 +78,17 @@ def test_sigterm_saves_at_the_step_reached_and_the_rerun_continues_exactly(tiny_
   over = {'train.steps': 24, 'train.checkpoint_every': 10}
   wd = str(tmp_path / 'preempted')
   env = dict(os.environ, JAX_PLATFORMS='cpu')   # conftest's 8 fake devices, as in-process
-  p = subprocess.Popen([sys.executable, '-c', SLOW_LAUNCHER, *flags(tiny_corpus, wd, **over)],
-                       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  metrics = os.path.join(wd, 'metrics.jsonl')
-  deadline = time.time() + 240
-  while time.time() < deadline and p.poll() is None:
-    if os.path.exists(metrics) and len(rows(wd)) >= 3:
-      break
-    time.sleep(0.1)
-  assert p.poll() is None, 'the run ended before it could be signalled'
-  p.send_signal(signal.SIGTERM)
-  out, err = p.communicate(timeout=120)
+  p = subprocess.run([sys.executable, '-c', SIGNALLING_LAUNCHER, *flags(tiny_corpus, wd, **over)],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  out, err = p.stdout, p.stderr
   assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
   assert 'Traceback' not in err
-  reached = int(out.split('saved a checkpoint at step ')[1].split(';')[0])
-  assert 3 <= reached < 24
-  assert Checkpointer.steps_in(os.path.join(wd, 'checkpoints'))[-1] == reached
-  assert max(r['step'] for r in rows(wd)) == reached
-  # Rerun the same command (without the slowdown): it finishes the remaining steps only.
+  # The step in flight when the signal came (step 7) finishes, is checkpointed, and is the last.
+  assert f'SIGTERM received: saved a checkpoint at step {SIGNAL_AT};' in out
+  assert Checkpointer.steps_in(os.path.join(wd, 'checkpoints')) == [SIGNAL_AT]
+  assert max(r['step'] for r in rows(wd)) == SIGNAL_AT
+  reached = SIGNAL_AT
+  # Rerun the same command (without the hook): it finishes the remaining steps only.
   r = subprocess.run([sys.executable, '-m', 'experiments.run', *flags(tiny_corpus, wd, **over)],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]

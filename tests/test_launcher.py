@@ -131,3 +131,44 @@ def test_a_renamed_key_names_its_new_spelling(tmp_path):
                             '--config.train.eval_everyy=2'))
   assert 'no such config key' in line and 'renamed' not in line
   assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize('config,override,key', [
+    ('shakespeare_works', 'train.batch_size=0', 'train.batch_size=0 must be positive'),
+    ('shakespeare_works', 'train.grad_accum=0', 'train.grad_accum=0 must be positive'),
+    ('shakespeare_works', 'optim.lr=-0.001', 'optim.lr=-0.001 must be at least 0'),
+    ('shakespeare_works', 'train.steps=0', 'train.steps=0 would train nothing'),
+    ('shakespeare_works', 'train.eval_every=-1', 'train.eval_every=-1 must be at least 0'),
+    ('shakespeare_works', 'train.checkpoint_every=-5', 'train.checkpoint_every=-5 must be at least 0'),
+    ('sft_works', 'train.batch_size=-4', 'train.batch_size=-4 must be positive'),
+    ('sft_works', 'train.steps=-1', 'train.steps=-1 would train nothing'),
+])
+def test_invalid_training_values_fail_before_anything_is_written(tmp_path, config, override, key):
+  wd = tmp_path / 'w'
+  line = _one_sentence(_cli(f'--config=experiments/configs/{config}.py', f'--workdir={wd}',
+                            f'--config.{override}'))
+  assert line.startswith(f'error: {key}') and f'--config.{override.split("=")[0]}' in line
+  assert not wd.exists()    # no data prepared, no tokenizer, no config.json
+
+
+def test_invalid_values_fail_in_a_driver_run_before_training(tmp_path, tiny_corpus):
+  """Called from Python (no launcher), the drivers' check_batch refuses them before any
+  checkpoint or config.json is written."""
+  from experiments import pretrain
+  from lm.config import ConfigError
+  from tests.test_checkpoint import tiny_config
+  for train, optim, match in [({'grad_accum': 0}, {}, 'train.grad_accum=0 must be positive'),
+                              ({}, {'lr': -1.0}, 'optim.lr=-1.0 must be at least 0'),
+                              ({'steps': 0}, {}, 'train.steps=0 would train nothing')]:
+    c = tiny_config(tiny_corpus, **train)
+    c.optim.update(optim)
+    wd = tmp_path / 'run'
+    with pytest.raises(ConfigError, match=match):
+      pretrain.run(c, str(wd))
+    assert not (wd / 'config.json').exists() and not (wd / 'checkpoints').exists()
+  # tools_qa alone reads train.steps=0 as few-shot prompting without tuning
+  from experiments.configs import tools_works
+  from experiments.stages import validate
+  c = tools_works.get_config()
+  c.train.steps = 0
+  validate.training(c)

@@ -98,17 +98,42 @@ def test_sft_trains_and_resumes_exactly(source, tmp_path, method):
     assert not any("'embed'" in p or "'wi'" in p for p in paths)   # no base weight is stored
 
 
-def test_base_params_are_bitwise_unchanged_by_peft_training(source, tmp_path):
+@pytest.mark.parametrize('method', ['adapter', 'lora'])
+def test_base_params_are_bitwise_unchanged_by_peft_training(source, tmp_path, method):
   src, inst = source
   from experiments.stages import stage
   from lm import sharding
-  before = jax.tree.map(np.asarray, stage.read_source(src).restore_params(sharding.make_mesh({'data': -1})))
-  c = sft_config(src, inst, steps=3, checkpoint_every=0)
-  c.peft.method = 'adapter'
-  sft.run(c, str(tmp_path / 'a'))
-  after = jax.tree.map(np.asarray, stage.read_source(src).restore_params(sharding.make_mesh({'data': -1})))
+  mesh = sharding.make_mesh({'data': -1})
+  before = jax.tree.map(np.asarray, stage.read_source(src).restore_params(mesh))
+  c = sft_config(src, inst, steps=3, checkpoint_every=3)
+  c.peft.method = method
+  state = sft.run(c, str(tmp_path / 'a'))
+  after = jax.tree.map(np.asarray, stage.read_source(src).restore_params(mesh))
   for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
     np.testing.assert_array_equal(x, y)
+  if method != 'lora':
+    return
+  # The tuned model a next stage reads is the untouched base plus alpha/r * A @ B on the targeted
+  # matrices (numpy, scale from the config by hand), and the base bitwise everywhere else.
+  tuned = jax.tree.map(np.asarray, stage.read_source(str(tmp_path / 'a')).restore_params(mesh))
+  ab = jax.tree.map(np.asarray, state.params)['layers']
+  scale = c.peft.lora_alpha / c.peft.lora_rank
+  flat_b = jax.tree_util.tree_flatten_with_path(before)[0]
+  flat_t = dict(jax.tree_util.tree_flatten_with_path(tuned)[0])
+  targeted = 0
+  for path, w in flat_b:
+    keys = [getattr(k, 'key', None) for k in path]
+    got = flat_t[path]
+    if keys[0] == 'layers' and keys[1] in ab and keys[2] in ab[keys[1]]:
+      a, b = ab[keys[1]][keys[2]]['a'], ab[keys[1]][keys[2]]['b']
+      n, r = a.shape[0], a.shape[-1]
+      delta = np.matmul(a.reshape(n, -1, r).astype(np.float64), b.reshape(n, r, -1).astype(np.float64))
+      np.testing.assert_allclose(got, w + scale * delta.reshape(w.shape), rtol=1e-5, atol=1e-6)
+      assert np.abs(delta).max() > 0
+      targeted += 1
+    else:
+      np.testing.assert_array_equal(got, w)
+  assert targeted == len(c.peft.lora_targets)
 
 
 def test_lora_sft_on_an_8_device_mesh_equals_data_parallel(source, tmp_path):

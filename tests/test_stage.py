@@ -2,6 +2,7 @@
 folder; the model comes from the source; bad sources fail with one sentence."""
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -11,7 +12,7 @@ from experiments import pretrain
 from experiments.stages import stage
 from experiments.configs import base
 from lm import sharding
-from lm.checkpoint import CheckpointError
+from lm.checkpoint import CheckpointError, Checkpointer
 from lm.config import ConfigError
 from tests.test_pretrain import losses, tiny_config
 
@@ -27,7 +28,7 @@ def source_run(tmp_path_factory):
   corpus = d / 'corpus.txt'
   corpus.write_text(TINY_SHAKESPEARE.read_text(encoding='utf-8')[:30000], encoding='utf-8')
   wd = str(d / 'pretrain')
-  c = tiny_config(str(corpus), steps=6, eval_every=0, checkpoint_every=6, samples=0)
+  c = tiny_config(str(corpus), steps=6, eval_every=0, checkpoint_every=3, samples=0)  # steps 3, 6
   c.optim.update(lr=1e-2, warmup_steps=0)
   c.mesh.update(data=8)
   state = pretrain.run(c, wd)
@@ -37,7 +38,8 @@ def source_run(tmp_path_factory):
 def test_init_from_restores_params_onto_another_mesh_with_a_fresh_optimizer(source_run, tmp_path):
   corpus, src, trained = source_run
   source = stage.read_source(src)
-  assert source.step == 6
+  assert Checkpointer.steps_in(os.path.join(src, 'checkpoints')) == [3, 6]
+  assert source.step == 6                                        # the newest, not the oldest
   mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
   params = source.restore_params(mesh)
   for a, b in zip(leaves(trained), leaves(params)):
@@ -60,6 +62,29 @@ def test_init_from_restores_params_onto_another_mesh_with_a_fresh_optimizer(sour
   record = json.load(open(os.path.join(wd, 'config.json')))['source']
   assert record['path'] == os.path.abspath(src) and record['step'] == 6
   assert record['config_hash'] == source.config_hash and len(record['config_hash']) == 12
+
+
+def test_a_corrupt_newest_checkpoint_points_at_the_intact_earlier_one(source_run, tmp_path):
+  corpus, src, trained = source_run
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(src, copy)
+  step6 = os.path.join(copy, 'checkpoints', '6')
+  for root, _, files in os.walk(os.path.join(step6, 'state')):   # truncate step 6's arrays
+    for f in files:
+      p = os.path.join(root, f)
+      with open(p, 'r+b') as fh:
+        fh.truncate(os.path.getsize(p) // 2)
+  mesh = sharding.make_mesh({'data': 8})
+  with pytest.raises(CheckpointError) as e:
+    stage.read_source(copy).restore_params(mesh)
+  msg = str(e.value)
+  assert 'step 3 before it is intact' in msg and f'mv {step6} {step6}.unreadable' in msg
+  assert len(msg.splitlines()) == 1
+  os.rename(step6, step6 + '.unreadable')        # what the sentence says to do
+  source = stage.read_source(copy)
+  assert source.step == 3
+  params = source.restore_params(mesh)
+  assert any(not np.array_equal(a, b) for a, b in zip(leaves(trained), leaves(params)))  # step 3's
 
 
 def test_the_model_comes_from_the_source_and_conflicts_fail(source_run, tmp_path):
@@ -85,6 +110,21 @@ def test_bad_init_from_is_one_sentence(tmp_path):
     stage.read_source(str(tmp_path / 'empty'))
   with pytest.raises(ConfigError, match='no config.json'):
     stage.read_source('hf:' + str(tmp_path / 'nowhere'))
+
+
+def test_a_hugging_face_folder_without_hf_prefix_names_the_prefix(tmp_path):
+  hf = tmp_path / 'gpt2'
+  hf.mkdir()
+  (hf / 'config.json').write_text(json.dumps({'model_type': 'gpt2', 'n_embd': 32}))
+  (hf / 'model.safetensors').write_bytes(b'')
+  with pytest.raises(ConfigError) as e:
+    stage.read_source(str(hf))
+  msg = str(e.value)
+  assert 'looks like a Hugging Face model folder' in msg and f'init_from=hf:{hf}' in msg
+  assert 'train it first' not in msg and len(msg.splitlines()) == 1
+  (hf / 'config.json').write_text(json.dumps({'architectures': ['X']}))   # either HF marker
+  with pytest.raises(ConfigError, match='looks like a Hugging Face'):
+    stage.read_source(str(hf))
 
 
 def test_init_from_a_hugging_face_folder(tmp_path):
@@ -115,3 +155,5 @@ def test_init_from_a_hugging_face_folder(tmp_path):
   for a, b in zip(leaves(want), leaves(state.params)):
     np.testing.assert_allclose(a, b, rtol=0, atol=0)
   assert json.load(open(os.path.join(wd, 'config.json')))['source']['kind'] == 'hf'
+  with pytest.raises(ConfigError, match=f'write init_from=hf:{folder}'):   # a real HF folder
+    stage.read_source(str(folder))

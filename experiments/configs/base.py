@@ -46,6 +46,7 @@ def pretrain() -> ConfigDict:
       checkpoint_every=500,
       keep_checkpoints=3,
       stop_after=0,              # stop this invocation after N steps (preemptible slices); 0: run to the end
+      allow_changed_optim=False, # a resume whose optim.* or train.steps differ is refused unless True
       # Several processes: every N steps the hosts all-gather their SIGTERM/SIGINT flags and all
       # stop at that step (one collective save). The gather drains the queued steps, so N=10
       # costs <1 dispatch gap per 10 steps, and the stop comes within 10 steps: well inside a

@@ -55,7 +55,8 @@ def online(experiment: str) -> ConfigDict:
   c.peft = ConfigDict({k: v for k, v in dataclasses.asdict(peft.PeftConfig()).items()})
   c.train = ConfigDict(dict(
       iterations=40, epochs=1, minibatches=1, grad_accum=1, checkpoint_every=10,
-      keep_checkpoints=2, stop_after=0))
+      keep_checkpoints=2, stop_after=0,
+      allow_changed_optim=False))   # True: resume with changed optim.* / iterations, epochs, minibatches
   c.eval = ConfigDict(dict(
       every=10, before=True,          # held-out gold / proxy / KL, also before the first iteration
       gold='vader',                   # rl/gold.GOLDS: logged, never optimised

@@ -34,7 +34,8 @@ def get_config():
   c.peft = ConfigDict({k: v for k, v in dataclasses.asdict(peft.PeftConfig()).items()})
   c.train = ConfigDict(dict(
       steps=150, batch_size=32, grad_accum=1, log_every=10, eval_every=50,
-      checkpoint_every=50, keep_checkpoints=2, stop_after=0))
+      checkpoint_every=50, keep_checkpoints=2, stop_after=0,
+      allow_changed_optim=False))   # True: resume with changed optim.* / train.steps
   c.optim = ConfigDict(dict(
       lr=1e-4, min_lr=1e-5, warmup_steps=10, decay_steps=0, schedule='cosine',
       b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip=1.0, mu_dtype=''))

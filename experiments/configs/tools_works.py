@@ -44,7 +44,8 @@ def get_config():
   c.vocab_size = 1024         # its subword vocabulary
   c.model = base.model(d_model=64, n_layers=2, n_heads=2, d_ff=256, max_seq_len=256,
                        positions='rope', norm='rmsnorm', activation='swiglu', use_bias=False)
-  c.train = ConfigDict(dict(steps=1500, batch_size=16, grad_accum=1, log_every=100, keep_checkpoints=1))
+  c.train = ConfigDict(dict(steps=1500, batch_size=16, grad_accum=1, log_every=100, keep_checkpoints=1,
+                            allow_changed_optim=False))   # True: resume with changed optim.* / train.steps
   c.optim = ConfigDict(dict(
       lr=3e-3, min_lr=1e-4, warmup_steps=50, decay_steps=0, schedule='cosine',
       b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip=1.0, mu_dtype=''))

@@ -33,6 +33,8 @@ from lm import model, paths, peft, sharding, train as train_lib
 from lm.config import ConfigError, ModelConfig
 
 # Model fields a later stage may change without changing the network the weights belong to.
+# config.json's record of invocations (trainer.write_config), not settings of the run itself.
+INVOCATION_KEYS = ('history', 'written_at', 'resumed_from_step')
 RUNTIME_FIELDS = ('dtype', 'param_dtype', 'remat', 'attention_impl', 'attention_q_block',
                   'scan_unroll')
 
@@ -83,8 +85,25 @@ class Source:
     checkpointer = ckpt_lib.Checkpointer(paths.path(self.path) / 'checkpoints', async_save=False)
     try:
       return checkpointer.restore_params(self.step, abstract, at=self.params_at)
+    except ckpt_lib.CheckpointError as e:
+      raise ckpt_lib.CheckpointError(self._intact_before(checkpointer, abstract, e)) from None
     finally:
       checkpointer.close()
+
+  def _intact_before(self, checkpointer, abstract, error) -> str:
+    """The refusal for an unreadable newest checkpoint, naming the newest earlier one that reads
+    (a stage never silently starts from other weights than the step it records)."""
+    for s in reversed([s for s in checkpointer.steps() if s < self.step]):
+      try:
+        checkpointer.restore_params(s, abstract, at=self.params_at)
+      except ckpt_lib.CheckpointError:
+        continue
+      damaged = checkpointer.directory / str(self.step)
+      return (f'{str(error).rstrip(".")}; step {s} before it is intact: to start from it, move the '
+              f'damaged one aside (mv {damaged} {damaged}.unreadable) and rerun, or rerun the '
+              f'command that trained {self.path} (its resume sets step {self.step} aside and goes '
+              f'on from step {s}).')
+    return f'{str(error).rstrip(".")}, and no earlier checkpoint in {checkpointer.directory} reads.'
 
   def _merged_lora(self, mesh, cfg: ModelConfig, pcfg) -> Any:
     """A LoRA run's checkpoints hold only its adapters: they are folded into its base, as the
@@ -127,6 +146,9 @@ def read_source(init_from: str) -> Source:
   if not cfg_path.exists():
     raise ConfigError(f'init_from={init_from} holds no config.json, so it is not the workdir of a '
                       'finished run; point it at the --workdir of an earlier stage.')
+  if _looks_like_hf(path, cfg_path):
+    raise ConfigError(f'init_from={init_from} looks like a Hugging Face model folder (its config.json '
+                      f'has no run settings); write init_from=hf:{init_from} to start from it.')
   steps = ckpt_lib.Checkpointer.steps_in(paths.path(path) / 'checkpoints')
   if not steps:
     raise ckpt_lib.CheckpointError(f'{path} has no checkpoints to start from; train it first '
@@ -135,6 +157,8 @@ def read_source(init_from: str) -> Source:
     saved = json.loads(paths.read_text(cfg_path))
     resolved = saved.pop('resolved', {})
     base = saved.pop('source', None)
+    for k in INVOCATION_KEYS:   # the record of invocations is not the run's settings (nor its hash)
+      saved.pop(k, None)
     config = ConfigDict(saved)
     m = config.model.to_dict()
     m['vocab_size'] = resolved.get('vocab_size', m['vocab_size'])
@@ -145,6 +169,19 @@ def read_source(init_from: str) -> Source:
   tokenizer = load_tokenizer(path)
   return Source('run', path, cfg, tokenizer, config, steps[-1], _hash(saved),
                 tuple(resolved.get('params_at', ('params',))), base)
+
+
+def _looks_like_hf(path: str, cfg_path) -> bool:
+  """A Hugging Face folder's config.json (model_type / architectures, no run settings), so that
+  a missing `hf:` prefix is named instead of reported as a run with no checkpoints."""
+  try:
+    saved = json.loads(paths.read_text(cfg_path))
+  except ValueError:
+    return False
+  if not isinstance(saved, dict) or 'model' in saved or 'experiment' in saved:
+    return False
+  return ('model_type' in saved or 'architectures' in saved
+          or any(paths.path(path).glob('*.safetensors')))
 
 
 def save_tokenizer(tok, workdir: str) -> None:

@@ -25,11 +25,13 @@ from lm import mfu as mfu_lib
 from lm import paths
 from lm.config import ConfigError
 from lm import sharding, train as train_lib
-from experiments.stages import runlog
+from experiments.stages import runlog, validate
 
 
 def check_batch(config: ConfigDict, mesh) -> None:
-  """The global batch must split evenly into microbatches and over the batch mesh axes."""
+  """The global batch must split evenly into microbatches and over the batch mesh axes (after
+  validate.training: no key holds a value that no run can use)."""
+  validate.training(config)
   b, k = config.train.batch_size, config.train.grad_accum
   div = sharding.batch_size_divisor(mesh)
   if k < 1 or b % k:
@@ -51,10 +53,41 @@ def process_zero_first(fn: Callable, name: str):
   return out if jax.process_index() == 0 else fn()
 
 
+# Settings a resumed run must share with the steps already taken: the optimizer and the length
+# of its schedule (train.steps, or the online stages' iterations x epochs x minibatches).
+SCHEDULE_KEYS = ('steps', 'iterations', 'epochs', 'minibatches')
+
+
+def changed_optim(old: dict, new: dict) -> list[str]:
+  """The optim.* and schedule keys whose values differ between two saved configs (a key one of
+  them lacks, e.g. added to the codebase since, is not a change)."""
+  pairs = [(f'optim.{k}', (old.get('optim') or {}).get(k, v), v)
+           for k, v in (new.get('optim') or {}).items()]
+  pairs += [(f'train.{k}', (old.get('train') or {}).get(k, v), v)
+            for k, v in (new.get('train') or {}).items() if k in SCHEDULE_KEYS]
+  return [f'{k} {a!r} -> {b!r}' for k, a, b in pairs if a != b]
+
+
 def write_config(config: ConfigDict, workdir: str, extra: dict | None = None) -> None:
-  if jax.process_index() == 0:   # epath: the workdir may be a bucket (gs://)
-    paths.write_text(paths.path(workdir) / 'config.json',
-                     json.dumps({**config.to_dict(), **(extra or {})}, indent=2, default=str))
+  """WORKDIR/config.json: this invocation's settings, with every earlier invocation's record
+  under 'history' (oldest first). A resumed run (checkpoints exist) whose optimizer or schedule
+  changed is refused unless train.allow_changed_optim=True."""
+  path = paths.path(workdir) / 'config.json'   # epath: the workdir may be a bucket (gs://)
+  new = {**config.to_dict(), **(extra or {})}
+  old = json.loads(paths.read_text(path)) if path.exists() else None
+  steps = ckpt_lib.Checkpointer.steps_in(paths.path(workdir) / 'checkpoints')
+  if old is not None and steps:
+    changed = changed_optim(old, new)
+    if changed and not (config.get('train') or {}).get('allow_changed_optim', False):
+      raise ConfigError(
+          f'{workdir} resumes from step {steps[-1]} trained with other optimizer/schedule settings '
+          f'({"; ".join(changed)}); rerun with the earlier values, use a new --workdir, or add '
+          '--config.train.allow_changed_optim=True to continue with the new ones.')
+  new['history'] = (old.pop('history', []) + [old]) if old is not None else []
+  new['written_at'] = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
+  new['resumed_from_step'] = steps[-1] if steps else 0
+  if jax.process_index() == 0:
+    paths.write_text(path, json.dumps(new, indent=2, default=str))
 
 
 # XLA:CPU's collectives deadlock (a rendezvous times out and aborts the process) once
