@@ -14,7 +14,7 @@ Every batch is a dict of [B, T] numpy arrays:
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np

@@ -19,7 +19,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
