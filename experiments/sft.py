@@ -123,6 +123,21 @@ def _announce(p: Prepared, workdir: str) -> None:
         f'{data.report["train"]["kept"]:,} training examples ({data.report["train"]["dropped"] or "none"} '
         f'dropped, {data.report["train"]["truncated"]} truncated); mesh {dict(mesh.shape)}; '
         + (f'resuming at step {p.setup.start}' if p.setup.start else 'starting'))
+  note = skipped_records(data.report.get('read'))
+  if note:
+    print(note)
+
+
+def skipped_records(read: dict | None) -> str | None:
+  """One line for the records the reader skipped (bad JSON, missing fields, undecodable
+  bytes), with where the first of each kind is, or None when none were."""
+  skipped = (read or {}).get('skipped') or {}
+  if not sum(skipped.values()):
+    return None
+  first = (read or {}).get('first_skipped') or {}
+  kinds = ', '.join(f'{k} {n}' + (f' (first at {first[k]})' if k in first else '')
+                    for k, n in sorted(skipped.items()) if n)
+  return f'note: {sum(skipped.values())} of {read.get("lines", "?")} records were skipped while reading: {kinds}.'
 
 
 def evaluator(p: Prepared) -> sft_eval.Evaluator:

@@ -58,7 +58,7 @@ def checkpoint_paths(wd):
 
 @pytest.mark.parametrize('method', ['none', 'lora'] + [pytest.param(m, marks=pytest.mark.slow)
                                                        for m in ('prefix', 'prompt', 'adapter')])
-def test_sft_trains_and_resumes_exactly(source, tmp_path, method):
+def test_sft_trains_and_resumes_exactly(source, tmp_path, method, capsys):
   src, inst = source
   full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
   lr = 0.1 if method == 'prompt' else 3e-3   # soft prompts need a large lr (Lester et al. use 0.3)
@@ -66,6 +66,8 @@ def test_sft_trains_and_resumes_exactly(source, tmp_path, method):
   c.peft.method = method
   c.optim.lr = lr
   state = sft.run(c, full)
+  # The console says what the reader skipped (not just "none dropped"), with where.
+  assert '2 of 62 records were skipped while reading: bad_json 1' in capsys.readouterr().out
   c2 = sft_config(src, inst, stop_after=3)
   c2.peft.method = method
   c2.optim.lr = lr
@@ -187,3 +189,12 @@ def test_bad_sft_input_is_one_sentence_before_any_work(source, tmp_path):
     with pytest.raises(err, match=match):
       sft.run(c, str(wd))
     assert not (wd / 'checkpoints').exists(), overrides
+
+
+def test_skipped_records_line():
+  read = {'lines': 13, 'skipped': {'bad_json': 1, 'missing_field': 0, 'undecodable': 2},
+          'first_skipped': {'bad_json': 'f.jsonl:11', 'undecodable': 'f.jsonl:12'}}
+  assert sft.skipped_records(read) == ('note: 3 of 13 records were skipped while reading: bad_json 1 '
+                                       '(first at f.jsonl:11), undecodable 2 (first at f.jsonl:12).')
+  assert sft.skipped_records({'lines': 5, 'skipped': {'bad_json': 0}}) is None
+  assert sft.skipped_records(None) is None
