@@ -15,7 +15,23 @@ import pytest
 from experiments import pretrain
 from experiments.stages import trainer
 from lm.checkpoint import Checkpointer
-from tests.test_faults import SLOW_LAUNCHER, TINY, config, flags, rows
+from tests.test_faults import TINY, config, flags, rows
+
+# The launcher with every training step slowed down, so a signal sent from outside lands while
+# the hosts are mid-run (test_faults' own SIGTERM test signals from a hook instead).
+SLOW_LAUNCHER = '''
+import dataclasses, sys, time
+from experiments import run
+from experiments.stages import trainer
+orig = trainer.train
+def slow(r):
+  def hook(step, batch):
+    time.sleep(0.3)
+    return batch
+  return orig(dataclasses.replace(r, transform_batch=hook))
+trainer.train = slow
+run.app.run(run.main, flags_parser=run.parse_flags)
+'''
 from tests.test_multihost import ROOT, _env, _free_port
 
 
