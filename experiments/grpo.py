@@ -6,11 +6,20 @@ group-normalised advantages, a clipped ratio against the rollout policy, and a p
   loss       -min(rho A, clip(rho, 1 -+ eps) A) + kl.coef * k3(pi || pi_ref) per token,
              rho = pi / pi_old; averaged per sequence (the paper) or per token (loss.level)
 
+The family's variants are switches (rl/pg.py has the formulas):
+  loss.scale_rewards  group (GRPO) | batch | none (Dr. GRPO: no std)
+  loss.length_norm    True (GRPO) | False (Dr. GRPO: a response's token sum / the budget)
+  loss.level          sequence (GRPO) | token (DAPO's token-level aggregation)
+  loss.clip_eps_low, loss.clip_eps_high   the clip range (DAPO's clip-higher); 0: clip_eps
+  loss.ratio          token (GRPO) | sequence (GSPO's length-normalised sequence ratio)
+  kl.coef = 0         no KL term; with full fine-tuning no reference model is held
+
 python -m experiments.run --config=experiments/configs/rlhf_grpo.py --workdir=runs/rlhf/grpo \\
     --config.init_from=runs/rlhf/sft --config.reward_from=runs/rlhf/rm
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 from experiments.stages import online
@@ -30,6 +39,12 @@ class GRPO(online.Algorithm):
       raise ConfigError(f'loss.clip_eps={l.clip_eps} must be > 0.')
     if l.level not in pg.LEVELS:
       raise ConfigError(f'loss.level={l.level!r} is not known; choose one of {pg.LEVELS}.')
+    for key, known in (('scale_rewards', pg.SCALES), ('ratio', pg.RATIOS)):
+      if l.get(key, known[0]) not in known:
+        raise ConfigError(f'loss.{key}={l[key]!r} is not known; choose one of {known}.')
+    for key in ('clip_eps_low', 'clip_eps_high'):
+      if l.get(key, 0.0) < 0:
+        raise ConfigError(f'loss.{key}={l[key]} must be > 0 (or 0: loss.clip_eps).')
 
   def score(self, ctx, trees, params, frozen, tokens, mask):
     out, metrics = online.common_scores(ctx, trees, params, frozen, tokens, mask)
@@ -38,20 +53,26 @@ class GRPO(online.Algorithm):
     if c.reward.missing_eos_penalty:
       scores = common.apply_missing_eos_penalty(scores, out['has_eos'], c.reward.missing_eos_penalty)
     k = c.rollout.samples
-    adv = pg.grpo_advantages(scores.reshape(-1, k)).reshape(-1)
-    metrics['group_std'] = scores.reshape(-1, k).std(-1).mean()
+    groups = scores.reshape(-1, k)
+    adv = pg.grpo_advantages(groups, scale=c.loss.get('scale_rewards', 'group')).reshape(-1)
+    metrics['group_std'] = groups.std(-1).mean()
+    metrics['groups_all_equal'] = jnp.mean(jnp.all(groups == groups[:, :1], -1).astype(jnp.float32))
     batch = {'tokens': tokens, 'mask': mask, 'old_logp': out['logp'], 'ref_logp': out['ref_logp'],
              'adv': adv}
     return batch, metrics
 
   def loss_fn(self, ctx, trees):
     n_prompt, cfg, c = ctx.width, ctx.pol.cfg, ctx.config
+    l = c.loss
 
     def loss_fn(params, b, rng, frozen):
       logp, _ = rollout.response_logprobs(trees.full(params, frozen), b['tokens'], b['mask'],
                                           n_prompt, cfg, c.rollout.temperature)
       return pg.grpo_loss(logp, b['old_logp'], b['ref_logp'], b['adv'], b['mask'][:, n_prompt:],
-                          c.loss.clip_eps, c.kl.coef, c.loss.level, c.kl.estimator)
+                          l.clip_eps, c.kl.coef, l.level, c.kl.estimator,
+                          clip_low=l.get('clip_eps_low', 0.0) or None,
+                          clip_high=l.get('clip_eps_high', 0.0) or None,
+                          ratio=l.get('ratio', 'token'), length_norm=l.get('length_norm', True))
     return loss_fn
 
 

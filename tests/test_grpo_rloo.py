@@ -71,6 +71,78 @@ def test_grpo_loss_uses_old_logprobs_for_the_ratio_and_the_reference_for_the_kl(
   np.testing.assert_allclose(float(total) / float(weight), want, rtol=1e-4)
 
 
+# --- the GRPO family's switches against their formulas ------------------------------------------
+def test_grpo_advantage_scaling_by_hand():
+  r = np.array([[1.0, 3.0], [2.0, 2.0], [0.0, 6.0]], np.float32)
+  centred = np.array([[-1.0, 1.0], [0.0, 0.0], [-3.0, 3.0]])
+  group = centred / (np.array([[np.sqrt(2)], [0.0], [np.sqrt(18)]]) + 1e-4)
+  batch = centred / (np.std([1, 3, 2, 2, 0, 6], ddof=1) + 1e-4)        # one std: sqrt(4.4)
+  for scale, want in (('group', group), ('batch', batch), ('none', centred)):
+    np.testing.assert_allclose(np.asarray(pg.grpo_advantages(r, scale=scale)), want, rtol=1e-5,
+                               atol=1e-6, err_msg=scale)
+  # the adapter passes loss.scale_rewards through
+  for scale, want in (('batch', batch), ('none', centred)):
+    ctx, trees, params, frozen, tokens, mask = ref.setup(
+        'grpo', rollout={'samples': 2}, loss={'scale_rewards': scale})
+    ctx.reward = lambda fr, t, m: r[:2].reshape(-1)
+    b, m = grpo.GRPO().score(ctx, trees, params, frozen, tokens, mask)
+    np.testing.assert_allclose(np.asarray(b['adv']), (centred[:2] / (
+        np.std([1, 3, 2, 2], ddof=1) + 1e-4) if scale == 'batch' else centred[:2]).reshape(-1),
+        rtol=1e-5, atol=1e-6)
+    assert float(m['groups_all_equal']) == 0.5
+
+
+def grpo_formula(logp, old, ref_logp, adv, mask, *, low, high, beta, level='sequence',
+                 length_norm=True, ratio='token'):
+  """The family's loss in numpy: GRPO; DAPO's clip-higher and token level; Dr. GRPO's constant
+  length divisor; GSPO's sequence ratio s_i = exp(mean_t log pi/pi_old), clipped whole."""
+  log_r = logp - old
+  if ratio == 'sequence':
+    log_r = np.repeat(((log_r * mask).sum(1) / mask.sum(1))[:, None], mask.shape[1], 1)
+  rho = np.exp(log_r)
+  a = adv[:, None]
+  per_token = -np.minimum(rho * a, np.clip(rho, 1 - low, 1 + high) * a) + beta * ref.k3(logp, ref_logp)
+  if level == 'token':
+    return (per_token * mask).sum() / mask.sum()
+  n = mask.sum(1) if length_norm else mask.shape[1]
+  return ((per_token * mask).sum(1) / n).mean()
+
+
+VARIANTS = {
+    'grpo': ({}, {}),
+    'clip_higher': ({'clip_eps_low': 0.1, 'clip_eps_high': 0.35}, {'low': 0.1, 'high': 0.35}),
+    'dr_grpo_length': ({'length_norm': False}, {'length_norm': False}),
+    'dapo_token_level': ({'level': 'token'}, {'level': 'token'}),
+    'gspo': ({'ratio': 'sequence'}, {'ratio': 'sequence'}),
+    'no_kl': ({}, {'beta': 0.0}),
+}
+
+
+@pytest.mark.parametrize('variant', list(VARIANTS))
+def test_grpo_variant_loss_equals_its_formula(variant):
+  loss, want_kw = VARIANTS[variant]
+  kl = {'coef': 0.0 if variant == 'no_kl' else 0.5}
+  ctx, trees, params, frozen, tokens, mask = ref.setup(
+      'grpo', rollout={'samples': 2}, kl=kl, loss={'clip_eps': 0.2, 'level': 'sequence', **loss})
+  cfg, n = ctx.pol.cfg, ref.N
+  for i, length in enumerate([4, 2, 3, 1]):        # responses of different lengths
+    mask[i, ref.P + length:] = 0
+  rmask = mask[:, ref.P:].astype(np.float64)
+  logp = ref.logprobs(params['policy'], tokens, cfg)
+  rng = np.random.default_rng(0)
+  old = (logp + rng.uniform(-0.6, 0.6, logp.shape)).astype(np.float32)
+  ref_logp = (logp + rng.uniform(-1.0, 1.0, logp.shape)).astype(np.float32)
+  adv = np.array([1.0, -0.5, 2.0, -1.5], np.float32)
+  batch = {'tokens': tokens, 'mask': mask, 'old_logp': old, 'ref_logp': ref_logp, 'adv': adv}
+  total, weight, _ = grpo.GRPO().loss_fn(ctx, trees)(params, batch, jax.random.key(0), frozen)
+  kw = {'low': 0.2, 'high': 0.2, 'beta': kl['coef'], **want_kw}
+  want = grpo_formula(logp, old, ref_logp, adv, rmask, **kw)
+  np.testing.assert_allclose(float(total) / float(weight), want, rtol=1e-4)
+  if variant != 'grpo':   # the switch changes the loss on this batch (it is not a no-op here)
+    base = grpo_formula(logp, old, ref_logp, adv, rmask, low=0.2, high=0.2, beta=0.5)
+    assert abs(want - base) > 1e-3, variant
+
+
 # --- the stage -------------------------------------------------------------------------------
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):

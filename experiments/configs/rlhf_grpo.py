@@ -16,7 +16,12 @@ def get_config():
   c.kl.update(coef=0.04, estimator='k3')    # per token, in the loss
   c.loss = ConfigDict(dict(
       clip_eps=0.2,          # the ratio clip
-      level='sequence'))     # averaging: sequence (the paper) | token (DAPO)
+      clip_eps_low=0.0,      # the clip range [1 - low, 1 + high]; 0: clip_eps (DAPO: high 0.28)
+      clip_eps_high=0.0,
+      level='sequence',      # averaging: sequence (the paper) | token (DAPO)
+      length_norm=True,      # sequence level: / the response's length (GRPO) | / the budget (Dr. GRPO)
+      scale_rewards='group', # advantages / the group's std (GRPO) | batch | none (Dr. GRPO)
+      ratio='token'))        # importance ratio per token (GRPO) | sequence (GSPO)
   c.train.update(epochs=2, minibatches=2)
   c.optim.update(lr=5e-5, min_lr=5e-5, b2=0.99, eps=1e-8)
   c.eval.batch_size = 64
