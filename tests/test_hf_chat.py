@@ -234,3 +234,36 @@ def test_a_lora_sft_run_on_an_hf_base_exports_and_chains(folder, tmp_path):
   again = stage.read_source(f'hf:{tmp_path / "out"}')          # and the export is itself a source
   assert again.tokenizer.special_ids == src.tokenizer.special_ids and again.cfg.eos_ids == tuple(eos)
   assert again.tokenizer.chat_template == CHATML
+
+
+@pytest.mark.slow   # two stages, the second through the launcher in a subprocess (~1-3 min)
+def test_a_reward_model_and_grpo_from_an_hf_folder(folder, tmp_path):
+  """The online stages from hf:FOLDER: a reward model trained on the folder's model (same
+  tokenizer, eos as the folder declares it), then one GRPO iteration through the launcher."""
+  import os
+  import subprocess
+  import sys
+  from experiments import reward
+  from tests.test_reward import hh, rm_config
+  words = ['ROMEO', 'JULIET', 'king', 'queen', 'lord', 'lady']
+  pairs = [json.dumps({'chosen': hh(f'tell of {a}', f'{b} kind'), 'rejected': hh(f'tell of {a}', b)})
+           for a in words for b in words if a != b]
+  (tmp_path / 'pairs.jsonl').write_text('\n'.join(pairs) + '\n', encoding='utf-8')
+  c = rm_config(f'hf:{folder}', str(tmp_path / 'pairs.jsonl'), steps=2, checkpoint_every=2)
+  c.data.seq_len = 64
+  reward.run(c, str(tmp_path / 'rm'))
+  wd = tmp_path / 'grpo'
+  args = [sys.executable, '-m', 'experiments.run', '--config=experiments/configs/rlhf_grpo.py',
+          f'--workdir={wd}', f'--config.init_from=hf:{folder}', f'--config.reward_from={tmp_path / "rm"}',
+          '--config.rollout.samples=2', '--config.rollout.prompts=4', '--config.rollout.max_new_tokens=4',
+          '--config.prompts.n_train=8', '--config.prompts.n_eval=4', '--config.train.iterations=1',
+          '--config.train.epochs=1', '--config.train.minibatches=1', '--config.eval.before=False',
+          '--config.eval.batch_size=8']
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  r = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = [json.loads(l) for l in (wd / 'metrics.jsonl').read_text().splitlines()]
+  assert [x['step'] for x in rows] == [1] and np.isfinite(rows[0]['loss'])
+  results = json.loads((wd / 'results.json').read_text())
+  assert results['stage'] == 'grpo' and results['after']['iteration'] == 1
+  assert stage.read_source(str(wd)).tokenizer.vocab_size == stage.read_source(f'hf:{folder}').tokenizer.vocab_size
