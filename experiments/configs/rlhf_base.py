@@ -3,7 +3,7 @@ in the one vocabulary every policy stage reads:
 
   rollout.{prompts, samples, max_new_tokens, temperature}   how responses are sampled
   kl.{coef, estimator, mode, target, horizon}                the KL to the reference
-  reward.{missing_eos_penalty, ...}                          how the reward model's score is used
+  reward.{kind, rules, missing_eos_penalty}                  a reward model or rule rewards
   eval.{every, before, gold, batch_size, max_new_tokens}     held-out evaluations
   train.{iterations | steps, epochs, minibatches, grad_accum, checkpoint_every, ...}
 """
@@ -51,6 +51,8 @@ def online(experiment: str) -> ConfigDict:
       target=6.0,                     # adaptive: KL target (nats per sequence), > 0
       horizon=10000))                 # adaptive: samples over which the error is corrected
   c.reward = ConfigDict(dict(
+      kind='model',                   # model: reward_from's reward model | rules: reward.rules
+      rules=ConfigDict(),             # rules: {name: {fn?, weight, params}} (rl/rewards.py)
       missing_eos_penalty=0.0))       # subtracted from the score of truncated responses (0: off)
   c.peft = ConfigDict({k: v for k, v in dataclasses.asdict(peft.PeftConfig()).items()})
   c.train = ConfigDict(dict(

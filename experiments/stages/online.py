@@ -21,6 +21,13 @@ the iteration's keys, all from the checkpointed RNG) -> generate (lm.decode, one
 run) -> score (one jit) -> update (one jit: algorithm.prepare, then the minibatch scans) ->
 algorithm.after on the host (e.g. PPO's KL controller). Checkpoints hold the train state,
 the algorithm's extras, the RNG and the iteration, so a resumed run continues exactly.
+
+The reward: reward.kind='model' scores rows with the reward model in reward_from (inside the
+scoring jit); reward.kind='rules' loads no reward model: after generation the host scores the
+decoded responses with reward.rules (rl/rewards.py) against the prompts' example fields
+(prompts.source=arith or jsonl) and passes the weighted totals into the scoring jit as the
+frozen entry 'rule_scores' (ctx.reward returns them); metrics rows carry reward/<rule>,
+reward/total and reward/unparsable. kl.coef = 0 with full fine-tuning holds no reference.
 """
 from __future__ import annotations
 
@@ -39,9 +46,9 @@ from tqdm import tqdm
 from experiments.stages import compiled, iterations, online_report, policy, stage, trainer
 from lm import checkpoint as ckpt_lib
 from lm import compiled as programs_lib
-from lm import decode, paths, peft, sharding, train as train_lib
+from lm import decode, model, paths, peft, sharding, train as train_lib
 from lm.config import ConfigError
-from rl import common, gold, rollout
+from rl import common, gold, rewards, rollout
 
 POSTFIX = {'gold': '+.3f', 'proxy': '+.3f', 'kl': '.3f', 'tokens_per_sec': ',.0f'}
 
@@ -57,6 +64,9 @@ class Context:
   eval_ids: list
   width: int                     # prompts are left-padded to this many tokens
   pcfg: peft.PeftConfig
+  train_examples: list = dataclasses.field(default_factory=list)   # prompts' fields (rules)
+  eval_examples: list = dataclasses.field(default_factory=list)
+  rules: list | None = None      # rl/rewards.Rule list when reward.kind='rules'
 
   @property
   def rows(self) -> int:
@@ -64,7 +74,10 @@ class Context:
     return r.prompts * r.samples
 
   def reward(self, frozen, tokens, mask):
-    """[B] normalised reward-model scores of full rows (usable inside a jit)."""
+    """[B] normalised reward-model scores of full rows (usable inside a jit), or the rule
+    rewards the host computed for these rows (frozen['rule_scores'])."""
+    if 'rule_scores' in frozen:
+      return frozen['rule_scores']
     return self.rm.score(frozen['reward'], tokens, mask)
 
 
@@ -77,7 +90,7 @@ class Algorithm:
     """Start-up errors of the algorithm's own keys (one sentence each)."""
 
   def trees(self, ctx: Context) -> policy.Trees:
-    return policy.trees(ctx.config, ctx.pol, ctx.mesh, reward=ctx.rm)
+    return policy_trees(ctx)
 
   def extras(self, ctx: Context) -> dict:
     """Arrays checkpointed beside the train state (e.g. PPO's beta); {} for none."""
@@ -109,11 +122,30 @@ class Algorithm:
 
 
 # Set-up --------------------------------------------------------------------------------------
+REWARD_KINDS = ('model', 'rules')
+
+
+def reward_kind(config: ConfigDict) -> str:
+  return config.reward.get('kind', 'model')
+
+
+def rules_of(config: ConfigDict) -> list:
+  """reward.rules parsed (rl/rewards.py); the length rule's max_length defaults to the budget."""
+  spec = config.reward.get('rules', None)
+  spec = spec.to_dict() if hasattr(spec, 'to_dict') else dict(spec or {})
+  return rewards.parse(spec, defaults={'length': {'max_length': config.rollout.max_new_tokens}})
+
+
 def check(config: ConfigDict, algo: Algorithm) -> None:
   """The skeleton's start-up errors (one sentence each), then the algorithm's."""
   r, t, k = config.rollout, config.train, config.kl
-  if not config.reward_from:
-    raise ConfigError(f'{algo.name} needs --config.reward_from=DIR (the workdir of a finished `reward` run).')
+  if reward_kind(config) not in REWARD_KINDS:
+    raise ConfigError(f'reward.kind={reward_kind(config)!r} is not known; choose one of {REWARD_KINDS}.')
+  if reward_kind(config) == 'rules':
+    rules_of(config)
+  elif not config.reward_from:
+    raise ConfigError(f'{algo.name} needs --config.reward_from=DIR (the workdir of a finished `reward` run) '
+                      "or reward.kind='rules'.")
   if r.max_new_tokens < 1 or not r.temperature > 0:
     raise ConfigError('rollout.max_new_tokens must be >= 1 and rollout.temperature > 0 (samples, not greedy).')
   for name in ('prompts', 'samples'):
@@ -155,8 +187,13 @@ def open_context(config: ConfigDict, workdir: str, algo: Algorithm, devices=None
   if max_prompt < 1:
     raise ConfigError(f'rollout.max_new_tokens={r.max_new_tokens} leaves no room for prompts in the '
                       f'model context ({pol.cfg.max_seq_len}).')
-  train_ids = policy.encode_prompts(pol, policy.prompt_texts(config, 'train'), max_prompt)
-  eval_ids = policy.encode_prompts(pol, policy.prompt_texts(config, 'eval'), max_prompt)
+  train_ex, eval_ex = policy.prompt_examples(config, 'train'), policy.prompt_examples(config, 'eval')
+  train_ids = policy.encode_prompts(pol, [e['prompt'] for e in train_ex], max_prompt)
+  eval_ids = policy.encode_prompts(pol, [e['prompt'] for e in eval_ex], max_prompt)
+  rules = None
+  if reward_kind(config) == 'rules':
+    rules = rules_of(config)
+    rewards.check_examples(rules, train_ex + eval_ex)
   if r.prompts > len(train_ids):
     raise ConfigError(f'rollout.prompts={r.prompts} exceeds the {len(train_ids)} training prompts; '
                       'raise prompts.n_train or lower rollout.prompts.')
@@ -164,11 +201,25 @@ def open_context(config: ConfigDict, workdir: str, algo: Algorithm, devices=None
   mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
   check_mesh(config, mesh, r.prompts * r.samples)
   longest = max(width, max(len(p) for p in eval_ids)) + r.max_new_tokens
-  rm = policy.open_reward(config.reward_from, pol, mesh, max_len=longest)
+  rm = policy.open_reward(config.reward_from, pol, mesh, max_len=longest) if rules is None else None
   stage.check_resume_source(workdir, pol.source)
   if jax.process_index() == 0:   # the policy's tokenizer: the run is a source for later stages
     stage.save_tokenizer(pol.tok, workdir)
-  return Context(config, pol, rm, mesh, train_ids, eval_ids, width, stage.peft_config(config))
+  return Context(config, pol, rm, mesh, train_ids, eval_ids, width, stage.peft_config(config),
+                 train_ex, eval_ex, rules)
+
+
+def policy_trees(ctx: Context) -> policy.Trees:
+  """policy.trees, except that kl.coef = 0 (fixed) with full fine-tuning holds no reference
+  model: nothing reads it (its log-probs are taken to be the policy's own, KL 0)."""
+  c, pol, mesh = ctx.config, ctx.pol, ctx.mesh
+  if not (c.kl.coef == 0 and c.kl.mode == 'fixed' and c.peft.method == 'none'):
+    return policy.trees(c, pol, mesh, reward=ctx.rm)
+  frozen = {'reward': ctx.rm.params} if ctx.rm is not None else {}
+  return policy.Trees({'policy': model.logical_axes(pol.cfg)},
+                      lambda k: {'policy': model.init(pol.cfg, k)},
+                      lambda: {'policy': pol.source.restore_params(mesh, pol.cfg)}, frozen,
+                      jax.tree.map(lambda x: x.sharding, frozen), pol.cfg, stage.peft_config(c))
 
 
 @dataclasses.dataclass
@@ -207,14 +258,17 @@ def prepare(config: ConfigDict, workdir: str, algo: Algorithm, devices=None) -> 
   if found is not None:
     st = found[1]
   trainer.write_config(config, workdir, {
-      'source': pol_record(ctx), 'reward_source': str(paths.absolute(config.reward_from)),
+      'source': pol_record(ctx),
+      'reward_source': str(paths.absolute(config.reward_from)) if ctx.rm is not None else 'rules',
       'resolved': {'vocab_size': ctx.pol.cfg.vocab_size,
                    # a later stage (init_from), export and evaluate read the policy from here
                    'params_at': ['train', 'params', trees.policy_role],
                    'prompt_width': ctx.width, 'rollouts_per_iter': ctx.rows,
                    'train_prompts': len(ctx.train_ids), 'eval_prompts': len(ctx.eval_ids),
                    'devices': ctx.mesh.size, 'mesh': dict(ctx.mesh.shape), 'updates': total,
-                   'policy_params': ctx.pol.cfg.num_params(), 'rm_params': ctx.rm.cfg.num_params()},
+                   'policy_params': ctx.pol.cfg.num_params(),
+                   'rm_params': ctx.rm.cfg.num_params() if ctx.rm is not None else 0,
+                   'reference_held': 'reference' in trees.frozen},
       'model': dataclasses.asdict(ctx.pol.cfg)})
   score, update = programs(ctx, algo, trees, setup)
   return Run(ctx, algo, trees, setup, st, ck, score, update)
@@ -259,8 +313,8 @@ def programs(ctx: Context, algo: Algorithm, trees: policy.Trees, setup: stage.Se
   e.g. a resume or a test, compiles nothing new)."""
   c = ctx.config
   rm = ctx.rm      # its score closes over the normaliser and the ensemble combination
-  key = (type(algo), trees.cfg, trees.pcfg, ctx.width, ctx.mesh, ctx.pol.eos, rm.cfg, str(rm.gain),
-         str(rm.bias), rm.members, rm.combine, rm.lam,
+  rm_key = (rm.cfg, str(rm.gain), str(rm.bias), rm.members, rm.combine, rm.lam) if rm is not None else ()
+  key = (type(algo), trees.cfg, trees.pcfg, ctx.width, ctx.mesh, ctx.pol.eos, *rm_key,
          compiled.frozen_config(c, ('rollout', 'kl', 'loss', 'reward', 'value', 'ptx', 'optim', 'train')))
   return _PROGRAMS.get(key, lambda: _make_programs(ctx, algo, trees, setup))
 
@@ -296,18 +350,30 @@ def _make_programs(ctx: Context, algo: Algorithm, trees: policy.Trees, setup: st
 def draw(run: Run, rng):
   """The iteration's prompts (rollout.prompts random training prompts without replacement,
   each rollout.samples times, adjacent) and keys, all from the checkpointed RNG."""
+  idx, it_key, host_rng, rng = draw_indices(run, rng)
+  return [run.ctx.train_ids[i] for i in idx], it_key, host_rng, rng
+
+
+def draw_indices(run: Run, rng):
+  """draw, with each row's index into the training prompts instead of its tokens."""
   r = run.ctx.config.rollout
   it_key, rng = jax.random.split(rng)
   host_rng = np.random.default_rng(np.asarray(jax.random.key_data(it_key)))
   idx = host_rng.choice(len(run.ctx.train_ids), r.prompts, replace=False)
-  prompts = [run.ctx.train_ids[i] for i in idx for _ in range(r.samples)]
-  return prompts, it_key, host_rng, rng
+  return [int(i) for i in idx for _ in range(r.samples)], it_key, host_rng, rng
+
+
+def rule_scores(ctx: Context, texts: list[str], examples: list[dict], lengths) -> rewards.Scores:
+  """The host's rule rewards of decoded responses (one per row, examples in row order)."""
+  return rewards.score(ctx.rules, [e['prompt'] for e in examples], texts, examples,
+                       tokens=[int(n) for n in np.asarray(lengths)])
 
 
 def iterate(run: Run, state, extras, rng, frozen):
   """One rollout -> score -> update; returns (state, extras, rng, metrics row)."""
   ctx, r = run.ctx, run.ctx.config.rollout
-  prompts, it_key, host_rng, rng = draw(run, rng)
+  idx, it_key, host_rng, rng = draw_indices(run, rng)
+  prompts = [ctx.train_ids[i] for i in idx]
   toks, pmask = decode.left_pad(prompts, ctx.width)
   sampling = policy.sampling_config(ctx.pol, r.max_new_tokens, r.temperature)
   t0 = time.perf_counter()
@@ -315,7 +381,17 @@ def iterate(run: Run, state, extras, rng, frozen):
                                jax.random.fold_in(it_key, 0), ctx.pol.cfg, sampling, mesh=ctx.mesh)
   tokens, mask = jax.block_until_ready(gen.sequences())
   t1 = time.perf_counter()
+  texts, ruled, time_rules = None, {}, 0.0
+  if ctx.rules is not None:     # host rule rewards, passed into the scoring jit
+    texts = policy.texts_of(ctx.pol, gen)
+    sc = rule_scores(ctx, texts, [ctx.train_examples[i] for i in idx], gen.lengths)
+    ruled = sc.metrics()
+    frozen = {**frozen, 'rule_scores': jax.device_put(
+        sc.total.astype(np.float32), sharding.batch_sharding(ctx.mesh, 1))}
+    time_rules = time.perf_counter() - t1
+    t1 = time.perf_counter()
   batch, m = run.score(state.params, frozen, tokens, mask)
+  frozen = {k: v for k, v in frozen.items() if k != 'rule_scores'}
   m = jax.device_get(m)
   t2 = time.perf_counter()
   batch_sh = lambda x: sharding.batch_sharding(ctx.mesh, x.ndim)
@@ -323,13 +399,15 @@ def iterate(run: Run, state, extras, rng, frozen):
   state, extras, um = run.update(state, extras, batch, frozen, jax.random.fold_in(it_key, 1))
   um = jax.device_get(um)
   t3 = time.perf_counter()
-  g = gold.score(policy.texts_of(ctx.pol, gen), ctx.config.eval.gold)
-  t4 = time.perf_counter()
-  row = {**{k: float(v) for k, v in m.items()}, 'gold': float(g.mean()),
+  g = gold.score(texts if texts is not None else policy.texts_of(ctx.pol, gen), ctx.config.eval.gold)
+  t4 = time.perf_counter() + time_rules
+  row = {**{k: float(v) for k, v in m.items()}, 'gold': float(g.mean()), **ruled,
          **{(f'{k}_loss' if k in m else k): float(v) for k, v in um.items() if k != 'tokens'},
          **run.algo.log_extras(extras),
          'time_generate': t1 - t0, 'time_score': t2 - t1, 'time_update': t3 - t2,
          'time_reward': t4 - t3, 'tokens_per_sec': float(m['response_tokens']) / (t4 - t0)}
+  if ctx.rules is not None:
+    row['time_rules'] = time_rules
   return state, extras, rng, row
 
 
@@ -339,9 +417,14 @@ def common_scores(ctx: Context, trees: policy.Trees, params, frozen, tokens, mas
   k1 sequence KL, and the shared metrics. `values(policy_params)` adds the critic's [B, N]."""
   n_prompt, cfg = ctx.width, ctx.pol.cfg
   pol = trees.full(params, frozen)
-  out = rollout.score_rollout(pol, trees.reference(frozen), tokens, mask, n_prompt, cfg,
-                              temperature=ctx.config.rollout.temperature,
-                              reward=lambda x, m: ctx.reward(frozen, x, m))
+  temp = ctx.config.rollout.temperature
+  if 'reference' in frozen:
+    out = rollout.score_rollout(pol, trees.reference(frozen), tokens, mask, n_prompt, cfg,
+                                temperature=temp, reward=lambda x, m: ctx.reward(frozen, x, m))
+  else:      # no reference held (kl.coef = 0): its log-probs are the policy's own
+    logp, ent = rollout.response_logprobs(pol, tokens, mask, n_prompt, cfg, temp, True)
+    out = jax.tree.map(jax.lax.stop_gradient, {'logp': logp, 'ref_logp': logp, 'entropy': ent,
+                                               'scores': ctx.reward(frozen, tokens, mask)})
   if values is not None:
     out['values'] = jax.lax.stop_gradient(values(pol))
   rmask = mask[:, n_prompt:].astype(jnp.float32)
@@ -360,8 +443,10 @@ def run(config: ConfigDict, workdir: str, algo: Algorithm) -> dict:
   r = prepare(config, workdir, algo)
   ctx, t, e = r.ctx, config.train, config.eval
   start = r.start
+  against = config.reward_from if ctx.rules is None else 'rules ' + ', '.join(
+      f'{x.weight:g} x {x.name}' for x in ctx.rules)
   print(f'{algo.name} from {ctx.pol.source.path} (step {ctx.pol.source.step}) against '
-        f'{config.reward_from}, peft {ctx.pcfg.method}: {config.rollout.prompts} prompts x '
+        f'{against}, peft {ctx.pcfg.method}: {config.rollout.prompts} prompts x '
         f'{config.rollout.samples} samples per iteration, {t.epochs * t.minibatches} updates each; '
         f'{len(ctx.train_ids):,} training / {len(ctx.eval_ids)} held-out prompts; mesh '
         f'{dict(ctx.mesh.shape)}; ' + (f'resuming at iteration {start}' if start else 'starting'),
@@ -374,12 +459,13 @@ def run(config: ConfigDict, workdir: str, algo: Algorithm) -> dict:
 
   def held_out(it):
     params = live['state'].params
-    rep = policy.evaluate(r.trees.generation(params, frozen), r.trees.reference(frozen), ctx.pol,
-                          ctx.eval_ids, eval_key,
-                          max_new_tokens=e.max_new_tokens or config.rollout.max_new_tokens,
-                          gold_kind=e.gold, reward=lambda tk, m: ctx.reward(frozen, tk, m),
-                          mesh=ctx.mesh, batch=e.batch_size, temperature=config.rollout.temperature)
-    row = evals.add({'iteration': it, **{k: v for k, v in rep.items() if k != 'samples'},
+    n_new = e.max_new_tokens or config.rollout.max_new_tokens
+    reward, ruled = held_out_reward(ctx, frozen, n_new)
+    rep = policy.evaluate(r.trees.generation(params, frozen), frozen.get('reference'), ctx.pol,
+                          ctx.eval_ids, eval_key, max_new_tokens=n_new, gold_kind=e.gold,
+                          reward=reward, mesh=ctx.mesh, batch=e.batch_size,
+                          temperature=config.rollout.temperature)
+    row = evals.add({'iteration': it, **{k: v for k, v in rep.items() if k != 'samples'}, **ruled(),
                      'sqrt_kl': float(np.sqrt(max(rep['kl'], 0.0))), **algo.log_extras(live['extras'])})
     tqdm.write(f"iteration {it}: held-out gold {row['gold']:+.3f}, proxy {row['proxy']:+.3f}, "
                f"KL {row['kl']:.3f}, length {row['length']:.1f}, eos {row['eos_rate']:.2f} | "
@@ -404,3 +490,29 @@ def run(config: ConfigDict, workdir: str, algo: Algorithm) -> dict:
   out = online_report.finish(workdir, algo.name, start, it, t.iterations, evals.rows)
   out['state'] = live['state']
   return out
+
+
+def held_out_reward(ctx: Context, frozen, n_new: int):
+  """(reward for policy.evaluate, () -> the rule metrics of the held-out samples). With rules,
+  evaluate's chunks come in prompt order: each chunk's responses (the last n_new tokens) are
+  decoded and scored against the next held-out examples."""
+  if ctx.rules is None:
+    return (lambda tk, m: ctx.reward(frozen, tk, m)), dict
+  seen = []
+
+  def reward(tokens, mask):
+    toks, m = np.asarray(tokens)[:, -n_new:], np.asarray(mask)[:, -n_new:]
+    texts = [ctx.pol.tok.decode([int(t) for t, on in zip(row, mr) if on and int(t) != ctx.pol.eos])
+             for row, mr in zip(toks, m)]
+    start = sum(len(s.total) for s in seen)
+    seen.append(rule_scores(ctx, texts, ctx.eval_examples[start:start + len(texts)], m.sum(1)))
+    return seen[-1].total
+
+  def metrics():
+    if not seen:
+      return {}
+    both = rewards.Scores(np.concatenate([s.total for s in seen]),
+                          {k: np.concatenate([s.values[k] for s in seen]) for k in seen[0].values},
+                          {k: sum(s.counts[k] for s in seen) for k in seen[0].counts})
+    return both.metrics()
+  return reward, metrics

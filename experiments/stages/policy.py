@@ -14,6 +14,7 @@ uses are exactly the distribution the responses came from.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Callable, Sequence
 
 import jax
@@ -22,7 +23,7 @@ from jax.sharding import NamedSharding
 import numpy as np
 from ml_collections import ConfigDict
 
-from data import formats, openings, tokenizers
+from data import arith, formats, openings, tokenizers
 from experiments.stages import reward_model, stage
 from lm import model, peft
 from lm import compiled, decode, paths
@@ -51,13 +52,64 @@ def open_policy(init_from: str, template: str = 'none') -> Policy:
   return Policy(source, stage.with_tokens(cfg, tok), tok, int(tok.eos_id), template)
 
 
-def prompt_texts(config: ConfigDict, split: str) -> list[str]:
-  """The testbed's prompts (line openings; train or held-out plays) or a file's."""
+PROMPT_SOURCES = ('openings', 'arith', 'jsonl')
+
+
+def prompt_examples(config: ConfigDict, split: str) -> list[dict]:
+  """The prompts as examples: each a dict with 'prompt' (the text the policy is given) and
+  the fields a rule reward reads (rl/rewards.py), from prompts.source:
+
+    openings  line openings of the works (train or held-out plays)
+    arith     data/arith.py's generated GSM8K-format problems (question, answer '...#### N',
+              final, steps, digits, id); held-out problems never repeat a training question;
+              prompts.{steps, digits, ops} set their size, prompts.template the layout
+    jsonl     a GSM8K-format JSON-lines file prompts.path ({question, answer, ...} per line):
+              the last prompts.n_eval records are held out, the first prompts.n_train of the
+              rest train
+  """
   d = config.prompts
   n = d.n_train if split == 'train' else d.n_eval
   if d.source == 'openings':
-    return [o['prompt'] for o in openings.openings(split, n, tuple(d.words), seed=d.seed)]
-  raise ConfigError(f'prompts.source={d.source!r} is not known; use openings.')
+    return [dict(o) for o in openings.openings(split, n, tuple(d.words), seed=d.seed)]
+  if d.source == 'arith':
+    try:
+      train = arith.generate(d.n_train, seed=d.seed, split='train', steps=tuple(d.steps),
+                             digits=tuple(d.digits), ops=d.ops)
+      out = train if split == 'train' else arith.generate(
+          d.n_eval, seed=d.seed, split='test', steps=tuple(d.steps), digits=tuple(d.digits), ops=d.ops,
+          exclude=[t['question'] for t in train])
+    except arith.ArithError as e:
+      raise ConfigError(str(e)) from None
+    return [{**p, 'prompt': d.template.format(question=p['question'])} for p in out]
+  if d.source == 'jsonl':
+    records = _jsonl(d.path)
+    held, rest = records[len(records) - d.n_eval:], records[:len(records) - d.n_eval]
+    out = rest[:d.n_train] if split == 'train' else held
+    if not out:
+      raise ConfigError(f'prompts.path={d.path} leaves no {split} prompts ({len(records)} records, '
+                        f'prompts.n_eval={d.n_eval} held out).')
+    return [{'id': r.get('id', f'{split}-{i}'), **r, 'prompt': d.template.format(question=r['question'])}
+            for i, r in enumerate(out)]
+  raise ConfigError(f'prompts.source={d.source!r} is not known; choose one of {PROMPT_SOURCES}.')
+
+
+def _jsonl(path: str) -> list[dict]:
+  if not path or not paths.path(path).exists():
+    raise ConfigError(f'prompts.source=jsonl needs prompts.path, an existing JSON-lines file of '
+                      f'{{question, answer}} records; got {path!r}.')
+  out = []
+  for i, line in enumerate(paths.read_text(paths.path(path)).splitlines()):
+    if line.strip():
+      r = json.loads(line)
+      if 'question' not in r:
+        raise ConfigError(f'{path} line {i + 1} has no "question" field (GSM8K format: question, answer).')
+      out.append(r)
+  return out
+
+
+def prompt_texts(config: ConfigDict, split: str) -> list[str]:
+  """The prompts' texts (prompt_examples' 'prompt')."""
+  return [e['prompt'] for e in prompt_examples(config, split)]
 
 
 def prompt_template(pol: Policy) -> str:
