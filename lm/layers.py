@@ -551,6 +551,26 @@ def _position_bias(cfg: ModelConfig, positions, kv_pos, rel_table, bidirectional
   return None
 
 
+def _write_cache(cache: dict, k, v, cache_index):
+  """Write the new keys/values [B, T, kv_heads, head_dim] at slot `cache_index`; returns (this
+  layer's keys, values [B, S, ...] for attention, the updated cache {'k','v'}).
+
+  A per-layer cache holds [B, S, ...]. With cache['layer'] (an index, lm.model's scan) the
+  cache is the whole stack [layers, B, S, ...] carried through the layers: only the T new rows
+  are written, in place at (layer, :, cache_index), and the layer's slice is read for
+  attention, so a decode step never copies the stack."""
+  if 'layer' not in cache:
+    k = jax.lax.dynamic_update_slice_in_dim(cache['k'], k.astype(cache['k'].dtype), cache_index, 1)
+    v = jax.lax.dynamic_update_slice_in_dim(cache['v'], v.astype(cache['v'].dtype), cache_index, 1)
+    return k, v, {'k': k, 'v': v}
+  layer = jnp.asarray(cache['layer'], jnp.int32)
+  start = (layer, jnp.int32(0), jnp.asarray(cache_index, jnp.int32), jnp.int32(0), jnp.int32(0))
+  out = {n: jax.lax.dynamic_update_slice(cache[n], new[None].astype(cache[n].dtype), start)
+         for n, new in (('k', k), ('v', v))}
+  k, v = (jax.lax.dynamic_index_in_dim(out[n], layer, 0, keepdims=False) for n in ('k', 'v'))
+  return k, v, out
+
+
 def attention(p: dict, x: jax.Array, cfg: ModelConfig, positions: jax.Array,
               segment_ids: jax.Array | None = None, cache: dict | None = None,
               cache_index: jax.Array | None = None, prefix_len: jax.Array | None = None, *,
@@ -585,12 +605,11 @@ def attention(p: dict, x: jax.Array, cfg: ModelConfig, positions: jax.Array,
   if cache is None:
     kv_pos, kv_seg, kv_valid = positions, segment_ids, None
   else:
-    k = jax.lax.dynamic_update_slice_in_dim(cache['k'], k.astype(cache['k'].dtype), cache_index, 1)
-    v = jax.lax.dynamic_update_slice_in_dim(cache['v'], v.astype(cache['v'].dtype), cache_index, 1)
+    k, v, new_cache = _write_cache(cache, k, v, cache_index)
     # Left-padded decoding (lm.decode) gives each slot's per-row position and which slots
     # hold real tokens; otherwise a slot's position is its index and every slot is real.
     kv_pos, kv_valid = cache.get('kv_pos'), cache.get('kv_mask')
-    cache = {'k': k, 'v': v}
+    cache = new_cache
     if kv_pos is None:
       kv_pos = jnp.broadcast_to(jnp.arange(k.shape[1])[None, :], (x.shape[0], k.shape[1]))
     kv_seg = None

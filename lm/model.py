@@ -115,7 +115,9 @@ def hidden_states(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
   positions default to 0..T-1 (offset by cache_index when decoding); segment_ids, if
   given, keep packed documents from attending across each other. With a cache,
   kv_positions / kv_mask [B, S] give every cache slot's position and whether it holds a
-  real token (left-padded batches, lm.decode); by default slot s is position s.
+  real token (left-padded batches, lm.decode); by default slot s is position s. The cache
+  {'k','v'} [layers, B, S, kv_heads, head_dim] is carried through the layer scan and updated
+  in place (only the new rows are written), so jit callers may donate it.
   """
   if cfg.arch != 'decoder':
     raise ValueError('lm.model runs decoder-only models; use lm.encdec for an encoder-decoder.')
@@ -138,15 +140,35 @@ def hidden_states(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
                       params.get('rel_bias'), local)
     return (x, jax.tree.map(jnp.add, aux_sum, aux)), c
 
+  def cached_body(carry, layer):
+    # The stacked cache rides in the carry: each layer writes its new K/V rows in place at
+    # (layer, :, cache_index) and reads its own slice (layers._write_cache), so a decode step
+    # costs the rows it writes, not a copy of the whole [L, B, S, ...] stack through xs / ys.
+    (x, aux_sum), stack = carry
+    p, i, local = layer
+    c = {**stack, 'layer': i}
+    if kv_positions is not None:
+      c.update(kv_pos=kv_positions, kv_mask=kv_mask)
+    x, stack, aux = block(p, x, cfg, positions, segment_ids, c, cache_index, prefix_len,
+                          params.get('rel_bias'), local)
+    return ((x, jax.tree.map(jnp.add, aux_sum, aux)), stack), None
+
   if cfg.remat != 'none':
     body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    cached_body = jax.checkpoint(cached_body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
   # MoE layers report auxiliary losses; they are summed over layers in the scan carry.
   zero_aux = ({k: jnp.zeros((), jnp.float32) for k in
                ('moe_balance_loss', 'moe_z_loss', 'moe_dropped_fraction')} if cfg.moe_experts else {})
   # Unrolling lets XLA drop the loop's stacked-residual buffers and their dynamic slices
   # (~10% of a CPU step); scan_unroll=1 keeps compile time flat in depth.
-  (x, aux), cache = jax.lax.scan(body, (x, zero_aux), (params['layers'], cache, layer_flags(cfg)),
-                                 unroll=scan_unroll(cfg))
+  if cache is None:
+    (x, aux), cache = jax.lax.scan(body, (x, zero_aux), (params['layers'], None, layer_flags(cfg)),
+                                   unroll=scan_unroll(cfg))
+  else:
+    ((x, aux), cache), _ = jax.lax.scan(
+        cached_body, ((x, zero_aux), {'k': cache['k'], 'v': cache['v']}),
+        (params['layers'], jnp.arange(cfg.n_layers, dtype=jnp.int32), layer_flags(cfg)),
+        unroll=scan_unroll(cfg))
   if soft is not None:
     x = x[:, soft.shape[0]:]   # drop the prompt positions: outputs stay [B, T, ...]
   if cfg.has_final_norm:

@@ -336,3 +336,31 @@ def test_prompt_tuned_model_decodes_like_its_forward_pass(params):
   np.testing.assert_allclose(np.asarray(gen.raw_logprobs[0]), ref, atol=1e-5)
   plain = decode.generate(params, [prompt], jax.random.key(0), cfg=CFG, sampling=s)
   assert not np.array_equal(np.asarray(plain.raw_logprobs), np.asarray(gen.raw_logprobs))
+
+
+@pytest.mark.parametrize('scan_unroll', [0, 1], ids=['unrolled', 'looped'])
+def test_decode_step_updates_the_stacked_cache_in_place(scan_unroll):
+  """The decode loop writes each token's K/V rows into the stacked cache [L, B, S, kv, hd] in
+  place: apart from creating it (the entry computation), no instruction of the compiled program
+  produces a new buffer of the stack's shape (no copy through the layer scan's xs / ys)."""
+  import re
+  cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2,
+                    max_seq_len=64, scan_unroll=scan_unroll)
+  params = model.init(cfg, jax.random.key(0))
+  s = decode.SamplingConfig(temperature=0, max_new_tokens=8)
+  tokens, mask = decode.left_pad(PROMPTS[:2], 8)
+  fn = jax.jit(lambda *a: decode._decode(*a, cfg=cfg, flags=decode._flags(s), n_new=8))
+  hlo = fn.lower(params, tokens, mask, np.ones(2, bool), jax.random.key(0),
+                 {**decode._knobs(s), 'pad': np.int32(0)}, decode._ban_mask(cfg, None),
+                 decode.id_mask((), cfg)).compile().as_text()
+  stack = f'[{cfg.n_layers},2,16,{cfg.kv_heads},{cfg.head_dim}]'
+  in_place = ('parameter', 'get-tuple-element', 'tuple', 'bitcast', 'while', 'call',
+              'conditional', 'dynamic-update-slice')
+  body = hlo[:hlo.index('\nENTRY')]   # every computation but the entry one
+  made = []
+  for line in body.splitlines():
+    m = re.match(r'\s*(?:ROOT )?%(\S+) = f32' + re.escape(stack) + r'\{[\d,]*\} ([\w-]+)\(', line)
+    if m and m.group(2) not in in_place and not (m.group(2) == 'fusion'
+                                                 and 'dynamic-update-slice' in m.group(1)):
+      made.append(m.group(1))
+  assert not made, f'the decode loop builds new copies of the stacked cache: {made}'

@@ -17,7 +17,7 @@ def get_config():
   c.model = ConfigDict(dict(vocab_size=16384, d_model=512, n_layers=6, n_heads=8, max_seq_len=256,
                             norm='layernorm', positions='learned', activation='gelu_tanh',
                             use_bias=True, tie_embeddings=True, dtype='float32'))
-  c.batch_sizes = (1, 8, 32)
+  c.batch_sizes = (1, 8, 32, 64)
   c.prompt_len = 64
   c.max_new_tokens = 64
   c.repeats = 3
