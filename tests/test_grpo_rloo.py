@@ -310,10 +310,23 @@ def test_start_up_errors(runs, tmp_path):
 
 
 # --- rule rewards (reward.kind='rules') end to end ----------------------------------------------
-def test_grpo_with_rule_rewards_on_arith_prompts(tmp_path):
+def test_grpo_with_rule_rewards_on_arith_prompts(tmp_path, monkeypatch):
   """GRPO through grpo.run with reward.kind='rules' on generated arithmetic prompts: no reward
   model, no reference (kl.coef=0); every metrics row carries the per-rule values, the total
-  (which is what the scoring jit saw: proxy) and the unparsable count; held-out rows too."""
+  (which is what the scoring jit saw: proxy) and the unparsable count; held-out rows too; each
+  row is scored against the example whose prompt it was generated from."""
+  seen = {'prompts': [], 'examples': []}
+  real_gen, real_rules = online.decode.generate_padded, online.rule_scores
+
+  def generate_padded(params, toks, pmask, *a, **k):
+    seen['prompts'].append((np.asarray(toks), np.asarray(pmask)))
+    return real_gen(params, toks, pmask, *a, **k)
+
+  def rule_scores(ctx, texts, examples, lengths):
+    seen['examples'].append((ctx.pol.tok, [e['prompt'] for e in examples]))
+    return real_rules(ctx, texts, examples, lengths)
+  monkeypatch.setattr(online.decode, 'generate_padded', generate_padded)
+  monkeypatch.setattr(online, 'rule_scores', rule_scores)
   from data import arith
   from experiments.configs import rlvr_arith
   probs = arith.generate(50, seed=0, steps=(1, 1), digits=(1, 1))
@@ -343,6 +356,10 @@ def test_grpo_with_rule_rewards_on_arith_prompts(tmp_path):
   ev = [json.loads(l) for l in open(os.path.join(wd, 'eval.jsonl'))]
   assert ev[-1]['iteration'] == 2 and 'reward/answer' in ev[-1]
   assert ev[-1]['proxy'] == pytest.approx(ev[-1]['reward/total'], abs=1e-6)
+  gens = [g for g in seen['prompts'] if len(g[0]) == 8][:2]   # the 2 iterations' 8 rows (then evals)
+  for (toks, pmask), (tok, prompts) in zip(gens, seen['examples'][:2]):
+    assert [tok.decode([int(t) for t, m in zip(r, mr) if m]) for r, mr in zip(toks, pmask)] == prompts
+  assert len(gens) == 2 and len(set(seen['examples'][0][1])) == 4
   resolved = json.load(open(os.path.join(wd, 'config.json')))['resolved']
   assert resolved['reference_held'] is False and resolved['rm_params'] == 0
 
@@ -365,3 +382,29 @@ def test_rule_reward_start_up_errors(tmp_path):
   c.rollout.max_new_tokens = 8
   with pytest.raises(ConfigError, match=r"'answer' \(answer\) needs the field 'answer', which example"):
     grpo.run(c, str(tmp_path / 'c'))
+
+
+def test_prompt_sources_arith_and_jsonl(tmp_path):
+  from data import arith
+  from experiments.configs import rlvr_arith
+  from experiments.stages import policy
+  c = rlvr_arith.get_config()
+  c.prompts.update(n_train=20, n_eval=5)
+  train, held = policy.prompt_examples(c, 'train'), policy.prompt_examples(c, 'eval')
+  assert len(train) == 20 and len(held) == 5
+  assert not {e['question'] for e in train} & {e['question'] for e in held}
+  assert train[0]['prompt'] == f"Q: {train[0]['question']}\nA:\n" and '####' in train[0]['answer']
+  path = tmp_path / 'gsm.jsonl'
+  recs = arith.to_gsm8k(arith.generate(6, seed=1))
+  path.write_text(''.join(json.dumps(r) + '\n' for r in recs))
+  c.prompts.update(source='jsonl', path=str(path), n_train=3, n_eval=2)
+  train, held = policy.prompt_examples(c, 'train'), policy.prompt_examples(c, 'eval')
+  assert [e['question'] for e in train] == [r['question'] for r in recs[:3]]
+  assert [e['question'] for e in held] == [r['question'] for r in recs[4:]]
+  assert held[0]['answer'] == recs[4]['answer'] and held[0]['id'] == 'eval-0'
+  c.prompts.path = str(tmp_path / 'missing.jsonl')
+  with pytest.raises(ConfigError, match='prompts.source=jsonl needs prompts.path'):
+    policy.prompt_examples(c, 'train')
+  c.prompts.source = 'gsm'
+  with pytest.raises(ConfigError, match="prompts.source='gsm' is not known"):
+    policy.prompt_examples(c, 'train')
