@@ -12,6 +12,7 @@ The family's variants are switches (rl/pg.py has the formulas):
   loss.level          sequence (GRPO) | token (DAPO's token-level aggregation)
   loss.clip_eps_low, loss.clip_eps_high   the clip range (DAPO's clip-higher); 0: clip_eps
   loss.ratio          token (GRPO) | sequence (GSPO's length-normalised sequence ratio)
+  loss.overlong_filter  True: responses cut at rollout.max_new_tokens (no eos) leave the loss (DAPO)
   kl.coef = 0         no KL term; with full fine-tuning no reference model is held
 
 python -m experiments.run --config=experiments/configs/rlhf_grpo.py --workdir=runs/rlhf/grpo \\
@@ -59,6 +60,9 @@ class GRPO(online.Algorithm):
     metrics['groups_all_equal'] = jnp.mean(jnp.all(groups == groups[:, :1], -1).astype(jnp.float32))
     batch = {'tokens': tokens, 'mask': mask, 'old_logp': out['logp'], 'ref_logp': out['ref_logp'],
              'adv': adv}
+    if c.loss.get('overlong_filter', False):   # DAPO: truncated responses leave the loss
+      batch['keep'] = out['has_eos'].astype(jnp.float32)
+      metrics['overlong_filtered'] = 1.0 - jnp.mean(batch['keep'])
     return batch, metrics
 
   def loss_fn(self, ctx, trees):
@@ -68,7 +72,10 @@ class GRPO(online.Algorithm):
     def loss_fn(params, b, rng, frozen):
       logp, _ = rollout.response_logprobs(trees.full(params, frozen), b['tokens'], b['mask'],
                                           n_prompt, cfg, c.rollout.temperature)
-      return pg.grpo_loss(logp, b['old_logp'], b['ref_logp'], b['adv'], b['mask'][:, n_prompt:],
+      rmask = b['mask'][:, n_prompt:]
+      if 'keep' in b:
+        rmask = rmask * b['keep'][:, None].astype(rmask.dtype)
+      return pg.grpo_loss(logp, b['old_logp'], b['ref_logp'], b['adv'], rmask,
                           l.clip_eps, c.kl.coef, l.level, c.kl.estimator,
                           clip_low=l.get('clip_eps_low', 0.0) or None,
                           clip_high=l.get('clip_eps_high', 0.0) or None,

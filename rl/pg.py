@@ -22,6 +22,8 @@ The GRPO family's switches (each defaults to GRPO):
   ratio      'token' (pi/pi_old per token) or 'sequence' (GSPO, Zheng et al. 2025: the
              length-normalised sequence ratio s_i = exp(mean_t log pi/pi_old), one per response,
              clipped as a whole)
+  overlong filtering (DAPO): the adapter zeroes the mask of truncated responses; a row with
+             no tokens left counts for nothing at either level
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ def _reduce(per_token: jax.Array, mask: jax.Array, level: str, length_norm: bool
   if level == 'sequence':
     n = jnp.maximum(jnp.sum(mask, -1), 1.0) if length_norm else jnp.float32(mask.shape[-1])
     per_row = jnp.sum(per_token * mask, -1) / n
-    return jnp.sum(per_row), jnp.float32(mask.shape[0])
+    return jnp.sum(per_row), jnp.sum(jnp.any(mask > 0, -1).astype(jnp.float32))   # rows with tokens
   raise ValueError(f'unknown level {level!r}; choose one of {LEVELS}')
 
 

@@ -93,9 +93,12 @@ def test_grpo_advantage_scaling_by_hand():
 
 
 def grpo_formula(logp, old, ref_logp, adv, mask, *, low, high, beta, level='sequence',
-                 length_norm=True, ratio='token'):
-  """The family's loss in numpy: GRPO; DAPO's clip-higher and token level; Dr. GRPO's constant
-  length divisor; GSPO's sequence ratio s_i = exp(mean_t log pi/pi_old), clipped whole."""
+                 length_norm=True, ratio='token', keep=None):
+  """The family's loss in numpy: GRPO; DAPO's clip-higher, token level and overlong filter
+  (rows not kept drop out); Dr. GRPO's constant length divisor; GSPO's sequence ratio
+  s_i = exp(mean_t log pi/pi_old), clipped whole."""
+  if keep is not None:
+    logp, old, ref_logp, adv, mask = (x[keep > 0] for x in (logp, old, ref_logp, adv, mask))
   log_r = logp - old
   if ratio == 'sequence':
     log_r = np.repeat(((log_r * mask).sum(1) / mask.sum(1))[:, None], mask.shape[1], 1)
@@ -115,6 +118,7 @@ VARIANTS = {
     'dapo_token_level': ({'level': 'token'}, {'level': 'token'}),
     'gspo': ({'ratio': 'sequence'}, {'ratio': 'sequence'}),
     'no_kl': ({}, {'beta': 0.0}),
+    'overlong_filter': ({'overlong_filter': True}, {'keep': np.array([1.0, 0.0, 1.0, 1.0])}),
 }
 
 
@@ -134,6 +138,8 @@ def test_grpo_variant_loss_equals_its_formula(variant):
   ref_logp = (logp + rng.uniform(-1.0, 1.0, logp.shape)).astype(np.float32)
   adv = np.array([1.0, -0.5, 2.0, -1.5], np.float32)
   batch = {'tokens': tokens, 'mask': mask, 'old_logp': old, 'ref_logp': ref_logp, 'adv': adv}
+  if 'keep' in want_kw:
+    batch['keep'] = want_kw['keep'].astype(np.float32)
   total, weight, _ = grpo.GRPO().loss_fn(ctx, trees)(params, batch, jax.random.key(0), frozen)
   kw = {'low': 0.2, 'high': 0.2, 'beta': kl['coef'], **want_kw}
   want = grpo_formula(logp, old, ref_logp, adv, rmask, **kw)
@@ -141,6 +147,20 @@ def test_grpo_variant_loss_equals_its_formula(variant):
   if variant != 'grpo':   # the switch changes the loss on this batch (it is not a no-op here)
     base = grpo_formula(logp, old, ref_logp, adv, rmask, low=0.2, high=0.2, beta=0.5)
     assert abs(want - base) > 1e-3, variant
+
+
+def test_grpo_overlong_filter_keeps_the_rows_that_ended():
+  ctx, trees, params, frozen, tokens, mask = ref.setup(
+      'grpo', rollout={'samples': 2}, loss={'overlong_filter': True})
+  tokens, mask = tokens.copy(), mask.copy()
+  tokens[0, ref.P + 1] = tokens[2, -1] = ctx.pol.eos      # rows 0 and 2 end with eos
+  mask[0, ref.P + 2:] = 0                                 # (row 0 after its eos: padding)
+  ctx.reward = lambda fr, t, m: np.array([1.0, 0.0, 2.0, 0.5], np.float32)
+  b, m = grpo.GRPO().score(ctx, trees, params, frozen, tokens, mask)
+  np.testing.assert_array_equal(np.asarray(b['keep']), [1, 0, 1, 0])
+  assert float(m['overlong_filtered']) == 0.5
+  ctx.config.loss.overlong_filter = False
+  assert 'keep' not in grpo.GRPO().score(ctx, trees, params, frozen, tokens, mask)[0]
 
 
 # --- the stage -------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ def get_config():
       level='sequence',      # averaging: sequence (the paper) | token (DAPO)
       length_norm=True,      # sequence level: / the response's length (GRPO) | / the budget (Dr. GRPO)
       scale_rewards='group', # advantages / the group's std (GRPO) | batch | none (Dr. GRPO)
-      ratio='token'))        # importance ratio per token (GRPO) | sequence (GSPO)
+      ratio='token',         # importance ratio per token (GRPO) | sequence (GSPO)
+      overlong_filter=False))  # True: truncated responses (no eos) leave the loss (DAPO)
   c.train.update(epochs=2, minibatches=2)
   c.optim.update(lr=5e-5, min_lr=5e-5, b2=0.99, eps=1e-8)
   c.eval.batch_size = 64
