@@ -382,6 +382,16 @@ def test_grpo_with_rule_rewards_on_arith_prompts(tmp_path, monkeypatch):
   assert len(gens) == 2 and len(set(seen['examples'][0][1])) == 4
   resolved = json.load(open(os.path.join(wd, 'config.json')))['resolved']
   assert resolved['reference_held'] is False and resolved['rm_params'] == 0
+  # a run stopped after iteration 1 and resumed continues exactly (rules are pure functions)
+  monkeypatch.undo()
+  halves = str(tmp_path / 'halves')
+  c.train.stop_after = 1
+  grpo.run(c, halves)
+  grpo.run(c, halves)
+  for x, y in zip(got, rows(halves)):
+    for k in ('reward/total', 'reward/format', 'reward/length', 'proxy', 'loss', 'entropy'):
+      assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-6), (x['step'], k)
+  assert [r['step'] for r in rows(halves)] == [1, 2]
 
 
 def test_rule_reward_start_up_errors(tmp_path):
