@@ -23,6 +23,10 @@ where tag names an outcome to count ('unparsable'; a sandbox rule wired in exper
            tokens (the caller passes them; characters otherwise): 0 up to max_length - cache,
            then falling linearly to -1 at max_length, and -1 beyond.
 
+`program` (PAL: run the response's program in the sandbox and compare what it prints) is a
+Function with a `batched` form, added by experiments/stages/online.py (the sandbox lives in
+experiments/evaluation/); `score(..., functions=...)` takes such additions.
+
 rl/ imports no experiments/: the extraction here mirrors experiments/evaluation/answers.py
 (the harness keeps its own). Errors are lm.config.ConfigError (set-up) or RewardError (a value
 computed during a run), each one sentence naming the function and the example.
@@ -111,10 +115,12 @@ def length(prompt: str, response: str, example: Mapping, *, max_length: int = 0,
 
 @dataclasses.dataclass(frozen=True)
 class Function:
-  fn: Callable
+  fn: Callable | None            # (prompt, response, example, **params) -> float | (float, tag)
   params: dict                   # parameter -> default (what a rule may set)
   fields: Callable = lambda p: ()   # params -> example fields it reads
   tags: tuple = ()               # outcomes it counts
+  batched: Callable | None = None   # (prompts, responses, examples, **params) -> [float | (float, tag)]
+                                    # instead of fn: all rows at once (e.g. a sandbox's workers)
 
 
 FUNCTIONS = {
@@ -221,11 +227,18 @@ def score(rules: Sequence[Rule], prompts: Sequence[str], responses: Sequence[str
   total = np.zeros(n, np.float64)
   for rule in rules:
     f, v = functions[rule.fn], np.zeros(n, np.float64)
+    if f.batched is not None:
+      for field in rule.fields(functions):
+        missing = next((i for i, ex in enumerate(examples) if field not in ex), None)
+        if missing is not None:
+          raise RewardError(f'Reward function {rule.name!r} ({rule.fn}) needs the field {field!r}, '
+                            f'which {describe(examples[missing], missing)} lacks.')
+      results = list(f.batched(list(prompts), list(responses), list(examples), **rule.params))
     for i in range(n):
       ex = examples[i]
       extra = {'tokens': int(tokens[i])} if tokens is not None and rule.fn == 'length' else {}
       try:
-        got = f.fn(prompts[i], responses[i], ex, **rule.params, **extra)
+        got = results[i] if f.batched is not None else f.fn(prompts[i], responses[i], ex, **rule.params, **extra)
       except KeyError as e:
         raise RewardError(f'Reward function {rule.name!r} ({rule.fn}) needs the field {e.args[0]!r}, '
                           f'which {describe(ex, i)} lacks.') from None

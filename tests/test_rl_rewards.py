@@ -107,3 +107,27 @@ def test_errors_are_one_sentence_naming_the_function_and_the_example():
   nan = {'nan': rewards.Function(lambda p, r, e: math.nan, {})}
   with pytest.raises(rewards.RewardError, match=r"'nan' \(nan\) gave nan on example ex-7.*finite"):
     rewards.score(rewards.parse({'nan': {}}, nan), ['q'], ['r'], [EX], functions=nan)
+
+
+def test_program_rule_runs_the_sandbox_and_counts_timeouts_and_crashes():
+  """PAL's `program` rule (wired in experiments/stages/online.py, where the sandbox is): a
+  program that prints the answer scores 1; one that loops forever, forks, allocates too much
+  or raises scores 0 and is counted; the batch finishes."""
+  from experiments.stages import online
+  rules = rewards.parse({'program': {'wall_s': 1.0, 'cpu_s': 1, 'memory_mb': 256}}, online.FUNCTIONS)
+  prompt = 'Q: Ann has 3 pens. She loses 5. How many pens now?\nA:\n```\n'
+  programs = ['x = 3\nx = x - 5\nprint(x)\n```\nQ: next',     # right: -2
+              'print(7)\n```',                              # wrong answer
+              'while True:\n  pass\n```',                   # timeout
+              'import os\nos.fork()\nprint(-2)\n```',        # fork: refused -> crash
+              'x = bytearray(4 * 10**9)\nprint(-2)\n```',    # too much memory -> crash
+              'raise ValueError("no")\n```',                # crash
+              '```']                                        # no program
+  out = rewards.score(rules, [prompt] * len(programs), programs, [EX] * len(programs),
+                      functions=online.FUNCTIONS)
+  np.testing.assert_array_equal(out.values['program'], [1, 0, 0, 0, 0, 0, 0])
+  assert out.counts == {'unparsable': 1, 'timeout': 1, 'crash': 3}
+  # a fenced block when the prompt opened none
+  assert online.response_program('Q', 'Here:\n```python\nprint(1)\n```\n') == '\nprint(1)\n'
+  with pytest.raises(ConfigError, match='unknown parameters'):
+    rewards.parse({'program': {'timeout': 1}}, online.FUNCTIONS)

@@ -43,6 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
+from experiments.evaluation import sandbox
 from experiments.stages import compiled, iterations, online_report, policy, stage, trainer
 from lm import checkpoint as ckpt_lib
 from lm import compiled as programs_lib
@@ -121,6 +122,52 @@ class Algorithm:
     return {}
 
 
+# Rule rewards that need the sandbox (rl/ imports no experiments/) ------------------------------
+def response_program(prompt: str, response: str, fence: str = '```') -> str | None:
+  """The program a PAL response writes: up to its closing fence when the prompt opened one
+  (the testbed's PAL query ends with the fence), else the first fenced block; None if none."""
+  if prompt.rstrip().endswith(fence):
+    code = response.split(fence, 1)[0]
+  else:
+    parts = response.split(fence)
+    code = parts[1] if len(parts) >= 3 else None
+  if code is not None:     # a block opened with a language tag: ```python
+    code = code[len('python'):] if code.startswith('python') else code
+  return code if code and code.strip() else None
+
+
+def program_rewards(prompts, responses, examples, *, field='answer', fence='```', wall_s=3.0, cpu_s=2,
+                    memory_mb=512, workers=2):
+  """PAL's reward, batched: each response's program runs in the sandbox (experiments/evaluation/
+  sandbox.py, `workers` at a time); 1 if the last line it prints is the example's answer.
+  No program: 0, 'unparsable'; a timeout: 0, 'timeout'; a crash or a killed program: 0, 'crash'."""
+  codes = [response_program(p, r, fence) for p, r in zip(prompts, responses)]
+  todo = [i for i, c in enumerate(codes) if c is not None]
+  limits = sandbox.Limits(wall_s=wall_s, cpu_s=int(cpu_s), memory_mb=int(memory_mb))
+  results = dict(zip(todo, sandbox.run_programs([codes[i] for i in todo], limits, int(workers)))) if todo else {}
+  out = []
+  for i, ex in enumerate(examples):
+    if i not in results:
+      out.append((0.0, 'unparsable'))
+      continue
+    res = results[i]
+    if res.status == 'timeout':
+      out.append((0.0, 'timeout'))
+    elif res.status != 'passed':
+      out.append((0.0, 'crash'))
+    else:
+      lines = [l.strip() for l in res.stdout.strip().split('\n') if l.strip()]
+      got = rewards.reference_answer(lines[-1]) if lines else None
+      want = rewards.reference_answer(ex[field])
+      out.append((0.0, 'unparsable') if got is None else float(got == want))
+  return out
+
+
+FUNCTIONS = {**rewards.FUNCTIONS, 'program': rewards.Function(
+    None, {'field': 'answer', 'fence': '```', 'wall_s': 3.0, 'cpu_s': 2, 'memory_mb': 512, 'workers': 2},
+    lambda p: (p['field'],), ('unparsable', 'timeout', 'crash'), batched=program_rewards)}
+
+
 # Set-up --------------------------------------------------------------------------------------
 REWARD_KINDS = ('model', 'rules')
 
@@ -133,7 +180,7 @@ def rules_of(config: ConfigDict) -> list:
   """reward.rules parsed (rl/rewards.py); the length rule's max_length defaults to the budget."""
   spec = config.reward.get('rules', None)
   spec = spec.to_dict() if hasattr(spec, 'to_dict') else dict(spec or {})
-  return rewards.parse(spec, defaults={'length': {'max_length': config.rollout.max_new_tokens}})
+  return rewards.parse(spec, FUNCTIONS, defaults={'length': {'max_length': config.rollout.max_new_tokens}})
 
 
 def check(config: ConfigDict, algo: Algorithm) -> None:
@@ -193,7 +240,7 @@ def open_context(config: ConfigDict, workdir: str, algo: Algorithm, devices=None
   rules = None
   if reward_kind(config) == 'rules':
     rules = rules_of(config)
-    rewards.check_examples(rules, train_ex + eval_ex)
+    rewards.check_examples(rules, train_ex + eval_ex, FUNCTIONS)
   if r.prompts > len(train_ids):
     raise ConfigError(f'rollout.prompts={r.prompts} exceeds the {len(train_ids)} training prompts; '
                       'raise prompts.n_train or lower rollout.prompts.')
@@ -366,7 +413,7 @@ def draw_indices(run: Run, rng):
 def rule_scores(ctx: Context, texts: list[str], examples: list[dict], lengths) -> rewards.Scores:
   """The host's rule rewards of decoded responses (one per row, examples in row order)."""
   return rewards.score(ctx.rules, [e['prompt'] for e in examples], texts, examples,
-                       tokens=[int(n) for n in np.asarray(lengths)])
+                       tokens=[int(n) for n in np.asarray(lengths)], functions=FUNCTIONS)
 
 
 def iterate(run: Run, state, extras, rng, frozen):
