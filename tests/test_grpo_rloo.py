@@ -438,3 +438,39 @@ def test_prompt_sources_arith_and_jsonl(tmp_path):
   c.prompts.source = 'gsm'
   with pytest.raises(ConfigError, match="prompts.source='gsm' is not known"):
     policy.prompt_examples(c, 'train')
+
+
+def test_rule_reward_update_on_8_devices_equals_1(tmp_path):
+  """reward.kind='rules': the host's scores enter the scoring jit as frozen['rule_scores'];
+  one scored and updated rollout on 8 devices equals 1 (as for the reward-model runs)."""
+  from data import arith
+  from experiments.configs import rlvr_arith
+  probs = arith.generate(50, seed=0, steps=(1, 1), digits=(1, 1))
+  chars = ''.join(sorted({ch for p in probs for ch in p['question'] + p['answer']} | set('Q:A#\n')))
+  pol = rl_fixtures.policy_run(tmp_path / 'sft', text=chars, n_layers=1, max_seq_len=96)
+  out = {}
+  for n in (8, 1):
+    c = rlvr_arith.get_config()
+    c.init_from = pol
+    c.prompts.update(n_train=12, n_eval=4, steps=(1, 1), digits=(1, 1))
+    c.rollout.update(prompts=4, samples=2, max_new_tokens=6)
+    c.train.update(iterations=1, minibatches=1)
+    c.optim.update(lr=1e-2, eps=1e-3)
+    c.mesh.data = n
+    r = online.prepare(c, str(tmp_path / f'd{n}'), grpo.GRPO(), devices=jax.devices()[:n])
+    r.checkpointer.close()
+    assert 'reference' not in r.trees.frozen and r.ctx.rm is None
+    tokens, mask = fake_rollout(8, r.ctx.width, 6, r.ctx.pol.cfg.vocab_size, r.ctx.pol.eos)
+    scores = np.array([1.0, 0.0, 0.5, 0.5, 0.0, 1.1, 2.0, -1.0], np.float32)
+    frozen = {**r.trees.frozen, 'rule_scores': scores}
+    batch, m = r.score(r.st['train'].params, frozen, tokens, mask)
+    state, _, um = r.update(r.st['train'], {}, batch, r.trees.frozen, jax.random.key(5))
+    out[n] = (jax.device_get(state.params), jax.device_get(batch['adv']), float(m['proxy']))
+  assert out[1][2] == out[8][2] == pytest.approx(scores.mean())
+  np.testing.assert_allclose(out[1][1], out[8][1], rtol=1e-6)
+  assert abs(out[1][1][2]) < 1e-6 and out[1][1][0] > 0.5        # an all-equal group: advantage 0
+  p0 = jax.device_get({'policy': stage.read_source(pol).restore_params(one_device())})
+  d1 = jax.tree.map(lambda a, b: a - b, out[1][0], p0)
+  d8 = jax.tree.map(lambda a, b: a - b, out[8][0], p0)
+  assert max(np.abs(x).max() for x in jax.tree.leaves(d1)) > 1e-3
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6), d1, d8)
