@@ -190,7 +190,7 @@ def eval_batches(stream: TokenStream, seq_len: int, batch_size: int,
   n = num_windows(stream, seq_len)
   if n == 0:
     raise DataError(f'The validation split{" of " + name if name else ""} has {len(stream)} tokens, fewer than seq_len + 1; '
-                     'lower data.seq_len or data.val_fraction, or set train.eval_every=0.')
+                     'lower data.seq_len or data.val_fraction, or set eval.every=0.')
   starts = np.arange(n) * seq_len
   out = []
   for i in range(0, n, batch_size):

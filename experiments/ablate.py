@@ -44,7 +44,8 @@ def variant_configs(config: ConfigDict) -> dict[str, ConfigDict]:
     c.model.update(overrides)
     if config.match_params and 'd_ff' not in overrides:
       c.model.d_ff = matched_d_ff(base, overrides)
-    c.train.update(samples=0, eval_every=c.train.steps)
+    c.train.update(samples=0)
+    c.eval.every = c.train.steps
     out[name] = c
   return out
 

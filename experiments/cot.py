@@ -157,7 +157,8 @@ def pretrain_config(config: ConfigDict, corpus: str, tokenizer: str) -> ConfigDi
   c.model = copy.deepcopy(config.model)
   c.data.update(path=corpus, tokenizer=tokenizer, val_fraction=0.05)
   c.train.update(config.train.to_dict())
-  c.train.update(samples=0, eval_every=c.train.steps, checkpoint_every=c.train.steps)
+  c.train.update(samples=0, checkpoint_every=c.train.steps)
+  c.eval.every = c.train.steps
   c.optim.update(config.optim.to_dict())
   c.mesh = copy.deepcopy(config.mesh)
   return c

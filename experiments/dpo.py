@@ -17,7 +17,7 @@ under stop_gradient, never a constant: full fine-tuning trains a copy of init_fr
 the original; LoRA trains adapters and the reference is the base without them.
 
 Metrics: loss and implicit-reward accuracy / margin / chosen / rejected (beta * log-ratio)
-on training batches, and the same on held-out pairs (val_*) every eval_every steps. At the
+on training batches, and the same on held-out pairs (val_*) every eval.every steps. At the
 end, results.json (the policy stages' one schema) holds the held-out pair metrics and experiments.stages.policy.evaluate's gold /
 proxy / KL of one sample per held-out prompt (the point on the over-optimisation axes),
 beside the same evaluation of the reference policy.
@@ -239,7 +239,7 @@ def loop(p: Prepared, workdir: str):
   state = trainer.train(trainer.Run(
       config=config, workdir=workdir, mesh=mesh, state=setup.state, start_step=setup.start,
       step_fn=step_fn, batches=p.batches, to_global=to_global,
-      evaluate=evaluate if t.eval_every else None, checkpointer=setup.checkpointer,
+      evaluate=evaluate if config.eval.every else None, checkpointer=setup.checkpointer,
       flops_per_token=p.pol.cfg.flops_per_token(p.seq_len) * 4 / 3,
       tokens_per_step=t.batch_size * 2 * p.seq_len))
   setup.checkpointer.close()

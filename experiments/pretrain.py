@@ -147,9 +147,9 @@ def _announce(p: Prepared, workdir: str) -> None:
 
 def _evaluate(p: Prepared, loss_fn: Callable):
   """Validation loss on fixed batches of each validation stream (a mixture: each source's
-  and their token-weighted mean), or None without train.eval_every."""
+  and their token-weighted mean), or None without eval.every."""
   t, mesh, seq_len = p.config.train, p.mesh, p.seq_len
-  if not t.eval_every:
+  if not p.config.eval.every:
     return None
   eb = t.eval_batch_size or t.batch_size
   eval_sh = train_lib.batch_shardings(mesh, p.spec)

@@ -312,9 +312,9 @@ def _step_fn(p: Prepared, loss_fn: Callable) -> Callable:
 
 
 def _evaluate(p: Prepared, loss_fn: Callable):
-  """The held-out loss every eval_every steps (an ensemble: summed over members), or None."""
+  """The held-out loss every eval.every steps (an ensemble: summed over members), or None."""
   t = p.config.train
-  if not (t.eval_every and len(p.data.val['ranks'])):
+  if not (p.config.eval.every and len(p.data.val['ranks'])):
     return None
 
   def ensemble_loss(params, batch, rng, frozen=None):

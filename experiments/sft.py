@@ -157,7 +157,7 @@ def loop(p: Prepared, workdir: str, ev: sft_eval.Evaluator):
   state = trainer.train(trainer.Run(
       config=config, workdir=workdir, mesh=p.mesh, state=setup.state, start_step=setup.start,
       step_fn=step_fn, batches=p.batches, to_global=to_global,
-      evaluate=ev.val_loss if t.eval_every else None, checkpointer=setup.checkpointer,
+      evaluate=ev.val_loss if p.config.eval.every else None, checkpointer=setup.checkpointer,
       flops_per_token=p.cfg.flops_per_token(p.seq_len), tokens_per_step=t.batch_size * p.seq_len))
   setup.checkpointer.close()
   return state

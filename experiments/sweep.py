@@ -51,7 +51,8 @@ def run_config(config: ConfigDict, r: dict, workdir: str) -> ConfigDict:
   c = copy.deepcopy(config.run)
   c.data.data_dir = c.data.data_dir or os.path.join(workdir, 'data')  # prepare the corpus once
   c.model.update(n_layers=r['n_layers'], d_model=r['d_model'], n_heads=r['n_heads'])
-  c.train.update(steps=r['steps'], eval_every=r['steps'], checkpoint_every=config.sweep.checkpoint_every,
+  c.eval.every = r['steps']
+  c.train.update(steps=r['steps'], checkpoint_every=config.sweep.checkpoint_every,
                  samples=0)
   c.optim.warmup_steps = min(c.optim.warmup_steps, max(1, r['steps'] // 10))
   return c

@@ -176,7 +176,8 @@ def test_dpo_in_a_bucket(bucket, tmp_path):
   c.init_from, c.reward_from = 'gs://bkt/sft', ''
   c.data.path = str(tmp_path / 'prefs.jsonl')
   (tmp_path / 'prefs.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in RECORDS * 4))
-  c.train.update(steps=2, batch_size=8, log_every=1, eval_every=0, checkpoint_every=2)
+  c.train.update(steps=2, batch_size=8, log_every=1, checkpoint_every=2)
+  c.eval.every = 0
   c.prompts.update(n_train=8, n_eval=8)
   c.rollout.max_new_tokens = 4
   c.eval.update(before=False, batch_size=8)

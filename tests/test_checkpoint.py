@@ -17,7 +17,8 @@ def tiny_config(corpus, **train):
   c = shakespeare_char.get_config()
   c.data.path = corpus
   c.model.update(d_model=32, n_layers=2, n_heads=2, max_seq_len=32)
-  c.train.update(steps=10, batch_size=8, log_every=1, eval_every=0, checkpoint_every=5, samples=0)
+  c.train.update(steps=10, batch_size=8, log_every=1, checkpoint_every=5, samples=0)
+  c.eval.every = 0
   c.optim.update(warmup_steps=5)
   c.train.update(train)
   return c

@@ -18,7 +18,7 @@ from lm.checkpoint import Checkpointer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = {'model.d_model': 32, 'model.n_layers': 2, 'model.n_heads': 2, 'model.max_seq_len': 32,
-        'train.batch_size': 8, 'train.log_every': 1, 'train.eval_every': 0, 'train.samples': 0,
+        'train.batch_size': 8, 'train.log_every': 1, 'eval.every': 0, 'train.samples': 0,
         'optim.warmup_steps': 5}
 
 

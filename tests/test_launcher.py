@@ -61,7 +61,7 @@ def test_show_prints_every_key_as_its_override_without_a_workdir():
 def _tiny_run(tmp_path, *extra):
   env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}   # JAX looks for a TPU
   return _cli('--config=experiments/configs/shakespeare_char.py', f'--workdir={tmp_path / "w"}',
-              '--config.train.steps=2', '--config.train.eval_every=0', '--config.train.samples=0',
+              '--config.train.steps=2', '--config.eval.every=0', '--config.train.samples=0',
               '--config.model.n_layers=1', '--config.model.d_model=32', '--config.train.batch_size=8',
               *extra, env=env)
 
@@ -125,10 +125,13 @@ def test_a_renamed_key_names_its_new_spelling(tmp_path):
   line = _one_sentence(_cli('--config=experiments/configs/rlhf_ppo.py', f'--workdir={tmp_path}',
                             '--config.ppo.clip_eps=0.1'))
   assert line.endswith('use --config.loss.clip_eps.')
-  # A key that exists under its old name in this config (pretraining's train.eval_every) is
-  # not renamed there: a typo in it gets the ordinary message.
+  # Every training stage: the evaluation interval is eval.every (was train.eval_every).
   line = _one_sentence(_cli('--config=experiments/configs/shakespeare_char.py', f'--workdir={tmp_path}',
-                            '--config.train.eval_everyy=2'))
+                            '--config.train.eval_every=2'))
+  assert line.endswith('use --config.eval.every.')
+  # A key the config has under that name is not a rename: a typo in it gets the ordinary message.
+  line = _one_sentence(_cli('--config=experiments/configs/shakespeare_char.py', f'--workdir={tmp_path}',
+                            '--config.train.log_everyy=2'))
   assert 'no such config key' in line and 'renamed' not in line
   assert not os.listdir(tmp_path)
 
@@ -138,7 +141,7 @@ def test_a_renamed_key_names_its_new_spelling(tmp_path):
     ('shakespeare_works', 'train.grad_accum=0', 'train.grad_accum=0 must be positive'),
     ('shakespeare_works', 'optim.lr=-0.001', 'optim.lr=-0.001 must be at least 0'),
     ('shakespeare_works', 'train.steps=0', 'train.steps=0 would train nothing'),
-    ('shakespeare_works', 'train.eval_every=-1', 'train.eval_every=-1 must be at least 0'),
+    ('shakespeare_works', 'eval.every=-1', 'eval.every=-1 must be at least 0'),
     ('shakespeare_works', 'train.checkpoint_every=-5', 'train.checkpoint_every=-5 must be at least 0'),
     ('sft_works', 'train.batch_size=-4', 'train.batch_size=-4 must be positive'),
     ('sft_works', 'train.steps=-1', 'train.steps=-1 would train nothing'),

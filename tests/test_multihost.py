@@ -22,7 +22,7 @@ def _args(corpus, workdir):
           f'--workdir={workdir}', f'--config.data.path={corpus}', '--config.model.d_model=32',
           '--config.model.n_layers=2', '--config.model.n_heads=2', '--config.model.max_seq_len=32',
           '--config.train.steps=8', '--config.train.batch_size=8', '--config.train.log_every=1',
-          '--config.train.eval_every=4', '--config.train.eval_batches=2',
+          '--config.eval.every=4', '--config.train.eval_batches=2',
           '--config.train.checkpoint_every=4', '--config.train.samples=0',
           '--config.optim.warmup_steps=2']
 

@@ -14,7 +14,7 @@ from tests.test_multihost import _rows, run_two_and_one
 def _args(source, workdir):
   return [sys.executable, '-m', 'experiments.run', '--config=experiments/configs/rlhf_sft.py',
           f'--workdir={workdir}', f'--config.init_from={source}', '--config.train.steps=6',
-          '--config.train.batch_size=8', '--config.train.log_every=1', '--config.train.eval_every=3',
+          '--config.train.batch_size=8', '--config.train.log_every=1', '--config.eval.every=3',
           '--config.train.checkpoint_every=3', '--config.data.works.n_per_family=200',
           '--config.eval.n_per_family=16', '--config.optim.warmup_steps=2',
           '--config.mesh.data=4', '--config.mesh.fsdp=2']

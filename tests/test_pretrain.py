@@ -22,7 +22,8 @@ def tiny_config(corpus, **train):
   c = shakespeare_char.get_config()
   c.data.path = corpus
   c.model.update(d_model=32, n_layers=2, n_heads=2, max_seq_len=32)
-  c.train.update(steps=20, batch_size=8, log_every=1, eval_every=10, eval_batches=2,
+  c.eval.every = train.pop('eval_every', 10)
+  c.train.update(steps=20, batch_size=8, log_every=1, eval_batches=2,
                  checkpoint_every=5, samples=1, sample_tokens=8)
   c.optim.update(warmup_steps=5)
   c.train.update(train)
@@ -114,7 +115,7 @@ def test_8_device_mesh_runs_to_the_end_through_the_launcher(tiny_corpus, tmp_pat
   dispatched at once), the final checkpoint and the samples (beyond the context)."""
   wd = tmp_path / 'w'
   r = _cli(f'--workdir={wd}', f'--config.data.path={tiny_corpus}', '--config.train.steps=10',
-           '--config.train.batch_size=8', '--config.train.eval_every=10', '--config.train.eval_batches=0',
+           '--config.train.batch_size=8', '--config.eval.every=10', '--config.train.eval_batches=0',
            '--config.train.eval_batch_size=8', '--config.data.seq_len=8', '--config.train.log_every=1',
            '--config.train.checkpoint_every=5', '--config.train.samples=2', '--config.train.sample_tokens=40',
            '--config.model.d_model=32', '--config.model.n_layers=2', '--config.model.n_heads=2',
@@ -234,7 +235,7 @@ def test_cli_bad_input_is_one_sentence_before_any_compile(tiny_corpus, tmp_path,
 def test_cli_overrides_reach_the_run(tiny_corpus, tmp_path):
   wd = tmp_path / 'w'
   r = _cli(f'--workdir={wd}', f'--config.data.path={tiny_corpus}', '--config.train.steps=3',
-           '--config.train.batch_size=4', '--config.train.eval_every=0', '--config.train.samples=0',
+           '--config.train.batch_size=4', '--config.eval.every=0', '--config.train.samples=0',
            '--config.model.d_model=32', '--config.model.n_layers=1', '--config.model.max_seq_len=16')
   assert r.returncode == 0, r.stderr[-2000:]
   cfg = json.load(open(wd / 'config.json'))

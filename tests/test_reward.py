@@ -63,7 +63,8 @@ def rm_config(src, pairs, **train):
   c = reward_base.reward()
   c.init_from = src
   c.data.update(path=pairs, val_fraction=0.25)
-  c.train.update(steps=60, batch_size=8, log_every=1, eval_every=0, checkpoint_every=20)
+  c.train.update(steps=60, batch_size=8, log_every=1, checkpoint_every=20)
+  c.eval.every = 0
   c.train.update(train)
   c.optim.update(lr=3e-3, warmup_steps=0)
   return c

@@ -41,7 +41,8 @@ def sft_config(src, inst, **train):
   c = sft_base.sft()
   c.init_from = src
   c.data.update(source=inst, template='none', val_fraction=0.2)
-  c.train.update(steps=6, batch_size=8, log_every=1, eval_every=0, checkpoint_every=3)
+  c.train.update(steps=6, batch_size=8, log_every=1, checkpoint_every=3)
+  c.eval.every = 0
   c.train.update(train)
   c.optim.update(lr=3e-3, warmup_steps=0)
   c.eval.update(before=False, val_examples=16)

@@ -34,13 +34,13 @@ def pretrain() -> ConfigDict:
       mixture_cap=0,             # T5's K: a source counts as at most this many windows (0: no cap)
       mixture_temperature=1.0,   # > 1 flattens size-proportional rates towards uniform
   ))
+  c.eval = ConfigDict(dict(every=250))   # steps between validations (0: none)
   c.train = ConfigDict(dict(
       steps=1000,
       objective='next_token',    # next_token | prefix_lm | masked_lm (model.causal=False) | span_corruption
       batch_size=32,             # global, in sequences
       grad_accum=1,              # microbatches per step (scan inside the jitted step)
       log_every=10,
-      eval_every=250,            # 0: no validation
       eval_batches=0,            # 0: the whole validation split
       eval_batch_size=0,         # 0: train.batch_size
       checkpoint_every=500,

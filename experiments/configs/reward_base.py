@@ -28,13 +28,14 @@ def reward() -> ConfigDict:
   ))
   c.peft = ConfigDict({k: v for k, v in dataclasses.asdict(peft.PeftConfig()).items()})
   c.train = ConfigDict(dict(
-      steps=200, batch_size=16, grad_accum=1, log_every=10, eval_every=100,
+      steps=200, batch_size=16, grad_accum=1, log_every=10,
       checkpoint_every=100, keep_checkpoints=2, stop_after=0,
       allow_changed_optim=False))   # True: resume with changed optim.* / train.steps
   c.optim = ConfigDict(dict(
       lr=1e-4, min_lr=1e-5, warmup_steps=20, decay_steps=0, schedule='cosine',
       b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip=1.0, mu_dtype=''))
   c.eval = ConfigDict(dict(
+      every=100,             # steps between held-out losses (0: none)
       norm_groups=0,         # training groups scored for the mean-0 / std-1 normaliser (0: all)
       bow_words=5000,        # bag-of-words baseline: vocabulary size and L2 strength
       bow_l2=1.0))

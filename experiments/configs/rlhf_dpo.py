@@ -33,7 +33,7 @@ def get_config():
   c.kl = ConfigDict(dict(coef=0.1))   # beta: the KL strength (IPO: tau)
   c.peft = ConfigDict({k: v for k, v in dataclasses.asdict(peft.PeftConfig()).items()})
   c.train = ConfigDict(dict(
-      steps=150, batch_size=32, grad_accum=1, log_every=10, eval_every=50,
+      steps=150, batch_size=32, grad_accum=1, log_every=10,
       checkpoint_every=50, keep_checkpoints=2, stop_after=0,
       allow_changed_optim=False))   # True: resume with changed optim.* / train.steps
   c.optim = ConfigDict(dict(
@@ -41,7 +41,8 @@ def get_config():
       b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip=1.0, mu_dtype=''))
   c.prompts = rlhf_base.prompts()      # n_eval held-out prompts for the final evaluation
   c.rollout = ConfigDict(dict(max_new_tokens=24, temperature=1.0))   # the held-out samples
-  c.eval = ConfigDict(dict(gold='vader', batch_size=64,
+  c.eval = ConfigDict(dict(every=50,   # steps between held-out pair losses (0: none)
+                           gold='vader', batch_size=64,
                            before=True))   # also evaluate the reference (same prompts / draws)
   c.mesh = rlhf_base.mesh()
   return c

@@ -17,7 +17,8 @@ def get_config():
   c.data.vocab_size = 2048
   c.model = base.model(d_model=128, n_layers=4, n_heads=4, max_seq_len=64, use_bias=False,
                        activation='gelu', tie_embeddings=True)
-  c.train.update(steps=1500, batch_size=32, log_every=50, eval_every=500, eval_batches=20,
+  c.train.update(steps=1500, batch_size=32, log_every=50, eval_batches=20,
                  checkpoint_every=500, sample_tokens=48)
+  c.eval.every = 500
   c.optim.update(lr=2e-3, min_lr=2e-4, warmup_steps=100)
   return c

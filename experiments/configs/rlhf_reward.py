@@ -18,6 +18,7 @@ def get_config():
   c.data.path = 'runs/rlhf/prefs/preferences.jsonl'
   c.data.k = 4              # rlhf_preferences' k: one batch element = a prompt's 4 ranked samples
   c.data.seq_len = 48       # 2-4 word prompt + <= 24 sampled tokens + eos (truncation is reported)
-  c.train.update(steps=240, batch_size=16, log_every=20, eval_every=120, checkpoint_every=120)
+  c.train.update(steps=240, batch_size=16, log_every=20, checkpoint_every=120)
+  c.eval.every = 120
   c.optim.update(lr=3e-4, min_lr=3e-5, warmup_steps=20)
   return c

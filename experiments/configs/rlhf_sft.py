@@ -15,6 +15,7 @@ def get_config():
   c.data.works.n_per_family = 20000     # training lines
   c.eval.n_per_family = 256             # held-out lines (validation loss)
   c.eval.before = False
-  c.train.update(steps=400, batch_size=32, eval_every=200, checkpoint_every=200)
+  c.train.update(steps=400, batch_size=32, checkpoint_every=200)
+  c.eval.every = 200
   c.optim.update(lr=1e-3, min_lr=1e-4)
   return c

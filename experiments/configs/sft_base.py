@@ -42,13 +42,14 @@ def sft() -> ConfigDict:
   ))
   c.peft = ConfigDict({k: v for k, v in dataclasses.asdict(peft.PeftConfig()).items()})
   c.train = ConfigDict(dict(
-      steps=300, batch_size=16, grad_accum=1, log_every=10, eval_every=100, eval_batch_size=0,
+      steps=300, batch_size=16, grad_accum=1, log_every=10, eval_batch_size=0,
       checkpoint_every=100, keep_checkpoints=2, stop_after=0,
       allow_changed_optim=False))   # True: resume with changed optim.* / train.steps
   c.optim = ConfigDict(dict(
       lr=3e-4, min_lr=3e-5, warmup_steps=20, decay_steps=0, schedule='cosine',
       b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip=1.0, mu_dtype=''))
   c.eval = ConfigDict(dict(
+      every=100,             # steps between validation losses (0: none)
       before=True,           # also evaluate the init_from model (the baseline)
       n_per_family=40,       # held-out-play examples per family answered greedily
       val_examples=256,      # validation examples for the response-token loss (0: all)

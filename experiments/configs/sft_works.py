@@ -117,7 +117,8 @@ def get_config():
   c.data.template = 'chat'
   c.data.mixture.weights.update(spelling=4.0, speaker=4.0, cloze=0.5, previous=0.25)
   c.data.mixture.weights['continue'] = 0.25
-  c.train.update(steps=800, batch_size=8, eval_every=200, checkpoint_every=100)
+  c.train.update(steps=800, batch_size=8, checkpoint_every=100)
+  c.eval.every = 200
   c.optim.update(lr=3e-3, min_lr=3e-4, warmup_steps=30)
   c.eval.update(max_new_tokens=80)   # characters: the longest answers (a line) are ~71
   return c

@@ -44,6 +44,7 @@ def get_config():
     w[family] = 0.0
   w.update(phrase_options=8.0, cloze_options=3.0, speaker=2.0, spelling=1.0)
   w['continue'] = 0.25   # a Python keyword: on the command line, --config.data.mixture.weights['continue']=X
-  c.train.update(steps=1500, eval_every=500, checkpoint_every=250)
+  c.train.update(steps=1500, checkpoint_every=250)
+  c.eval.every = 500
   c.optim.update(lr=2e-3, min_lr=2e-4, warmup_steps=20)
   return c

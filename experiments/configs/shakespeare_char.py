@@ -16,7 +16,8 @@ def get_config():
   c.data.path = TINY_SHAKESPEARE
   c.model = base.model(d_model=128, n_layers=4, n_heads=4, max_seq_len=64, use_bias=False,
                        norm='layernorm', activation='gelu', positions='learned', tie_embeddings=True)
-  c.train.update(steps=2000, batch_size=12, log_every=10, eval_every=250, checkpoint_every=500)
+  c.train.update(steps=2000, batch_size=12, log_every=10, checkpoint_every=500)
+  c.eval.every = 250
   c.optim.update(lr=1e-3, min_lr=1e-4, warmup_steps=100, b1=0.9, b2=0.99, weight_decay=0.1,
                  grad_clip=1.0)
   return c

@@ -11,7 +11,8 @@ def get_config():
   c.data.path = 'shakespeare_works'
   c.model = base.model(d_model=128, n_layers=4, n_heads=4, max_seq_len=128, use_bias=False,
                        activation='gelu', tie_embeddings=True)
-  c.train.update(steps=1000, batch_size=16, log_every=10, eval_every=250, eval_batches=50,
+  c.train.update(steps=1000, batch_size=16, log_every=10, eval_batches=50,
                  checkpoint_every=250)
+  c.eval.every = 250
   c.optim.update(lr=1e-3, min_lr=1e-4, warmup_steps=100)
   return c

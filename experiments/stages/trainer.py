@@ -354,7 +354,8 @@ class _Loop:
     if step == run.start_step + 1:        # keep compile time out of the throughput figures
       jax.block_until_ready(dev_metrics)
       self.last_t, self.last_step = time.perf_counter(), step
-    is_eval = run.evaluate and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
+    every = run.config.eval.every    # (eval.every: one spelling across the stages)
+    is_eval = run.evaluate and every and (step % every == 0 or step == cfg.steps)
     if is_eval:
       row = self.measure(step, dev_metrics)
       row.update(run.evaluate(self.state.params))

@@ -15,7 +15,7 @@ LIMITS = (
     ('train', 'batch_size', 1, 'the global batch in sequences'),
     ('train', 'grad_accum', 1, 'microbatches per step'),
     ('train', 'log_every', 1, 'steps between logged rows'),
-    ('train', 'eval_every', 0, 'steps between evaluations; 0 turns evaluation off'),
+    ('eval', 'every', 0, 'steps between evaluations; 0 turns evaluation off'),
     ('train', 'checkpoint_every', 0, 'steps between checkpoints; 0 saves none'),
     ('train', 'keep_checkpoints', 1, 'checkpoints kept'),
     ('train', 'stop_after', 0, 'steps this invocation runs; 0 runs to train.steps'),
