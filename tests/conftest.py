@@ -13,10 +13,17 @@ import tempfile
 # - A persistent compilation cache for this session only (a fresh temp dir, removed at exit):
 #   a resumed run, a sweep's repeated shapes and launcher children (they inherit the env)
 #   reuse programs an earlier test compiled, instead of compiling them again.
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+# - XLA:CPU's collective timeouts at an hour (as the launcher sets them): the 8 fake devices'
+#   threads wait on each other in every collective, and on a loaded machine (a laptop, CI) the
+#   default timeouts abort the whole pytest process instead of letting it run slower.
+_flags = os.environ.get('XLA_FLAGS', '')
+os.environ['XLA_FLAGS'] = (_flags +
                            ' --xla_force_host_platform_device_count=8'
                            ' --xla_backend_optimization_level=0'
-                           ' --xla_cpu_use_fusion_emitters=false').strip()
+                           ' --xla_cpu_use_fusion_emitters=false' +
+                           ''.join(f' {flag}=3600' for flag in (
+                               '--xla_cpu_collective_call_terminate_timeout_seconds',
+                               '--xla_cpu_collective_timeout_seconds') if flag not in _flags)).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _cache = tempfile.mkdtemp(prefix='jax-test-cache-')

@@ -175,3 +175,11 @@ def test_invalid_values_fail_in_a_driver_run_before_training(tmp_path, tiny_corp
   c = tools_works.get_config()
   c.train.steps = 0
   validate.training(c)
+
+
+def test_the_suite_runs_with_the_collective_timeouts_raised():
+  """tests/conftest.py sets them as the launcher does: on a loaded machine the default
+  timeouts aborted the whole pytest process in an 8-device collective (issue 21)."""
+  flags = os.environ['XLA_FLAGS'].split()
+  for flag in run.COLLECTIVE_TIMEOUTS:
+    assert any(f.startswith(flag + '=') and int(f.split('=')[1]) >= 600 for f in flags), flag
