@@ -257,7 +257,15 @@ def main(argv):
     check_values(config)
     fn(config, FLAGS.workdir)
   except USER_ERRORS as e:  # bad input: one sentence, no traceback
-    sys.exit(f'error: {e}')
+    if not AS_PROCESS:
+      sys.exit(f'error: {e}')
+    # The launcher's own process: say it, then keep library threads that die with the
+    # interpreter (e.g. Orbax's reads of a checkpoint that did not fit) from printing pages of
+    # tracebacks after the one sentence.
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    sys.exit(1)
   if jax.process_count() > 1:
     # Processes finish host-side work (evals written by process 0, plots) at different times;
     # meet here so none waits out jax.distributed's shutdown barrier timeout on a slow host.
@@ -277,5 +285,8 @@ def cli(argv=None) -> None:
   app.run(main, argv=argv, flags_parser=parse_flags)
 
 
+AS_PROCESS = False   # True when this module is the launched program (not imported by a test)
+
 if __name__ == '__main__':
+  AS_PROCESS = True
   cli()

@@ -101,6 +101,12 @@ class Checkpointer:
         logging.warning(msg)
         print('warning: ' + msg, file=sys.stderr, flush=True)
       return step, state, data, meta
+    if all('not compatible with the stored shape' in e for e in errors):
+      shapes = errors[0].split(': ', 2)[-1].split('. ')[0]
+      raise CheckpointError(
+          f'The checkpoints in {self.directory} (steps {steps}) hold a model of another shape than '
+          f'this config asks for ({shapes}); rerun with the model settings they were trained with '
+          '(the workdir\'s config.json), or use a new --workdir.')
     raise CheckpointError(
         f'Checkpoints exist in {self.directory} (steps {steps}) but none could be read '
         f'({"; ".join(errors)}). Fix or move that directory, or use a new --workdir; '

@@ -183,3 +183,20 @@ def test_the_suite_runs_with_the_collective_timeouts_raised():
   flags = os.environ['XLA_FLAGS'].split()
   for flag in run.COLLECTIVE_TIMEOUTS:
     assert any(f.startswith(flag + '=') and int(f.split('=')[1]) >= 600 for f in flags), flag
+
+
+def test_a_changed_model_shape_on_resume_is_one_line(tmp_path):
+  """Resuming with another model shape: one sentence naming the stored and requested shapes.
+  (The launcher silences stderr after it, which drops most of the pages of tracebacks Orbax's
+  abandoned reads printed at exit; a few lines can still come first, from its threads, so the
+  test looks for the sentence rather than counting lines.)"""
+  tiny = ['--config=experiments/configs/shakespeare_char.py', f'--workdir={tmp_path / "w"}',
+          '--config.model.n_layers=1', '--config.model.n_heads=2', '--config.model.max_seq_len=32',
+          '--config.train.steps=2', '--config.train.batch_size=8', '--config.eval.every=0',
+          '--config.train.checkpoint_every=2', '--config.train.samples=0']
+  first = _cli(*tiny, '--config.model.d_model=32')
+  assert first.returncode == 0, first.stderr[-2000:]
+  r = _cli(*tiny, '--config.model.d_model=64')
+  lines = [l for l in r.stderr.splitlines() if l.startswith('error: ')]
+  assert r.returncode == 1 and len(lines) == 1, r.stderr[-2000:]
+  assert 'hold a model of another shape' in lines[0] and 'stored shape: (' in lines[0]
