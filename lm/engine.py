@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import decode, model
+from lm import compiled, decode, model
 from lm.config import ConfigError, ModelConfig
 
 _TRACES = collections.Counter()   # incremented at trace time: one per compiled program
@@ -211,16 +211,14 @@ def _decode_chunk(params, state, ban, kill, *, cfg, steps, window):
                  'top_id': top_id.swapaxes(0, 1), 'top_lp': top_lp.swapaxes(0, 1)}
 
 
-_JITS: dict = {}
+_PROGRAMS = compiled.Programs()
 
 
 def _jitted(fn, donate: tuple, **static):
   """One jax.jit per (function, static options), shared by every Engine: a new engine with
   the same model and pool shape compiles nothing. The pool state is donated (updated in place)."""
-  key = (fn.__name__, tuple(sorted(static.items())))
-  if key not in _JITS:
-    _JITS[key] = jax.jit(functools.partial(fn, **static), donate_argnums=donate)
-  return _JITS[key]
+  return _PROGRAMS.get((fn.__name__, tuple(sorted(static.items()))),
+                       lambda: jax.jit(functools.partial(fn, **static), donate_argnums=donate))
 
 
 _ROW_FIELDS = {'pos': np.int32, 'n_gen': np.int32, 'max_new': np.int32, 'min_new': np.int32,
