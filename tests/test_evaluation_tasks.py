@@ -64,6 +64,17 @@ def test_fewshot_never_demos_the_document_itself(how):
   assert fewshot.Sampler(pool, 20, how).demos(pool[0]).__len__() == 11   # all the others, at most
 
 
+@pytest.mark.parametrize('how', fewshot.SAMPLERS)
+def test_fewshot_never_demos_a_copy_of_the_query_under_another_id(how):
+  """A pool often holds the evaluated question again (another split, another id): the
+  sampler matches by query text too, for every sampling method."""
+  pool = _pool()
+  doc = dict(pool[4], id='test-4')           # the same question as pool[4], another id
+  for k in (3, 11):
+    picks = fewshot.Sampler(pool, k, how, seed=3).demos(doc)
+    assert 4 not in picks and len(picks) == k, (k, picks)
+
+
 def test_fewshot_samplers_behave():
   pool = _pool()
   assert fewshot.Sampler(pool, 3, 'first_n').demos(pool[0]) == [1, 2, 3]
