@@ -25,7 +25,7 @@ from ml_collections import ConfigDict
 
 from experiments.stages import online
 from lm.config import ConfigError
-from rl import common, pg, rollout
+from rl import pg, rollout
 
 
 class GRPO(online.Algorithm):
@@ -50,9 +50,7 @@ class GRPO(online.Algorithm):
   def score(self, ctx, trees, params, frozen, tokens, mask):
     out, metrics = online.common_scores(ctx, trees, params, frozen, tokens, mask)
     c = ctx.config
-    scores = out['scores']
-    if c.reward.missing_eos_penalty:
-      scores = common.apply_missing_eos_penalty(scores, out['has_eos'], c.reward.missing_eos_penalty)
+    scores = online.penalised_scores(ctx, out)
     k = c.rollout.samples
     groups = scores.reshape(-1, k)
     adv = pg.grpo_advantages(groups, scale=c.loss.get('scale_rewards', 'group')).reshape(-1)

@@ -31,9 +31,7 @@ class RLOO(online.Algorithm):
   def score(self, ctx, trees, params, frozen, tokens, mask):
     out, metrics = online.common_scores(ctx, trees, params, frozen, tokens, mask)
     c = ctx.config
-    scores = out['scores']
-    if c.reward.missing_eos_penalty:
-      scores = common.apply_missing_eos_penalty(scores, out['has_eos'], c.reward.missing_eos_penalty)
+    scores = online.penalised_scores(ctx, out)
     k = c.rollout.samples
     rmask = mask[:, ctx.width:]
     kl = jnp.sum(common.kl_estimate(out['logp'], out['ref_logp'], c.kl.estimator) * rmask, -1)

@@ -458,6 +458,12 @@ def iterate(run: Run, state, extras, rng, frozen):
   return state, extras, rng, row
 
 
+def penalised_scores(ctx: Context, out: dict):
+  """[B] the reward of each rollout, less reward.missing_eos_penalty for rows that never ended."""
+  p = ctx.config.reward.missing_eos_penalty
+  return common.apply_missing_eos_penalty(out['scores'], out['has_eos'], p) if p else out['scores']
+
+
 def common_scores(ctx: Context, trees: policy.Trees, params, frozen, tokens, mask, *, values=None):
   """What every algorithm's score starts from (inside its jit): policy and reference
   log-probs and entropy [B, N], the reward model's normalised scores and EOS flags [B], the
