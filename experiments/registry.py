@@ -34,6 +34,8 @@ EXPERIMENTS: dict[str, str] = {
     'rloo': 'experiments.rloo:run',
     'icl_induction': 'experiments.induction:run',
     'icl_sweep': 'experiments.icl:run',
+    'task_diversity': 'experiments.task_diversity:run',
+    'reasoning': 'experiments.reasoning:run',
 }
 
 

@@ -1,0 +1,34 @@
+"""The reasoning lab on the arithmetic testbed: the CoT model (cot_arith's `mixed`) beside the
+RL'd policies from it (rlvr_arith runs), on the same held-out problems: greedy accuracy,
+pass@k for k = 1, 2, 4, ..., 256 from 256 samples per problem, by steps and digits, response
+length, and each RL run's answer reward over its iterations.
+
+python -m experiments.run --config=experiments/configs/cot_arith.py --workdir=runs/cot
+python -m experiments.run --config=experiments/configs/rlvr_arith.py --workdir=runs/rlvr/grpo
+python -m experiments.run --config=experiments/configs/reasoning_arith.py --workdir=runs/reasoning
+More policies: --config.policies.dr_grpo=runs/rlvr/dr_grpo (any run workdir or hf:PATH).
+"""
+from ml_collections import ConfigDict
+
+
+def get_config():
+  c = ConfigDict()
+  c.experiment = 'reasoning'
+  c.seed = 0
+  c.policies = ConfigDict(dict(base='runs/cot/runs/mixed', grpo='runs/rlvr/grpo'))
+  c.data = ConfigDict(dict(
+      source='arith',      # arith (generated) | gsm8k (a JSON-lines file data.path)
+      path='',
+      n_train=12000,       # held-out problems exclude these training questions (cot_arith's)
+      train_steps=(1, 3), train_digits=(1, 1),
+      n_eval=120, eval_steps=(1, 3), eval_digits=(1, 2),   # cot_arith's held-out problems
+      ops='+-'))
+  c.prompt = ConfigDict(dict(
+      question='Q: {question}\nA:',   # + '\n': rlvr_arith's prompts.template
+      k=0,                 # demonstrations before the query (the RL prompts have none)
+      extract='strict',    # the answer after '#### ' (the answer rule's)
+      max_new_tokens=96))  # rlvr_arith's rollout.max_new_tokens
+  c.sampling = ConfigDict(dict(n=256, temperature=1.0, top_k=0, max_k=256))
+  c.eval = ConfigDict(dict(batch_size=256, dtype='float32'))
+  c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+  return c
