@@ -156,7 +156,8 @@ def _model(config: ConfigDict, source, mcfg):
   lm = eval_model.LanguageModel(params, mcfg, source.tokenizer, mesh, batch_size=config.batch_size,
                                 add_bos=config.add_bos, truncate=config.truncate,
                                 max_length=config.max_length or None,
-                                rolling_stride=config.rolling_stride or None, seed=config.seed)
+                                rolling_stride=config.rolling_stride or None, seed=config.seed,
+                                engine=config.engine)
   return lm, {'model': source.record()}
 
 

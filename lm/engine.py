@@ -388,7 +388,8 @@ class Engine:
       head = tuple(prompt[:prefix_len])
       if head not in self._lru:
         self._remember(head, self._run_prefill(self._empty_row(), list(head), 0))
-      else:
+      else:   # refreshed, or the prompts' own entries would evict it every prefix_cache prompts
+        self._lru.move_to_end(head)
         self.stats['prefix_hits'] += 1
       cache, start = self._lru[head][0], prefix_len
     entry = self._run_prefill(cache, prompt, start)

@@ -23,9 +23,17 @@ first window scores everything it covers, each next one advances `rolling_stride
 the rest of the window as their left context. So every token is scored exactly once, with
 at least max_length - stride + 1 tokens of context once the document is long enough.
 
-generate_until. Through lm.decode.generate (left-padded batches, processors, stop ids in
-the loop): the tokenizer's EOS and single-token stop strings end a row early; stop strings
-are applied on the host with lm.decode.truncate_at_stop.
+generate_until. The tokenizer's EOS and single-token stop strings end a row inside the loop;
+stop strings are applied to the decoded text with lm.decode.truncate_at_stop. Two paths:
+`engine=False`: lm.decode.generate in static left-padded batches of `batch_size` (every row
+waits for the longest). `engine=True`: lm/engine.py's continuous batching over `batch_size`
+slots (a finished row's slot takes the next request at once); each request's stop strings
+also end its row early, a sampled request draws from its own seed (the harness seed, the call
+and the request's index: the same whatever shares its batch), and the prompts' longest common
+token prefix (a few-shot head) is prefilled once when it is at least MIN_SHARED_PREFIX tokens.
+Greedy texts equal the static path's; one exception: two stop strings where one starts
+earlier but ends later than the other (the engine stops at the first to end). Repetition
+penalty is static-only: such requests take the static path.
 
 Prompts longer than the context: `truncate='left'` drops their oldest tokens (counted in
 `stats`), `truncate='error'` refuses them with a ConfigError.
@@ -46,11 +54,13 @@ from tqdm import tqdm
 
 from data import tokenizers
 from lm import compiled, decode, model, sharding
+from lm import engine as engine_lib
 from lm.config import ConfigError, ModelConfig
 
 TRUNCATE = ('left', 'error')
 GEN_KEYS = ('until', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'min_p',
             'repetition_penalty', 'stop_ids')
+MIN_SHARED_PREFIX = 16   # a shorter common head is not worth its own prefill call
 
 
 def _bucket(n: int, minimum: int = 1) -> int:
@@ -134,7 +144,7 @@ class LanguageModel:
 
   def __init__(self, params, cfg: ModelConfig, tokenizer, mesh=None, *, batch_size: int = 16,
                add_bos: bool = True, truncate: str = 'left', max_length: int | None = None,
-               rolling_stride: int | None = None, seed: int = 0):
+               rolling_stride: int | None = None, seed: int = 0, engine: bool = False):
     if truncate not in TRUNCATE:
       raise ConfigError(f"truncate={truncate!r} is not supported; choose 'left' (drop the oldest "
                         "tokens, counted) or 'error'.")
@@ -155,6 +165,8 @@ class LanguageModel:
     self.progress = 'eval'   # the progress bar's label (evaluate sets the task's name)
     self._unsampleable = ~tokenizers.sampling_mask(tokenizer, cfg.padded_vocab)
     self._batches = 0
+    self.use_engine, self._engine, self._calls = engine, None, 0
+    self.stats.update(generated_tokens=0, shared_prefix_tokens=0)
 
   # Plumbing -------------------------------------------------------------------------------
   def _jit(self, name, fn, **static):
@@ -355,6 +367,11 @@ class LanguageModel:
         raise ConfigError('A generation request has an empty prompt and the tokenizer has no BOS token.')
       groups.setdefault((s, until), []).append((i, ids))
     bar = self._bar(len(requests), 'req')
+    if self.use_engine:
+      served = [(i, s, until, ids) for (s, until), items in groups.items() if _engine_serves(s)
+                for i, ids in items]
+      self._generate_engine(sorted(served, key=lambda x: x[0]), out, bar)
+      groups = {k: v for k, v in groups.items() if not _engine_serves(k[0])}
     for (s, until), items in groups.items():
       items.sort(key=lambda x: -len(x[1]))
       for part in _chunks(items, self.batch_size):
@@ -364,17 +381,66 @@ class LanguageModel:
         gen = decode.generate(self.params, [ids for _, ids in part], key, cfg=self.cfg, sampling=s,
                               mesh=self.mesh, unsampleable=self._unsampleable)
         tokens, lengths = np.asarray(gen.tokens), np.asarray(gen.lengths)
-        texts = []
-        for r in range(len(part)):
-          row = tokens[r, :lengths[r]]
-          if len(row) and int(row[-1]) in s.eos_ids:
-            row = row[:-1]
-          texts.append(self.tokenizer.decode(row))
-        texts, _ = decode.truncate_at_stop(texts, until)
-        for (i, _), t in zip(part, texts):
-          out[i] = t
+        for r, (i, _) in enumerate(part):
+          out[i] = self._text(tokens[r, :lengths[r]], s, until)
     bar.close()
     return out
+
+  def _text(self, row, s: decode.SamplingConfig, until) -> str:
+    """New tokens -> the answer: an ending stop id dropped, decoded, cut before a stop string."""
+    row = np.asarray(row)
+    self.stats['generated_tokens'] += len(row)
+    if len(row) and int(row[-1]) in s.eos_ids:
+      row = row[:-1]
+    return decode.truncate_at_stop([self.tokenizer.decode(row)], until)[0][0]
+
+  def _get_engine(self) -> engine_lib.Engine:
+    if self._engine is None:   # one pool per model: its compiled programs are shared anyway
+      self._engine = engine_lib.Engine(self.params, self.cfg, slots=self.batch_size,
+                                       max_len=self.max_length, unsampleable=self._unsampleable,
+                                       detokenize=self.tokenizer.decode)
+    return self._engine
+
+  def _generate_engine(self, items: list, out: list, bar) -> None:
+    """items [(request index, sampling, until, prompt ids)] through the engine, in its slots."""
+    if not items:
+      return
+    eng = self._get_engine()
+    shared = common_prefix([ids for *_, ids in items])
+    shared = shared if shared >= MIN_SHARED_PREFIX else 0
+    self.stats['shared_prefix_tokens'] = shared   # the last call's
+    call, self._calls = self._calls, self._calls + 1
+    reqs = []
+    for i, s, until, ids in items:
+      seed = int(np.random.SeedSequence([self.seed, call, i]).generate_state(1)[0])
+      reqs.append(engine_lib.Request(
+          prompt=ids.tolist(), max_tokens=s.max_new_tokens, temperature=s.temperature,
+          top_p=s.top_p, top_k=s.top_k, min_p=s.min_p, seed=seed, eos_ids=s.eos_ids,
+          stop=tuple(u for u in until if u), prefix_len=min(shared, len(ids))))
+    rids = [eng.submit(r) for r in reqs]
+    done = 0
+    while done < len(rids):
+      eng.step()
+      now = sum(r in eng.results for r in rids)
+      bar.update(now - done)
+      done = now
+    for (i, s, until, _), rid in zip(items, rids):
+      out[i] = self._text(eng.results.pop(rid).tokens, s, until)
+
+
+def _engine_serves(s: decode.SamplingConfig) -> bool:
+  """What lm/engine.py's requests carry: no repetition penalty, at most MAX_EOS stop ids."""
+  return s.repetition_penalty == 1.0 and len(s.eos_ids) <= engine_lib.MAX_EOS
+
+
+def common_prefix(seqs: Sequence[np.ndarray]) -> int:
+  """The length of the longest token prefix every sequence starts with."""
+  n = min(len(x) for x in seqs)
+  first = np.asarray(seqs[0][:n])
+  for x in seqs[1:]:
+    diff = np.flatnonzero(np.asarray(x[:n]) != first[:n])
+    n = int(diff[0]) if len(diff) else n
+  return n
 
 
 class ReferenceModel:
