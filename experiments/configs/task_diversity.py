@@ -1,0 +1,46 @@
+"""Task-diversity study (issue 25; experiments/task_diversity.py): held-out-family accuracy of a
+small character model against the number of instruction-tuning families, on the composed-task
+testbed (data/composed_tasks.py: 4 selectors x 5 transforms over four listed words, 4 families
+held out, each made only of primitives other families train).
+
+python -m experiments.run --config=experiments/configs/task_diversity.py --workdir=runs/diversity
+
+Pretrains the base on the works, then tunes it on 1, 2, 4, 8 and all 16 seen families with
+two seeds each (a fixed budget of examples and steps whatever the number of families), and
+evaluates each model (and the base) on 400 held-out-family examples per condition.
+"""
+from ml_collections import ConfigDict
+
+from experiments.configs import base, sft_base
+
+
+def get_config():
+  c = ConfigDict()
+  c.experiment = 'task_diversity'
+  c.seed = 0                  # the base's pretraining seed
+  c.study = ConfigDict(dict(
+      families='1,2,4,8,16',  # numbers of seen families tuned on (a seeded subset each)
+      seeds='0,1',            # one tuned model per (number, seed): its subset, data order and init
+      train_examples=8000,    # the training pool, split evenly over the families
+      eval_per_family=100,    # held-out-family examples per family and phrasing condition
+      seen_eval_per_family=16,   # a run's own families on held-out words
+      eval_seed=1234,
+      base_from='',           # a finished pretraining workdir to reuse ('' = pretrain into base/)
+  ))
+  p = base.pretrain()
+  p.data.path = 'shakespeare_works'
+  p.model = base.model(d_model=64, n_layers=2, n_heads=4, max_seq_len=128, use_bias=False,
+                       activation='gelu', tie_embeddings=True, positions='rope')
+  p.train.update(steps=200, batch_size=16, eval_batches=10, checkpoint_every=200, samples=0)
+  p.eval.every = 200
+  p.optim.update(lr=2e-3, min_lr=2e-4, warmup_steps=20)
+  c.pretrain = p
+  s = sft_base.sft()
+  s.data.template = 'chat'    # the works' characters have no '#' (the Alpaca template's)
+  s.data.val_fraction = 0.05
+  s.train.update(steps=400, batch_size=16, log_every=20)
+  s.eval.update(every=0, before=False, val_examples=64)
+  s.optim.update(lr=3e-3, min_lr=3e-4, warmup_steps=20)
+  c.sft = s
+  c.eval = ConfigDict(dict(max_new_tokens=16, batch_size=128))
+  return c
