@@ -188,3 +188,47 @@ def test_the_lab_end_to_end_on_a_tiny_policy_with_rl_logs(tmp_path):
   # the same policy, the same greedy answers
   assert [r['greedy'] for r in recs[:3]] == [r['greedy'] for r in recs[3:]]
   assert out['base']['greedy']['n'] == 3
+
+
+# rlvr_gsm8k from a Hugging Face folder ---------------------------------------------------------------
+GSM8K = [{'question': 'Ann has 2 pens and buys 3. How many pens?', 'answer': '2 + 3 = 5\n#### 5'},
+         {'question': 'Tom has 9 cups and eats 4. How many cups?', 'answer': '9 - 4 = 5\n#### 5'},
+         {'question': 'Mia has 7 toys and wins 2. How many toys?', 'answer': '7 + 2 = 9\n#### 9'},
+         {'question': 'Sam has 6 eggs and loses 1. How many eggs?', 'answer': '6 - 1 = 5\n#### 5'}]
+
+
+@pytest.mark.slow   # GRPO and the lab from a random-weight hf: folder (~1 min)
+def test_rlvr_gsm8k_from_an_hf_folder_then_the_lab(tmp_path):
+  """rlvr_gsm8k.py as shipped, given only init_from=hf:FOLDER and prompts.path (a 4-line GSM8K
+  file, 2 held out): one GRPO iteration with the answer + format rules, then the reasoning lab
+  on the file's first two problems, base (hf:) beside the GRPO run."""
+  pytest.importorskip('transformers')
+  from experiments import grpo
+  from experiments.configs import rlvr_gsm8k
+  from tests.test_hf_chat import hf_folder
+  folder = hf_folder(tmp_path / 'hf')
+  data = tmp_path / 'gsm8k.jsonl'
+  data.write_text(''.join(json.dumps(r) + '\n' for r in GSM8K))
+  c = rlvr_gsm8k.get_config()
+  c.init_from, c.prompts.path = f'hf:{folder}', str(data)
+  c.prompts.update(n_eval=2)
+  c.rollout.update(prompts=2, samples=4, max_new_tokens=6)   # 8 rows: one per fake device
+  c.train.update(iterations=1, minibatches=1, checkpoint_every=1)
+  c.eval.update(every=1, batch_size=8)
+  out = grpo.run(c, str(tmp_path / 'grpo'))
+  assert out['stage'] == 'grpo' and out['after']['iteration'] == 1
+  rows = [json.loads(l) for l in (tmp_path / 'grpo' / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows] == [1]
+  assert {'reward/answer', 'reward/format', 'reward/total'} <= set(rows[0])
+  assert 0.0 <= rows[0]['reward/answer'] <= 1.0 and np.isfinite(rows[0]['loss'])
+
+  lab = reasoning_arith.get_config()
+  lab.policies = ConfigDict({'base': f'hf:{folder}', 'grpo': str(tmp_path / 'grpo')})
+  lab.data.update(source='gsm8k', path=str(data), n_eval=2)
+  lab.prompt.update(question="Question: {question}\nAnswer: Let's think step by step.", max_new_tokens=6)
+  lab.sampling.update(n=2)
+  lab.eval.update(batch_size=8)
+  res = reasoning.run(lab, str(tmp_path / 'lab'))
+  assert res['base']['n'] == res['grpo']['n'] == 2
+  assert res['grpo']['run']['experiment'] == 'grpo'
+  assert len(res['grpo']['rl_curves']['train']) == 1
