@@ -13,6 +13,8 @@ The family's variants are switches (rl/pg.py has the formulas):
   loss.clip_eps_low, loss.clip_eps_high   the clip range (DAPO's clip-higher); 0: clip_eps
   loss.ratio          token (GRPO) | sequence (GSPO's length-normalised sequence ratio)
   loss.overlong_filter  True: responses cut at rollout.max_new_tokens (no eos) leave the loss (DAPO)
+  rollout.dynamic_sampling, rollout.max_refills   DAPO's dynamic sampling (stages/online.py:
+                      groups whose rule rewards are all equal are replaced by fresh prompts')
   kl.coef = 0         no KL term; with full fine-tuning no reference model is held
 
 python -m experiments.run --config=experiments/configs/rlhf_grpo.py --workdir=runs/rlhf/grpo \\
@@ -30,6 +32,7 @@ from rl import pg, rollout
 
 class GRPO(online.Algorithm):
   name = 'grpo'
+  groups = True
 
   def check(self, config: ConfigDict) -> None:
     l = config.loss
@@ -55,7 +58,7 @@ class GRPO(online.Algorithm):
     groups = scores.reshape(-1, k)
     adv = pg.grpo_advantages(groups, scale=c.loss.get('scale_rewards', 'group')).reshape(-1)
     metrics['group_std'] = groups.std(-1).mean()
-    metrics['groups_all_equal'] = jnp.mean(jnp.all(groups == groups[:, :1], -1).astype(jnp.float32))
+    metrics['groups/all_equal'] = jnp.mean(jnp.all(groups == groups[:, :1], -1).astype(jnp.float32))
     batch = {'tokens': tokens, 'mask': mask, 'old_logp': out['logp'], 'ref_logp': out['ref_logp'],
              'adv': adv}
     if c.loss.get('overlong_filter', False):   # DAPO: truncated responses leave the loss

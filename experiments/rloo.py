@@ -22,6 +22,7 @@ from rl import common, pg, rollout
 
 class RLOO(online.Algorithm):
   name = 'rloo'
+  groups = True
 
   def check(self, config: ConfigDict) -> None:
     if config.rollout.samples < 2:
@@ -37,7 +38,9 @@ class RLOO(online.Algorithm):
     kl = jnp.sum(common.kl_estimate(out['logp'], out['ref_logp'], c.kl.estimator) * rmask, -1)
     r = pg.rloo_rewards(scores, kl, c.kl.coef)
     adv = pg.rloo_advantages(r.reshape(-1, k)).reshape(-1)
-    metrics['group_std'] = scores.reshape(-1, k).std(-1).mean()
+    groups = scores.reshape(-1, k)
+    metrics['group_std'] = groups.std(-1).mean()
+    metrics['groups/all_equal'] = jnp.mean(jnp.all(groups == groups[:, :1], -1).astype(jnp.float32))
     return {'tokens': tokens, 'mask': mask, 'adv': adv}, metrics
 
   def loss_fn(self, ctx, trees):
@@ -46,7 +49,7 @@ class RLOO(online.Algorithm):
     def loss_fn(params, b, rng, frozen):
       logp, _ = rollout.response_logprobs(trees.full(params, frozen), b['tokens'], b['mask'],
                                           n_prompt, cfg, temp)
-      return pg.rloo_loss(logp, b['adv'], b['mask'][:, n_prompt:])
+      return pg.rloo_loss(logp, b['adv'], b['mask'][:, n_prompt:], b.get('keep'))
     return loss_fn
 
 

@@ -78,13 +78,15 @@ def _reduce(per_token: jax.Array, mask: jax.Array, level: str, length_norm: bool
   raise ValueError(f'unknown level {level!r}; choose one of {LEVELS}')
 
 
-def rloo_loss(logp: jax.Array, advantages: jax.Array, mask: jax.Array):
+def rloo_loss(logp: jax.Array, advantages: jax.Array, mask: jax.Array, keep: jax.Array | None = None):
   """REINFORCE on whole sequences: -A_i * sum_t log pi(y_i,t). logp/mask [N, T], advantages
-  [N] (rloo_advantages(...).reshape(-1)). Returns (loss_sum, n_sequences, metric sums)."""
+  [N] (rloo_advantages(...).reshape(-1)); keep [N] (optional) 0 takes a row out of the loss and
+  its weight. Returns (loss_sum, n_sequences kept, metric sums)."""
   mask = mask.astype(jnp.float32)
+  keep = jnp.ones(mask.shape[:1], jnp.float32) if keep is None else keep.astype(jnp.float32)
   seq_logp = jnp.sum(logp * mask, -1)
-  loss = -jax.lax.stop_gradient(advantages) * seq_logp
-  return jnp.sum(loss), jnp.float32(loss.shape[0]), {'advantage': jnp.sum(advantages)}
+  loss = -jax.lax.stop_gradient(advantages) * seq_logp * keep
+  return jnp.sum(loss), jnp.sum(keep), {'advantage': jnp.sum(advantages * keep)}
 
 
 def grpo_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array, advantages: jax.Array,

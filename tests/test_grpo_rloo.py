@@ -41,6 +41,18 @@ def test_grpo_advantages_by_hand():
   np.testing.assert_allclose(adv[1], [0.0, 0.0])
 
 
+def test_rloo_loss_keep_takes_rows_out_of_the_sum_and_the_weight():
+  """Dynamic sampling's fillers (keep 0) count for nothing: by hand, rows 0 and 2 kept."""
+  logp = np.array([[-1.0, -2.0], [-0.5, -0.5], [-3.0, 0.0]], np.float32)
+  mask = np.array([[1, 1], [1, 0], [1, 1]], np.float32)
+  adv = np.array([2.0, -1.0, 0.5], np.float32)
+  total, weight, m = pg.rloo_loss(logp, adv, mask, np.array([1.0, 0.0, 1.0], np.float32))
+  assert float(total) == pytest.approx(-(2.0 * -3.0 + 0.5 * -3.0)) and float(weight) == 2.0
+  assert float(m['advantage']) == pytest.approx(2.5)
+  total, weight, _ = pg.rloo_loss(logp, adv, mask)                       # no keep: every row
+  assert float(total) == pytest.approx(7.5 - 1.0 * 0.5) and float(weight) == 3.0
+
+
 # --- the adapters' wiring against the formulas --------------------------------------------------
 def test_rloo_adapter_advantages_equal_the_formula():
   ctx, trees, params, frozen, tokens, mask = ref.setup('rloo', rollout={'samples': 2}, kl={'coef': 0.3})
@@ -89,7 +101,7 @@ def test_grpo_advantage_scaling_by_hand():
     np.testing.assert_allclose(np.asarray(b['adv']), (centred[:2] / (
         np.std([1, 3, 2, 2], ddof=1) + 1e-4) if scale == 'batch' else centred[:2]).reshape(-1),
         rtol=1e-5, atol=1e-6)
-    assert float(m['groups_all_equal']) == 0.5
+    assert float(m['groups/all_equal']) == 0.5
 
 
 def grpo_formula(logp, old, ref_logp, adv, mask, *, low, high, beta, level='sequence',

@@ -17,10 +17,24 @@ Frozen: {'reference': params, 'reward': the reward model's params}. Frozen trees
 arguments, never constants.
 
 One iteration: `draw` (prompts_per_iter random training prompts, each `samples` times, and
-the iteration's keys, all from the checkpointed RNG) -> generate (lm.decode, one program per
-run) -> score (one jit) -> update (one jit: algorithm.prepare, then the minibatch scans) ->
-algorithm.after on the host (e.g. PPO's KL controller). Checkpoints hold the train state,
-the algorithm's extras, the RNG and the iteration, so a resumed run continues exactly.
+the iteration's keys, all from the checkpointed RNG) -> generate (stages/rollouts.py: lm.decode,
+one program per run, or with rollout.engine=True lm/engine, which prefills each prompt once for
+its k samples) -> score (one jit) -> update (one jit: algorithm.prepare, then the minibatch
+scans) -> algorithm.after on the host (e.g. PPO's KL controller). Checkpoints hold the train
+state, the algorithm's extras, the RNG and the iteration, so a resumed run continues exactly.
+Metrics rows carry the time split: time_generate, time_rules (rule rewards), time_score,
+time_update, time_reward (gold), time_iteration.
+
+Dynamic sampling (DAPO; rollout.dynamic_sampling with reward.kind='rules', GRPO and RLOO):
+groups whose rewards are all equal (zero advantage, no gradient) are dropped and groups of
+fresh training prompts generated, up to rollout.max_refills rounds, until rollout.prompts
+informative groups are found; short of them the batch is filled with all-equal groups that
+leave the loss (batch['keep'] = 0) and the log says so. Refill round j draws its prompts from
+fold_in(fold_in(it_key, 2), j) and its samples from fold_in(fold_in(it_key, 3), j): exact
+resume. Rows: groups/all_equal (of every generated group; logged by GRPO and RLOO's jit over
+the batch when the switch is off), dynamic/refills, dynamic/extra_rows (generations beyond the
+batch), dynamic/informative; reward/* and gold then describe every generated row, the jit's
+metrics (proxy, kl, length, ...) the trained batch.
 
 The reward: reward.kind='model' scores rows with the reward model in reward_from (inside the
 scoring jit); reward.kind='rules' loads no reward model: after generation the host scores the
@@ -43,8 +57,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from experiments.stages import (compiled, iterations, online_report, policy, sandbox_rules, stage,
-                                trainer)
+from experiments.stages import (compiled, iterations, online_report, policy, rollouts, sandbox_rules,
+                                stage, trainer)
 from lm import checkpoint as ckpt_lib
 from lm import compiled as programs_lib
 from lm import decode, model, paths, peft, sharding, train as train_lib
@@ -86,6 +100,9 @@ class Algorithm:
   """An online RL method. Override what differs; `score` and `loss_fn` are required."""
   name = ''
   adaptive_kl = False            # whether kl.mode=adaptive means something (PPO's controller)
+  groups = False                 # k samples per prompt whose all-equal groups carry no gradient
+                                 # (GRPO, RLOO): rollout.dynamic_sampling may drop them; the
+                                 # loss then reads batch['keep'] [rows] (0: out of the loss)
 
   def check(self, config: ConfigDict) -> None:
     """Start-up errors of the algorithm's own keys (one sentence each)."""
@@ -152,6 +169,16 @@ def check(config: ConfigDict, algo: Algorithm) -> None:
   elif not config.reward_from:
     raise ConfigError(f'{algo.name} needs --config.reward_from=DIR (the workdir of a finished `reward` run) '
                       "or reward.kind='rules'.")
+  if r.get('dynamic_sampling', False):
+    if not algo.groups:
+      raise ConfigError(f'rollout.dynamic_sampling: {algo.name} has no groups of samples whose '
+                        'all-equal rewards carry no gradient; it is for GRPO and RLOO.')
+    if reward_kind(config) != 'rules':
+      raise ConfigError("rollout.dynamic_sampling needs reward.kind='rules' (it drops groups by "
+                        'the host rewards of their responses before scoring).')
+    if r.get('max_refills', -1) < 0:
+      raise ConfigError(f"rollout.max_refills={r.get('max_refills')} must be >= 0 (refill rounds "
+                        'of rollout.prompts fresh prompts each).')
   if r.max_new_tokens < 1 or not r.temperature > 0:
     raise ConfigError('rollout.max_new_tokens must be >= 1 and rollout.temperature > 0 (samples, not greedy).')
   for name in ('prompts', 'samples'):
@@ -375,45 +402,135 @@ def rule_scores(ctx: Context, texts: list[str], examples: list[dict], lengths) -
                        tokens=[int(n) for n in np.asarray(lengths)], functions=FUNCTIONS)
 
 
-def iterate(run: Run, state, extras, rng, frozen):
-  """One rollout -> score -> update; returns (state, extras, rng, metrics row)."""
+def generate_rows(run: Run, params, idx: list, key) -> rollouts.Rollout:
+  """The rows of training prompts `idx` (rollout.engine: through lm/engine, else lm.decode)."""
   ctx, r = run.ctx, run.ctx.config.rollout
-  idx, it_key, host_rng, rng = draw_indices(run, rng)
-  prompts = [ctx.train_ids[i] for i in idx]
-  toks, pmask = decode.left_pad(prompts, ctx.width)
-  sampling = policy.sampling_config(ctx.pol, r.max_new_tokens, r.temperature)
-  t0 = time.perf_counter()
-  gen = decode.generate_padded(run.trees.generation(state.params, frozen), toks, pmask,
-                               jax.random.fold_in(it_key, 0), ctx.pol.cfg, sampling, mesh=ctx.mesh)
-  tokens, mask = jax.block_until_ready(gen.sequences())
-  t1 = time.perf_counter()
-  texts, ruled, time_rules = None, {}, 0.0
-  if ctx.rules is not None:     # host rule rewards, passed into the scoring jit
-    texts = policy.texts_of(ctx.pol, gen)
-    sc = rule_scores(ctx, texts, [ctx.train_examples[i] for i in idx], gen.lengths)
-    ruled = sc.metrics()
-    frozen = {**frozen, 'rule_scores': jax.device_put(
-        sc.total.astype(np.float32), sharding.batch_sharding(ctx.mesh, 1))}
-    time_rules = time.perf_counter() - t1
+  return rollouts.generate(params, [ctx.train_ids[i] for i in idx], key, cfg=ctx.pol.cfg, width=ctx.width,
+                           max_new_tokens=r.max_new_tokens, temperature=r.temperature, eos=ctx.pol.eos,
+                           use_engine=bool(r.get('engine', False)), mesh=ctx.mesh)
+
+
+def refill_indices(run: Run, it_key, round_: int, used: set) -> list | None:
+  """Dynamic sampling's refill `round_` (>= 1): rollout.prompts training prompts not drawn yet
+  this iteration, each rollout.samples times, from fold_in(fold_in(it_key, 2), round_) (a pure
+  function of the checkpointed RNG); None when fewer are left."""
+  r, n = run.ctx.config.rollout, len(run.ctx.train_ids)
+  left = np.array(sorted(set(range(n)) - used), np.int64)
+  if len(left) < r.prompts:
+    return None
+  key = jax.random.fold_in(jax.random.fold_in(it_key, 2), round_)
+  idx = np.random.default_rng(np.asarray(jax.random.key_data(key))).choice(left, r.prompts, replace=False)
+  return [int(i) for i in idx for _ in range(r.samples)]
+
+
+def all_equal_groups(ctx: Context, totals: np.ndarray, ro: rollouts.Rollout) -> np.ndarray:
+  """[groups] whether a group's rewards (as the advantage sees them: less the missing-EOS
+  penalty) are all equal: its advantages are all 0, it carries no gradient."""
+  p = ctx.config.reward.missing_eos_penalty
+  scores = np.where(rollouts.has_eos(ro, ctx.width, ctx.pol.eos), totals, totals - p) if p else totals
+  g = np.asarray(scores, np.float32).reshape(-1, ctx.config.rollout.samples)
+  return np.all(g == g[:, :1], axis=1)
+
+
+@dataclasses.dataclass
+class Sampled:
+  """An iteration's rows for the update, and what every generated row scored."""
+  ro: rollouts.Rollout           # the update's rows (rollout.prompts x samples)
+  totals: np.ndarray | None      # [rows] their rule totals (None: reward model)
+  keep: np.ndarray | None        # [rows] 0 for all-equal groups that only fill the batch
+  texts: list                    # every generated response (all rounds)
+  scores: rewards.Scores | None  # every generated row's rule rewards
+  stats: dict                    # dynamic sampling's counts
+  time_generate: float = 0.0
+  time_rules: float = 0.0
+
+
+def sample_rows(run: Run, params, idx: list, it_key) -> Sampled:
+  """Generate and rule-score the drawn rows. With rollout.dynamic_sampling (DAPO, Yu et al.
+  2025) groups whose rewards are all equal are dropped and fresh prompts' groups drawn
+  (refill_indices), at most rollout.max_refills rounds, until rollout.prompts informative
+  groups are found; the batch is the first of those in draw order. Short of them, it trains
+  on what there is: all-equal groups fill the rest with keep 0 (out of the loss), and says so."""
+  ctx, r = run.ctx, run.ctx.config.rollout
+  dynamic = bool(r.get('dynamic_sampling', False))
+  parts, used, round_, times = [], set(), 0, [0.0, 0.0]
+  while True:
+    t0 = time.perf_counter()
+    # round 0 keeps the key it always had; refills' from fold_in(it_key, 3)
+    key = jax.random.fold_in(it_key, 0) if not round_ else jax.random.fold_in(jax.random.fold_in(it_key, 3), round_)
+    ro = generate_rows(run, params, idx, key)
     t1 = time.perf_counter()
-  batch, m = run.score(state.params, frozen, tokens, mask)
+    texts = rollouts.texts(ctx.pol, ro, ctx.width)
+    sc = rule_scores(ctx, texts, [ctx.train_examples[i] for i in idx], ro.lengths) if ctx.rules else None
+    times[0], times[1] = times[0] + t1 - t0, times[1] + time.perf_counter() - t1
+    parts.append((ro, texts, sc, all_equal_groups(ctx, sc.total, ro) if dynamic else None))
+    used.update(idx)
+    if not dynamic or sum(int((~p[3]).sum()) for p in parts) >= r.prompts or round_ >= r.max_refills:
+      break
+    round_ += 1
+    idx = refill_indices(run, it_key, round_, used)
+    if idx is None:
+      break
+  all_texts = [t for p in parts for t in p[1]]
+  scores = merge_scores([p[2] for p in parts]) if ctx.rules else None
+  if not dynamic:
+    ro, _, sc, _ = parts[0]
+    return Sampled(ro, None if sc is None else sc.total, None, all_texts, scores, {}, *times)
+  k = r.samples
+  ro_all = rollouts.Rollout.concat([p[0] for p in parts])
+  equal = np.concatenate([p[3] for p in parts])
+  groups = list(np.flatnonzero(~equal)[:r.prompts])
+  n_inf = len(groups)
+  groups += list(np.flatnonzero(equal)[:r.prompts - n_inf])       # fillers, out of the loss
+  rows = np.array([g * k + j for g in groups for j in range(k)])
+  keep = np.repeat((np.arange(len(groups)) < n_inf).astype(np.float32), k)
+  stats = {'groups/all_equal': float(equal.mean()), 'dynamic/refills': round_,
+           'dynamic/extra_rows': (len(parts) - 1) * r.prompts * k, 'dynamic/informative': n_inf}
+  if n_inf < r.prompts:
+    tqdm.write(f'dynamic sampling: {n_inf} of {r.prompts} groups informative after {round_} refill '
+               f'rounds (rollout.max_refills={r.max_refills}); training on those {n_inf}, the '
+               f'{r.prompts - n_inf} all-equal groups that fill the batch leave the loss.')
+  return Sampled(ro_all.take(rows), scores.total[rows], keep, all_texts, scores, stats, *times)
+
+
+def merge_scores(parts: list) -> rewards.Scores:
+  return rewards.Scores(np.concatenate([s.total for s in parts]),
+                        {k: np.concatenate([s.values[k] for s in parts]) for k in parts[0].values},
+                        {k: sum(s.counts[k] for s in parts) for k in parts[0].counts})
+
+
+def iterate(run: Run, state, extras, rng, frozen):
+  """One rollout -> score -> update; returns (state, extras, rng, metrics row). Time split:
+  time_generate (every round of generation), time_rules (rule rewards), time_score (the
+  scoring jit), time_update, time_reward (gold)."""
+  ctx = run.ctx
+  idx, it_key, host_rng, rng = draw_indices(run, rng)
+  s = sample_rows(run, run.trees.generation(state.params, frozen), idx, it_key)
+  rows_sh = lambda x: sharding.batch_sharding(ctx.mesh, x.ndim)
+  if s.totals is not None:     # host rule rewards, passed into the scoring jit
+    frozen = {**frozen, 'rule_scores': jax.device_put(s.totals.astype(np.float32), rows_sh(s.totals))}
+  t1 = time.perf_counter()
+  batch, m = run.score(state.params, frozen, s.ro.tokens, s.ro.mask)
   frozen = {k: v for k, v in frozen.items() if k != 'rule_scores'}
   m = jax.device_get(m)
   t2 = time.perf_counter()
-  batch_sh = lambda x: sharding.batch_sharding(ctx.mesh, x.ndim)
-  batch.update({k: jax.device_put(v, batch_sh(v)) for k, v in run.algo.batch_extras(ctx, host_rng).items()})
+  if s.keep is not None:       # dynamic sampling's fillers leave the loss (as overlong rows do)
+    keep = jax.device_put(s.keep, rows_sh(s.keep))
+    batch['keep'] = batch['keep'] * keep if 'keep' in batch else keep
+  batch.update({k: jax.device_put(v, rows_sh(v)) for k, v in run.algo.batch_extras(ctx, host_rng).items()})
   state, extras, um = run.update(state, extras, batch, frozen, jax.random.fold_in(it_key, 1))
   um = jax.device_get(um)
   t3 = time.perf_counter()
-  g = gold.score(texts if texts is not None else policy.texts_of(ctx.pol, gen), ctx.config.eval.gold)
-  t4 = time.perf_counter() + time_rules
-  row = {**{k: float(v) for k, v in m.items()}, 'gold': float(g.mean()), **ruled,
+  g = gold.score(s.texts, ctx.config.eval.gold)
+  t4 = time.perf_counter()
+  total = s.time_generate + s.time_rules + (t4 - t1)
+  row = {**{k: float(v) for k, v in m.items()}, 'gold': float(g.mean()),
+         **(s.scores.metrics() if s.scores is not None else {}), **s.stats,
          **{(f'{k}_loss' if k in m else k): float(v) for k, v in um.items() if k != 'tokens'},
          **run.algo.log_extras(extras),
-         'time_generate': t1 - t0, 'time_score': t2 - t1, 'time_update': t3 - t2,
-         'time_reward': t4 - t3, 'tokens_per_sec': float(m['response_tokens']) / (t4 - t0)}
-  if ctx.rules is not None:
-    row['time_rules'] = time_rules
+         'time_generate': s.time_generate, 'time_rules': s.time_rules, 'time_score': t2 - t1,
+         'time_update': t3 - t2, 'time_reward': t4 - t3, 'time_iteration': total,
+         'tokens_per_sec': float(m['response_tokens']) / total}
   return state, extras, rng, row
 
 
@@ -523,8 +640,5 @@ def held_out_reward(ctx: Context, frozen, n_new: int):
   def metrics():
     if not seen:
       return {}
-    both = rewards.Scores(np.concatenate([s.total for s in seen]),
-                          {k: np.concatenate([s.values[k] for s in seen]) for k in seen[0].values},
-                          {k: sum(s.counts[k] for s in seen) for k in seen[0].counts})
-    return both.metrics()
+    return merge_scores(seen).metrics()
   return reward, metrics

@@ -54,21 +54,22 @@ def request_seeds(key, n: int) -> np.ndarray:
 
 
 def generate(params, prompts: Sequence[np.ndarray], key, *, cfg, width: int, max_new_tokens: int,
-             temperature: float, eos: int, use_engine: bool = False, mesh=None,
+             temperature: float, eos: int | None, use_engine: bool = False, mesh=None,
              sync_every: int = 8) -> Rollout:
-  """Rows for `prompts` (each at most `width` tokens); temperature 0 is greedy."""
+  """Rows for `prompts` (each at most `width` tokens); temperature 0 is greedy; eos None: none."""
+  eos_ids = () if eos is None else (eos,)
   if use_engine:
     return _engine_rows(params, prompts, key, cfg=cfg, width=width, n_new=max_new_tokens,
-                        temperature=temperature, eos=eos, sync_every=sync_every)
+                        temperature=temperature, eos_ids=eos_ids, sync_every=sync_every)
   toks, pmask = decode.left_pad(prompts, width)
-  s = decode.SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens, eos_ids=(eos,), pad_id=0)
+  s = decode.SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=0)
   gen = decode.generate_padded(params, toks, pmask, key, cfg, s, mesh=mesh)
   tokens, mask = jax.device_get(gen.sequences())
   return Rollout(np.asarray(tokens, np.int32), np.asarray(mask, np.int32),
                  np.asarray(jax.device_get(gen.lengths), np.int32))
 
 
-def _engine_rows(params, prompts, key, *, cfg, width, n_new, temperature, eos, sync_every):
+def _engine_rows(params, prompts, key, *, cfg, width, n_new, temperature, eos_ids, sync_every):
   """One engine with a slot per row (the static batch's cache memory, W+N columns a slot); a
   fresh engine per iteration: its prefix LRU holds KV of the params it was built with."""
   b = len(prompts)
@@ -77,7 +78,7 @@ def _engine_rows(params, prompts, key, *, cfg, width, n_new, temperature, eos, s
                       prefix_cache=2)
   seeds = request_seeds(key, b)
   reqs = [engine.Request(prompt=[int(t) for t in np.asarray(p).reshape(-1)], max_tokens=n_new,
-                         eos_ids=(eos,), temperature=temperature, seed=int(s))
+                         eos_ids=eos_ids, temperature=temperature, seed=int(s))
           for p, s in zip(prompts, seeds)]
   out = eng.generate(reqs)
   tokens = np.zeros((b, width + n_new), np.int32)
