@@ -1,22 +1,28 @@
 """A testbed for instruction tuning that generalises to unseen task families (issue 25).
 
-Every family is a composition of two shared primitives over a list of four words:
+Every family is a composition of two shared primitives applied to one word:
 
-  a selector   which word: first | second | third | last
-  a transform  what to write of it: copy | reverse | upper | spell | double
+  a case     how each letter is written: lower | upper | title (first letter capital)
+  a layout   where the letters go: plain | spell (spaces between) | dash (hyphens between) | double
 
-so the 4 x 5 grid has 20 families ('second-reverse': write the second word backwards).
-HELD_OUT holds one family per selector, each with a different transform (a diagonal), so
-every selector and every transform of a held-out family is trained by other families
-(`composable` says whether a given training set covers both). Copy is never held out: it is
-the one answer a model can give by format alone (repeat a listed word), and rank
-classification lists it among the distractors.
+so the 3 x 4 grid has 12 families ('upper-spell': 'moon' -> 'M O O N'). The case is a mapping
+of each character, the layout which character comes next: a model that learned both
+separately can compose them. HELD_OUT holds one family per case, each with a different
+layout (a diagonal), so both primitives of a held-out family are trained by other families
+(`composable` says whether a given training set covers both); lower-plain (copying the word)
+is never held out: it is what a model answers by format alone, and rank classification lists
+it among the distractors.
 
-Instructions are composed from paraphrases of each primitive (a transform phrase around a
-selector phrase), split into PHRASINGS['train'] and PHRASINGS['test'], disjoint: the test
-phrasings are the 'paraphrased at test time' condition. Words are lowercase words from the
-works (3-6 letters), split by a hash into training and evaluation words, so held-out
-inputs are never trained on. Everything is a pure function of (seed, arguments).
+Instructions are composed from paraphrases of each primitive (a layout phrase around a case
+phrase), split into PHRASINGS['train'] and PHRASINGS['test'], disjoint: the test phrasings are
+the 'paraphrased at test time' condition. Words are lowercase words from the works (3-6
+letters), split by a hash into training and evaluation words, so held-out inputs are never
+trained on. Everything is a pure function of (seed, arguments).
+
+(Tried first, on the same model: four listed words, a selector of one of them by position x
+five transforms; a 104k-parameter character model tuned 1000 steps on all 16 seen families
+copied no selected word exactly, 0.000 on seen and held-out families: selecting by counting
+commas is out of reach at this scale, so the selection primitive was dropped.)
 """
 from __future__ import annotations
 
@@ -28,38 +34,31 @@ import numpy as np
 
 from data import sources
 
-SELECTORS = ('first', 'second', 'third', 'last')
-TRANSFORMS = ('copy', 'reverse', 'upper', 'spell', 'double')
-FAMILIES = tuple(f'{s}-{t}' for s in SELECTORS for t in TRANSFORMS)
-HELD_OUT = ('first-reverse', 'second-upper', 'third-spell', 'last-double')
+CASES = ('lower', 'upper', 'title')
+LAYOUTS = ('plain', 'spell', 'dash', 'double')
+FAMILIES = tuple(f'{c}-{l}' for c in CASES for l in LAYOUTS)
+HELD_OUT = ('lower-double', 'upper-spell', 'title-dash')
 SEEN = tuple(f for f in FAMILIES if f not in HELD_OUT)
-N_WORDS = 4
-POSITION = {'first': 0, 'second': 1, 'third': 2, 'last': N_WORDS - 1}
 
-# Transform phrases hold {w}, the selector phrase. Train and test phrasings share no phrase.
+# Layout phrases hold {c}, the case phrase. Train and test phrasings share no phrase.
 PHRASINGS = {
     'train': {
-        'first': ('the first word', 'word one', 'the opening word'),
-        'second': ('the second word', 'word two', 'the word after the first'),
-        'third': ('the third word', 'word three', 'the word before the last'),
-        'last': ('the last word', 'word four', 'the final word'),
-        'copy': ('Write {w}.', 'Copy {w} as it is.', 'Repeat {w}.'),
-        'reverse': ('Write {w} backwards.', 'Reverse the letters of {w}.', 'Give {w} in reverse.'),
-        'upper': ('Write {w} in capitals.', 'Give {w} in upper case.', 'Copy {w} in capital letters.'),
-        'spell': ('Spell {w} letter by letter.', 'Write the letters of {w} with spaces.',
-                  'Give {w} one letter at a time.'),
-        'double': ('Write {w} twice.', 'Repeat {w} two times.', 'Give {w} and then {w} again.'),
+        'lower': (' in small letters', ' in lower case'),
+        'upper': (' in capitals', ' in upper case'),
+        'title': (' with a capital first letter', ' in title case'),
+        'plain': ('Write the word{c}.', 'Copy the word{c}.'),
+        'spell': ('Spell the word{c}, letter by letter.', 'Write the word{c} with spaces between letters.'),
+        'dash': ('Write the word{c} with dashes between letters.', 'Join the letters of the word{c} by hyphens.'),
+        'double': ('Write the word{c} twice.', 'Repeat the word{c} two times.'),
     },
     'test': {
-        'first': ('the initial word',),
-        'second': ('the next-to-first word',),
-        'third': ('the penultimate word',),
-        'last': ('the closing word',),
-        'copy': ('Say {w} unchanged.',),
-        'reverse': ('Say {w} from its end to its start.',),
-        'upper': ('Say {w} all in big letters.',),
-        'spell': ('Say {w} as separate letters.',),
-        'double': ('Say {w} two times over.',),
+        'lower': (' all lowercase',),
+        'upper': (' in block letters',),
+        'title': (' capitalised',),
+        'plain': ('Give the word{c} as it is.',),
+        'spell': ('Give the letters of the word{c}, spaced out.',),
+        'dash': ('Link the letters of the word{c} by a dash each.',),
+        'double': ('Say the word{c} once and once more.',),
     },
 }
 
@@ -68,33 +67,40 @@ class ComposedTaskError(ValueError):
   """A request the testbed cannot meet; the message says how to fix it."""
 
 
-def apply(transform: str, word: str) -> str:
-  if transform == 'copy':
-    return word
-  if transform == 'reverse':
-    return word[::-1]
-  if transform == 'upper':
-    return word.upper()
-  if transform == 'spell':
-    return ' '.join(word)
-  if transform == 'double':
-    return f'{word} {word}'
-  raise ComposedTaskError(f'Unknown transform {transform!r}; choose one of {TRANSFORMS}.')
+def apply(case: str, layout: str, word: str) -> str:
+  """layout(case(word))."""
+  if case == 'lower':
+    w = word.lower()
+  elif case == 'upper':
+    w = word.upper()
+  elif case == 'title':
+    w = word[:1].upper() + word[1:].lower()
+  else:
+    raise ComposedTaskError(f'Unknown case {case!r}; choose one of {CASES}.')
+  if layout == 'plain':
+    return w
+  if layout == 'spell':
+    return ' '.join(w)
+  if layout == 'dash':
+    return '-'.join(w)
+  if layout == 'double':
+    return f'{w} {w}'
+  raise ComposedTaskError(f'Unknown layout {layout!r}; choose one of {LAYOUTS}.')
 
 
 def parts(family: str) -> tuple[str, str]:
-  """'second-reverse' -> ('second', 'reverse')."""
+  """'upper-spell' -> ('upper', 'spell')."""
   if family not in FAMILIES:
-    raise ComposedTaskError(f'Unknown family {family!r}; families are selector-transform, one of {FAMILIES}.')
-  s, t = family.split('-')
-  return s, t
+    raise ComposedTaskError(f'Unknown family {family!r}; families are case-layout, one of {FAMILIES}.')
+  c, l = family.split('-')
+  return c, l
 
 
-def composable(family: str, trained: list[str] | tuple[str, ...]) -> bool:
+def composable(family: str, trained) -> bool:
   """Whether the trained families cover both primitives of `family`."""
-  s, t = parts(family)
+  c, l = parts(family)
   pieces = [parts(f) for f in trained]
-  return any(p[0] == s for p in pieces) and any(p[1] == t for p in pieces)
+  return any(p[0] == c for p in pieces) and any(p[1] == l for p in pieces)
 
 
 @functools.lru_cache(maxsize=2)
@@ -113,24 +119,22 @@ def words(split: str, eval_fraction: float = 0.2) -> tuple[str, ...]:
   return tuple(w for w in pool if (frac(w) < eval_fraction) == (split == 'eval'))
 
 
-def example(family: str, rng: np.random.Generator, pool: tuple[str, ...], phrasing: str = 'train') -> dict:
-  """One example: {instruction, input, output, family, options}; options are the answer
-  and three distractors (its transform of another listed word, and the contrast transform,
-  copy or else reverse, of the selected and of that other word), in a random order."""
-  s, t = parts(family)
+def example(family: str, rng: np.random.Generator, pool, phrasing: str = 'train') -> dict:
+  """One example: {instruction, input, output, family, options}; options are the answer and
+  three distractors, the word with the other primitive swapped for the format-alone one (lower
+  case, plain layout; upper / spell where the family already has it) and with both swapped,
+  in a random order."""
+  c, l = parts(family)
   table = PHRASINGS[phrasing]
-  listed = [str(w) for w in rng.choice(pool, size=N_WORDS, replace=False)]
-  sel = table[s][rng.integers(len(table[s]))]
-  phrase = table[t][rng.integers(len(table[t]))].format(w=sel)
-  instruction = phrase[0].upper() + phrase[1:]
-  k = POSITION[s]
-  other = listed[[j for j in range(N_WORDS) if j != k][rng.integers(N_WORDS - 1)]]
-  contrast = 'copy' if t != 'copy' else 'reverse'
-  answer = apply(t, listed[k])
-  options = [answer, apply(t, other), apply(contrast, listed[k]), apply(contrast, other)]
+  word = str(pool[rng.integers(len(pool))])
+  case = table[c][rng.integers(len(table[c]))]
+  phrase = table[l][rng.integers(len(table[l]))].format(c=case)
+  c2 = 'lower' if c != 'lower' else 'upper'
+  l2 = 'plain' if l != 'plain' else 'spell'
+  options = [apply(c, l, word), apply(c2, l, word), apply(c, l2, word), apply(c2, l2, word)]
   order = rng.permutation(len(options))
-  return {'instruction': instruction, 'input': ', '.join(listed), 'output': answer,
-          'family': family, 'options': [options[i] for i in order]}
+  return {'instruction': phrase, 'input': word, 'output': options[0], 'family': family,
+          'options': [options[i] for i in order]}
 
 
 def _rng(seed: int, *key) -> np.random.Generator:

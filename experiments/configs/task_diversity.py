@@ -19,7 +19,7 @@ def get_config():
   c.experiment = 'task_diversity'
   c.seed = 0                  # the base's pretraining seed
   c.study = ConfigDict(dict(
-      families='1,2,4,8,16',  # numbers of seen families tuned on (a seeded subset each)
+      families='1,2,4,9',    # numbers of seen families tuned on (a seeded subset each; 9: all)
       seeds='0,1',            # one tuned model per (number, seed): its subset, data order and init
       train_examples=8000,    # the training pool, split evenly over the families
       eval_per_family=100,    # held-out-family examples per family and phrasing condition

@@ -1,0 +1,92 @@
+"""The task-diversity study (experiments/task_diversity.py): seed-determinism of a tiny run end
+to end, the statistics against published values, the held-out bookkeeping, start-up errors."""
+import json
+import os
+
+import pytest
+from ml_collections import ConfigDict
+
+from data import composed_tasks as ct
+from experiments import registry, task_diversity as td
+from experiments.configs import task_diversity as td_config
+from experiments.stages import composed_eval
+from lm.config import ConfigError
+
+
+def test_wilson_matches_published_intervals():
+  # Newcombe (1998), Statistics in Medicine 17:857, Table I (method 3): 81/263 and 0/10
+  assert composed_eval.wilson(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+  assert composed_eval.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+  # 0 of n: upper bound z^2 / (n + z^2) by hand
+  assert composed_eval.wilson(0, 400)[1] == pytest.approx(1.96 ** 2 / (400 + 1.96 ** 2))
+
+
+def test_newcombe_difference_matches_published_interval():
+  # Newcombe (1998), Statistics in Medicine 17:873, Table II example (a), method 10
+  d, lo, hi = td.newcombe(56, 70, 48, 80)
+  assert (d, lo, hi) == pytest.approx((0.2, 0.0524, 0.3339), abs=1e-4)
+
+
+def test_score_counts_by_hand():
+  exs = [{'family': 'upper-spell', 'output': 'M O O N', 'options': ['moon', 'M O O N', 'MOON', 'm o o n']},
+         {'family': 'upper-spell', 'output': 'A B', 'options': ['A B', 'ab', 'AB', 'a b']},
+         {'family': 'lower-double', 'output': 'a a', 'options': ['a', 'a a', 'A', 'A A']}]
+  s = composed_eval.score(exs, ['M  O O N', ' A B ', 'a'], [1, 2, 1])
+  assert s['families']['upper-spell']['exact'] == 2 and s['families']['upper-spell']['choice'] == 1
+  assert s['families']['lower-double']['exact'] == 0 and s['families']['lower-double']['choice'] == 1
+  assert (s['pooled']['n'], s['pooled']['exact'], s['pooled']['choice']) == (3, 2, 2)
+  assert s['pooled']['chance'] == 0.25
+
+
+def test_bad_config_is_one_sentence_before_anything_runs(tmp_path):
+  for key, value, match in (('families', '1,10', 'between 1 and 9'), ('families', 'a', 'comma-separated'),
+                            ('seeds', '', 'comma-separated'), ('base_from', str(tmp_path), 'pretraining workdir')):
+    c = td_config.get_config()
+    c.study[key] = value
+    with pytest.raises(ConfigError, match=match):
+      td.run(c, str(tmp_path / 'w'))
+  assert not os.path.exists(tmp_path / 'w')
+
+
+def test_registered():
+  assert registry.get('task_diversity') is td.run
+
+
+def tiny(seeds: str, base_from: str = '') -> ConfigDict:
+  c = td_config.get_config()
+  c.study.update(families='1', seeds=seeds, train_examples=64, eval_per_family=4,
+                 seen_eval_per_family=1, base_from=base_from)
+  c.pretrain.model.update(d_model=16, n_heads=2, n_layers=1, max_seq_len=96)
+  c.pretrain.train.update(steps=2, batch_size=8, eval_batches=1, checkpoint_every=2, log_every=1)
+  c.pretrain.eval.every = 2
+  c.sft.train.update(steps=3, batch_size=8, log_every=1)
+  c.sft.optim.warmup_steps = 1
+  c.eval.update(max_new_tokens=4, batch_size=16)
+  return c
+
+
+def figures(path):
+  out = json.load(open(os.path.join(path, 'results.json')))
+  out.pop('timing')
+  return out
+
+
+@pytest.mark.slow   # three studies end to end (pretraining, tuning, evaluation): ~1-3 min of compiling
+def test_study_is_seed_deterministic(tmp_path):
+  a, b, c = (str(tmp_path / n) for n in 'abc')
+  td.run(tiny('0'), a)
+  td.run(tiny('0', base_from=os.path.join(a, 'base')), b)
+  td.run(tiny('1', base_from=os.path.join(a, 'base')), c)
+  fa, fb, fc = figures(a), figures(b), figures(c)
+  assert fa == fb
+  assert fa['runs'] != fc['runs']
+  assert [r['final_train_loss'] for r in fa['runs']] != [r['final_train_loss'] for r in fc['runs']]
+  assert [r['k'] for r in fa['curve']] == [0, 1] and os.path.exists(os.path.join(a, 'diversity.png'))
+  # the tuned models never saw a held-out family: their train.jsonl holds only trained instructions
+  for run in fa['runs']:
+    assert not set(run['families']) & set(ct.HELD_OUT)
+    trained = [json.loads(l) for l in open(os.path.join(a, 'runs', f"k{run['k']}_s0", 'train.jsonl'))]
+    expected = {(e['instruction'], e['input'], e['output']) for e in ct.training_set(run['families'], 64, 0)}
+    assert {(e['instruction'], e['input'], e['output']) for e in trained} == expected
+  # held-out evaluation: 3 families x 4 examples per condition
+  assert all(fa['curve'][1][c]['n'] == 12 for c in td.CONDITIONS)
