@@ -81,6 +81,7 @@ def test_few_shot_head_prefilled_once(params):
   lm = em.LanguageModel(params, CFG, TOK, batch_size=4, engine=True)
   lm.generate_until(reqs)
   assert lm.stats['shared_prefix_tokens'] == len(HEAD) >= em.MIN_SHARED_PREFIX
+  assert lm.stats['shared_prefix_requests'] == len(TAILS)
   s = lm._engine.stats
   assert s['prefill_tokens'] == len(HEAD) + sum(map(len, TAILS))   # the head once, then tails
   # Without a long enough common head nothing is shared (each prompt prefilled whole).
@@ -90,16 +91,27 @@ def test_few_shot_head_prefilled_once(params):
   assert lm._engine.stats['prefill_tokens'] == sum(map(len, TAILS))
 
 
-def test_common_prefix():
-  a = np.array
-  assert em.common_prefix([a([1, 2, 3, 4]), a([1, 2, 5]), a([1, 2, 3])]) == 2
-  assert em.common_prefix([a([1, 2]), a([1, 2, 3])]) == 2
-  assert em.common_prefix([a([7]), a([1, 2])]) == 0
+def test_shared_head_saves_the_most_prefill():
+  a = lambda *x: np.array(x)
+  L, m = em.shared_head([a(1, 2, 3, 4), a(1, 2, 5), a(1, 2, 3)])
+  assert (L, m.tolist()) == (2, [True, True, True])        # 2 * 2 tokens beat 1 * 3
+  # first_n few-shot: documents 0 and 1 leave themselves out, so their heads differ from the
+  # rest's; the head the other four share is chosen, and only they use it.
+  head, other = [9, 8, 7, 6, 5], [9, 4, 7, 6, 5]
+  seqs = [a(*other, 1), a(*other, 2)] + [a(*head, q) for q in (3, 4, 1, 2)]
+  L, m = em.shared_head(seqs, minimum=3)
+  assert (L, m.tolist()) == (5, [False, False, True, True, True, True])
+  # a longer head shared by fewer wins when it saves more: 2 * 10 tokens beat 3 * 2
+  seqs = [a(1, 2, 3), a(*range(1, 11), 4), a(*range(1, 11), 5), a(*range(1, 11), 6)]
+  L, m = em.shared_head(seqs)
+  assert (L, m.tolist()) == (10, [False, True, True, True])
+  assert em.shared_head([a(7), a(1, 2)])[0] == 0
+  assert em.shared_head([a(1, 2, 3), a(1, 2, 4)], minimum=3)[0] == 0
 
 
 def test_sampled_outputs_do_not_depend_on_the_batch_size(params):
-  reqs = [(HEAD + t, {'max_new_tokens': n, 'temperature': 1.0, 'until': ['\n']})
-          for t, n in zip(TAILS[:6], MAX_NEW)]
+  # one group of settings: the static path would batch these together (and draw per batch)
+  reqs = [(HEAD + t, {'max_new_tokens': 20, 'temperature': 1.0, 'until': ['\n']}) for t in TAILS[:6]]
   outs = [em.LanguageModel(params, CFG, TOK, batch_size=b, engine=True, seed=5).generate_until(reqs)
           for b in (2, 3)]
   assert outs[0] == outs[1]

@@ -29,8 +29,9 @@ stop strings are applied to the decoded text with lm.decode.truncate_at_stop. Tw
 waits for the longest). `engine=True`: lm/engine.py's continuous batching over `batch_size`
 slots (a finished row's slot takes the next request at once); each request's stop strings
 also end its row early, a sampled request draws from its own seed (the harness seed, the call
-and the request's index: the same whatever shares its batch), and the prompts' longest common
-token prefix (a few-shot head) is prefilled once when it is at least MIN_SHARED_PREFIX tokens.
+and the request's index: the same whatever shares its batch), and a few-shot head (`shared_head`: the
+token prefix of at least MIN_SHARED_PREFIX tokens whose one prefill saves the most) is
+prefilled once, each prompt sharing it then prefilling only its own tail.
 Greedy texts equal the static path's; one exception: two stop strings where one starts
 earlier but ends later than the other (the engine stops at the first to end). Repetition
 penalty is static-only: such requests take the static path.
@@ -406,17 +407,17 @@ class LanguageModel:
     if not items:
       return
     eng = self._get_engine()
-    shared = common_prefix([ids for *_, ids in items])
-    shared = shared if shared >= MIN_SHARED_PREFIX else 0
-    self.stats['shared_prefix_tokens'] = shared   # the last call's
+    shared, members = shared_head([ids for *_, ids in items], MIN_SHARED_PREFIX)
+    self.stats['shared_prefix_tokens'] = shared            # the last call's head
+    self.stats['shared_prefix_requests'] = int(members.sum())
     call, self._calls = self._calls, self._calls + 1
     reqs = []
-    for i, s, until, ids in items:
+    for (i, s, until, ids), member in zip(items, members):
       seed = int(np.random.SeedSequence([self.seed, call, i]).generate_state(1)[0])
       reqs.append(engine_lib.Request(
           prompt=ids.tolist(), max_tokens=s.max_new_tokens, temperature=s.temperature,
           top_p=s.top_p, top_k=s.top_k, min_p=s.min_p, seed=seed, eos_ids=s.eos_ids,
-          stop=tuple(u for u in until if u), prefix_len=min(shared, len(ids))))
+          stop=tuple(u for u in until if u), prefix_len=shared if member else 0))
     rids = [eng.submit(r) for r in reqs]
     done = 0
     while done < len(rids):
@@ -433,14 +434,36 @@ def _engine_serves(s: decode.SamplingConfig) -> bool:
   return s.repetition_penalty == 1.0 and len(s.eos_ids) <= engine_lib.MAX_EOS
 
 
-def common_prefix(seqs: Sequence[np.ndarray]) -> int:
-  """The length of the longest token prefix every sequence starts with."""
-  n = min(len(x) for x in seqs)
-  first = np.asarray(seqs[0][:n])
-  for x in seqs[1:]:
-    diff = np.flatnonzero(np.asarray(x[:n]) != first[:n])
-    n = int(diff[0]) if len(diff) else n
-  return n
+def shared_head(seqs: Sequence[np.ndarray], minimum: int = 1) -> tuple[int, np.ndarray]:
+  """(L, members): the head of L >= minimum tokens that the most prefill saves ((members - 1)
+  * L) by being computed once, and which sequences start with it; (0, none) when there is none.
+  Not just the common prefix of all: a few-shot sampler that leaves a document out of its own
+  demonstrations (first_n) gives the first k documents other heads than the rest."""
+  n = len(seqs)
+  members = np.zeros(n, bool)
+  if n < 2:
+    return 0, members
+  order = sorted(range(n), key=lambda i: seqs[i].tolist())
+  lcp = np.zeros(n - 1, np.int64)   # between neighbours in sorted order
+  for j in range(n - 1):
+    a, b = seqs[order[j]], seqs[order[j + 1]]
+    m = min(len(a), len(b))
+    diff = np.flatnonzero(a[:m] != b[:m])
+    lcp[j] = diff[0] if len(diff) else m
+  best = (0, 0, 0, 0)               # (saving, L, first and last link of the run)
+  for length in np.unique(lcp[lcp >= minimum]):
+    # runs of neighbours sharing >= length tokens: sorted order keeps each head contiguous
+    ok = np.concatenate([[0], (lcp >= length).astype(np.int64), [0]])
+    starts, ends = np.flatnonzero(np.diff(ok) == 1), np.flatnonzero(np.diff(ok) == -1)
+    k = int(np.argmax(ends - starts))
+    saving = int((ends[k] - starts[k]) * length)   # run of r links = r + 1 sequences
+    if saving > best[0]:
+      best = (saving, int(length), int(starts[k]), int(ends[k]))
+  if not best[0]:
+    return 0, members
+  _, length, start, end = best
+  members[[order[j] for j in range(start, end + 1)]] = True
+  return length, members
 
 
 class ReferenceModel:
