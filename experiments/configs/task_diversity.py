@@ -1,13 +1,14 @@
 """Task-diversity study (issue 25; experiments/task_diversity.py): held-out-family accuracy of a
 small character model against the number of instruction-tuning families, on the composed-task
-testbed (data/composed_tasks.py: 4 selectors x 5 transforms over four listed words, 4 families
-held out, each made only of primitives other families train).
+testbed (data/composed_tasks.py: 3 cases x 4 layouts of one word, 3 families held
+out, each made only of primitives other families train).
 
 python -m experiments.run --config=experiments/configs/task_diversity.py --workdir=runs/diversity
 
-Pretrains the base on the works, then tunes it on 1, 2, 4, 8 and all 16 seen families with
-two seeds each (a fixed budget of examples and steps whatever the number of families), and
-evaluates each model (and the base) on 400 held-out-family examples per condition.
+Pretrains the base on the works (200 steps), then tunes it on 1, 2, 4 and all 9 seen families
+with two seeds each (400 steps; the same budget of examples and steps whatever the number of
+families), and evaluates each model (and the base) on 300 held-out-family examples per
+condition (600 pooled over the seeds).
 """
 from ml_collections import ConfigDict
 
@@ -22,7 +23,7 @@ def get_config():
       families='1,2,4,9',    # numbers of seen families tuned on (a seeded subset each; 9: all)
       seeds='0,1',            # one tuned model per (number, seed): its subset, data order and init
       train_examples=8000,    # the training pool, split evenly over the families
-      eval_per_family=100,    # held-out-family examples per family and phrasing condition
+      eval_per_family=100,    # held-out-family examples per family and phrasing condition (300 per run)
       seen_eval_per_family=16,   # a run's own families on held-out words
       eval_seed=1234,
       base_from='',           # a finished pretraining workdir to reuse ('' = pretrain into base/)
@@ -40,7 +41,7 @@ def get_config():
   s.data.val_fraction = 0.05
   s.train.update(steps=400, batch_size=16, log_every=20)
   s.eval.update(every=0, before=False, val_examples=64)
-  s.optim.update(lr=3e-3, min_lr=3e-4, warmup_steps=20)
+  s.optim.update(lr=5e-3, min_lr=5e-4, warmup_steps=20)
   c.sft = s
   c.eval = ConfigDict(dict(max_new_tokens=16, batch_size=128))
   return c

@@ -53,7 +53,8 @@ def answers(params, cfg, tok, template, examples, mesh, max_new_tokens: int, bat
 
 def picks(params, cfg, tok, template, examples, batch: int) -> list[int]:
   """Rank classification: per example, the index of the option (+ the end token) with the
-  highest summed log-probability after the prompt."""
+  highest mean log-probability per token after the prompt (summed, the shortest option wins
+  whatever it says: a spelled-out or doubled answer is longer than the plain distractors)."""
   end = tok.special_ids[template.end]
   logp = sft_eval._sequence_logprob_fn(cfg)
   seqs = []
@@ -70,7 +71,8 @@ def picks(params, cfg, tok, template, examples, batch: int) -> list[int]:
     for r, (seq, n) in enumerate(chunk):
       toks[r, :len(seq)] = seq
       w[r, len(seq) - 1 - n:len(seq) - 1] = 1.0      # the targets that are the option
-    totals += list(np.asarray(logp(params, toks[:, :-1], toks[:, 1:], w))[:len(chunk)])
+    sums = np.asarray(logp(params, toks[:, :-1], toks[:, 1:], w))[:len(chunk)]
+    totals += [total / n for total, (_, n) in zip(sums, chunk)]
   k = len(examples[0]['options']) if examples else 0
   return [int(np.argmax(totals[j * k:(j + 1) * k])) for j in range(len(examples))]
 
