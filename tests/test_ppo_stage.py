@@ -106,8 +106,34 @@ def test_run_writes_logs_evals_and_the_adaptive_controller_moves_beta(full_run, 
   assert [e['iteration'] for e in evals] == [2]
   assert set(evals[0]) >= {'iteration', 'gold', 'proxy', 'kl', 'sqrt_kl', 'beta'}
   assert os.path.exists(os.path.join(wd, 'gold_vs_kl.png'))
+  # The held-out evaluation after iteration 2 reports the beta that iteration's KL led to.
+  e = np.clip(rows[1]['kl'] / c.kl.target - 1, -0.2, 0.2)
+  np.testing.assert_allclose(evals[0]['beta'], rows[1]['beta'] * (1 + e * 16 / 100), rtol=1e-6)
+  np.testing.assert_allclose(evals[0]['sqrt_kl'], np.sqrt(evals[0]['kl']), rtol=1e-6)
+  assert_rows_add_up(rows, c)
   # The fixed controller keeps beta.
   assert ppo.next_beta(config(dirs, kl={'mode': 'fixed'}).kl, 0.1, 5.0, 16) == 0.1
+
+
+def assert_rows_add_up(rows, c):
+  """Each logged iteration against hand arithmetic on its own numbers and the config: the
+  reward is the score less beta x KL (k1, no EOS penalty, clip, scaling or whitening in this
+  config), the loss is policy + vf_coef x value (no entropy bonus), the response token count is
+  the mean length over the batch's rows, and the time split and throughput add up."""
+  n = c.rollout.prompts * c.rollout.samples
+  assert (c.kl.estimator, c.reward.missing_eos_penalty, c.reward.score_clip, c.reward.score_scale,
+          c.reward.whiten, c.loss.entropy_coef) == ('k1', 0.0, 0.0, 'none', False, 0.0)
+  for r in rows:
+    np.testing.assert_allclose(r['kl_penalty'], r['beta'] * r['kl'], rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(r['reward_total'], r['proxy'] - r['kl_penalty'], rtol=1e-5)
+    np.testing.assert_allclose(r['loss'], r['policy_loss'] + c.loss.vf_coef * r['value_loss'],
+                               rtol=1e-5)
+    assert r['response_tokens'] == pytest.approx(r['length'] * n, abs=1e-3)
+    assert r['length'] <= c.rollout.max_new_tokens
+    assert r['eos_rate'] * n == pytest.approx(round(r['eos_rate'] * n), abs=1e-4)   # whole rows
+    parts = sum(r[f'time_{k}'] for k in ('generate', 'rules', 'score', 'update', 'reward'))
+    assert r['time_iteration'] == pytest.approx(parts, rel=1e-9)
+    assert r['tokens_per_sec'] == pytest.approx(r['response_tokens'] / r['time_iteration'], rel=1e-9)
 
 
 def test_resumed_run_continues_exactly(full_run, dirs):
