@@ -9,7 +9,7 @@ import pytest
 
 from data import tokenizers
 from experiments.evaluation import eval_model as em
-from lm import decode, model
+from lm import decode, model, sharding
 from lm.config import ModelConfig
 
 TEXT = ('First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n'
@@ -43,12 +43,12 @@ def naive_greedy(params, ids, n):
   return TOK.decode(ids[-n:])
 
 
-def requests(params):
+def requests(params, n=len(TAILS)):
   """Mixed prompt lengths and budgets; stops drawn from each greedy continuation at varied
   places (multi-character, one character: a stop id in the loop, and one never produced).
   Returns (requests, expected texts, tokens each row needs up to its stop or budget)."""
   reqs, want, need = [], [], []
-  for i, (tail, n) in enumerate(zip(TAILS, MAX_NEW)):
+  for i, (tail, n) in enumerate(zip(TAILS[:n], MAX_NEW)):
     prompt = HEAD + tail
     free = naive_greedy(params, TOK.encode(prompt), n)
     k = (3 * i) % max(n - 2, 1)
@@ -143,3 +143,12 @@ def test_evaluate_passes_the_switch():
   for on in (True, False):
     config.engine = on
     assert evaluate._model(config, Source(), CFG)[0].use_engine is on
+
+
+def test_engine_on_a_mesh_equals_one_device(params):
+  """Params placed on 8 devices (data, fsdp, tensor = 2): the engine gives the same texts."""
+  reqs, want, _ = requests(params, 6)
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  placed = jax.device_put(params, sharding.tree_shardings(model.logical_axes(CFG), params, mesh))
+  lm = em.LanguageModel(placed, CFG, TOK, mesh, batch_size=4, engine=True)
+  assert lm.generate_until(reqs) == want

@@ -167,7 +167,7 @@ class LanguageModel:
     self._unsampleable = ~tokenizers.sampling_mask(tokenizer, cfg.padded_vocab)
     self._batches = 0
     self.use_engine, self._engine, self._calls = engine, None, 0
-    self.stats.update(generated_tokens=0, shared_prefix_tokens=0)
+    self.stats.update(generated_tokens=0, shared_prefix_tokens=0, shared_prefix_requests=0)
 
   # Plumbing -------------------------------------------------------------------------------
   def _jit(self, name, fn, **static):
@@ -418,13 +418,18 @@ class LanguageModel:
           prompt=ids.tolist(), max_tokens=s.max_new_tokens, temperature=s.temperature,
           top_p=s.top_p, top_k=s.top_k, min_p=s.min_p, seed=seed, eos_ids=s.eos_ids,
           stop=tuple(u for u in until if u), prefix_len=shared if member else 0))
-    rids = [eng.submit(r) for r in reqs]
-    done = 0
-    while done < len(rids):
-      eng.step()
-      now = sum(r in eng.results for r in rids)
-      bar.update(now - done)
-      done = now
+    rids, done = [], 0
+    try:
+      rids = [eng.submit(r) for r in reqs]
+      while done < len(rids):
+        eng.step()
+        now = sum(r in eng.results for r in rids)
+        bar.update(now - done)
+        done = now
+    except BaseException:   # a failed call leaves nothing queued for the next one
+      eng.fail_all()
+      eng.results.clear()
+      raise
     for (i, s, until, _), rid in zip(items, rids):
       out[i] = self._text(eng.results.pop(rid).tokens, s, until)
 
