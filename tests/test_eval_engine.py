@@ -43,12 +43,12 @@ def naive_greedy(params, ids, n):
   return TOK.decode(ids[-n:])
 
 
-def requests(params, n=len(TAILS)):
+def requests(params, count=len(TAILS)):
   """Mixed prompt lengths and budgets; stops drawn from each greedy continuation at varied
   places (multi-character, one character: a stop id in the loop, and one never produced).
   Returns (requests, expected texts, tokens each row needs up to its stop or budget)."""
   reqs, want, need = [], [], []
-  for i, (tail, n) in enumerate(zip(TAILS[:n], MAX_NEW)):
+  for i, (tail, n) in enumerate(zip(TAILS[:count], MAX_NEW)):
     prompt = HEAD + tail
     free = naive_greedy(params, TOK.encode(prompt), n)
     k = (3 * i) % max(n - 2, 1)
