@@ -90,3 +90,50 @@ def test_study_is_seed_deterministic(tmp_path):
     assert {(e['instruction'], e['input'], e['output']) for e in trained} == expected
   # held-out evaluation: 3 families x 4 examples per condition
   assert all(fa['curve'][1][c]['n'] == 12 for c in td.CONDITIONS)
+
+
+def test_rank_classification_and_greedy_answers_against_a_naive_reference():
+  """picks: the option whose tokens (+ the end token) have the highest mean log-prob after the
+  prompt, recomputed one option at a time with a plain forward; answers: token-by-token argmax."""
+  import jax
+  import numpy as np
+  from data import formats, tokenizers
+  from lm import model, sharding
+  from lm.config import ModelConfig
+  exs = ct.examples(ct.HELD_OUT, 2, 'eval', seed=0)
+  template = formats.get_template('chat')
+  text = '\n'.join(e['instruction'] + e['input'] + ''.join(e['options']) for e in exs)
+  tok = tokenizers.add_special_tokens(tokenizers.CharTokenizer.from_texts([text]), template.special_names())
+  cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_heads=2, n_layers=1, d_ff=32, max_seq_len=96)
+  params = model.init(cfg, jax.random.key(3))
+  end = tok.special_ids['end']
+
+  forward = jax.jit(lambda x: jax.nn.log_softmax(model.forward(params, x, cfg)[0].astype(np.float32), -1))
+
+  def logprobs(seq):   # next-token log-probs of one sequence (right-padded: causal, so unchanged)
+    row = np.zeros((1, cfg.max_seq_len), np.int32)
+    row[0, :len(seq) - 1] = seq[:-1]
+    return np.asarray(forward(row)[0])
+
+  expected = []
+  for e in exs:
+    prompt = list(formats.prompt_tokens(e, template, tok))
+    means = []
+    for opt in e['options']:
+      cont = list(tok.encode(opt)) + [end]
+      lp = logprobs(prompt + cont)
+      means.append(np.mean([lp[len(prompt) - 1 + i, t] for i, t in enumerate(cont)]))
+    expected.append(int(np.argmax(means)))
+  assert composed_eval.picks(params, cfg, tok, template, exs, batch=8) == expected
+  mesh = sharding.make_mesh({'data': -1})
+  got = composed_eval.answers(params, cfg, tok, template, exs[:2], mesh, max_new_tokens=3, batch=8)
+  for e, a in zip(exs[:2], got):
+    seq = list(formats.prompt_tokens(e, template, tok))
+    out = []
+    for _ in range(3):
+      t = int(np.argmax(logprobs(seq + [0])[len(seq) - 1]))
+      if t == end:
+        break
+      out.append(t)
+      seq.append(t)
+    assert a == tok.decode(np.asarray(out, np.int32))
