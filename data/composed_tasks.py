@@ -174,3 +174,23 @@ def training_set(families, n_examples: int, seed: int) -> list[dict]:
   out = examples(families, per, 'train', seed)
   order = _rng(seed, 'shuffle', tuple(families)).permutation(len(out))
   return [out[i] for i in order[:n_examples]]
+
+
+DIAGNOSES = ('exact', 'layout_only', 'case_only', 'other_family', 'other')
+
+
+def diagnose(example: dict, answer: str) -> str:
+  """Which primitive an answer got right: exact; layout_only (the right letters and
+  separators, a wrong case); case_only (the right case in another layout); other_family (a
+  valid answer of another family, both primitives wrong); other (none of these)."""
+  c, l = parts(example['family'])
+  word, a = example['input'], ' '.join(answer.split())
+  if a == example['output']:
+    return 'exact'
+  if a.lower() == example['output'].lower():
+    return 'layout_only'
+  if any(a == apply(c, l2, word) for l2 in LAYOUTS):
+    return 'case_only'
+  if any(a == apply(c2, l2, word) for c2 in CASES for l2 in LAYOUTS):
+    return 'other_family'
+  return 'other'

@@ -160,6 +160,8 @@ def curve(runs: list[dict], base_scores: dict) -> list[dict]:
 def _pool(scores: list[dict]) -> dict:
   n = sum(s['n'] for s in scores)
   out = {'n': n}
+  if all('diagnosis' in s for s in scores):
+    out['diagnosis'] = {d: sum(s['diagnosis'][d] for s in scores) for d in ct.DIAGNOSES}
   for key in ('exact', 'choice'):
     c = sum(s[key] for s in scores)
     out[key], out[f'{key}_rate'], out[f'{key}_ci'] = c, c / n, composed_eval.wilson(c, n)
@@ -224,6 +226,13 @@ def table(results: dict) -> str:
             if comp else '-')
     lines.append(f"{name:>8} {len(r['seeds']):>5} {a['n']:>5}  {_cell(a, 'exact'):>21}  "
                  f"{_cell(b, 'exact'):>21}  {_cell(a, 'choice'):>21}  {seen:>7}  {comp}")
+  lines += ['', 'held-out answers (trained phrasings), seeds pooled: ' + ' / '.join(ct.DIAGNOSES)]
+  for r in results['curve']:
+    diag = r['phrasing_train'].get('diagnosis')
+    if diag:
+      lines.append(f"{'base' if r['k'] == 0 else r['k']:>8}  " + ' / '.join(f'{diag[d] / r["phrasing_train"]["n"]:.3f}'
+                                                                         for d in ct.DIAGNOSES))
+  lines.append('')
   for name, (d, lo, hi) in results['margins'].items():
     lines.append(f'{name:<44} {d:+.3f} [{lo:+.3f},{hi:+.3f}]')
   return '\n'.join(lines)

@@ -102,3 +102,14 @@ def test_bad_requests_are_one_sentence():
     ct.training_families(0, 0)
   with pytest.raises(ct.ComposedTaskError, match='phrasing'):
     ct.examples(['lower-plain'], 1, 'train', phrasing='other')
+
+
+def test_diagnose_by_hand():
+  ex = {'family': 'upper-spell', 'input': 'moon', 'output': 'M O O N'}
+  assert ct.diagnose(ex, ' M O  O N ') == 'exact'
+  assert ct.diagnose(ex, 'm o o n') == 'layout_only'     # right separators, lower case
+  assert ct.diagnose(ex, 'MOON MOON') == 'case_only'      # capitals, doubled instead
+  assert ct.diagnose(ex, 'Moon') == 'other_family'        # title-plain
+  assert ct.diagnose(ex, 'M O O') == 'other'
+  ex = {'family': 'title-dash', 'input': 'tide', 'output': 'T-i-d-e'}
+  assert ct.diagnose(ex, 'T-I-D-E') == 'layout_only' and ct.diagnose(ex, 'Tide') == 'case_only'

@@ -28,14 +28,15 @@ def test_newcombe_difference_matches_published_interval():
 
 
 def test_score_counts_by_hand():
-  exs = [{'family': 'upper-spell', 'output': 'M O O N', 'options': ['moon', 'M O O N', 'MOON', 'm o o n']},
-         {'family': 'upper-spell', 'output': 'A B', 'options': ['A B', 'ab', 'AB', 'a b']},
-         {'family': 'lower-double', 'output': 'a a', 'options': ['a', 'a a', 'A', 'A A']}]
+  exs = [{'family': 'upper-spell', 'input': 'moon', 'output': 'M O O N', 'options': ['moon', 'M O O N', 'MOON', 'm o o n']},
+         {'family': 'upper-spell', 'input': 'ab', 'output': 'A B', 'options': ['A B', 'ab', 'AB', 'a b']},
+         {'family': 'lower-double', 'input': 'a', 'output': 'a a', 'options': ['a', 'a a', 'A', 'A A']}]
   s = composed_eval.score(exs, ['M  O O N', ' A B ', 'a'], [1, 2, 1])
   assert s['families']['upper-spell']['exact'] == 2 and s['families']['upper-spell']['choice'] == 1
   assert s['families']['lower-double']['exact'] == 0 and s['families']['lower-double']['choice'] == 1
   assert (s['pooled']['n'], s['pooled']['exact'], s['pooled']['choice']) == (3, 2, 2)
   assert s['pooled']['chance'] == 0.25
+  assert s['pooled']['diagnosis'] == {'exact': 2, 'layout_only': 0, 'case_only': 1, 'other_family': 0, 'other': 0}
 
 
 def test_bad_config_is_one_sentence_before_anything_runs(tmp_path):

@@ -8,7 +8,7 @@ import math
 import jax
 import numpy as np
 
-from data import formats, tokenizers
+from data import composed_tasks, formats, tokenizers
 from experiments.stages import sft_data, sft_eval, stage
 from lm import decode, sharding
 
@@ -78,17 +78,21 @@ def picks(params, cfg, tok, template, examples, batch: int) -> list[int]:
 
 
 def score(examples, answers_: list[str], picks_: list[int]) -> dict:
-  """Per family and pooled: exact-match and rank-classification counts, rates, intervals;
-  chance is one over the number of options."""
+  """Per family and pooled: exact-match and rank-classification counts, rates, intervals, and
+  which primitive each answer got right (composed_tasks.diagnose); chance is one over the
+  number of options."""
   fams: dict = {}
   for ex, a, p in zip(examples, answers_, picks_):
-    f = fams.setdefault(ex['family'], {'n': 0, 'exact': 0, 'choice': 0})
+    f = fams.setdefault(ex['family'], {'n': 0, 'exact': 0, 'choice': 0,
+                                       'diagnosis': dict.fromkeys(composed_tasks.DIAGNOSES, 0)})
     f['n'] += 1
+    f['diagnosis'][composed_tasks.diagnose(ex, a)] += 1
     f['exact'] += sft_eval.normalise(a) == sft_eval.normalise(ex['output'])
     f['choice'] += ex['options'][p] == ex['output']
   pooled = {'n': sum(f['n'] for f in fams.values()),
             'exact': sum(f['exact'] for f in fams.values()),
-            'choice': sum(f['choice'] for f in fams.values())}
+            'choice': sum(f['choice'] for f in fams.values()),
+            'diagnosis': {d: sum(f['diagnosis'][d] for f in fams.values()) for d in composed_tasks.DIAGNOSES}}
   for f in [*fams.values(), pooled]:
     for key in ('exact', 'choice'):
       f[f'{key}_rate'] = f[key] / max(f['n'], 1)
