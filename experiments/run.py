@@ -14,8 +14,9 @@ busy machine (a laptop, CI) a device thread that waits its turn past the default
 whole process.
 
 Exit status: 0 done; 1 with one `error: ...` line on stderr for bad input (flags, config,
-corpus, checkpoints) or a run that cannot go on; 128 + N after signal N (143 SIGTERM,
-130 SIGINT), with a checkpoint saved at the step reached: rerun the same command to continue.
+corpus, checkpoints) or a run that cannot go on (a full disk: what is full and the newest
+intact checkpoint); 128 + N after signal N (143 SIGTERM, 130 SIGINT), with a checkpoint saved
+at the step reached: rerun the same command to continue.
 """
 from __future__ import annotations
 
@@ -226,6 +227,19 @@ def check_values(config) -> None:
     validate.training(config)
 
 
+def fail(sentence: str) -> None:
+  """Exit 1 with one `error:` sentence on stderr."""
+  if not AS_PROCESS:
+    sys.exit(f'error: {sentence}')
+  # The launcher's own process: say it, then keep library threads that die with the
+  # interpreter (e.g. Orbax's reads of a checkpoint that did not fit, or its writes to a full
+  # disk) from printing pages of tracebacks after the one sentence.
+  print(f'error: {sentence}', file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+  sys.exit(1)
+
+
 def main(argv):
   del argv
   quiet_logs()
@@ -253,19 +267,19 @@ def main(argv):
     fn = registry.get(config.experiment)
   except KeyError as e:
     sys.exit(f'error: {e.args[0]}')
+  from experiments.stages import diskfull
+  if AS_PROCESS:
+    diskfull.quiet_threads(FLAGS.workdir)
   try:
     check_values(config)
     fn(config, FLAGS.workdir)
   except USER_ERRORS as e:  # bad input: one sentence, no traceback
-    if not AS_PROCESS:
-      sys.exit(f'error: {e}')
-    # The launcher's own process: say it, then keep library threads that die with the
-    # interpreter (e.g. Orbax's reads of a checkpoint that did not fit) from printing pages of
-    # tracebacks after the one sentence.
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-    sys.exit(1)
+    fail(str(e))
+  except Exception as e:    # a full disk: what is full, what is safe, how to go on
+    full = diskfull.cause(e)
+    if full is None:
+      raise
+    fail(diskfull.message(full, FLAGS.workdir))
   if jax.process_count() > 1:
     # Processes finish host-side work (evals written by process 0, plots) at different times;
     # meet here so none waits out jax.distributed's shutdown barrier timeout on a slow host.

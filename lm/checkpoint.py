@@ -138,6 +138,10 @@ class Checkpointer:
       if s > step:
         self.manager.delete(s)
 
+  def saving(self) -> bool:
+    """An async save is still being written (not final yet); does not block."""
+    return self.manager.is_saving_in_progress()
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

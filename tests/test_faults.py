@@ -1,11 +1,12 @@
-"""Faults a long run must survive, each caused on purpose: preemption (a real SIGTERM),
-non-finite updates, loss spikes (PaLM's restart-and-skip)."""
+"""Faults a long run must survive, each caused on purpose: preemption (a real SIGTERM), a
+SIGKILL mid-save, non-finite updates, loss spikes (PaLM's restart-and-skip)."""
 import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -150,3 +151,45 @@ def test_loss_spike_restores_the_last_good_checkpoint_and_skips_the_bad_batches(
   assert [b for s, b in used if s >= 11][-6:] == list(range(12, 18))
   assert max(x['loss'] for x in r[10:]) < 1.5 * np.median([x['loss'] for x in r[5:10]])
   assert Checkpointer.steps_in(os.path.join(wd, 'checkpoints'))[-1] == 16
+
+
+# SIGKILL -------------------------------------------------------------------------------------
+def whole_rows(path):
+  """The rows of a log being appended to (a line still being written is not one yet)."""
+  with open(path) as f:
+    return [json.loads(l) for l in f.read().split('\n')[:-1] if l.strip()]
+
+
+def test_sigkill_loses_no_checkpoint_step_the_log_already_shows(tiny_corpus, tmp_path):
+  """Orbax saves asynchronously; a row of metrics.jsonl at step >= N must mean checkpoint N is
+  final, so a SIGKILL right after the row (no time for the write to finish) resumes there."""
+  every = 10
+  over = {'train.steps': 3000, 'train.checkpoint_every': every}
+  wd = str(tmp_path / 'killed')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  log = tmp_path / 'first.err'
+  with open(log, 'w') as err:
+    p = subprocess.Popen([sys.executable, '-m', 'experiments.run', *flags(tiny_corpus, wd, **over)],
+                         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+  metrics = os.path.join(wd, 'metrics.jsonl')
+  try:
+    # Poll the log (no wall-clock guess): kill as soon as it shows the second checkpoint step.
+    deadline = time.monotonic() + 280
+    while time.monotonic() < deadline and p.poll() is None:
+      if os.path.exists(metrics) and any(r['step'] >= 2 * every for r in whole_rows(metrics)):
+        break
+      time.sleep(0.002)
+    p.kill()
+  finally:
+    p.wait()
+  assert p.returncode == -signal.SIGKILL, log.read_text()[-3000:]   # killed mid-run
+  shown = max(r['step'] for r in rows(wd))
+  assert shown < over['train.steps']
+  newest = Checkpointer.steps_in(os.path.join(wd, 'checkpoints'))
+  assert newest and newest[-1] >= shown // every * every >= 2 * every, (shown, newest)
+  r = subprocess.run([sys.executable, '-m', 'experiments.run',
+                      *flags(tiny_corpus, wd, **over, **{'train.stop_after': 1})],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f'resuming at step {newest[-1]}' in r.stdout
+  assert max(x['step'] for x in rows(wd)) == newest[-1] + 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import os
 import signal
 import threading
 import time
@@ -87,7 +88,22 @@ def write_config(config: ConfigDict, workdir: str, extra: dict | None = None) ->
   new['written_at'] = time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
   new['resumed_from_step'] = steps[-1] if steps else 0
   if jax.process_index() == 0:
-    paths.write_text(path, json.dumps(new, indent=2, default=str))
+    write_whole(path, json.dumps(new, indent=2, default=str))
+
+
+def write_whole(path, text: str) -> None:
+  """Write a file whole or not at all: a full disk must not leave a truncated config.json
+  (its history lost, the rerun unable to read it). A bucket replaces an object whole anyway."""
+  if paths.is_url(path):
+    paths.write_text(path, text)
+    return
+  tmp = path.with_name(path.name + '.tmp')
+  try:
+    paths.write_text(tmp, text)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+  os.replace(tmp, path)
 
 
 # XLA:CPU's collectives deadlock (a rendezvous times out and aborts the process) once
@@ -249,6 +265,8 @@ class _Loop:
     self.bar = tqdm(total=cfg.steps, initial=self.step, desc='train', unit='step',
                     dynamic_ncols=True, disable=jax.process_index() != 0)
     self.saved = run.start_step         # the last step with a checkpoint
+    self.unfinal = None                 # a step whose async save may not be final yet
+    self.held = []                      # (step, row) not logged until that save is final
     self.stop = StopSignals(cfg.get('preempt_check_every', 10))
 
   def count_skips(self, upto: int) -> None:
@@ -283,7 +301,7 @@ class _Loop:
 
   def publish(self, row_step, row) -> None:
     """Log a row, and note a loss spike (handled at the step boundary)."""
-    self.writer.write(row_step, row)
+    self.log(row_step, row)
     postfix = {'loss': f"{row['loss']:.4f}"}
     if row.get('tokens_per_sec'):
       postfix['tok/s'] = f"{row['tokens_per_sec']:,.0f}"
@@ -298,6 +316,22 @@ class _Loop:
     else:
       recent.append((row_step, loss))
 
+  def log(self, row_step, row, final: bool = False) -> None:
+    """Write rows to metrics.jsonl, but none at or after the step of an async save until that
+    save is final (held meanwhile; training goes on): a SIGKILL after the log shows step N
+    never resumes from before N. final=True: wait for the save and write every held row."""
+    if row is not None:
+      self.held.append((row_step, row))
+    if self.unfinal is not None and (final or not self.run.checkpointer.saving()):
+      try:
+        self.run.checkpointer.wait()      # returns at once, or raises the save's error:
+      except BaseException:               # then the rows it held never reach the log
+        self.held = [h for h in self.held if h[0] < self.unfinal]
+        raise
+      self.unfinal = None
+    while self.held and (self.unfinal is None or self.held[0][0] < self.unfinal):
+      self.writer.write(*self.held.pop(0))
+
   def publish_pending(self) -> None:
     if self.pending is not None:
       self.publish(self.pending[0], self.measure(*self.pending))
@@ -307,7 +341,7 @@ class _Loop:
     """PaLM's recipe: back to the newest checkpoint before the spike, skipping the batches
     that led into it (the restored position + spike_skip_batches, default: through the spike)."""
     run, spike = self.run, self.spike
-    run.checkpointer.wait()
+    self.log(None, None, final=True)
     good = [s for s in run.checkpointer.steps() if s < spike]
     if not good:
       raise TrainingError(f'The loss spiked at step {spike} (over {self.spike_k} x the median of the '
@@ -332,12 +366,13 @@ class _Loop:
     self.last_t, self.last_step = time.perf_counter(), self.step
 
   def save(self, at_step: int) -> None:
-    self.saved = at_step
+    """Start an async save (`log` holds the rows from `at_step` on until it is final)."""
+    self.saved = self.unfinal = at_step
     self.run.checkpointer.save(at_step, self.state, self.run.batches.state(),
                                {'step': at_step, **self.counts})
 
   def advance(self) -> None:
-    """One step: draw, update, then publish the previous step's row (or evaluate)."""
+    """One step: draw, update, publish the previous step's row, save, evaluate."""
     run, cfg = self.run, self.cfg
     local = next(run.batches)
     if run.transform_batch is not None:
@@ -354,6 +389,9 @@ class _Loop:
     if step == run.start_step + 1:        # keep compile time out of the throughput figures
       jax.block_until_ready(dev_metrics)
       self.last_t, self.last_step = time.perf_counter(), step
+    if self.spike is None and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0
+                                                         or step == self.end):
+      self.save(step)                     # before an evaluation: it overlaps the write
     every = run.config.eval.every    # (eval.every: one spelling across the stages)
     is_eval = run.evaluate and every and (step % every == 0 or step == cfg.steps)
     if is_eval:
@@ -366,15 +404,13 @@ class _Loop:
       self.pending = (step, dev_metrics)
 
   def steps(self) -> None:
-    """Steps up to `end`, a spike restart, a checkpoint or a stop at each boundary."""
-    cfg = self.cfg
+    """Steps up to `end` (each saving its checkpoint), a spike restart or a stop at each
+    boundary."""
     while self.step < self.end:
       self.advance()
       if self.spike is not None:
         self.restart_before_spike()
         continue
-      if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == self.end):
-        self.save(self.step)
       if self.stop.should_stop(self.step):
         break
     self.publish_pending()
@@ -391,10 +427,13 @@ class _Loop:
       self.save(self.step)               # preempted: keep the step reached
 
   def close(self) -> None:
-    """Also on errors: finish async writes, flush logs."""
+    """Also on errors: finish async writes (rows held for a save that failed stay out of the
+    log), flush logs."""
     self.bar.close()
-    self.run.checkpointer.wait()
-    self.writer.close()
+    try:
+      self.log(None, None, final=True)
+    finally:
+      self.writer.close()
 
   def report(self) -> Any:
     """The loss plot; Preempted if a signal stopped the run early, else the final state."""
