@@ -1,8 +1,9 @@
 """A GRPO iteration's rollout (generation) time, static batch (lm.decode) vs the continuous-
-batching engine (lm/engine, rollout.engine=True), side by side in one process on the same
-random weights, prompts and keys (stages/rollouts.generate: what the online loop calls).
+batching engine (lm/engine, rollout.engine=True) with pools of --slots sizes (0: a slot per
+row; rollout.engine_slots), side by side in one process on the same random weights, prompts
+and keys (stages/rollouts.generate: what the online loop calls), runs interleaved.
 
-  python -m experiments.bench_rollouts [--repeats 3] [--out FILE.json]
+  python -m experiments.bench_rollouts [--repeats 5] [--slots 0,16,32] [--out FILE.json]
 
 Two testbeds' shapes: rlhf (rlhf_pretrain's model: BPE 2048, d128 x 4 layers, context 64;
 rlhf_grpo with samples=8: 16 prompts x 8, prompts of 2-8 tokens, 24 new tokens) and arith
@@ -50,7 +51,7 @@ def pick_eos(params, cfg, prompts, width, n_new, target) -> int:
   return best
 
 
-def bench(name: str, spec: dict, repeats: int) -> dict:
+def bench(name: str, spec: dict, repeats: int, slots=(0,)) -> dict:
   cfg = ModelConfig(**spec['cfg'])
   params = model.init(cfg, jax.random.key(0))
   rng = np.random.default_rng(0)
@@ -60,13 +61,15 @@ def bench(name: str, spec: dict, repeats: int) -> dict:
   width = hi
   eos = pick_eos(params, cfg, prompts, width, spec['new'], spec['target'])
   out = {'rows': len(prompts), 'max_new_tokens': spec['new'], 'eos': eos}
+  paths = ['static'] + [f'engine_{n}' for n in slots]
   gens = {path: (lambda k, path=path: rollouts.generate(
       params, prompts, jax.random.key(k), cfg=cfg, width=width, max_new_tokens=spec['new'],
-      temperature=1.0, eos=eos, use_engine=path == 'engine')) for path in ('static', 'engine')}
+      temperature=1.0, eos=eos, use_engine=path != 'static',
+      slots=0 if path == 'static' else int(path.split('_')[1]))) for path in paths}
   for g in gens.values():
     g(1000)                                       # compile (and warm every bucket once)
   times, lengths = {p: [] for p in gens}, {p: [] for p in gens}
-  for i in range(repeats):                        # interleaved: both see the same machine load
+  for i in range(repeats):                        # interleaved: all see the same machine load
     for path, g in gens.items():
       t0 = time.perf_counter()
       ro = g(i)
@@ -77,7 +80,7 @@ def bench(name: str, spec: dict, repeats: int) -> dict:
     out[path] = {'seconds': statistics.median(t), 'all_seconds': [round(x, 4) for x in t],
                  'length_mean': float(n.mean()), 'length_min': int(n.min()), 'length_max': int(n.max()),
                  'tokens_per_sec': float(n.sum() / len(t) / statistics.median(t))}
-  out['engine_speedup'] = out['static']['seconds'] / out['engine']['seconds']
+    out[path]['speedup'] = out['static']['seconds'] / out[path]['seconds']
   return out
 
 
@@ -85,16 +88,18 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument('--repeats', type=int, default=3)
   ap.add_argument('--shapes', default='rlhf,arith')
+  ap.add_argument('--slots', default='0,16,32', help='engine pool sizes (0: a slot per row)')
   ap.add_argument('--out', default='')
   a = ap.parse_args()
   res = {'backend': jax.default_backend(), 'devices': jax.device_count()}
   for name in a.shapes.split(','):
-    res[name] = bench(name, SHAPES[name], a.repeats)
-    r = res[name]
+    res[name] = r = bench(name, SHAPES[name], a.repeats, [int(x) for x in a.slots.split(',')])
+    st = r['static']
     print(f"{name}: {r['rows']} rows x {r['max_new_tokens']} new tokens (lengths mean "
-          f"{r['static']['length_mean']:.1f}, {r['static']['length_min']}-{r['static']['length_max']}): "
-          f"static {r['static']['seconds']:.3f} s, engine {r['engine']['seconds']:.3f} s per "
-          f"iteration's generation ({r['engine_speedup']:.2f}x)", flush=True)
+          f"{st['length_mean']:.1f}, {st['length_min']}-{st['length_max']}): seconds per iteration's "
+          f"generation (median of {a.repeats}): static {st['seconds']:.3f}" + ''.join(
+              f", {p} {v['seconds']:.3f} ({v['speedup']:.2f}x)" for p, v in r.items()
+              if p.startswith('engine')), flush=True)
   if a.out:
     with open(a.out, 'w') as f:
       json.dump(res, f, indent=1)

@@ -370,7 +370,7 @@ def test_grpo_with_rule_rewards_on_arith_prompts(tmp_path, monkeypatch):
   c.reward.rules = {'answer': {'weight': 1.0, 'extract': 'flexible'},
                     'format': {'weight': 0.5, 'pattern': '[aeiou]'},
                     'length': {'weight': 0.25, 'cache': 4}}
-  c.rollout.update(prompts=4, samples=2, max_new_tokens=8)
+  c.rollout.update(prompts=4, samples=2, max_new_tokens=8, engine=False)   # the static path's prompts
   c.train.update(iterations=2, minibatches=1, checkpoint_every=2)
   c.eval.update(before=False, every=2, batch_size=4)
   wd = str(tmp_path / 'rlvr')

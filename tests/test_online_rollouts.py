@@ -24,9 +24,9 @@ def params():
   return model.init(CFG, jax.random.key(0))
 
 
-def gen(params, ps, engine, temperature=0.0, key=1, eos=9, mesh=None):
+def gen(params, ps, engine, temperature=0.0, key=1, eos=9, mesh=None, slots=0):
   return rollouts.generate(params, ps, jax.random.key(key), cfg=CFG, width=12, max_new_tokens=10,
-                           temperature=temperature, eos=eos, use_engine=engine, mesh=mesh)
+                           temperature=temperature, eos=eos, use_engine=engine, mesh=mesh, slots=slots)
 
 
 def test_engine_rollouts_equal_the_static_path_greedy(params):
@@ -37,6 +37,8 @@ def test_engine_rollouts_equal_the_static_path_greedy(params):
   np.testing.assert_array_equal(eng.tokens, static.tokens)
   np.testing.assert_array_equal(eng.mask, static.mask)
   np.testing.assert_array_equal(eng.lengths, static.lengths)
+  # a pool of 3 slots (rows join as others end, at other columns): the same rows
+  np.testing.assert_array_equal(gen(params, ps, True, slots=3).tokens, static.tokens)
   # the layout, by hand: row 1 (a 7-token prompt) sits at columns 5..11, its response from 12
   assert eng.mask[0, :5].sum() == 0 and eng.mask[0, 5:12].all()
   np.testing.assert_array_equal(eng.tokens[0, 5:12], ps[0])
@@ -54,6 +56,7 @@ def test_engine_rollouts_sampled_are_a_function_of_the_key(params):
   ps = prompts(1)
   a, b, c = (gen(params, ps, True, 1.0, key=k) for k in (5, 5, 6))
   np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_array_equal(gen(params, ps, True, 1.0, key=5, slots=3).tokens, a.tokens)
   assert (a.tokens != c.tokens).any()
   resp = a.tokens[:, 12:]
   assert any((resp[i] != resp[i + 1]).any() for i in range(0, len(ps), K))   # a group's samples differ

@@ -19,7 +19,7 @@ arguments, never constants.
 One iteration: `draw` (prompts_per_iter random training prompts, each `samples` times, and
 the iteration's keys, all from the checkpointed RNG) -> generate (stages/rollouts.py: lm.decode,
 one program per run, or with rollout.engine=True lm/engine, which prefills each prompt once for
-its k samples) -> score (one jit) -> update (one jit: algorithm.prepare, then the minibatch
+its k samples and runs rollout.engine_slots rows at a time, a row joining as another ends) -> score (one jit) -> update (one jit: algorithm.prepare, then the minibatch
 scans) -> algorithm.after on the host (e.g. PPO's KL controller). Checkpoints hold the train
 state, the algorithm's extras, the RNG and the iteration, so a resumed run continues exactly.
 Metrics rows carry the time split: time_generate, time_rules (rule rewards), time_score,
@@ -179,6 +179,8 @@ def check(config: ConfigDict, algo: Algorithm) -> None:
     if r.get('max_refills', -1) < 0:
       raise ConfigError(f"rollout.max_refills={r.get('max_refills')} must be >= 0 (refill rounds "
                         'of rollout.prompts fresh prompts each).')
+  if r.get('engine_slots', 0) < 0:
+    raise ConfigError(f"rollout.engine_slots={r.engine_slots} must be >= 0 (0: a slot per rollout row).")
   if r.max_new_tokens < 1 or not r.temperature > 0:
     raise ConfigError('rollout.max_new_tokens must be >= 1 and rollout.temperature > 0 (samples, not greedy).')
   for name in ('prompts', 'samples'):
@@ -407,7 +409,8 @@ def generate_rows(run: Run, params, idx: list, key) -> rollouts.Rollout:
   ctx, r = run.ctx, run.ctx.config.rollout
   return rollouts.generate(params, [ctx.train_ids[i] for i in idx], key, cfg=ctx.pol.cfg, width=ctx.width,
                            max_new_tokens=r.max_new_tokens, temperature=r.temperature, eos=ctx.pol.eos,
-                           use_engine=bool(r.get('engine', False)), mesh=ctx.mesh)
+                           use_engine=bool(r.get('engine', False)), mesh=ctx.mesh,
+                           slots=int(r.get('engine_slots', 0)))
 
 
 def refill_indices(run: Run, it_key, round_: int, used: set) -> list | None:

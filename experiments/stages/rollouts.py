@@ -55,12 +55,13 @@ def request_seeds(key, n: int) -> np.ndarray:
 
 def generate(params, prompts: Sequence[np.ndarray], key, *, cfg, width: int, max_new_tokens: int,
              temperature: float, eos: int | None, use_engine: bool = False, mesh=None,
-             sync_every: int = 8) -> Rollout:
+             sync_every: int = 8, slots: int = 0) -> Rollout:
   """Rows for `prompts` (each at most `width` tokens); temperature 0 is greedy; eos None: none."""
   eos_ids = () if eos is None else (eos,)
   if use_engine:
     return _engine_rows(params, prompts, key, cfg=cfg, width=width, n_new=max_new_tokens,
-                        temperature=temperature, eos_ids=eos_ids, sync_every=sync_every)
+                        temperature=temperature, eos_ids=eos_ids, sync_every=sync_every,
+                        slots=slots)
   toks, pmask = decode.left_pad(prompts, width)
   s = decode.SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=0)
   gen = decode.generate_padded(params, toks, pmask, key, cfg, s, mesh=mesh)
@@ -69,13 +70,14 @@ def generate(params, prompts: Sequence[np.ndarray], key, *, cfg, width: int, max
                  np.asarray(jax.device_get(gen.lengths), np.int32))
 
 
-def _engine_rows(params, prompts, key, *, cfg, width, n_new, temperature, eos_ids, sync_every):
-  """One engine with a slot per row (the static batch's cache memory, W+N columns a slot); a
-  fresh engine per iteration: its prefix LRU holds KV of the params it was built with."""
+def _engine_rows(params, prompts, key, *, cfg, width, n_new, temperature, eos_ids, sync_every, slots):
+  """One engine of `slots` rows (0: one per row, the static batch's cache memory; fewer: rows
+  join as others end, each slot W+N columns); a fresh engine per iteration: its prefix LRU
+  holds KV of the params it was built with."""
   b = len(prompts)
   # The k samples of a prompt are adjacent: an LRU of 2 prompts serves them from one prefill.
-  eng = engine.Engine(params, cfg, slots=b, max_len=width + n_new, sync_every=sync_every,
-                      prefix_cache=2)
+  eng = engine.Engine(params, cfg, slots=min(slots or b, b), max_len=width + n_new,
+                      sync_every=sync_every, prefix_cache=2)
   seeds = request_seeds(key, b)
   reqs = [engine.Request(prompt=[int(t) for t in np.asarray(p).reshape(-1)], max_tokens=n_new,
                          eos_ids=eos_ids, temperature=temperature, seed=int(s))
