@@ -108,13 +108,17 @@ def tune(config: ConfigDict, base: str, workdir: str, k: int, seed: int, held: d
     return _json(done)
   os.makedirs(sub, exist_ok=True)
   families = ct.training_families(k, seed)
-  path = os.path.join(sub, 'train.jsonl')
-  with open(path, 'w') as f:
-    for ex in ct.training_set(families, config.study.train_examples, seed):
-      f.write(json.dumps({key: ex[key] for key in ('instruction', 'input', 'output')}) + '\n')
+  trained = os.path.join(sub, 'trained.json')   # SFT finished: only the evaluation is redone
   t0 = time.time()
-  registry.get('sft')(sft_config(config, base, path, seed), sub)
-  train_s = time.time() - t0
+  if not os.path.exists(trained):
+    path = os.path.join(sub, 'train.jsonl')
+    with open(path, 'w') as f:
+      for ex in ct.training_set(families, config.study.train_examples, seed):
+        f.write(json.dumps({key: ex[key] for key in ('instruction', 'input', 'output')}) + '\n')
+    registry.get('sft')(sft_config(config, base, path, seed), sub)
+    _json(trained, {'sft_s': time.time() - t0})
+  train_s = _json(trained)['sft_s']
+  t0 = time.time() - train_s
   seen = {'seen': ct.examples(families, config.study.seen_eval_per_family, 'eval', config.study.eval_seed)}
   scores = _evaluate(config, sub, {**held, **seen})
   losses = [m['loss'] for m in runlog.read(os.path.join(sub, 'metrics.jsonl')) if 'loss' in m]
