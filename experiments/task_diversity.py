@@ -259,6 +259,11 @@ def plot(results: dict, path: str) -> str:
       hi = [r[c][f'{key}_ci'][1] - y_ for y_, r in zip(y, rows)]
       ax.errorbar(ks, y, yerr=[lo, hi], marker='o', capsize=3, label=label, color=colour)
       ax.axhline(base[c][f'{key}_rate'], ls=':', color=colour, alpha=0.7)
+    if key == 'exact':   # the run's own families on held-out words: what there is to compose
+      y = [r['seen']['exact_rate'] for r in rows]
+      ax.errorbar(ks, y, yerr=[[y_ - r['seen']['exact_ci'][0] for y_, r in zip(y, rows)],
+                               [r['seen']['exact_ci'][1] - y_ for y_, r in zip(y, rows)]],
+                  marker='s', capsize=3, ls='--', color='tab:green', label='trained families')
     if key == 'choice':
       ax.axhline(results['chance'], ls='--', color='grey', label='chance')
     ax.plot([], [], ls=':', color='k', label='pretrained base')
@@ -269,6 +274,7 @@ def plot(results: dict, path: str) -> str:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
   axes[0].set_ylabel('accuracy (95% Wilson interval, seeds pooled)')
+  axes[0].legend(fontsize=8)
   axes[1].legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
