@@ -5,6 +5,7 @@ The disk is not filled: the OSError is raised where the write happens (Orbax's a
 TensorBoard's writer threads, the config write), through a small launcher wrapper."""
 import errno
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -154,3 +155,22 @@ def test_full_disk_errors_are_found_by_errno_or_by_tensorstores_text(tmp_path):
   assert diskfull.message(OSError(errno.ENOSPC, 'x'), str(tmp_path / 'new')) == (
       f'no space left on the device holding {tmp_path / "new"}; no checkpoint had been saved '
       'yet; free some space and rerun the same command.')
+
+
+def test_log_records_about_a_full_disk_are_dropped_and_others_kept():
+  quiet = diskfull.QuietFullDisk()
+
+  def record(msg, exc=None):
+    return logging.LogRecord('absl', logging.ERROR, __file__, 1, msg, None,
+                             (type(exc), exc, None) if exc else None)
+  try:
+    try:
+      raise OSError(errno.ENOSPC, 'No space left on device', '/run/x')
+    except OSError as e:
+      raise RuntimeError('commit failed') from e
+  except RuntimeError as e:
+    wrapped = e
+  assert not quiet.filter(record('Failed to run 5 Handler Commit operations', wrapped))
+  assert not quiet.filter(record("Error writing: ... [os_error_code='28']"))
+  assert quiet.filter(record('Failed to run 5 Handler Commit operations', ValueError('bad shape')))
+  assert quiet.filter(record('an unrelated warning'))

@@ -69,7 +69,8 @@ def message(exc: BaseException, workdir: str) -> str:
              f'same command: it resumes from step {steps[-1]}')
   else:
     saved = 'no checkpoint had been saved yet; free some space and rerun the same command'
-  return f'{"disk quota exceeded" if quota else "no space left"} on the device holding {place}; {saved}.'
+  what = 'disk quota exceeded' if quota else 'no space left'
+  return f'{what} on the device holding {place}; {saved}.'
 
 
 class QuietFullDisk(logging.Filter):
@@ -77,10 +78,8 @@ class QuietFullDisk(logging.Filter):
   traceback, from its threads): the launcher's one sentence says it once."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    text = record.getMessage()
-    if record.exc_info and record.exc_info[1] is not None:
-      text += ' ' + str(record.exc_info[1])
-    return not is_full(text)
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (is_full(record.getMessage()) or cause(exc) is not None)
 
 
 def quiet_threads(workdir: str) -> None:
