@@ -49,10 +49,11 @@ def workload(n: int, k: int, seed: int = 0):
   return cfg, docs, tok, corpus
 
 
-def quick_start_model(tok, max_len: int):
+def quick_start_model(tok, max_len: int, init_std: float = 0.02):
   from lm.config import ModelConfig
   return ModelConfig(vocab_size=tok.vocab_size, d_model=128, n_layers=4, n_heads=4,
-                     max_seq_len=max_len, use_bias=False, activation='gelu', tie_embeddings=True)
+                     max_seq_len=max_len, use_bias=False, activation='gelu', tie_embeddings=True,
+                     init_std=init_std)
 
 
 def train(params, cfg, tok, corpus: str, steps: int, batch: int = 8, seq: int = 512, lr=3e-3):
@@ -89,9 +90,17 @@ def main(argv=None):
   ap.add_argument('--batch', type=int, default=16)
   ap.add_argument('--train_steps', type=int, default=0)
   ap.add_argument('--max_len', type=int, default=1024)
+  # Mixed lengths without training: a random model (init_std 0.3: peaked, varied next-token
+  # distributions) with a common character as one more stop string ends rows at random places.
+  ap.add_argument('--init_std', type=float, default=0.02)
+  ap.add_argument('--extra_stop', default='')
+  ap.add_argument('--max_new', type=int, default=256)
   a = ap.parse_args(argv)
   task, docs, tok, corpus = workload(a.n, a.k)
-  cfg = quick_start_model(tok, a.max_len)
+  task.generation.max_new_tokens = a.max_new
+  if a.extra_stop:
+    task.generation.until = tuple(task.generation.until) + (a.extra_stop,)
+  cfg = quick_start_model(tok, a.max_len, a.init_std)
   params = model.init(cfg, jax.random.key(0))
   print(f'model: {sum(x.size for x in jax.tree.leaves(params)):,} params; {len(docs)} requests, '
         f'prompts {min(len(tok.encode(d["prompt"])) for d in docs)}-'
