@@ -12,7 +12,7 @@ Each path runs twice (compile, then timed); prints wall seconds, answer tokens/s
 up to each answer's stop, the same work for both), tokens computed, and whether the
 outputs and the engine's shared head agree.
 
-Measured (CPU, 2 cores shared with other jobs, load average ~15; 6c4d27f):
+Measured (CPU, 2 cores shared with other jobs, load average ~15; the first at 6c4d27f, the second at a529698):
   --n 64 --k 2 --batch 16 --max_len 512 --max_new 128 --init_std 0.3 --extra_stop .
     answers 0-97 tokens (median 18); static 29.6 s, engine 16.8 s (1.76x), outputs equal
     64 of 64; shared head 311 tokens for 45 prompts (the rest truncated or first_n's own)
