@@ -3,7 +3,8 @@ batching engine (lm/engine, rollout.engine=True) with pools of --slots sizes (0:
 row; rollout.engine_slots), side by side in one process on the same random weights, prompts
 and keys (stages/rollouts.generate: what the online loop calls), runs interleaved.
 
-  python -m experiments.bench_rollouts [--repeats 5] [--slots 0,16,32] [--out FILE.json]
+  python -m experiments.run --config=experiments/configs/bench_rollouts.py --workdir=/tmp/bench_rollouts \
+      [--config.repeats=5] [--config.slots=0,16,32]      (writes WORKDIR/bench_rollouts.json)
 
 Two testbeds' shapes: rlhf (rlhf_pretrain's model: BPE 2048, d128 x 4 layers, context 64;
 rlhf_grpo with samples=8: 16 prompts x 8, prompts of 2-8 tokens, 24 new tokens) and arith
@@ -14,8 +15,8 @@ whose sampled frequency (in a run without EOS) makes the mean response length ne
 """
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import statistics
 import time
 
@@ -84,26 +85,18 @@ def bench(name: str, spec: dict, repeats: int, slots=(0,)) -> dict:
   return out
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument('--repeats', type=int, default=3)
-  ap.add_argument('--shapes', default='rlhf,arith')
-  ap.add_argument('--slots', default='0,16,32', help='engine pool sizes (0: a slot per row)')
-  ap.add_argument('--out', default='')
-  a = ap.parse_args()
+def run(config, workdir: str) -> dict:
+  slots = [int(x) for x in str(config.slots).split(',')]
   res = {'backend': jax.default_backend(), 'devices': jax.device_count()}
-  for name in a.shapes.split(','):
-    res[name] = r = bench(name, SHAPES[name], a.repeats, [int(x) for x in a.slots.split(',')])
+  for name in str(config.shapes).split(','):
+    res[name] = r = bench(name, SHAPES[name], config.repeats, slots)
     st = r['static']
     print(f"{name}: {r['rows']} rows x {r['max_new_tokens']} new tokens (lengths mean "
           f"{st['length_mean']:.1f}, {st['length_min']}-{st['length_max']}): seconds per iteration's "
-          f"generation (median of {a.repeats}): static {st['seconds']:.3f}" + ''.join(
+          f"generation (median of {config.repeats}): static {st['seconds']:.3f}" + ''.join(
               f", {p} {v['seconds']:.3f} ({v['speedup']:.2f}x)" for p, v in r.items()
               if p.startswith('engine')), flush=True)
-  if a.out:
-    with open(a.out, 'w') as f:
-      json.dump(res, f, indent=1)
-
-
-if __name__ == '__main__':
-  main()
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'bench_rollouts.json'), 'w') as f:
+    json.dump(res, f, indent=1)
+  return res

@@ -11,6 +11,7 @@ EXPERIMENTS: dict[str, str] = {
     'bench_data': 'experiments.bench_data:run',
     'bench_decode': 'experiments.bench_decode:run',
     'bench_rl': 'experiments.bench_rl:run',
+    'bench_rollouts': 'experiments.bench_rollouts:run',
     'scaling_sweep': 'experiments.sweep:run',
     'scaling_fit': 'experiments.fit:run',
     'ablate_arch': 'experiments.ablate:run',

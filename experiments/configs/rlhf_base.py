@@ -43,7 +43,11 @@ def online(experiment: str) -> ConfigDict:
       prompts=16,                     # training prompts per iteration (drawn at random)
       samples=1,                      # responses per prompt (the group of GRPO / RLOO)
       max_new_tokens=24,              # truncation; rows without eos are "missing EOS"
-      temperature=1.0))               # sampling AND every log-prob (ratios, KL) use it
+      temperature=1.0,                # sampling AND every log-prob (ratios, KL) use it
+      engine=False,                   # True: generate through lm/engine (continuous batching)
+      engine_slots=0,                 # engine: rows at a time (0: one slot per row)
+      dynamic_sampling=False,         # DAPO: drop all-equal groups, refill (GRPO/RLOO, rules)
+      max_refills=3))                 # dynamic_sampling: refill rounds at most
   c.kl = ConfigDict(dict(
       coef=0.05,                      # strength of the KL to the reference (PPO: beta)
       estimator='k1',                 # k1 (log-ratio) | k3

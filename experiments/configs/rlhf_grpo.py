@@ -13,10 +13,6 @@ from experiments.configs import rlhf_base
 def get_config():
   c = rlhf_base.online('grpo')
   c.rollout.update(prompts=16, samples=4)   # 16 prompts x a group of 4 responses
-  c.rollout.engine = False          # True: generate through lm/engine (prefix shared per group)
-  c.rollout.engine_slots = 0        # the engine's pool: 0 a slot per row | fewer: rows join as others end
-  c.rollout.dynamic_sampling = False  # DAPO: drop all-equal groups, refill with fresh prompts
-  c.rollout.max_refills = 3         # refill rounds (of rollout.prompts prompts) at most
   c.kl.update(coef=0.04, estimator='k3')    # per token, in the loss
   c.loss = ConfigDict(dict(
       clip_eps=0.2,          # the ratio clip
