@@ -13,6 +13,11 @@ two option-copying families: cloze_options (one listed word fills the blank) and
 Writing any listed title exactly is worth 0.25 on `play`; which one is right needs knowing the
 play.
 
+Not reproduced: issue 25's fresh-clone run of the three commands (quiet 2 cores) gave `play`
+0.000 exact match after both stages (0/40; rank classification 0.175 -> 0.325, chance 0.25),
+spelling 0.000 -> 0.975 -> 1.000, seen families 0.139 -> 0.193. The table below is from an
+earlier session's machine and commit and is kept as a record, not as an expected figure.
+
 Measured from the 800-step sft_works run (2 shared CPU cores: 1500 steps 26 min, eval 3 min;
 exact match of greedy answers on held-out plays, 40 examples per family, eval.json; the `play`
 rows on 200 examples (greedy answers dumped per example): 'option' = the answer is a listed option):
