@@ -63,14 +63,18 @@ def run_iterations(workdir: str, *, start: int, end: int, total: int, desc: str,
       while it < end:
         row = iterate(it)
         it += 1
-        writer.write(it, row)
-        bar.update(1)
-        bar.set_postfix({k: format(row[k], f) for k, f in postfix.items() if k in row})
         if evaluate and ((eval_every and it % eval_every == 0) or it == total):
           evaluate(it)
         if (checkpoint_every and it % checkpoint_every == 0) or it == end:
           save(it)
           saved = it
+          # metrics.jsonl never shows an iteration whose checkpoint is not final: after a
+          # SIGKILL the rerun resumes from the last checkpointed iteration the log shows (an
+          # iteration is long, so waiting for the async save costs little).
+          checkpointer.wait()
+        writer.write(it, row)
+        bar.update(1)
+        bar.set_postfix({k: format(row[k], f) for k, f in postfix.items() if k in row})
         if stop.should_stop(it):
           break
     if stop.signum is not None and saved != it:

@@ -35,8 +35,9 @@ class MetricsWriter:
     if not self.enabled:
       return
     if resume_step is not None and self.path.exists():
+      # a last line cut short (a full disk, a kill mid-append) is dropped, not parsed
       rows = [l for l in paths.read_text(self.path).splitlines(keepends=True)
-              if l.strip() and json.loads(l)['step'] <= resume_step]
+              if l.strip() and l.endswith('\n') and json.loads(l)['step'] <= resume_step]
       paths.write_text(self.path, ''.join(rows))
     elif self.path.exists():
       self.path.unlink()  # a fresh run (no checkpoint) starts a fresh log
