@@ -96,6 +96,21 @@ def test_demo_ids_logged_and_prompt_built(tmp_path):
   assert docs[0]['prompt'].count('####') == 2
 
 
+def test_fewshot_from_a_separate_file_keeps_the_demo_with_the_same_id(tmp_path):
+  """A demonstration file numbers its records from 0 like the evaluated one: demo '0' is not
+  document '0', so with fewshot.path every document gets the file's first k (first_n)."""
+  lines = [json.loads(l) for l in open(GSM8K)]
+  demo = tmp_path / 'demos.jsonl'
+  demo.write_text(''.join(json.dumps({'question': f'Demo question {i}?', 'answer': f'So {i}.\n#### {i}'}) + '\n'
+                          for i in range(3)))
+  cfg = eval_tasks.preset('gsm8k', path=GSM8K, fewshot=dict(k=2, sampler='first_n', path=str(demo)))
+  docs, _ = eval_tasks.load(cfg)
+  assert len(docs) == len(lines)
+  for d in docs:
+    assert d['prompt'].startswith('Question: Demo question 0?'), d['id']
+    assert d['prompt'].count('Demo question') == 2
+
+
 def test_bad_input_fails_at_start_up_in_one_sentence(tmp_path):
   with pytest.raises(CorpusError, match='does not exist|No such|not found|exist'):
     eval_tasks.load(eval_tasks.preset('gsm8k', path=str(tmp_path / 'missing.jsonl')))

@@ -181,7 +181,8 @@ def load(cfg: ConfigDict, tokenizer=None) -> tuple[list[dict], dict]:
   if k and any(not isinstance(d['query'], str) for d in docs + pool):
     raise ConfigError(f'Task {cfg.name}: few-shot demos need text prompts; this template gives '
                       'token ids (chat): set fewshot.k=0 or a text template.')
-  sampler = fewshot.Sampler(pool, k, cfg.fewshot.sampler, cfg.fewshot.seed)
+  sampler = fewshot.Sampler(pool, k, cfg.fewshot.sampler, cfg.fewshot.seed,
+                            same_pool=not cfg.fewshot.path)
   for d in docs:
     demos = [pool[i] for i in sampler.demos(d)]
     d['demo_ids'] = [x['id'] for x in demos]

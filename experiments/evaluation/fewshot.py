@@ -7,7 +7,9 @@
   bm25            the k pool documents nearest to the query by BM25 (the `bm25s` package),
                   the nearest placed last (closest to the query)
 
-The evaluated document is never its own demo (matched by id, and by identical query text).
+The evaluated document is never its own demo: matched by identical query text and, when the
+pool is the evaluated split itself (same_pool=True), by id. A separate demonstration file
+numbers its records from 0 too, so there an id says nothing about identity.
 """
 from __future__ import annotations
 
@@ -23,17 +25,20 @@ def _rng(seed: int, doc_id: str):
   return np.random.default_rng([seed, zlib.crc32(str(doc_id).encode())])
 
 
-def _others(pool: Sequence[dict], doc: dict) -> list[int]:
-  return [i for i, d in enumerate(pool) if d['id'] != doc['id'] and d['query'] != doc['query']]
+def _others(pool: Sequence[dict], doc: dict, by_id: bool = True) -> list[int]:
+  return [i for i, d in enumerate(pool)
+          if (not by_id or d['id'] != doc['id']) and d['query'] != doc['query']]
 
 
 class Sampler:
   """demos(doc) -> list of pool indices (k of them, or all there are)."""
 
-  def __init__(self, pool: Sequence[dict], k: int, how: str = 'random', seed: int = 0):
+  def __init__(self, pool: Sequence[dict], k: int, how: str = 'random', seed: int = 0,
+               same_pool: bool = True):
     if how not in SAMPLERS:
       raise ValueError(how)
     self.pool, self.k, self.how, self.seed = list(pool), k, how, seed
+    self.same_pool = same_pool
     if how == 'bm25' and k and self.pool:
       import bm25s
       self._bm25s = bm25s
@@ -44,7 +49,7 @@ class Sampler:
   def demos(self, doc: dict) -> list[int]:
     if not self.k:
       return []
-    others = _others(self.pool, doc)
+    others = _others(self.pool, doc, by_id=self.same_pool)
     k = min(self.k, len(others))
     if self.how == 'first_n':
       return others[:k]
