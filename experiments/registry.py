@@ -10,6 +10,7 @@ EXPERIMENTS: dict[str, str] = {
     'bench_train': 'experiments.bench:run',
     'bench_data': 'experiments.bench_data:run',
     'bench_decode': 'experiments.bench_decode:run',
+    'bench_engine': 'experiments.bench_engine:run',
     'bench_rl': 'experiments.bench_rl:run',
     'bench_rollouts': 'experiments.bench_rollouts:run',
     'scaling_sweep': 'experiments.sweep:run',

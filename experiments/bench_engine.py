@@ -1,28 +1,29 @@
 """generate_until's two paths side by side in one process: static batches vs the engine.
 
-  python -m experiments.evaluation.bench_engine [--n 64] [--k 4] [--batch 16] [--train_steps 0]
+  python -m experiments.run --config=experiments/configs/bench_engine.py --workdir=/tmp/bench_engine \
+      [--config.n=64] [--config.k=4] [--config.batch=16] [--config.train_steps=0]
 
 The workload: the `gsm8k` preset (until 'Question:' / '\\n\\n', 256 new tokens) over n
 generated arithmetic word problems in GSM8K format (data/arith.py), k demonstrations from
 another file (one few-shot head for every prompt), on a character model the size of the
 README's quick start (d_model 128, 4 layers, 4 heads; context 1024 so the head fits).
-`--train_steps N` first trains it N AdamW steps on problems in that format, so answers end at
+`train_steps=N` first trains it N AdamW steps on problems in that format, so answers end at
 their own lengths (random weights rarely produce a stop string: every row runs 256 tokens).
 Each path runs twice (compile, then timed); prints wall seconds, answer tokens/s (tokens
 up to each answer's stop, the same work for both), tokens computed, and whether the
 outputs and the engine's shared head agree.
 
-Measured (CPU, 2 cores shared with other jobs, load average ~15; the first at 6c4d27f, the second at a529698):
-  --n 64 --k 2 --batch 16 --max_len 512 --max_new 128 --init_std 0.3 --extra_stop .
+Measured (CPU, 2 cores shared with other jobs, load average ~15; the first at 6c4d27f, the second at a529698,
+then as `python -m experiments.evaluation.bench_engine --KEY VALUE`, the same keys):
+  k=2 batch=16 max_len=512 max_new=128 init_std=0.3 extra_stop=.
     answers 0-97 tokens (median 18); static 29.6 s, engine 16.8 s (1.76x), outputs equal
     64 of 64; shared head 311 tokens for 45 prompts (the rest truncated or first_n's own)
-  --n 64 --k 4 --batch 16 --train_steps 300
+  k=4 batch=16 train_steps=300
     2 of 64 answers end before 256 tokens (the model has not learned to stop): static
     177.5 s, engine 206.5 s (0.86x), outputs equal 64 of 64; shared head 627 tokens for 60
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -91,19 +92,9 @@ def train(params, cfg, tok, corpus: str, steps: int, batch: int = 8, seq: int = 
   return params
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser()
-  ap.add_argument('--n', type=int, default=64)
-  ap.add_argument('--k', type=int, default=4)
-  ap.add_argument('--batch', type=int, default=16)
-  ap.add_argument('--train_steps', type=int, default=0)
-  ap.add_argument('--max_len', type=int, default=1024)
-  # Mixed lengths without training: a random model (init_std 0.3: peaked, varied next-token
-  # distributions) with a common character as one more stop string ends rows at random places.
-  ap.add_argument('--init_std', type=float, default=0.02)
-  ap.add_argument('--extra_stop', default='')
-  ap.add_argument('--max_new', type=int, default=256)
-  a = ap.parse_args(argv)
+def run(config, workdir: str) -> dict:
+  a = config
+  os.makedirs(workdir, exist_ok=True)
   task, docs, tok, corpus = workload(a.n, a.k)
   task.generation.max_new_tokens = a.max_new
   if a.extra_stop:
@@ -150,7 +141,11 @@ def main(argv=None):
         f"tokens {stats.get('prefill_tokens')} (prompts total "
         f"{sum(len(tok.encode(d['prompt'])) for d in docs) * 2}, both runs), "
         f"decode calls {stats.get('decode_calls')}")
-
-
-if __name__ == '__main__':
-  main()
+  summary = {'speedup': results[False, 'timed']['wall'] / results[True, 'timed']['wall'],
+             'outputs_equal': same, 'requests': len(lengths),
+             'seconds': {('engine' if e else 'static') + '_' + rep: results[e, rep]['wall']
+                         for e in (False, True) for rep in ('compile', 'timed')},
+             'shared_head_tokens': head, 'shared_head_requests': members}
+  with open(os.path.join(workdir, 'bench_engine.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+  return summary
