@@ -44,12 +44,12 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from experiments.evaluation import sandbox
-from experiments.stages import compiled, iterations, online_report, policy, stage, trainer
+from experiments.stages import compiled, gold_model, iterations, online_report, policy, stage, trainer
 from lm import checkpoint as ckpt_lib
 from lm import compiled as programs_lib
 from lm import decode, model, paths, peft, sharding, train as train_lib
 from lm.config import ConfigError
-from rl import common, gold, rewards, rollout
+from rl import common, rewards, rollout
 
 POSTFIX = {'gold': '+.3f', 'proxy': '+.3f', 'kl': '.3f', 'tokens_per_sec': ',.0f'}
 
@@ -210,7 +210,7 @@ def check(config: ConfigDict, algo: Algorithm) -> None:
   if config.peft.method not in ('none', 'lora'):
     raise ConfigError(f'peft.method={config.peft.method!r}: online RL trains the full policy (none) or '
                       'LoRA (whose reference is the base without adapters); choose none or lora.')
-  gold.check(config.eval.gold)
+  gold_model.check(config.eval.gold)
   algo.check(config)
 
 
@@ -446,7 +446,9 @@ def iterate(run: Run, state, extras, rng, frozen):
   state, extras, um = run.update(state, extras, batch, frozen, jax.random.fold_in(it_key, 1))
   um = jax.device_get(um)
   t3 = time.perf_counter()
-  g = gold.score(texts if texts is not None else policy.texts_of(ctx.pol, gen), ctx.config.eval.gold)
+  g = gold_model.scorer(ctx.config.eval.gold, ctx.mesh)(
+      [ctx.train_examples[i]['prompt'] for i in idx],
+      texts if texts is not None else policy.texts_of(ctx.pol, gen))
   t4 = time.perf_counter() + time_rules
   row = {**{k: float(v) for k, v in m.items()}, 'gold': float(g.mean()), **ruled,
          **{(f'{k}_loss' if k in m else k): float(v) for k, v in um.items() if k != 'tokens'},
