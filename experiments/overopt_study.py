@@ -245,8 +245,9 @@ def run(config: ConfigDict, workdir: str):
   names = list(proxies)
   bon = chain('bon', bon_config(c, sft, [proxies[n]['dir'] for n in names], gold))
   ppo = {}
-  for n in names:
-    every = c.ppo.all_betas_for == 'all' or n == single or proxies[n]['kind'] != 'single'
+  # the smallest proxy and its ensembles first (the over-optimisation claims), then the axes
+  for n in sorted(names, key=lambda n: (n != single, proxies[n]['kind'] == 'single')):
+    every = c.ppo.all_betas_for == 'all' or n == single
     for beta in (c.ppo.betas if every else [b for b in c.ppo.betas if b == 0]):
       ppo[(n, float(beta))] = chain(f'ppo/{n}_b{beta:g}', ppo_config(c, sft, proxies[n]['dir'], gold, beta))
 

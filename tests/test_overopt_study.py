@@ -17,7 +17,7 @@ from lm.config import ConfigError
 def tiny():
   c = study_config.get_config()
   c.pretrain.steps, c.policy.sft_steps = 10, 10
-  c.gold.update(prompts=120, steps=10, size=(32, 1, 2))
+  c.gold.update(prompts=240, steps=10, batch_size=8, size=(32, 1, 2))
   c.proxy.update(sizes=((8, 1, 1), (16, 1, 2)), size=(16, 1, 2), data=(40, 80), n_data=80, steps=5)
   c.ensemble.update(members=2, combines=('mean',))
   c.bon.update(prompts=4, samples=8)

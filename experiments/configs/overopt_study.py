@@ -54,8 +54,8 @@ def get_config():
   c.bon = ConfigDict(dict(prompts=32, samples=256, batch_size=256))
   c.ppo = ConfigDict(dict(
       betas=(0.0, 0.02, 0.1),     # kl.coef: 0 and two > 0
-      # every beta for: all proxies | smallest (the smallest single proxy and its ensembles;
-      # the others at beta 0 only, the setting the size / data fits use)
+      # every beta for: all proxies | smallest (the smallest single proxy; the others, the
+      # ensembles included, at beta 0 only: the setting the size / data fits use)
       all_betas_for='smallest',
       iterations=12, every=3, prompts=32, minibatches=2, epochs=2, lr=3e-4, eval_prompts=64))
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
