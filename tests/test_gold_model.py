@@ -123,3 +123,18 @@ def test_label_noise_is_seeded_and_exact():
   assert all(sorted(a[i]['ranks']) == sorted(orig[i]['ranks']) for i in changed)
   assert a == b and a != c
   assert preferences.add_label_noise(recs(), 0.0, seed=0) == 0
+
+
+def test_bon_scores_each_response_after_its_own_prompt(dirs):
+  from experiments import bon
+  from experiments.configs import rlhf_bon
+  d, pol, rm = dirs
+  c = rlhf_bon.get_config()
+  c.init_from, c.reward_from, c.eval.gold = pol, rm, 'model:' + rm
+  c.prompts.n_eval = 4
+  c.rollout.update(samples=4, max_new_tokens=6, batch_size=16)
+  res = bon.run(c, str(d / 'bon'))
+  best = next(iter(res['series'].values()))['best_samples']
+  assert len({b['prompt'] for b in best}) == 3
+  want = by_hand(rm, [b['prompt'] for b in best], [b['response'] for b in best])
+  np.testing.assert_allclose([b['gold'] for b in best], want, rtol=1e-4, atol=1e-4)
