@@ -51,7 +51,7 @@ def resolve(config: ConfigDict) -> ConfigDict:
                     [(f'proxy.sizes[{i}]', s) for i, s in enumerate(c.proxy.sizes)]:
     if len(size) != 3 or size[0] % size[2]:
       raise ConfigError(f'{name}={tuple(size)}: a size is (d_model, n_layers, n_heads) with n_heads dividing d_model.')
-  if max(c.proxy.data) > c.gold.prompts or c.proxy.n_data > max(c.proxy.data):
+  if max(c.proxy.data) >= c.gold.prompts or c.proxy.n_data > max(c.proxy.data):
     raise ConfigError(f'proxy.data={tuple(c.proxy.data)}, proxy.n_data={c.proxy.n_data}: n_data must be one of '
                       'the data sizes (or below the largest), and the gold must see more labels than any proxy '
                       f'(gold.prompts={c.gold.prompts}).')

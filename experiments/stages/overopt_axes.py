@@ -114,7 +114,8 @@ def analyse(workdir: str, proxies: dict, axis_names: dict, bon_dir: str, ppo: di
                             'ensemble': r['series'][m].get(k) if k != 'beta' else r['series'][m]['fit_gold'].get('beta')}
                         for k in ('gold_drop', 'gold_peak_gain', 'gold_last_gain', 'd_max', 'beta')}
                     for m in methods if m in r['series'] and m in s['series']}
-  out = {'gold_rm': gold_rm, 'gold_rm_heldout_accuracy': (_json(os.path.join(gold_rm, 'eval.json')).get('reward_model') or {}).get('accuracy')
+  used = _json(os.path.join(gold_rm, 'config.json'))['resolved']['data']['used']
+  out = {'gold_rm': gold_rm, 'gold_rm_groups': used, 'gold_rm_heldout_accuracy': (_json(os.path.join(gold_rm, 'eval.json')).get('reward_model') or {}).get('accuracy')
          if os.path.exists(os.path.join(gold_rm, 'eval.json')) else None,
          'methods': methods, 'proxies': table, 'axes': axes, 'ensembles': ensembles,
          'forms': {'bon': 'R(d) = d (alpha - beta d)', 'rl': 'R(d) = d (alpha - beta log d)'}}
@@ -123,7 +124,8 @@ def analyse(workdir: str, proxies: dict, axis_names: dict, bon_dir: str, ppo: di
 
 
 def summary(out: dict) -> str:
-  rows = [f'gold RM held-out pair accuracy (VADER labels): {out["gold_rm_heldout_accuracy"]}',
+  rows = [f'gold RM held-out pair accuracy (VADER labels): {out["gold_rm_heldout_accuracy"]} '
+          f'(groups with a comparison: {out["gold_rm_groups"]})',
           f'{"proxy":<26} {"params":>8} {"data":>5} {"acc":>6} {"method":<9} {"pts":>3} {"d_max":>6} '
           f'{"peak":>7} {"@d":>5} {"last":>7} {"drop":>6} {"alpha":>8} {"beta":>8} {"R2":>6} {"p.alpha":>8} {"p.beta":>8} {"down":>5}']
   for n, r in out['proxies'].items():
