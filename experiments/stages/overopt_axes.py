@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from experiments.stages import online_report, overopt_fit
+from rl import bon as bon_lib
 
 OUT = 'study.json'
 
@@ -57,6 +58,23 @@ def bon_points(bon_dir: str) -> dict[str, list[dict]]:
           for s in res['series'].values()}
 
 
+def bon_bootstrap(bon_dir: str, draws: int = 200, seed: int = 0) -> dict[str, dict]:
+  """{absolute RM dir: standard errors over prompts (resampled with replacement) of the gold's
+  fall from its peak n to the largest n, and of the gold gained at the largest n}: how much of
+  a peak-then-fall the held-out prompts can resolve."""
+  res = _json(os.path.join(bon_dir, 'results.json'))
+  z = np.load(os.path.join(bon_dir, 'scores.npz'))
+  g, ns, rng = z['gold'], res['ns'], np.random.default_rng(seed)
+  idx = [rng.integers(0, len(g), len(g)) for _ in range(draws)]
+  out = {}
+  for i, s in enumerate(res['series'].values()):
+    p = z[f'proxy_{i}']
+    curves = np.array([[q['gold'] for q in bon_lib.curve(p[j], g[j], None, ns)] for j in idx])
+    out[os.path.abspath(s['reward_from'])] = {'fall_se': float(np.std(curves.max(1) - curves[:, -1])),
+                                             'gain_se': float(np.std(curves[:, -1] - curves[:, 0]))}
+  return out
+
+
 def ppo_points(ppo_dir: str) -> list[dict]:
   rows = online_report.read(ppo_dir)['evals']
   return [dict(iteration=r['iteration'], kl=r['kl'], d=math.sqrt(max(r['kl'], 0.0)), gold=r['gold'],
@@ -82,6 +100,7 @@ def analyse(workdir: str, proxies: dict, axis_names: dict, bon_dir: str, ppo: di
   """proxies {name: {dir, size, data, kind[, single]}}; axis_names {'size' | 'data': [names]};
   ppo {(name, beta): workdir}."""
   bon = bon_points(bon_dir)
+  boot = bon_bootstrap(bon_dir)
   methods = ['bon'] + [f'ppo_b{b:g}' for b in sorted({b for _, b in ppo})]
   table = {}
   for name, p in proxies.items():
@@ -90,7 +109,7 @@ def analyse(workdir: str, proxies: dict, axis_names: dict, bon_dir: str, ppo: di
     how = p['kind'].split('_', 1)[1] if p['kind'] != 'single' else None   # an ensemble's combination
     acc = ((ev.get('combined') or {}).get(how) or ev.get('reward_model') or {}).get('accuracy')
     row = {**p, 'params': cfg['resolved']['params'], 'heldout_accuracy': acc, 'series': {}}
-    row['series']['bon'] = series_stats(bon[os.path.abspath(p['dir'])], 'bon')
+    row['series']['bon'] = {**series_stats(bon[os.path.abspath(p['dir'])], 'bon'), **boot[os.path.abspath(p['dir'])]}
     for (n, b), d in ppo.items():
       if n == name:
         row['series'][f'ppo_b{b:g}'] = series_stats(ppo_points(d), 'rl')
@@ -137,7 +156,8 @@ def summary(out: dict) -> str:
       rows.append(f'{n[:26]:<26} {r["params"]:>8,} {r["data"]:>5} {acc if acc is None else round(acc, 3)!s:>6} '
                   f'{m:<9} {len(s["points"]):>3} {s["d_max"]:>6.2f} {s["gold_peak_gain"]:>+7.3f} '
                   f'{s["gold_peak_d"]:>5.2f} {s["gold_last_gain"]:>+7.3f} {drop} {g(f, "alpha")} {g(f, "beta")} '
-                  f'{f.get("r2", float("nan")):>6.3f} {g(fp, "alpha")} {g(fp, "beta")} {str(s["turns_down"]):>5}')
+                  f'{f.get("r2", float("nan")):>6.3f} {g(fp, "alpha")} {g(fp, "beta")} {str(s["turns_down"]):>5}' +
+                  (f'  (bootstrap se: fall {s["fall_se"]:.3f}, gain {s["gain_se"]:.3f})' if 'fall_se' in s else ''))
   for axis, a in out['axes'].items():
     rows.append(f'{axis} axis: {a["proxies"]} at x = {a["x"]}')
     for k, v in a['coefficients'].items():
