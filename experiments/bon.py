@@ -25,11 +25,10 @@ from tqdm import tqdm
 
 from experiments.stages import reward_model
 from experiments.stages import runlog
-from experiments.stages import policy, trainer
+from experiments.stages import gold_model, policy, trainer
 from lm import paths, sharding
 from lm.config import ConfigError
 from rl import bon as bon_lib
-from rl import gold
 
 RESULTS = 'results.json'
 SCORES = 'scores.npz'
@@ -51,7 +50,7 @@ def check(config: ConfigDict) -> list[str]:
   if config.rollout.temperature != 1.0:
     print(f'note: rollout.temperature={config.rollout.temperature}: KL_bon is measured from the temperature-'
           f'{config.rollout.temperature} sampling distribution, not from the policy itself.')
-  gold.check(config.eval.gold)
+  gold_model.check(config.eval.gold)
   return dirs
 
 
@@ -86,7 +85,7 @@ def run(config: ConfigDict, workdir: str):
     bar.update(len(gen.lengths))
   bar.close()
   sample_s = time.time() - t0
-  g = gold.score(responses, config.eval.gold).reshape(P, N)
+  g = gold_model.scorer(config.eval.gold, mesh)([t for t in texts for _ in range(N)], responses).reshape(P, N)
   proxy = [np.concatenate(p).reshape(P, N) for p in proxies]
   buf = io.BytesIO()   # then written through epath: the workdir may be a bucket (gs://)
   np.savez(buf, gold=g, **{f'proxy_{i}': p for i, p in enumerate(proxy)},

@@ -33,7 +33,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from data import formats, pipeline, sources
-from experiments.stages import online_report, policy, reward_data, stage, trainer
+from experiments.stages import gold_model, online_report, policy, reward_data, stage, trainer
 from experiments.stages.preference_loss import make_loss
 from lm import paths, sharding, train as train_lib
 from lm.config import ConfigError
@@ -61,6 +61,7 @@ def check(config: ConfigDict) -> None:
     raise ConfigError(f'data.max_k={d.max_k}: a preference needs at least 2 responses per prompt.')
   if not d.path:
     raise ConfigError('dpo needs --config.data.path=FILE (preferences.jsonl or hh-rlhf JSON lines).')
+  gold_model.check(config.eval.gold)
 
 
 # Pairs -------------------------------------------------------------------------------------

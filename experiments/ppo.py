@@ -72,7 +72,9 @@ class PPO(online.Algorithm):
     axes = {'value': {'trunk': model.logical_axes(rm.cfg), 'head': heads.logical_axes(rm.cfg, 1)}}
     init = lambda k: {'value': {'trunk': model.init(rm.cfg, k), 'head': heads.init(rm.cfg, 1, k)}}
     # (stage.build copies initial params into the train state: no buffer is shared)
-    initial = lambda: {'value': {'trunk': _plain(rm.params['trunk']), 'head': rm.params['head']}}
+    # an ensemble RM (params with a leading member axis): the critic starts from member 0
+    rp = rm.params if rm.members == 1 else jax.tree.map(lambda x: x[0], rm.params)
+    initial = lambda: {'value': {'trunk': _plain(rp['trunk']), 'head': rp['head']}}
     return base.with_trainable(axes, init, initial)
 
   def extras(self, ctx):

@@ -28,6 +28,7 @@ EXPERIMENTS: dict[str, str] = {
     'preferences': 'experiments.preferences:run',
     'bon': 'experiments.bon:run',
     'overoptimisation': 'experiments.overoptimisation:run',
+    'overopt_study': 'experiments.overopt_study:run',
     'label': 'experiments.label:run',
     'serve': 'experiments.serve:run',
     'ppo': 'experiments.ppo:run',

@@ -18,7 +18,7 @@ from experiments.configs import rlhf_grpo, rlhf_rloo
 from experiments.stages import online, stage, trainer
 from lm import sharding
 from lm.config import ConfigError
-from rl import pg
+from rl import gold, pg
 from tests import rl_fixtures, rl_reference as ref
 
 
@@ -295,14 +295,14 @@ def test_sigterm_mid_run_saves_and_the_rerun_continues_exactly(runs, straight, m
   """A real SIGTERM during iteration 2: the run saves at 2 and exits 143; the same command
   again runs only iteration 3 and ends where the straight run did."""
   wd = str(runs['dir'] / 'preempted')
-  real, calls = online.gold.score, []
+  real, calls = gold.score, []
 
   def score(texts, kind):   # the gold of each iteration's rollouts (no held-out evals here)
     calls.append(kind)
     if len(calls) == 2:
       os.kill(os.getpid(), signal.SIGTERM)
     return real(texts, kind)
-  monkeypatch.setattr(online.gold, 'score', score)
+  monkeypatch.setattr(gold, 'score', score)   # the VADER gold (experiments/stages/gold_model.py) calls it
   with pytest.raises(trainer.Preempted) as e:
     rloo.run(config(runs), wd)
   assert e.value.code == 143 and e.value.step == 2

@@ -16,6 +16,7 @@ def get_config():
   c.init_from = 'runs/rlhf/sft'
   c.prompts = rlhf_base.prompts()
   c.rollout = rlhf_base.sampling(samples=4, batch_size=64)   # samples ranked per prompt (InstructGPT: 4-9)
-  c.eval = ConfigDict(dict(gold='vader'))                     # rl/gold.GOLDS: the labeller
+  c.eval = ConfigDict(dict(gold='vader'))   # the labeller: vader | vader_neg | model:DIR (a reward run)
+  c.label_noise = 0.0                       # share of rankings permuted at random (seeded; Coste: 0.25)
   c.mesh = rlhf_base.mesh()
   return c

@@ -57,13 +57,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from experiments.stages import (compiled, iterations, online_report, policy, rollouts, sandbox_rules,
-                                stage, trainer)
+from experiments.stages import (compiled, gold_model, iterations, online_report, policy, rollouts,
+                                sandbox_rules, stage, trainer)
 from lm import checkpoint as ckpt_lib
 from lm import compiled as programs_lib
 from lm import decode, model, paths, peft, sharding, train as train_lib
 from lm.config import ConfigError
-from rl import common, gold, rewards, rollout
+from rl import common, rewards, rollout
 
 POSTFIX = {'gold': '+.3f', 'proxy': '+.3f', 'kl': '.3f', 'tokens_per_sec': ',.0f'}
 
@@ -198,7 +198,7 @@ def check(config: ConfigDict, algo: Algorithm) -> None:
   if config.peft.method not in ('none', 'lora'):
     raise ConfigError(f'peft.method={config.peft.method!r}: online RL trains the full policy (none) or '
                       'LoRA (whose reference is the base without adapters); choose none or lora.')
-  gold.check(config.eval.gold)
+  gold_model.check(config.eval.gold)
   algo.check(config)
 
 
@@ -442,6 +442,7 @@ class Sampled:
   totals: np.ndarray | None      # [rows] their rule totals (None: reward model)
   keep: np.ndarray | None        # [rows] 0 for all-equal groups that only fill the batch
   texts: list                    # every generated response (all rounds)
+  idx: list                      # each of those rows' training prompt (index into train_ids)
   scores: rewards.Scores | None  # every generated row's rule rewards
   stats: dict                    # dynamic sampling's counts
   time_generate: float = 0.0
@@ -456,7 +457,7 @@ def sample_rows(run: Run, params, idx: list, it_key) -> Sampled:
   on what there is: all-equal groups fill the rest with keep 0 (out of the loss), and says so."""
   ctx, r = run.ctx, run.ctx.config.rollout
   dynamic = bool(r.get('dynamic_sampling', False))
-  parts, used, round_, times = [], set(), 0, [0.0, 0.0]
+  parts, used, round_, times, all_idx = [], set(), 0, [0.0, 0.0], []
   while True:
     t0 = time.perf_counter()
     # round 0 keeps the key it always had; refills' from fold_in(it_key, 3)
@@ -468,6 +469,7 @@ def sample_rows(run: Run, params, idx: list, it_key) -> Sampled:
     times[0], times[1] = times[0] + t1 - t0, times[1] + time.perf_counter() - t1
     parts.append((ro, texts, sc, all_equal_groups(ctx, sc.total, ro) if dynamic else None))
     used.update(idx)
+    all_idx += idx
     if not dynamic or sum(int((~p[3]).sum()) for p in parts) >= r.prompts or round_ >= r.max_refills:
       break
     round_ += 1
@@ -478,7 +480,7 @@ def sample_rows(run: Run, params, idx: list, it_key) -> Sampled:
   scores = merge_scores([p[2] for p in parts]) if ctx.rules else None
   if not dynamic:
     ro, _, sc, _ = parts[0]
-    return Sampled(ro, None if sc is None else sc.total, None, all_texts, scores, {}, *times)
+    return Sampled(ro, None if sc is None else sc.total, None, all_texts, all_idx, scores, {}, *times)
   k = r.samples
   ro_all = rollouts.Rollout.concat([p[0] for p in parts])
   equal = np.concatenate([p[3] for p in parts])
@@ -493,7 +495,7 @@ def sample_rows(run: Run, params, idx: list, it_key) -> Sampled:
     tqdm.write(f'dynamic sampling: {n_inf} of {r.prompts} groups informative after {round_} refill '
                f'rounds (rollout.max_refills={r.max_refills}); training on those {n_inf}, the '
                f'{r.prompts - n_inf} all-equal groups that fill the batch leave the loss.')
-  return Sampled(ro_all.take(rows), scores.total[rows], keep, all_texts, scores, stats, *times)
+  return Sampled(ro_all.take(rows), scores.total[rows], keep, all_texts, all_idx, scores, stats, *times)
 
 
 def merge_scores(parts: list) -> rewards.Scores:
@@ -524,7 +526,8 @@ def iterate(run: Run, state, extras, rng, frozen):
   state, extras, um = run.update(state, extras, batch, frozen, jax.random.fold_in(it_key, 1))
   um = jax.device_get(um)
   t3 = time.perf_counter()
-  g = gold.score(s.texts, ctx.config.eval.gold)
+  g = gold_model.scorer(ctx.config.eval.gold, ctx.mesh)(
+      [ctx.train_examples[i]['prompt'] for i in s.idx], s.texts)
   t4 = time.perf_counter()
   total = s.time_generate + s.time_rules + (t4 - t1)
   row = {**{k: float(v) for k, v in m.items()}, 'gold': float(g.mean()),

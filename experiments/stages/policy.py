@@ -24,11 +24,11 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from data import arith, formats, openings, tokenizers
-from experiments.stages import reward_model, stage
+from experiments.stages import gold_model, reward_model, stage
 from lm import model, peft
 from lm import compiled, decode, paths
 from lm.config import ConfigError, ModelConfig
-from rl import gold, rollout
+from rl import rollout
 
 
 @dataclasses.dataclass
@@ -190,7 +190,8 @@ def evaluate(params, ref, pol: Policy, prompts: Sequence[np.ndarray], key, *, ma
              temperature: float = 1.0, keep: int = 8) -> dict:
   """Held-out report of a policy: one sample per prompt at `temperature`.
 
-  gold / proxy are means over prompts (proxy: the reward model's normalised score, if given),
+  gold / proxy are means over prompts (gold_kind: a kind of experiments/stages/gold_model.py;
+  proxy: the reward model's normalised score, if given),
   kl the mean of log pi - log pi_ref over the samples (0 for the reference itself),
   eos_rate the share of responses that ended before max_new_tokens. `keep` samples return
   as text for the log."""
@@ -204,7 +205,8 @@ def evaluate(params, ref, pol: Policy, prompts: Sequence[np.ndarray], key, *, ma
     eos.append(np.asarray(rollout.has_eos(gen.tokens, gen.mask, pol.eos)))
     if reward is not None:
       proxy.append(np.asarray(reward(*gen.sequences())))
-  g = gold.score(texts, gold_kind)
+  # the prompts as text (the gold model reads prompt + continuation, as the reward stage does)
+  g = gold_model.scorer(gold_kind, mesh)([pol.tok.decode([int(t) for t in p]) for p in prompts], texts)
   out = {'gold': float(g.mean()), 'gold_stderr': float(g.std() / np.sqrt(len(g))),
          'kl': float(np.concatenate(kls).mean()), 'length': float(np.concatenate(lens).mean()),
          'eos_rate': float(np.concatenate(eos).mean()), 'prompts': len(texts),
