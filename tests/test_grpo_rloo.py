@@ -388,6 +388,9 @@ def test_grpo_with_rule_rewards_on_arith_prompts(tmp_path, monkeypatch):
   ev = [json.loads(l) for l in open(os.path.join(wd, 'eval.jsonl'))]
   assert ev[-1]['iteration'] == 2 and 'reward/answer' in ev[-1]
   assert ev[-1]['proxy'] == pytest.approx(ev[-1]['reward/total'], abs=1e-6)
+  # no reference is held while training (kl.coef=0), yet the held-out KL is measured against
+  # the starting policy, not taken as 0 (the over-optimisation plots' x axis)
+  assert ev[-1]['kl'] > 0 and ev[-1]['sqrt_kl'] == pytest.approx(np.sqrt(ev[-1]['kl']))
   gens = [g for g in seen['prompts'] if len(g[0]) == 8][:2]   # the 2 iterations' 8 rows (then evals)
   for (toks, pmask), (tok, prompts) in zip(gens, seen['examples'][:2]):
     assert [tok.decode([int(t) for t, m in zip(r, mr) if m]) for r, mr in zip(toks, pmask)] == prompts

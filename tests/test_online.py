@@ -16,6 +16,9 @@ class Closed:
   def close(self):
     self.closed = True
 
+  def wait(self):       # run_iterations waits for a save before logging its iteration
+    pass
+
 
 def _loop(workdir, start, end, total, signal_at=None, calls=None, **kw):
   calls = calls if calls is not None else {'iterate': [], 'eval': [], 'save': []}

@@ -596,7 +596,12 @@ def run(config: ConfigDict, workdir: str, algo: Algorithm) -> dict:
     params = live['state'].params
     n_new = e.max_new_tokens or config.rollout.max_new_tokens
     reward, ruled = held_out_reward(ctx, frozen, n_new)
-    rep = policy.evaluate(r.trees.generation(params, frozen), frozen.get('reference'), ctx.pol,
+    # kl.coef = 0 holds no reference while training; the held-out KL (the over-optimisation
+    # plots' x axis) still needs it: restored for the evaluation only, then dropped.
+    ref = frozen.get('reference')
+    if ref is None:
+      ref = ctx.pol.source.restore_params(ctx.mesh, ctx.pol.cfg)
+    rep = policy.evaluate(r.trees.generation(params, frozen), ref, ctx.pol,
                           ctx.eval_ids, eval_key, max_new_tokens=n_new, gold_kind=e.gold,
                           reward=reward, mesh=ctx.mesh, batch=e.batch_size,
                           temperature=config.rollout.temperature)
