@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from experiments.stages import iterations, trainer
+from experiments.stages import iterations, online_report, trainer
 
 
 class Closed:
@@ -80,3 +80,16 @@ def test_eval_log_keeps_rows_up_to_the_resumed_iteration(tmp_path):
   assert [json.loads(l)['iteration'] for l in open(tmp_path / iterations.EVAL_FILE)] == [0, 2]
   assert iterations.EvalLog(str(tmp_path), 0).rows == []  # a fresh run starts a new file
   assert (tmp_path / iterations.EVAL_FILE).read_text() == ''
+
+
+def test_results_split_every_logged_phase_including_rule_rewards(tmp_path):
+  """results.json's seconds per iteration carry the rule rewards' time (a sandbox can be most
+  of an iteration) and the whole iteration; the first, compiling, iteration is left out."""
+  rows = [{'step': i, 'loss': 0.0, 'proxy': 0.0, 'gold': 0.0, 'kl': 0.0, 'tokens_per_sec': 10.0,
+           'time_generate': g, 'time_rules': r, 'time_score': 1.0, 'time_update': 2.0,
+           'time_reward': 0.5, 'time_iteration': g + r + 3.5}
+          for i, (g, r) in enumerate([(90.0, 90.0), (4.0, 20.0), (6.0, 22.0)], 1)]
+  (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(x) + '\n' for x in rows))
+  out = online_report.finish(str(tmp_path), 'grpo', 0, 3, 3, [])
+  assert out['seconds_per_iteration'] == {'generate': 5.0, 'rules': 21.0, 'score': 1.0, 'update': 2.0,
+                                          'reward': 0.5, 'iteration': 29.5}

@@ -36,8 +36,10 @@ def finish(workdir: str, stage: str, start: int, it: int, total: int, evals: lis
   path = paths.path(workdir) / 'metrics.jsonl'
   rows = runlog.read(path) if path.exists() else []
   timed = rows[1:] or rows          # the first iteration compiles
+  # every phase a row carries (time_rules: the rule rewards, e.g. a sandbox), and the whole
   split = {k[len('time_'):]: float(np.mean([r[k] for r in timed])) for k in
-           ('time_generate', 'time_score', 'time_update', 'time_reward')} if rows else {}
+           ('time_generate', 'time_rules', 'time_score', 'time_update', 'time_reward',
+            'time_iteration') if all(k in r for r in timed)} if rows else {}
   results = {'stage': stage, 'iterations': it, 'started_at': start,
              'before': evals[0] if evals and evals[0]['iteration'] == 0 else None,
              'after': evals[-1] if evals else None, 'evals': evals,
