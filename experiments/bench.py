@@ -18,8 +18,9 @@ XLA:CPU library flags (XLA_FLAGS, set before the process starts; measured at 315
     every dot whose LHS contracts its last dim (forward and input-gradient dots, plus some
     elementwise ops); the weight-gradient dots (LHS contracting dim 0) stay plain Eigen dots
     under every flag. '=dot' narrows YNN to dots, '=' turns YNN off: losses equal to 1e-6,
-    tokens/s unchanged within noise (baby, best of 2 per run: ours 7.9k/8.0k default, 7.0k/7.8k '=dot', 7.8k/8.3k off; d512 in a quiet window, side by side
-    with nanoGPT: 0.82x default, 0.84x YNN off).
+    tokens/s unchanged within noise (baby, best of 2 per run: ours 7.9k/8.0k default,
+    7.0k/7.8k '=dot', 7.8k/8.3k off; d512 side by side with nanoGPT in one quiet window:
+    0.82x default, 0.84x YNN off).
   So the remaining gap to torch is in the transposed (weight-gradient) dots, not a flag.
 """
 from __future__ import annotations
