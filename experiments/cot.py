@@ -37,7 +37,7 @@ from experiments.stages import stage
 from lm import sharding
 from experiments import registry
 from data import arith, sources, tokenizers
-from experiments.evaluation import answers, prompting, sandbox
+from experiments.evaluation import prompting, sandbox
 from lm.config import ConfigError
 
 STYLES = ('direct', 'cot', 'zero_shot_cot', 'pal')
@@ -68,13 +68,7 @@ def check(config: ConfigDict) -> None:
     raise ConfigError(f'data.ablation={d.ablation!r}; choose one of {arith.ABLATIONS}.')
   if p.k < 0 or p.max_new_tokens < 1 or p.direct_tokens < 1:
     raise ConfigError('prompt.k must be >= 0 and prompt.max_new_tokens, prompt.direct_tokens >= 1.')
-  if not answers.check(p.extract):
-    raise ConfigError(f'prompt.extract={p.extract!r} is not an extractor; use strict, flexible, '
-                      'first_line or regex:PATTERN.')
-  try:
-    p.question.format(question='q')
-  except (KeyError, IndexError, ValueError):
-    raise ConfigError(f'prompt.question={p.question!r} must be a format string with {{question}} only.') from None
+  prompting.check_prompt(p.extract, p.question)
   if 'self_consistency' in config.methods:
     s = config.sc
     if s.n < 1 or s.temperature <= 0 or not s.ks or any(not 1 <= k <= s.n for k in s.ks):

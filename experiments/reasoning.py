@@ -26,7 +26,7 @@ import types
 from ml_collections import ConfigDict
 
 from data import arith, sources, tokenizers
-from experiments.evaluation import answers, builtin, eval_model, prompting
+from experiments.evaluation import builtin, eval_model, prompting
 from experiments.stages import passk, reasoning_report, stage
 from lm import paths, sharding
 from lm.config import ConfigError
@@ -60,13 +60,7 @@ def check(config: ConfigDict) -> None:
                       f'and sampling.max_k={s.max_k} >= 0 (0: up to n).')
   if p.k < 0 or p.max_new_tokens < 1:
     raise ConfigError(f'prompt.k={p.k} must be >= 0 and prompt.max_new_tokens={p.max_new_tokens} >= 1.')
-  if not answers.check(p.extract):
-    raise ConfigError(f'prompt.extract={p.extract!r} is not an extractor; use strict, flexible, '
-                      'first_line or regex:PATTERN.')
-  try:
-    p.question.format(question='q')
-  except (KeyError, IndexError, ValueError):
-    raise ConfigError(f'prompt.question={p.question!r} must be a format string with {{question}} only.') from None
+  prompting.check_prompt(p.extract, p.question)
 
 
 # 2. Problems -------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ class _Checkpointer:
     self.waits.append((self.saved[-1], self.rows()))
 
   def close(self):
-    pass
+    self.closed = True
 
 
 def test_the_log_shows_an_iteration_only_after_its_checkpoint_is_final(tmp_path):

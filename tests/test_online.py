@@ -16,8 +16,8 @@ class Closed:
   def close(self):
     self.closed = True
 
-  def wait(self):       # run_iterations waits for a save before logging its iteration
-    pass
+  def wait(self):
+    """run_iterations waits for a save before logging its iteration; nothing to wait for here."""
 
 
 def _loop(workdir, start, end, total, signal_at=None, calls=None, **kw):

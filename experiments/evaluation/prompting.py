@@ -29,6 +29,7 @@ import dataclasses
 from typing import Any, Sequence
 
 from experiments.evaluation import answers, metrics, sandbox
+from lm.config import ConfigError
 
 METHODS = ('direct', 'cot', 'zero_shot_cot', 'self_consistency', 'pal')
 
@@ -74,6 +75,17 @@ class Generation:
          'temperature': self.temperature, 'top_k': self.top_k}
     d.update(over)
     return d
+
+
+def check_prompt(extract: str, question: str) -> None:
+  """Start-up errors of a prompt's answer extractor and question template (one sentence each)."""
+  if not answers.check(extract):
+    raise ConfigError(f'prompt.extract={extract!r} is not an extractor; use strict, flexible, '
+                      'first_line or regex:PATTERN.')
+  try:
+    question.format(question='q')
+  except (KeyError, IndexError, ValueError):
+    raise ConfigError(f'prompt.question={question!r} must be a format string with {{question}} only.') from None
 
 
 def from_gsm8k(docs: Sequence[dict]) -> list[dict]:
