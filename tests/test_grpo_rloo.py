@@ -455,6 +455,39 @@ def test_prompt_sources_arith_and_jsonl(tmp_path):
     policy.prompt_examples(c, 'train')
 
 
+def test_prompt_shots_are_the_labs_demonstrations_and_never_trained_on(tmp_path):
+  """prompts.shots=k: the first k training problems, written out by hand here in the CoT
+  testbed's layout, precede every train and held-out prompt; the RL prompts are the problems
+  after them; the same k-shot prompt the reasoning lab builds (prompt.k=k)."""
+  from data import arith
+  from experiments.configs import rlvr_arith
+  from experiments.evaluation import prompting
+  from experiments.stages import policy
+  c = rlvr_arith.get_config()
+  c.prompts.update(n_train=20, n_eval=5, shots=2)
+  train, held = policy.prompt_examples(c, 'train'), policy.prompt_examples(c, 'eval')
+  probs = arith.generate(22, seed=0, split='train', steps=(1, 3), digits=(1, 1))
+  demo = ''.join(f"Q: {p['question']}\nA:\n{p['rationale']}\n#### {p['final']}\n\n" for p in probs[:2])
+  assert [e['question'] for e in train] == [p['question'] for p in probs[2:]]
+  assert train[0]['prompt'] == demo + f"Q: {probs[2]['question']}\nA:\n"
+  assert all(e['prompt'] == demo + f"Q: {e['question']}\nA:\n" for e in held)
+  assert not {p['question'] for p in probs[:2]} & {e['question'] for e in held}
+  lab, _ = prompting.build_prompt(None, prompting.Format(), probs[:2], held[0], 'cot', 96)
+  assert held[0]['prompt'] == lab
+  path = tmp_path / 'gsm.jsonl'
+  recs = arith.to_gsm8k(arith.generate(6, seed=1))
+  path.write_text(''.join(json.dumps(r) + '\n' for r in recs))
+  c.prompts.update(source='jsonl', path=str(path), n_train=3, n_eval=2, shots=1)
+  train, held = policy.prompt_examples(c, 'train'), policy.prompt_examples(c, 'eval')
+  r0 = recs[0]['answer'].rsplit('####', 1)
+  assert [e['question'] for e in train] == [r['question'] for r in recs[1:4]]
+  assert held[1]['prompt'] == (f"Q: {recs[0]['question']}\nA:\n{r0[0].strip()}\n#### {r0[1].strip()}\n\n"
+                               + c.prompts.template.format(question=recs[5]['question']))
+  c.prompts.update(source='openings')
+  with pytest.raises(ConfigError, match='prompts.shots=1: use 0, or a positive count'):
+    policy.prompt_examples(c, 'train')
+
+
 def test_rule_reward_update_on_8_devices_equals_1(tmp_path):
   """reward.kind='rules': the host's scores enter the scoring jit as frozen['rule_scores'];
   one scored and updated rollout on 8 devices equals 1 (as for the reward-model runs)."""

@@ -33,7 +33,8 @@ def get_config():
       path='',
       n_train=4000, n_eval=128, seed=0,
       steps=(1, 3), digits=(1, 1), ops='+-',
-      template='Q: {question}\nA:\n'))      # the cot_arith CoT query
+      template='Q: {question}\nA:\n',       # the cot_arith CoT query
+      shots=0))                             # worked demonstrations before it (training problems)
   c.reward.update(kind='rules')
   c.reward.rules = ConfigDict(dict(
       answer=ConfigDict(dict(weight=1.0, extract='strict', field='answer')),

@@ -24,7 +24,8 @@ def get_config():
       source='jsonl', path='',              # the GSM8K-format file (required)
       n_train=100000, n_eval=64, seed=0,
       steps=(1, 3), digits=(1, 1), ops='+-',   # unused with jsonl (arith's knobs)
-      template="Question: {question}\nAnswer: Let's think step by step.\n"))
+      template="Question: {question}\nAnswer: Let's think step by step.\n",
+      shots=0))   # the file's first records as 'Q: ...\nA:\n<solution>' demonstrations before it
   c.reward.rules.answer.extract = 'strict'
   c.reward.missing_eos_penalty = 0.0
   c.rollout.update(prompts=8, samples=8, max_new_tokens=256, temperature=1.0)

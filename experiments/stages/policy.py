@@ -24,6 +24,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from data import arith, formats, openings, tokenizers
+from experiments.evaluation import prompting
 from experiments.stages import gold_model, reward_model, stage
 from lm import model, peft
 from lm import compiled, decode, paths
@@ -63,34 +64,64 @@ def prompt_examples(config: ConfigDict, split: str) -> list[dict]:
     arith     data/arith.py's generated GSM8K-format problems (question, answer '...#### N',
               final, steps, digits, id); held-out problems never repeat a training question;
               prompts.{steps, digits, ops} set their size, prompts.template the layout
+              and prompts.shots the worked demonstrations before it (the first training
+              problems, then not trained on; the reasoning lab's prompt.k layout)
     jsonl     a GSM8K-format JSON-lines file prompts.path ({question, answer, ...} per line):
               the last prompts.n_eval records are held out, the first prompts.n_train of the
-              rest train
+              rest train (after prompts.shots demonstrations, which come first)
   """
   d = config.prompts
   n = d.n_train if split == 'train' else d.n_eval
+  shots = int(d.get('shots', 0))
+  if shots < 0 or (shots and d.source == 'openings'):
+    raise ConfigError(f'prompts.shots={shots}: use 0, or a positive count of worked demonstrations '
+                      f'with prompts.source=arith or jsonl (they have rationales).')
   if d.source == 'openings':
     return [dict(o) for o in openings.openings(split, n, tuple(d.words), seed=d.seed)]
   if d.source == 'arith':
     try:
-      train = arith.generate(d.n_train, seed=d.seed, split='train', steps=tuple(d.steps),
+      train = arith.generate(d.n_train + shots, seed=d.seed, split='train', steps=tuple(d.steps),
                              digits=tuple(d.digits), ops=d.ops)
       out = train if split == 'train' else arith.generate(
           d.n_eval, seed=d.seed, split='test', steps=tuple(d.steps), digits=tuple(d.digits), ops=d.ops,
           exclude=[t['question'] for t in train])
     except arith.ArithError as e:
       raise ConfigError(str(e)) from None
-    return [{**p, 'prompt': d.template.format(question=p['question'])} for p in out]
+    demos, train = train[:shots], train[shots:]
+    out = train if split == 'train' else out
+    return [{**p, 'prompt': _demos(demos) + d.template.format(question=p['question'])} for p in out]
   if d.source == 'jsonl':
     records = _jsonl(d.path)
     held, rest = records[len(records) - d.n_eval:], records[:len(records) - d.n_eval]
+    demos, rest = rest[:shots], rest[shots:]
     out = rest[:d.n_train] if split == 'train' else held
-    if not out:
+    if shots and len(demos) < shots or not out:
       raise ConfigError(f'prompts.path={d.path} leaves no {split} prompts ({len(records)} records, '
                         f'prompts.n_eval={d.n_eval} held out).')
-    return [{'id': r.get('id', f'{split}-{i}'), **r, 'prompt': d.template.format(question=r['question'])}
+    try:
+      demos = [{'question': r['question'], **_gsm8k_solution(r['answer'])} for r in demos]
+    except (KeyError, TypeError):
+      raise ConfigError(f'prompts.shots={shots} needs an "answer" ("rationale ... #### N") in each of '
+                        f'the first {shots} records of {d.path}.') from None
+    return [{'id': r.get('id', f'{split}-{i}'), **r,
+             'prompt': _demos(demos) + d.template.format(question=r['question'])}
             for i, r in enumerate(out)]
   raise ConfigError(f'prompts.source={d.source!r} is not known; choose one of {PROMPT_SOURCES}.')
+
+
+def _demos(demos: Sequence[dict]) -> str:
+  """Worked demonstrations before the query, laid out as the CoT testbed's documents and the
+  reasoning lab's prompt.k (prompting.Format's cot style: question, rationale, '#### N')."""
+  fmt = prompting.Format()
+  return ''.join(fmt.demo(e, 'cot') + fmt.sep for e in demos)
+
+
+def _gsm8k_solution(answer: str) -> dict:
+  """A GSM8K answer ('rationale lines\\n#### N') as {'rationale', 'final'}."""
+  head, mark, final = answer.rpartition('####')
+  if not mark:
+    raise KeyError('####')
+  return {'rationale': head.strip(), 'final': final.strip().replace(',', '')}
 
 
 def _jsonl(path: str) -> list[dict]:
