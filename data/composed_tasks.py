@@ -19,6 +19,15 @@ the 'paraphrased at test time' condition. Words are lowercase words from the wor
 letters), split by a hash into training and evaluation words, so held-out inputs are never
 trained on. Everything is a pure function of (seed, arguments).
 
+GRIDS['wide'] (grid='wide' in every function below; the default is the 3 x 4 grid above) is
+5 cases x 7 layouts = 35 families, made so that a layout is only "what goes between the
+letters", independent of the case: cases lower | upper | title | last (last letter capital) |
+alternate (every second letter capital: 'mOoN'), layouts plain | space | dash | dot | comma |
+underscore | slash (' - . , _ /', all characters of the works, so in the pretrained character
+vocabulary). Its HELD_OUT is again a diagonal, one family per case (lower-space, upper-dash,
+title-dot, last-comma, alternate-underscore): 30 seen families, each primitive of a held-out
+family in 4 to 6 of them. Its examples carry 'grid': 'wide' (diagnose reads it).
+
 (Tried first, on the same model: four listed words, a selector of one of them by position x
 five transforms; a 104k-parameter character model tuned 1000 steps on all 16 seen families
 copied no selected word exactly, 0.000 on seen and held-out families: selecting by counting
@@ -26,6 +35,7 @@ commas is out of reach at this scale, so the selection primitive was dropped.)
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import re
@@ -63,43 +73,116 @@ PHRASINGS = {
 }
 
 
+WIDE_CASES = ('lower', 'upper', 'title', 'last', 'alternate')
+WIDE_LAYOUTS = ('plain', 'space', 'dash', 'dot', 'comma', 'underscore', 'slash')
+# Every layout but 'double' is a separator written between the letters.
+SEPARATORS = {'plain': '', 'spell': ' ', 'space': ' ', 'dash': '-', 'dot': '.', 'comma': ',',
+              'underscore': '_', 'slash': '/'}
+
+# The wide grid's layout phrases name the separator in one shared frame, so the separator word
+# is the only thing that tells one layout from another; again train and test share no phrase.
+WIDE_PHRASINGS = {
+    'train': {
+        'lower': PHRASINGS['train']['lower'],
+        'upper': PHRASINGS['train']['upper'],
+        'title': PHRASINGS['train']['title'],
+        'last': (' with a capital last letter', ' ending in a capital'),
+        'alternate': (' in alternating case', ' with every second letter a capital'),
+        'plain': PHRASINGS['train']['plain'],
+        'space': ('Write the word{c} with spaces between letters.', 'Spell the word{c}, letter by letter.'),
+        'dash': ('Write the word{c} with dashes between letters.', 'Join the letters of the word{c} by hyphens.'),
+        'dot': ('Write the word{c} with dots between letters.', 'Join the letters of the word{c} by full stops.'),
+        'comma': ('Write the word{c} with commas between letters.', 'Join the letters of the word{c} by commas.'),
+        'underscore': ('Write the word{c} with underscores between letters.',
+                       'Join the letters of the word{c} by underscores.'),
+        'slash': ('Write the word{c} with slashes between letters.', 'Join the letters of the word{c} by slashes.'),
+    },
+    'test': {
+        'lower': PHRASINGS['test']['lower'],
+        'upper': PHRASINGS['test']['upper'],
+        'title': PHRASINGS['test']['title'],
+        'last': (' with the last letter capitalised',),
+        'alternate': (' alternating small and capital letters',),
+        'plain': PHRASINGS['test']['plain'],
+        'space': PHRASINGS['test']['spell'],
+        'dash': PHRASINGS['test']['dash'],
+        'dot': ('Link the letters of the word{c} by a dot each.',),
+        'comma': ('Link the letters of the word{c} by a comma each.',),
+        'underscore': ('Link the letters of the word{c} by an underscore each.',),
+        'slash': ('Link the letters of the word{c} by a slash each.',),
+    },
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  name: str
+  cases: tuple
+  layouts: tuple
+  held_out: tuple
+  phrasings: dict
+
+  @property
+  def families(self) -> tuple:
+    return tuple(f'{c}-{l}' for c in self.cases for l in self.layouts)
+
+  @property
+  def seen(self) -> tuple:
+    return tuple(f for f in self.families if f not in self.held_out)
+
+
+GRIDS = {
+    'small': Grid('small', CASES, LAYOUTS, HELD_OUT, PHRASINGS),
+    'wide': Grid('wide', WIDE_CASES, WIDE_LAYOUTS,
+                 ('lower-space', 'upper-dash', 'title-dot', 'last-comma', 'alternate-underscore'),
+                 WIDE_PHRASINGS),
+}
+
+
 class ComposedTaskError(ValueError):
   """A request the testbed cannot meet; the message says how to fix it."""
 
 
+def grid(name: str = 'small') -> Grid:
+  if name not in GRIDS:
+    raise ComposedTaskError(f'Unknown grid {name!r}; choose one of {sorted(GRIDS)}.')
+  return GRIDS[name]
+
+
 def apply(case: str, layout: str, word: str) -> str:
-  """layout(case(word))."""
+  """layout(case(word)), for the primitives of either grid."""
   if case == 'lower':
     w = word.lower()
   elif case == 'upper':
     w = word.upper()
   elif case == 'title':
     w = word[:1].upper() + word[1:].lower()
+  elif case == 'last':
+    w = word[:-1].lower() + word[-1:].upper()
+  elif case == 'alternate':
+    w = ''.join(ch.upper() if i % 2 else ch.lower() for i, ch in enumerate(word))
   else:
-    raise ComposedTaskError(f'Unknown case {case!r}; choose one of {CASES}.')
-  if layout == 'plain':
-    return w
-  if layout == 'spell':
-    return ' '.join(w)
-  if layout == 'dash':
-    return '-'.join(w)
+    raise ComposedTaskError(f'Unknown case {case!r}; choose one of {WIDE_CASES}.')
   if layout == 'double':
     return f'{w} {w}'
-  raise ComposedTaskError(f'Unknown layout {layout!r}; choose one of {LAYOUTS}.')
+  if layout in SEPARATORS:
+    return SEPARATORS[layout].join(w)
+  raise ComposedTaskError(f'Unknown layout {layout!r}; choose one of {(*SEPARATORS, "double")}.')
 
 
-def parts(family: str) -> tuple[str, str]:
+def parts(family: str, grid_name: str = 'small') -> tuple[str, str]:
   """'upper-spell' -> ('upper', 'spell')."""
-  if family not in FAMILIES:
-    raise ComposedTaskError(f'Unknown family {family!r}; families are case-layout, one of {FAMILIES}.')
+  g = grid(grid_name)
+  if family not in g.families:
+    raise ComposedTaskError(f'Unknown family {family!r}; families are case-layout, one of {g.families}.')
   c, l = family.split('-')
   return c, l
 
 
-def composable(family: str, trained) -> bool:
+def composable(family: str, trained, grid_name: str = 'small') -> bool:
   """Whether the trained families cover both primitives of `family`."""
-  c, l = parts(family)
-  pieces = [parts(f) for f in trained]
+  c, l = parts(family, grid_name)
+  pieces = [parts(f, grid_name) for f in trained]
   return any(p[0] == c for p in pieces) and any(p[1] == l for p in pieces)
 
 
@@ -119,22 +202,25 @@ def words(split: str, eval_fraction: float = 0.2) -> tuple[str, ...]:
   return tuple(w for w in pool if (frac(w) < eval_fraction) == (split == 'eval'))
 
 
-def example(family: str, rng: np.random.Generator, pool, phrasing: str = 'train') -> dict:
-  """One example: {instruction, input, output, family, options}; options are the answer and
-  three distractors, the word with the other primitive swapped for the format-alone one (lower
-  case, plain layout; upper / spell where the family already has it) and with both swapped,
-  in a random order."""
-  c, l = parts(family)
-  table = PHRASINGS[phrasing]
+def example(family: str, rng: np.random.Generator, pool, phrasing: str = 'train',
+            grid_name: str = 'small') -> dict:
+  """One example: {instruction, input, output, family, options} (+ grid, on the wide grid);
+  options are the answer and three distractors, the word with the other primitive swapped for
+  the format-alone one (lower case, plain layout; upper / the grid's second layout where the
+  family already has it) and with both swapped, in a random order."""
+  g = grid(grid_name)
+  c, l = parts(family, grid_name)
+  table = g.phrasings[phrasing]
   word = str(pool[rng.integers(len(pool))])
   case = table[c][rng.integers(len(table[c]))]
   phrase = table[l][rng.integers(len(table[l]))].format(c=case)
   c2 = 'lower' if c != 'lower' else 'upper'
-  l2 = 'plain' if l != 'plain' else 'spell'
+  l2 = 'plain' if l != 'plain' else g.layouts[1]
   options = [apply(c, l, word), apply(c2, l, word), apply(c, l2, word), apply(c2, l2, word)]
   order = rng.permutation(len(options))
-  return {'instruction': phrase, 'input': word, 'output': options[0], 'family': family,
-          'options': [options[i] for i in order]}
+  out = {'instruction': phrase, 'input': word, 'output': options[0], 'family': family,
+         'options': [options[i] for i in order]}
+  return out if grid_name == 'small' else {**out, 'grid': grid_name}
 
 
 def _rng(seed: int, *key) -> np.random.Generator:
@@ -143,35 +229,38 @@ def _rng(seed: int, *key) -> np.random.Generator:
 
 
 def examples(families, n_per_family: int, split: str, seed: int = 0,
-             phrasing: str = 'train') -> list[dict]:
+             phrasing: str = 'train', grid_name: str = 'small') -> list[dict]:
   """n_per_family examples of each family on the split's words, in family order; a family's
-  examples depend only on (seed, family, split, phrasing), not on the others asked for."""
-  if phrasing not in PHRASINGS:
-    raise ComposedTaskError(f'phrasing must be one of {sorted(PHRASINGS)}, got {phrasing!r}.')
+  examples depend only on (seed, family, split, phrasing, grid), not on the others asked for."""
+  g = grid(grid_name)
+  if phrasing not in g.phrasings:
+    raise ComposedTaskError(f'phrasing must be one of {sorted(g.phrasings)}, got {phrasing!r}.')
   pool = words(split)
   out = []
   for f in families:
     rng = _rng(seed, f, split, phrasing)
-    out += [example(f, rng, pool, phrasing) for _ in range(n_per_family)]
+    out += [example(f, rng, pool, phrasing, grid_name) for _ in range(n_per_family)]
   return out
 
 
-def training_families(k: int, seed: int) -> list[str]:
-  """k of the seen families, a seeded random subset (k = len(SEEN): all of them)."""
-  if not 1 <= k <= len(SEEN):
-    raise ComposedTaskError(f'The number of training families must be in 1..{len(SEEN)}, got {k}.')
+def training_families(k: int, seed: int, grid_name: str = 'small') -> list[str]:
+  """k of the seen families, a seeded random subset (k = the number seen: all of them)."""
+  seen = grid(grid_name).seen
+  if not 1 <= k <= len(seen):
+    raise ComposedTaskError(f'The number of training families must be in 1..{len(seen)}, got {k}.')
   rng = _rng(seed, 'families', k)
-  return sorted(SEEN[i] for i in rng.permutation(len(SEEN))[:k])
+  return sorted(seen[i] for i in rng.permutation(len(seen))[:k])
 
 
-def training_set(families, n_examples: int, seed: int) -> list[dict]:
+def training_set(families, n_examples: int, seed: int, grid_name: str = 'small') -> list[dict]:
   """n_examples examples spread evenly over `families` (a fixed budget whatever their number),
   shuffled; refuses held-out families."""
-  held = sorted(set(families) & set(HELD_OUT))
+  g = grid(grid_name)
+  held = sorted(set(families) & set(g.held_out))
   if held:
-    raise ComposedTaskError(f'{held} are held-out families; train only on {SEEN}.')
+    raise ComposedTaskError(f'{held} are held-out families; train only on {g.seen}.')
   per = -(-n_examples // len(families))
-  out = examples(families, per, 'train', seed)
+  out = examples(families, per, 'train', seed, grid_name=grid_name)
   order = _rng(seed, 'shuffle', tuple(families)).permutation(len(out))
   return [out[i] for i in order[:n_examples]]
 
@@ -182,15 +271,18 @@ DIAGNOSES = ('exact', 'layout_only', 'case_only', 'other_family', 'other')
 def diagnose(example: dict, answer: str) -> str:
   """Which primitive an answer got right: exact; layout_only (the right letters and
   separators, a wrong case); case_only (the right case in another layout); other_family (a
-  valid answer of another family, both primitives wrong); other (none of these)."""
-  c, l = parts(example['family'])
+  valid answer of another family, both primitives wrong); other (none of these). The other
+  primitives are those of the example's grid (its 'grid', else the small one)."""
+  name = example.get('grid', 'small')
+  g = grid(name)
+  c, l = parts(example['family'], name)
   word, a = example['input'], ' '.join(answer.split())
   if a == example['output']:
     return 'exact'
   if a.lower() == example['output'].lower():
     return 'layout_only'
-  if any(a == apply(c, l2, word) for l2 in LAYOUTS):
+  if any(a == apply(c, l2, word) for l2 in g.layouts):
     return 'case_only'
-  if any(a == apply(c2, l2, word) for c2 in CASES for l2 in LAYOUTS):
+  if any(a == apply(c2, l2, word) for c2 in g.cases for l2 in g.layouts):
     return 'other_family'
   return 'other'
