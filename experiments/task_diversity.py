@@ -10,6 +10,9 @@ data/composed_tasks.py?
   paraphrases never trained on, and on the run's own families (held-out words)
   -> results.json, diversity.png (held-out accuracy vs number of families), a printed table
 
+study.grid picks the testbed's grid: 'small' (3 cases x 4 layouts, 9 seen families) or 'wide'
+(5 x 7, 30 seen; composed_tasks.GRIDS); study.families may say 'all' for every seen family.
+
 Intervals are Wilson's, pooled over seeds; margins between two models are Newcombe's
 difference of two Wilson intervals. Each finished piece leaves a result file, so a rerun
 resumes; study.base_from reuses a finished pretraining workdir.
@@ -42,13 +45,22 @@ def int_list(text: str, key: str) -> list[int]:
   return out
 
 
+def grid_of(config: ConfigDict) -> ct.Grid:
+  name = config.study.get('grid', 'small')
+  if name not in ct.GRIDS:
+    raise ConfigError(f'study.grid={name!r} must be one of {sorted(ct.GRIDS)}.')
+  return ct.GRIDS[name]
+
+
 def check(config: ConfigDict) -> tuple[list[int], list[int]]:
   """(numbers of families, seeds); ConfigError before anything runs."""
   s = config.study
-  ks = int_list(s.families, 'study.families')
-  bad = [k for k in ks if not 1 <= k <= len(ct.SEEN)]
+  n_seen = len(grid_of(config).seen)
+  ks = int_list(','.join(str(n_seen) if x.strip() == 'all' else x for x in str(s.families).split(',')),
+                'study.families')
+  bad = [k for k in ks if not 1 <= k <= n_seen]
   if bad:
-    raise ConfigError(f'study.families {bad} must each be between 1 and {len(ct.SEEN)} (the seen families).')
+    raise ConfigError(f'study.families {bad} must each be between 1 and {n_seen} (the seen families), or all.')
   seeds = int_list(s.seeds, 'study.seeds')
   if min(s.eval_per_family, s.seen_eval_per_family, s.train_examples) < 1:
     raise ConfigError('study.eval_per_family, study.seen_eval_per_family and study.train_examples '
@@ -69,8 +81,9 @@ def _json(path: str, obj=None):
 
 def held_out_sets(config: ConfigDict) -> dict[str, list[dict]]:
   """The held-out families on evaluation words, once per phrasing condition (seed study.eval_seed)."""
-  n, seed = config.study.eval_per_family, config.study.eval_seed
-  return {c: ct.examples(ct.HELD_OUT, n, 'eval', seed, phrasing=c.split('_')[1]) for c in CONDITIONS}
+  n, seed, g = config.study.eval_per_family, config.study.eval_seed, grid_of(config)
+  return {c: ct.examples(g.held_out, n, 'eval', seed, phrasing=c.split('_')[1], grid_name=g.name)
+          for c in CONDITIONS}
 
 
 def _evaluate(config: ConfigDict, workdir: str, sets: dict) -> dict:
@@ -107,23 +120,25 @@ def tune(config: ConfigDict, base: str, workdir: str, k: int, seed: int, held: d
   if os.path.exists(done):
     return _json(done)
   os.makedirs(sub, exist_ok=True)
-  families = ct.training_families(k, seed)
+  g = grid_of(config)
+  families = ct.training_families(k, seed, g.name)
   trained = os.path.join(sub, 'trained.json')   # SFT finished: only the evaluation is redone
   t0 = time.time()
   if not os.path.exists(trained):
     path = os.path.join(sub, 'train.jsonl')
     with open(path, 'w') as f:
-      for ex in ct.training_set(families, config.study.train_examples, seed):
+      for ex in ct.training_set(families, config.study.train_examples, seed, g.name):
         f.write(json.dumps({key: ex[key] for key in ('instruction', 'input', 'output')}) + '\n')
     registry.get('sft')(sft_config(config, base, path, seed), sub)
     _json(trained, {'sft_s': time.time() - t0})
   train_s = _json(trained)['sft_s']
   t0 = time.time() - train_s
-  seen = {'seen': ct.examples(families, config.study.seen_eval_per_family, 'eval', config.study.eval_seed)}
+  seen = {'seen': ct.examples(families, config.study.seen_eval_per_family, 'eval', config.study.eval_seed,
+                              grid_name=g.name)}
   scores = _evaluate(config, sub, {**held, **seen})
   losses = [m['loss'] for m in runlog.read(os.path.join(sub, 'metrics.jsonl')) if 'loss' in m]
   result = {'k': k, 'seed': seed, 'families': families,
-            'composable': [f for f in ct.HELD_OUT if ct.composable(f, families)],
+            'composable': [f for f in g.held_out if ct.composable(f, families, g.name)],
             'final_train_loss': losses[-1] if losses else None, 'scores': scores,
             'timing': {'sft_s': train_s, 'eval_s': time.time() - t0 - train_s}}
   return _json(done, result)
@@ -188,7 +203,13 @@ def margins(rows: list[dict]) -> dict:
 
 def run(config: ConfigDict, workdir: str):
   ks, seeds = check(config)
+  # finished pieces are resumed, so a workdir holds one grid's results only
+  marker, name = os.path.join(workdir, 'grid.json'), grid_of(config).name
+  if os.path.exists(marker) and _json(marker)['grid'] != name:
+    raise ConfigError(f'{workdir} holds a study of the {_json(marker)["grid"]!r} grid; '
+                      f'give study.grid={name!r} a workdir of its own.')
   os.makedirs(workdir, exist_ok=True)
+  _json(marker, {'grid': name})
   t0 = time.time()
   held = held_out_sets(config)
   base = pretrain_base(config, workdir)
@@ -196,7 +217,8 @@ def run(config: ConfigDict, workdir: str):
   base_scores = _json(base_done) if os.path.exists(base_done) else _json(base_done, _evaluate(config, base, held))
   runs = [tune(config, base, workdir, k, seed, held) for k in ks for seed in seeds]
   rows = curve(runs, base_scores)
-  results = {'held_out_families': list(ct.HELD_OUT), 'seen_families': list(ct.SEEN),
+  g = grid_of(config)
+  results = {'grid': g.name, 'held_out_families': list(g.held_out), 'seen_families': list(g.seen),
              'chance': base_scores['phrasing_train']['pooled']['chance'],
              'curve': rows, 'margins': margins(rows), 'base': base_scores,
              'runs': [{key: r[key] for key in ('k', 'seed', 'families', 'composable', 'final_train_loss')}

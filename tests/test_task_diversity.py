@@ -49,6 +49,43 @@ def test_bad_config_is_one_sentence_before_anything_runs(tmp_path):
   assert not os.path.exists(tmp_path / 'w')
 
 
+def test_grid_and_families_axis(tmp_path, monkeypatch):
+  c = td_config.get_config()
+  assert c.study.grid == 'small' and td.check(c)[0] == [1, 2, 4, 9]
+  c.study.families = 'all'
+  assert td.check(c)[0] == [9]
+  w = td_config.get_config()
+  w.study.update(grid='wide', families='1, 4,16,all')
+  assert td.check(w)[0] == [1, 4, 16, 30]
+  for key, value, match in (('grid', 'huge', 'study.grid'), ('families', '1,31', 'between 1 and 30'),
+                            ('families', 'al', 'comma-separated')):
+    bad = td_config.get_config()
+    bad.study.update(grid='wide')
+    bad.study[key] = value
+    with pytest.raises(ConfigError, match=match):
+      td.run(bad, str(tmp_path / 'w'))
+  assert not os.path.exists(tmp_path / 'w')
+  # the wide study's held-out sets: its five diagonal families, each phrasing condition
+  w.study.eval_per_family = 3
+  sets = td.held_out_sets(w)
+  wide_held = {'lower-space', 'upper-dash', 'title-dot', 'last-comma', 'alternate-underscore'}
+  for cond, phrasing in (('phrasing_train', 'train'), ('phrasing_test', 'test')):
+    assert len(sets[cond]) == 15 and {e['family'] for e in sets[cond]} == wide_held
+    assert all(e['grid'] == 'wide' for e in sets[cond])
+    table = ct.GRIDS['wide'].phrasings[phrasing]
+    assert all(any(e['instruction'] == p.format(c=q) for p in table[e['family'].split('-')[1]]
+                   for q in table[e['family'].split('-')[0]]) for e in sets[cond])
+  # a workdir holds one grid: a wide study refuses a small study's workdir before anything runs
+  def never(*a):
+    raise AssertionError('the study went past its start-up checks')
+  monkeypatch.setattr(td, 'pretrain_base', never)   # a broken check fails here, not after a study
+  os.makedirs(tmp_path / 'small')
+  json.dump({'grid': 'small'}, open(tmp_path / 'small' / 'grid.json', 'w'))
+  with pytest.raises(ConfigError, match="'small' grid"):
+    td.run(w, str(tmp_path / 'small'))
+  assert os.listdir(tmp_path / 'small') == ['grid.json']
+
+
 def test_registered():
   assert registry.get('task_diversity') is td.run
 

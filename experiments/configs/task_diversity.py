@@ -20,7 +20,8 @@ def get_config():
   c.experiment = 'task_diversity'
   c.seed = 0                  # the base's pretraining seed
   c.study = ConfigDict(dict(
-      families='1,2,4,9',    # numbers of seen families tuned on (a seeded subset each; 9: all)
+      grid='small',           # the testbed's grid (composed_tasks.GRIDS): 'small' 3 x 4, 'wide' 5 x 7
+      families='1,2,4,9',    # numbers of seen families tuned on (a seeded subset each; 9 or 'all': all)
       seeds='0,1',            # one tuned model per (number, seed): its subset, data order and init
       train_examples=8000,    # the training pool, split evenly over the families
       eval_per_family=100,    # held-out-family examples per family and phrasing condition (300 per run)
