@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import time
 
 from ml_collections import ConfigDict
@@ -29,11 +30,24 @@ from lm.config import ConfigError
 from rl import reward as reward_lib
 
 DONE = 'study_done.json'
+# The stages `rerun` may name: the evaluations, which only the analysis reads. Rerunning an
+# upstream stage (a proxy, the gold) would leave its dependants' results from the old one.
+RERUNNABLE = ('bon', 'ppo')
 
 
 def size_name(size) -> str:
   d, l, h = size
   return f'd{d}_L{l}'
+
+
+def rerun_stages(c: ConfigDict) -> set[str]:
+  """The stage groups in c.rerun ('bon', 'ppo', 'bon,ppo' or '')."""
+  names = {x.strip() for x in str(c.get('rerun', '')).split(',') if x.strip()}
+  bad = sorted(names - set(RERUNNABLE))
+  if bad:
+    raise ConfigError(f'rerun={c.rerun!r}: name only {" or ".join(RERUNNABLE)} (comma-separated), the '
+                      'evaluation stages; an upstream stage would leave the stages after it stale.')
+  return names
 
 
 def resolve(config: ConfigDict) -> ConfigDict:
@@ -65,6 +79,7 @@ def resolve(config: ConfigDict) -> ConfigDict:
     raise ConfigError(f'ensemble.combines holds {bad}; choose from {reward_lib.ENSEMBLES}.')
   if not c.ppo.betas or min(c.ppo.betas) < 0:
     raise ConfigError(f'ppo.betas={tuple(c.ppo.betas)}: list kl.coef values >= 0.')
+  rerun_stages(c)
   return c
 
 
@@ -148,14 +163,19 @@ def ppo_config(c, sft: str, rm: str, gold: str, beta: float) -> ConfigDict:
 
 # The chain -----------------------------------------------------------------------------------
 class Chain:
-  """Runs each stage once: a sub-workdir with study_done.json is skipped (its time kept)."""
+  """Runs each stage once: a sub-workdir with study_done.json is skipped (its time kept),
+  unless its group ('bon', 'ppo' of 'ppo/<proxy>_b<beta>') is in `rerun`: then the finished
+  sub-workdir is deleted first, since a stage would resume from its own checkpoints."""
 
-  def __init__(self, workdir: str):
-    self.workdir, self.times = workdir, {}
+  def __init__(self, workdir: str, rerun: set[str] = frozenset()):
+    self.workdir, self.times, self.rerun = workdir, {}, set(rerun)
 
   def __call__(self, name: str, config: ConfigDict) -> str:
     wd = os.path.join(self.workdir, name)
     done = os.path.join(wd, DONE)
+    if name.split('/')[0] in self.rerun and os.path.exists(done):
+      print(f'== overopt_study: rerun {name}: deleting the finished {wd}', flush=True)
+      shutil.rmtree(wd)
     if not os.path.exists(done):
       print(f'== overopt_study: {name} ({config.experiment})', flush=True)
       t0 = time.time()
@@ -203,7 +223,7 @@ def run(config: ConfigDict, workdir: str):
   c = resolve(config)
   os.makedirs(workdir, exist_ok=True)
   trainer.write_config(c, workdir)
-  chain = Chain(workdir)
+  chain = Chain(workdir, rerun_stages(c))
   t0 = time.time()
   data_dir = os.path.join(workdir, 'data')
 

@@ -7,9 +7,11 @@ import os
 
 import numpy as np
 import pytest
+from ml_collections import ConfigDict
 
 from experiments import registry
 from experiments.configs import overopt_study as study_config
+from experiments import overopt_study
 from experiments.overopt_study import resolve
 from lm.config import ConfigError
 
@@ -28,12 +30,40 @@ def tiny():
 def test_bad_study_config_is_one_sentence():
   for field, value, match in (('gold.size', (16, 1, 2), 'larger'), ('proxy.n_data', 5000, 'gold must see more'),
                               ('ensemble.combines', ('median',), 'choose from'),
-                              ('proxy.size', (30, 1, 4), 'n_heads dividing'), ('preset', 'huge', 'reduced or full')):
+                              ('proxy.size', (30, 1, 4), 'n_heads dividing'), ('preset', 'huge', 'reduced or full'),
+                              ('rerun', 'bon,gold_rm', 'name only bon or ppo')):
     c = tiny()
     section, _, key = field.rpartition('.')
     (c[section] if section else c)[key] = value
     with pytest.raises(ConfigError, match=match):
       resolve(c)
+
+
+def test_rerun_runs_only_the_named_finished_stages_afresh(tmp_path, monkeypatch):
+  calls = []
+
+  def fake_stage(config, wd):    # a stage that leaves a checkpoint it would resume from
+    calls.append(os.path.relpath(wd, tmp_path))
+    os.makedirs(wd, exist_ok=True)
+    assert not os.path.exists(os.path.join(wd, 'old_checkpoint'))
+    open(os.path.join(wd, 'old_checkpoint'), 'w').close()
+
+  monkeypatch.setattr(registry, 'get', lambda name: fake_stage)
+  stages = ['rm/a', 'bon', 'ppo/a_b0', 'ppo/a_b0.1']
+  cfg = ConfigDict({'experiment': 'fake'})
+  first = overopt_study.Chain(str(tmp_path))
+  for s in stages:
+    first(s, cfg)
+  assert calls == stages
+  c = tiny()
+  for rerun, again in (('', []), ('bon', ['bon']), (' ppo, bon ', ['bon', 'ppo/a_b0', 'ppo/a_b0.1'])):
+    c.rerun = rerun
+    calls.clear()
+    chain = overopt_study.Chain(str(tmp_path), overopt_study.rerun_stages(c))
+    for s in stages:
+      chain(s, cfg)
+    assert calls == again, rerun
+    assert all(os.path.exists(os.path.join(tmp_path, s, overopt_study.DONE)) for s in stages)
 
 
 @pytest.mark.slow

@@ -11,7 +11,10 @@ this one config (experiment `overopt_study`, experiments/overopt_study.py):
   -> study.json, the printed summary, and the plots (Gao's layout).
 
 Every stage runs in WORKDIR/<stage> through experiments.registry; a finished stage leaves
-study_done.json and is not rerun (rerunning the command resumes).
+study_done.json and is not rerun (rerunning the command resumes). --config.rerun=bon (or ppo)
+runs a finished evaluation stage again on the same gold and proxies, e.g. a larger best-of-n:
+python -m experiments.run --config=experiments/configs/overopt_study.py --workdir=runs/overopt \
+    --config.rerun=bon --config.bon.prompts=256 --config.bon.samples=1024
 
 The reduced default (this file) runs in minutes on 2 cores:
 python -m experiments.run --config=experiments/configs/overopt_study.py --workdir=runs/overopt
@@ -64,6 +67,10 @@ def get_config():
       # the proxy by +0.1 at KL 4 (drift, not optimisation), so rlhf_ppo's 64 x 4 minibatches
       iterations=40, every=5, prompts=64, minibatches=4, epochs=2, lr=3e-4, eval_prompts=64))
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+  # 'bon', 'ppo' or 'bon,ppo': run those finished evaluation stages again (their sub-workdirs
+  # deleted first) on the trained gold and proxies, e.g. with larger bon.* (every invocation
+  # that names them reruns them; drop it to resume an interrupted rerun)
+  c.rerun = ''
   return c
 
 
