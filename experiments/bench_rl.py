@@ -43,13 +43,16 @@ from ml_collections import ConfigDict
 from data import sources
 from data import formats, tokenizers
 from experiments import registry
-from experiments.configs import base, export as export_config, reward_base, rlhf_dpo, rlhf_grpo, rlhf_ppo
+from experiments.configs import (base, export as export_config, reward_base, rlhf_dpo, rlhf_grpo,
+                                 rlhf_ppo, rlvr_arith)
 from experiments.stages import online, policy as policy_lib, preference_loss, reward_model, stage
 from lm import checkpoint as ckpt_lib
 from lm import decode, heads, model, sharding, train as train_lib
 from lm.config import ConfigError, ModelConfig
+from rl import rewards
 
 CHARS = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ,.;:!?'-\n"
+RULE_CHARS = '0123456789#+-='     # the rule row's policy can write a CoT answer ('#### N')
 
 
 # 1. Tiny random runs (what pretrain/sft and reward leave; no training) ----------------------
@@ -64,10 +67,10 @@ def _save(workdir: str, tree, config: dict) -> None:
   ck.close()
 
 
-def tiny_runs(workdir: str, model_kw: dict, seed: int) -> tuple[str, str]:
+def tiny_runs(workdir: str, model_kw: dict, seed: int, extra_chars: str = '') -> tuple[str, str]:
   """(policy dir, reward dir): a char-tokenizer GPT-2 with eos, and an RM on its own trunk."""
   text = ''.join(sorted({c for f in sources.resolve_files('shakespeare_works')
-                         for c in sources.read_text(f)} | set(CHARS)))
+                         for c in sources.read_text(f)} | set(CHARS) | set(extra_chars)))
   tok = tokenizers.add_special_tokens(tokenizers.CharTokenizer.from_texts([text]), ['eos'])
   cfg = ModelConfig(vocab_size=tok.vocab_size, **model_kw)
   pol_dir, rm_dir = os.path.join(workdir, 'policy'), os.path.join(workdir, 'rm')
@@ -188,46 +191,69 @@ def grpo_config(config: ConfigDict, pol_dir: str, rm_dir: str) -> ConfigDict:
 
 
 def bench_grpo(config: ConfigDict, workdir: str, pol_dir: str, rm_dir: str) -> tuple[dict, list]:
-  """Ours; also returns the prompt texts used (per iteration), for TRL."""
-  c = grpo_config(config, pol_dir, rm_dir)
-  run = online.prepare(c, os.path.join(workdir, 'grpo'), registry.algorithm('grpo')())
+  """Ours; also returns the prompt examples used (per iteration), for TRL."""
+  return run_grpo(config, grpo_config(config, pol_dir, rm_dir), os.path.join(workdir, 'grpo'))
+
+
+def run_grpo(config: ConfigDict, c: ConfigDict, workdir: str) -> tuple[dict, list]:
+  """The online loop with the GRPO adapter on config `c`, timed after warm-up; and each
+  iteration's prompt examples (one per group, in draw order: what TRL is given)."""
+  run = online.prepare(c, workdir, registry.algorithm('grpo')())
   ctx, r = run.ctx, c.rollout
-  texts = policy_lib.prompt_texts(c, 'train')
-  text_of = {tuple(ids.tolist()): x for ids, x in zip(ctx.train_ids, texts)}
   state, extras, rng, frozen = start(run)
   rows, used = [], []
   for it in range(c.train.iterations):
-    prompts = online.draw(run, rng)[0]            # what iterate draws from this rng
-    used.append([text_of[tuple(np.asarray(p).tolist())] for p in prompts[::r.samples]])
+    idx = online.draw_indices(run, rng)[0]         # what iterate draws from this rng
+    used.append([ctx.train_examples[i] for i in idx[::r.samples]])
     state, extras, rng, row, _ = timed_iteration(run, state, extras, rng, frozen)
     if it >= config.warmup:
-      rows.append({'gen_s': row['time_generate'], 'score_s': row['time_score'],
-                   'update_s': row['time_update'], 'tokens': row['response_tokens']})
+      # (with a reward model time_rules is only the texts' decoding, for the gold score: not
+      # the reward's work, and the GRPO row never counted it)
+      rows.append({'gen_s': row['time_generate'], 'rules_s': row['time_rules'] if ctx.rules else 0.0,
+                   'score_s': row['time_score'], 'update_s': row['time_update'],
+                   'tokens': row['response_tokens'],
+                   **{k: row[k] for k in row if k.startswith('reward/')}})
   run.checkpointer.close()
   return summarise(rows, ctx.rows, r.samples, ctx.width, r.max_new_tokens), used
 
 
 def summarise(rows: list[dict], n_rows: int, k: int, width: int, n_new: int) -> dict:
+  """Means over the timed iterations; an iteration = generation + rules + scoring + update
+  (rules_s: the host's rule rewards, 0 with a reward model)."""
   mean = lambda key: float(np.mean([x[key] for x in rows]))
-  it_s = mean('gen_s') + mean('score_s') + mean('update_s')
-  return {'rows': n_rows, 'k': k, 'prompt_len': width, 'max_new_tokens': n_new,
-          'iterations': len(rows), 'iteration_s': it_s, 'gen_s': mean('gen_s'),
-          'score_s': mean('score_s'), 'update_s': mean('update_s'),
-          'response_tokens': mean('tokens'), 'tokens_per_s': mean('tokens') / it_s}
+  it_s = mean('gen_s') + mean('rules_s') + mean('score_s') + mean('update_s')
+  out = {'rows': n_rows, 'k': k, 'prompt_len': width, 'max_new_tokens': n_new,
+         'iterations': len(rows), 'iteration_s': it_s, 'gen_s': mean('gen_s'),
+         'rules_s': mean('rules_s'), 'score_s': mean('score_s'), 'update_s': mean('update_s'),
+         'response_tokens': mean('tokens'), 'tokens_per_s': mean('tokens') / it_s}
+  out.update({k: mean(k) for k in rows[0] if k.startswith('reward/')})
+  return out
 
 
-def bench_trl_grpo(config: ConfigDict, workdir: str, pol_dir: str, prompts: list[list[str]],
-                   width: int) -> dict:
-  """TRL's GRPOTrainer on the exported policy; step times from a callback after warm-up."""
+def export_policy(workdir: str, pol_dir: str, name: str) -> str:
+  """The policy as a Hugging Face folder WORKDIR/name (the export experiment, got through
+  registry.get('export'): not a driver import)."""
+  e = export_config.get_config()
+  e.init_from, e.out = pol_dir, os.path.join(workdir, name)
+  return registry.get('export')(e, workdir)
+
+
+def length_reward(completions, **_):   # cheap: the length in characters
+  return [float(len(x)) for x in completions]
+
+
+def bench_trl_grpo(config: ConfigDict, workdir: str, pol_dir: str, prompts: list[list[dict]],
+                   width: int, reward=length_reward, columns: tuple = (), name: str = 'hf_policy'
+                   ) -> dict:
+  """TRL's GRPOTrainer on the exported policy (WORKDIR/name); step times from a callback after
+  warm-up. `prompts`: each iteration's examples; their `columns` go to the reward function."""
   import datasets
   import torch
   import transformers
   import trl
   if config.torch_threads:
     torch.set_num_threads(config.torch_threads)
-  e = export_config.get_config()
-  e.init_from, e.out = pol_dir, os.path.join(workdir, 'hf_policy')
-  hf_dir = registry.get('export')(e, workdir)   # the export experiment, not a driver import
+  hf_dir = export_policy(workdir, pol_dir, name)
   # (the export splits special-token text; TRL appends eos as text, so keep '</s>' whole)
   hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(hf_dir, split_special_tokens=False)
   hf_tok.padding_side = 'left'
@@ -236,12 +262,9 @@ def bench_trl_grpo(config: ConfigDict, workdir: str, pol_dir: str, prompts: list
   hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
   k, n_new = config.grpo_k, config.max_new_tokens
   flat = [x for group in prompts for x in group]
-  ds = datasets.Dataset.from_dict({'prompt': flat})
-
-  def reward_len(completions, **_):   # cheap: the length in characters
-    return [float(len(x)) for x in completions]
-
-  times, lengths = [], []
+  ds = datasets.Dataset.from_dict({'prompt': [x['prompt'] for x in flat],
+                                   **{c: [x[c] for x in flat] for c in columns}})
+  times, lengths, rewards_seen = [], [], []
 
   class Clock(transformers.TrainerCallback):
     def on_step_begin(self, args, state, control, **kw):
@@ -253,6 +276,8 @@ def bench_trl_grpo(config: ConfigDict, workdir: str, pol_dir: str, prompts: list
     def on_log(self, args, state, control, logs=None, **kw):
       if logs and 'completions/mean_length' in logs:
         lengths.append(float(logs['completions/mean_length']))
+      if logs and 'reward' in logs:
+        rewards_seen.append(float(logs['reward']))
 
   steps = config.warmup + config.iterations
   args = trl.GRPOConfig(
@@ -261,7 +286,7 @@ def bench_trl_grpo(config: ConfigDict, workdir: str, pol_dir: str, prompts: list
       learning_rate=5e-5, beta=0.04, temperature=1.0, logging_steps=1, report_to='none',
       save_strategy='no', use_cpu=True, seed=config.seed, shuffle_dataset=False,
       dataloader_num_workers=0, bf16=False, fp16=False)
-  trainer = trl.GRPOTrainer(model=hf, reward_funcs=reward_len, args=args, train_dataset=ds,
+  trainer = trl.GRPOTrainer(model=hf, reward_funcs=reward, args=args, train_dataset=ds,
                             processing_class=hf_tok, callbacks=[Clock()])
   trainer.train()
   timed = times[config.warmup:] or times
@@ -271,7 +296,69 @@ def bench_trl_grpo(config: ConfigDict, workdir: str, pol_dir: str, prompts: list
   return {'trl_version': trl.__version__, 'torch_threads': torch.get_num_threads(),
           'rows': rows, 'k': k, 'max_new_tokens': n_new, 'steps': len(timed), 'step_s': step_s,
           'response_tokens': mean_len * rows, 'tokens_per_s': mean_len * rows / step_s,
+          'reward': float(np.mean(rewards_seen[config.warmup:] or rewards_seen)) if rewards_seen else None,
           'step_times': times}
+
+
+# 3b. GRPO with rule rewards: arith prompts, the `answer` rule, on both sides ---------------
+def grpo_rules_config(config: ConfigDict, pol_dir: str) -> ConfigDict:
+  """The GRPO row's config (same shapes) with rule rewards: the RLVR testbed's arith prompts
+  in its CoT query layout (experiments/configs/rlvr_arith.py) and the strict `answer` rule."""
+  c = grpo_config(config, pol_dir, '')
+  c.prompts = ConfigDict(rlvr_arith.get_config().prompts.to_dict())
+  c.prompts.update(n_train=max(256, config.batch_size), n_eval=16)
+  c.reward.update(kind='rules')
+  c.reward.rules = ConfigDict(dict(answer=dict(weight=1.0, extract='strict', field='answer')))
+  return c
+
+
+def rules_policy(config: ConfigDict, workdir: str) -> str:
+  """rules_init_from, else a tiny random policy like the others whose context holds the
+  longest arith prompt (one char-token each) + max_new_tokens, with '#', '+', '=' in its
+  vocabulary (the CoT answer's characters: '#### N' can be sampled)."""
+  if config.rules_init_from:
+    return config.rules_init_from
+  longest = max(len(t) for t in policy_lib.prompt_texts(grpo_rules_config(config, ''), 'train'))
+  n = -(-(longest + config.max_new_tokens) // 16) * 16
+  return tiny_runs(os.path.join(workdir, 'runs_rules'), {**config.model.to_dict(), 'max_seq_len': n},
+                   config.seed, extra_chars=RULE_CHARS)[0]
+
+
+def rules_reward(c: ConfigDict, spent: list):
+  """TRL's reward function: our rules (rl/rewards.score with the loop's FUNCTIONS, as
+  online.rule_scores calls it) on each completion against its problem's answer; the seconds
+  of each call appended to `spent`."""
+  rules = online.rules_of(c)
+
+  def answer_rule(prompts, completions, answer, **_):
+    t0 = time.perf_counter()
+    examples = [{'prompt': p, 'answer': a} for p, a in zip(prompts, answer)]
+    out = rewards.score(rules, prompts, completions, examples, functions=online.FUNCTIONS).total
+    spent.append(time.perf_counter() - t0)
+    return [float(x) for x in out]
+  return answer_rule
+
+
+def bench_grpo_rules(config: ConfigDict, workdir: str, use_trl: bool, out: dict) -> None:
+  """Ours (out['grpo_rules']) and, with use_trl, TRL's (out['trl_grpo_rules']) GRPO on the
+  arith prompts with the `answer` rule; a TRL failure is recorded (trl_rules_error)."""
+  pol_dir = rules_policy(config, workdir)
+  c = grpo_rules_config(config, pol_dir)
+  out['grpo_rules'], used = run_grpo(config, c, os.path.join(workdir, 'grpo_rules'))
+  out['trl_grpo_rules'] = None
+  if use_trl:
+    spent = []
+    try:
+      t = bench_trl_grpo(config, workdir, pol_dir, used, out['grpo_rules']['prompt_len'],
+                         reward=rules_reward(c, spent), columns=('answer',), name='hf_policy_rules')
+      t['rules_s'] = float(np.mean(spent[config.warmup:] or spent))
+      out['trl_grpo_rules'] = t
+      out['grpo_rules_ratio'] = out['grpo_rules']['tokens_per_s'] / t['tokens_per_s']
+      out['grpo_rules_ratio_vs_trl_best'] = out['grpo_rules']['tokens_per_s'] / (
+          t['response_tokens'] / min(t['step_times'][config.warmup:] or t['step_times']))
+    except Exception as e:   # TRL's API moves between versions: report, keep our numbers
+      out['trl_rules_error'] = f'{type(e).__name__}: {e}'
+      print(f'TRL GRPOTrainer (rules) failed: {out["trl_rules_error"]}')
 
 
 # 4. DPO: ours (the dpo stage's loss in lm.train's step) and TRL's DPOTrainer ----------------
@@ -380,6 +467,20 @@ def check(config: ConfigDict) -> None:
   if config.batch_size % config.ppo_minibatches:
     raise ConfigError(f'batch_size={config.batch_size} must split into ppo_minibatches='
                       f'{config.ppo_minibatches}.')
+  if config.grpo_rules and config.rules_init_from:   # its context must hold the arith prompts
+    pol = policy_lib.open_policy(config.rules_init_from)
+    texts = policy_lib.prompt_texts(grpo_rules_config(config, config.rules_init_from), 'train')
+    policy_lib.encode_prompts(pol, texts, pol.cfg.max_seq_len - config.max_new_tokens)
+
+
+def trl_installed(out: dict) -> bool:
+  try:
+    import trl  # noqa: F401
+  except ImportError:
+    out['trl_skipped'] = 'trl is not installed (pip install -e ".[bench]"): TRL column skipped'
+    print(out['trl_skipped'])
+    return False
+  return True
 
 
 def run(config: ConfigDict, workdir: str) -> dict:
@@ -393,22 +494,17 @@ def run(config: ConfigDict, workdir: str) -> dict:
          'policy': pol_dir, 'reward': rm_dir}
   out['ppo'] = bench_ppo(config, workdir, pol_dir, rm_dir)
   print(ppo_table(out['ppo']), flush=True)
+  use_trl = bool(config.trl) and (config.grpo or config.grpo_rules) and trl_installed(out)
   if config.grpo:
-    out['grpo'], prompts = bench_grpo(config, workdir, pol_dir, rm_dir)
+    out['grpo'], used = bench_grpo(config, workdir, pol_dir, rm_dir)
+    prompts = [[x['prompt'] for x in group] for group in used]
     out['trl_grpo'] = None
-    if config.trl:
+    if use_trl:
       try:
-        import trl  # noqa: F401
-      except ImportError:
-        out['trl_skipped'] = 'trl is not installed (pip install -e ".[bench]"): TRL column skipped'
-        print(out['trl_skipped'])
-      else:
-        try:
-          out['trl_grpo'] = bench_trl_grpo(config, workdir, pol_dir, prompts,
-                                           out['grpo']['prompt_len'])
-        except Exception as e:   # TRL's API moves between versions: report, keep our numbers
-          out['trl_error'] = f'{type(e).__name__}: {e}'
-          print(f'TRL GRPOTrainer failed: {out["trl_error"]}')
+        out['trl_grpo'] = bench_trl_grpo(config, workdir, pol_dir, used, out['grpo']['prompt_len'])
+      except Exception as e:   # TRL's API moves between versions: report, keep our numbers
+        out['trl_error'] = f'{type(e).__name__}: {e}'
+        print(f'TRL GRPOTrainer failed: {out["trl_error"]}')
     if out['trl_grpo']:
       out['grpo_ratio'] = out['grpo']['tokens_per_s'] / out['trl_grpo']['tokens_per_s']
       # shared CPUs make TRL's step times swing; the ratio against its fastest timed step too
@@ -431,6 +527,9 @@ def run(config: ConfigDict, workdir: str) -> dict:
           out['trl_dpo_error'] = f'{type(e).__name__}: {e}'
           print(f'TRL DPOTrainer failed: {out["trl_dpo_error"]}')
       print(dpo_table(out), flush=True)
+  if config.grpo_rules:
+    bench_grpo_rules(config, workdir, use_trl, out)
+    print(grpo_rules_table(out), flush=True)
   with open(os.path.join(workdir, 'bench.json'), 'w') as f:
     json.dump(out, f, indent=2)
   return out
@@ -464,9 +563,9 @@ def dpo_table(out: dict) -> str:
   return '\n'.join(lines)
 
 
-def grpo_table(out: dict) -> str:
-  o, t = out['grpo'], out.get('trl_grpo')
-  head = (f"GRPO iteration ({o['rows']} rows = {o['rows'] // o['k']} prompts x k={o['k']}, "
+def grpo_table(out: dict, key: str = 'grpo', title: str = 'GRPO iteration') -> str:
+  o, t = out[key], out.get(f'trl_{key}')
+  head = (f"{title} ({o['rows']} rows = {o['rows'] // o['k']} prompts x k={o['k']}, "
           f"{o['max_new_tokens']} new tokens, one update)   ours        TRL")
   lines = [head, '-' * len(head)]
   tv = lambda key, fmt: format(t[key], fmt) if t else '-'
@@ -475,5 +574,17 @@ def grpo_table(out: dict) -> str:
                f"{tv('response_tokens', '>11.0f')}")
   lines.append(f"{'tokens/s':<52}{o['tokens_per_s']:>9.0f} {tv('tokens_per_s', '>11.0f')}")
   if t:
-    lines.append(f"ratio ours / TRL: {out['grpo_ratio']:.2f}x (goal >= 2x)")
+    lines.append(f"ratio ours / TRL: {out[key + '_ratio']:.2f}x (goal >= 2x)")
+  return '\n'.join(lines)
+
+
+def grpo_rules_table(out: dict) -> str:
+  """grpo_table for the rule-reward row, with the seconds in the rules and the mean reward."""
+  o, t = out['grpo_rules'], out.get('trl_grpo_rules')
+  lines = grpo_table(out, 'grpo_rules', "GRPO, 'answer' rule on arith").split('\n')
+  tv = lambda key, fmt: format(t[key], fmt) if t and t.get(key) is not None else '-'
+  at = len(lines) - (1 if t else 0)
+  lines[at:at] = [
+      f"{'seconds in the rules per iteration':<52}{o['rules_s']:>9.4f} {tv('rules_s', '>11.4f')}",
+      f"{'mean reward (random policy: ~0)':<52}{o['reward/total']:>9.3f} {tv('reward', '>11.3f')}"]
   return '\n'.join(lines)

@@ -36,7 +36,7 @@ def no_trl_run(wd, **kw):
 @pytest.fixture(scope='module')
 def bench(tmp_path_factory):
   """PPO only: the GRPO programs compile for another ~30 s (the slow test below)."""
-  return no_trl_run(tmp_path_factory.mktemp('bench_rl'), grpo=False, ppo_epochs=2)
+  return no_trl_run(tmp_path_factory.mktemp('bench_rl'), grpo=False, grpo_rules=False, ppo_epochs=2)
 
 
 def test_ppo_time_split_adds_up(bench):
@@ -75,6 +75,55 @@ def test_grpo_and_trl_skipped(tmp_path):
   assert (d['pairs'], d['steps']) == (8, 1) and out['trl_dpo'] is None
   assert 0 < d['tokens'] <= 8 * 2 * d['seq_len']
   assert d['tokens_per_s'] == pytest.approx(d['tokens'] / d['step_s'])
+  assert out['grpo_rules']['rows'] == 8 and out['trl_grpo_rules'] is None
+
+
+def test_grpo_rules_row_scores_with_the_answer_rule(tmp_path, monkeypatch):
+  """Ours only: the rule row's reward is the `answer` rule's (a recording stand-in here: its
+  value is the response's length), called strict on every generated row, against the arith
+  problem the row's prompt states, laid out as the CoT query."""
+  from experiments.stages import online
+  from rl import rewards
+  calls = []
+
+  def fake(prompt, response, example, *, extract, field, **_):
+    calls.append((prompt, response, example, extract, field))
+    return float(len(response))
+  monkeypatch.setitem(online.FUNCTIONS, 'answer', rewards.Function(
+      fake, {'extract': 'strict', 'field': 'answer'}, lambda p: (p['field'],)))
+  c = tiny(grpo=False, trl=False)
+  out = {}
+  bench_rl.bench_grpo_rules(c, str(tmp_path), use_trl=False, out=out)
+  g = out['grpo_rules']
+  assert (g['rows'], g['k'], g['iterations']) == (8, 2, 1) and out['trl_grpo_rules'] is None
+  assert len(calls) == 8                                   # every row of the one iteration
+  assert {(x[3], x[4]) for x in calls} == {('strict', 'answer')}
+  for prompt, _, ex, _, _ in calls:
+    assert prompt == f"Q: {ex['question']}\nA:\n"
+    assert ex['answer'].endswith(f"#### {ex['final']}")
+  assert len({x[0] for x in calls}) <= 4 and [x[0] for x in calls[::2]] == [x[0] for x in calls[1::2]]
+  assert g['reward/answer'] == pytest.approx(sum(len(x[1]) for x in calls) / 8)
+  assert g['reward/total'] == pytest.approx(g['reward/answer'])
+  assert 0 <= g['rules_s'] < g['iteration_s']
+  assert g['iteration_s'] == pytest.approx(g['gen_s'] + g['rules_s'] + g['score_s'] + g['update_s'])
+  assert g['tokens_per_s'] == pytest.approx(g['response_tokens'] / g['iteration_s'])
+
+
+def test_trl_side_reward_is_our_strict_answer_rule():
+  """TRL's reward function: the `answer` rule, strict ('#### N' only; a flexible extractor
+  would take the bare 3), each completion against its own problem's answer."""
+  spent = []
+  f = bench_rl.rules_reward(bench_rl.grpo_rules_config(tiny(), ''), spent)
+  got = f(prompts=['Q: a\nA:\n'] * 4, completions=['so #### 5', '#### 4', 'it is 3', '#### 7\n'],
+          answer=['5 - 0 = 5\n#### 5', '#### 5', '#### 3', '#### 7'])
+  assert got == [1.0, 0.0, 0.0, 1.0] and len(spent) == 1
+
+
+def test_rules_policy_must_hold_the_arith_prompts(bench, tmp_path):
+  """rules_init_from whose context (64) cannot hold an arith prompt + the response: one
+  sentence at start-up."""
+  with pytest.raises(ConfigError, match='more than'):
+    bench_rl.run(tiny(rules_init_from=str(bench[0] / 'runs' / 'policy')), str(tmp_path))
 
 
 def test_table_rows(bench):
@@ -91,6 +140,11 @@ def test_table_rows(bench):
   assert 'ratio ours / TRL: 3.50x' in bench_rl.grpo_table(with_trl)
   dpo = {'dpo': {'pairs': 8, 'step_s': 0.1, 'tokens_per_s': 6000.0}, 'dpo_ratio': 17.5,
          'trl_dpo': {'step_s': 2.0, 'tokens_per_s': 300.0}}
+  rules = dict(grpo, rules_s=0.01, **{'reward/total': 0.0})
+  r = bench_rl.grpo_rules_table({'grpo_rules': rules, 'trl_grpo_rules': dict(
+      step_s=4.0, response_tokens=40.0, tokens_per_s=10.0, rules_s=0.02, reward=0.0),
+      'grpo_rules_ratio': 8.0})
+  assert 'rules' in r and '0.0200' in r and r.endswith('ratio ours / TRL: 8.00x (goal >= 2x)')
   assert '17.50x' in bench_rl.dpo_table(dpo) and 'TRL' not in bench_rl.dpo_table(dict(dpo, trl_dpo=None))
 
 

@@ -32,6 +32,8 @@ def get_config():
   c.grpo = True             # the GRPO side by side
   c.dpo = True              # the DPO side by side (after GRPO; TRL's only if its GRPO ran)
   c.dpo_batch = 8           # pairs per step
+  c.grpo_rules = True       # GRPO with the `answer` rule on arith prompts, beside TRL's
+  c.rules_init_from = ''    # its policy; '' : a tiny random one whose context holds the prompts
   c.trl = True              # False: ours only
   c.torch_threads = 0       # 0: torch's default
   c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
