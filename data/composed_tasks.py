@@ -286,3 +286,33 @@ def diagnose(example: dict, answer: str) -> str:
   if any(a == apply(c2, l2, word) for c2 in g.cases for l2 in g.layouts):
     return 'other_family'
   return 'other'
+
+
+FORMS = ('both', 'layout_only', 'case_only', 'neither')
+
+
+def _letters(text: str) -> bool:
+  return text.isascii() and text.isalpha()
+
+
+def form(example: dict, answer: str) -> str:
+  """Which primitive's form an answer has, the letters aside (a model that composes the case
+  and the layout but miscopies a letter still writes the right form). The layout's: at least
+  two letters, each alone between the family's separators (double: two equal runs of letters).
+  The case's: the answer's letters (double: the first run), lowered and re-cased by the
+  family's case, are unchanged."""
+  name = example.get('grid', 'small')
+  c, l = parts(example['family'], name)
+  a = ' '.join(answer.split())
+  if l == 'double':
+    runs = a.split(' ')
+    ok_layout = len(runs) == 2 and runs[0] == runs[1] and len(runs[0]) >= 2 and _letters(runs[0])
+    letters = runs[0]
+  else:
+    sep = SEPARATORS[l]
+    pieces = a.split(sep) if sep else [a]
+    ok_layout = len(pieces[0]) >= 2 if not sep else len(pieces) >= 2
+    ok_layout = ok_layout and all(_letters(p) and (len(p) == 1 or not sep) for p in pieces)
+    letters = ''.join(ch for ch in a if _letters(ch))
+  ok_case = len(letters) >= 2 and _letters(letters) and apply(c, 'plain', letters.lower()) == letters
+  return FORMS[(not ok_layout) * 2 + (not ok_case)]

@@ -87,9 +87,18 @@ def held_out_sets(config: ConfigDict) -> dict[str, list[dict]]:
 
 
 def _evaluate(config: ConfigDict, workdir: str, sets: dict) -> dict:
+  """composed_eval.evaluate's scores, each family and pooled with the answers' forms counted
+  (composed_tasks.form: the primitives right, the letters aside); the answers go to answers.json."""
   params, cfg, tok, template, mesh = composed_eval.load(workdir, config.sft.data.template)
-  e = config.eval
-  return composed_eval.evaluate(params, cfg, tok, template, mesh, sets, e.max_new_tokens, e.batch_size)
+  e, out, said = config.eval, {}, {}
+  for name, exs in sets.items():
+    said[name] = composed_eval.answers(params, cfg, tok, template, exs, mesh, e.max_new_tokens, e.batch_size)
+    out[name] = composed_eval.score(exs, said[name], composed_eval.picks(params, cfg, tok, template, exs, e.batch_size))
+    for ex, a in zip(exs, said[name]):
+      for counts in (out[name]['families'][ex['family']], out[name]['pooled']):
+        counts.setdefault('form', dict.fromkeys(ct.FORMS, 0))[ct.form(ex, a)] += 1
+  _json(os.path.join(workdir, 'answers.json'), said)
+  return out
 
 
 def pretrain_base(config: ConfigDict, workdir: str) -> str:
@@ -181,6 +190,8 @@ def _pool(scores: list[dict]) -> dict:
   out = {'n': n}
   if all('diagnosis' in s for s in scores):
     out['diagnosis'] = {d: sum(s['diagnosis'][d] for s in scores) for d in ct.DIAGNOSES}
+  if all('form' in s for s in scores):
+    out['form'] = {d: sum(s['form'][d] for s in scores) for d in ct.FORMS}
   for key in ('exact', 'choice'):
     c = sum(s[key] for s in scores)
     out[key], out[f'{key}_rate'], out[f'{key}_ci'] = c, c / n, composed_eval.wilson(c, n)
@@ -258,6 +269,12 @@ def table(results: dict) -> str:
     if diag:
       lines.append(f"{'base' if r['k'] == 0 else r['k']:>8}  " + ' / '.join(f'{diag[d] / r["phrasing_train"]["n"]:.3f}'
                                                                          for d in ct.DIAGNOSES))
+  lines += ['', "held-out answers' form, letters aside (trained phrasings; seen families): " + ' / '.join(ct.FORMS)]
+  for r in results['curve']:
+    forms = [r[c].get('form') for c in ('phrasing_train', 'seen') if c in r]
+    if forms and forms[0]:
+      lines.append(f"{'base' if r['k'] == 0 else r['k']:>8}  " + ';  '.join(
+          ' / '.join(f'{f[d] / sum(f.values()):.3f}' for d in ct.FORMS) for f in forms if f))
   lines.append('')
   for name, (d, lo, hi) in results['margins'].items():
     lines.append(f'{name:<44} {d:+.3f} [{lo:+.3f},{hi:+.3f}]')

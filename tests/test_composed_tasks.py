@@ -232,3 +232,23 @@ def test_small_grid_unchanged():
                      ct.training_families(4, 3)], sort_keys=True)
   assert hashlib.sha256(blob.encode()).hexdigest() == '7ca87e2a3d9de30fc75fe5159cd1eaedd4ece9351e545882dbb05ade408a5ff4'
   assert ct.GRIDS['small'].families == ct.FAMILIES and ct.GRIDS['small'].held_out == ct.HELD_OUT
+
+
+def test_form_by_hand():
+  """The primitives' form with the letters aside: a miscopied letter keeps the form."""
+  ex = {'family': 'last-comma', 'input': 'moon', 'output': 'm,o,o,N', 'grid': 'wide'}
+  for answer, expected in (('m,o,o,N', 'both'), ('b,r,i,e,F', 'both'),    # wrong letters, right form
+                           (' m,o,o,N ', 'both'),
+                           ('M,O,O,N', 'layout_only'), ('b,r,i,E,F', 'layout_only'),
+                           ('mooN', 'case_only'), ('m.o.o.N', 'case_only'), ('m,oo,N', 'case_only'),
+                           ('m, o, o, N', 'case_only'),                    # comma-space is not the separator
+                           ('M', 'neither'), ('', 'neither'), ('m;o;o;n', 'neither'),
+                           ('m,\u00e9,N', 'case_only')):                 # a non-ASCII letter is no letter
+    assert ct.form(ex, answer) == expected, answer
+  plain = {'family': 'title-plain', 'input': 'moon', 'output': 'Moon', 'grid': 'wide'}
+  assert [ct.form(plain, a) for a in ('Mon', 'moon', 'M o o n', 'Mo-on')] == ['both', 'layout_only', 'case_only', 'case_only']
+  alt = {'family': 'alternate-slash', 'input': 'stars', 'output': 's/T/a/R/s', 'grid': 'wide'}
+  assert [ct.form(alt, a) for a in ('b/R/i/E/f', 'S/t/A/r/S', 'sTaRs')] == ['both', 'layout_only', 'case_only']
+  double = {'family': 'title-double', 'input': 'moon', 'output': 'Moon Moon'}
+  assert [ct.form(double, a) for a in ('Mon Mon', 'moon moon', 'Moon', 'Moon Moan')] == [
+      'both', 'layout_only', 'case_only', 'case_only']

@@ -39,6 +39,15 @@ def test_score_counts_by_hand():
   assert s['pooled']['diagnosis'] == {'exact': 2, 'layout_only': 0, 'case_only': 1, 'other_family': 0, 'other': 0}
 
 
+def test_pool_sums_counts_and_forms_by_hand():
+  form = lambda b, l, c, n: dict(zip(ct.FORMS, (b, l, c, n)))
+  a = {'n': 2, 'exact': 1, 'choice': 2, 'form': form(1, 1, 0, 0), 'diagnosis': dict.fromkeys(ct.DIAGNOSES, 0)}
+  b = {'n': 3, 'exact': 0, 'choice': 1, 'form': form(0, 0, 1, 2)}
+  p = td._pool([a, b])
+  assert (p['n'], p['exact'], p['choice']) == (5, 1, 3) and p['exact_rate'] == 0.2 and p['choice_rate'] == 0.6
+  assert p['form'] == form(1, 1, 1, 2) and 'diagnosis' not in p   # only pooled where every run has it
+
+
 def test_bad_config_is_one_sentence_before_anything_runs(tmp_path):
   for key, value, match in (('families', '1,10', 'between 1 and 9'), ('families', 'a', 'comma-separated'),
                             ('seeds', '', 'comma-separated'), ('base_from', str(tmp_path), 'pretraining workdir')):
@@ -126,8 +135,14 @@ def test_study_is_seed_deterministic(tmp_path):
     trained = [json.loads(l) for l in open(os.path.join(a, 'runs', f"k{run['k']}_s0", 'train.jsonl'))]
     expected = {(e['instruction'], e['input'], e['output']) for e in ct.training_set(run['families'], 64, 0)}
     assert {(e['instruction'], e['input'], e['output']) for e in trained} == expected
-  # held-out evaluation: 3 families x 4 examples per condition
-  assert all(fa['curve'][1][c]['n'] == 12 for c in td.CONDITIONS)
+  # held-out evaluation: 3 families x 4 examples per condition, each answer's form counted once
+  assert all(fa['curve'][1][c]['n'] == 12 == sum(fa['curve'][1][c]['form'].values()) for c in td.CONDITIONS)
+  said = json.load(open(os.path.join(a, 'runs', 'k1_s0', 'answers.json')))
+  assert [len(said[c]) for c in (*td.CONDITIONS, 'seen')] == [12, 12, 1]
+  run = json.load(open(os.path.join(a, 'runs', 'k1_s0', 'result.json')))
+  held = td.held_out_sets(tiny('0'))['phrasing_train']
+  assert run['scores']['phrasing_train']['pooled']['form'] == {
+      f: sum(ct.form(e, x) == f for e, x in zip(held, said['phrasing_train'])) for f in ct.FORMS}
 
 
 def test_rank_classification_and_greedy_answers_against_a_naive_reference():
