@@ -119,9 +119,12 @@ def test_trl_side_reward_is_our_strict_answer_rule():
   assert got == [1.0, 0.0, 0.0, 1.0] and len(spent) == 1
 
 
-def test_rules_policy_must_hold_the_arith_prompts(bench, tmp_path):
+def test_rules_policy_must_hold_the_arith_prompts(bench, tmp_path, monkeypatch):
   """rules_init_from whose context (64) cannot hold an arith prompt + the response: one
-  sentence at start-up."""
+  sentence at start-up, before any run is written or compiled."""
+  def too_late(*a, **k):
+    raise AssertionError('got past start-up')
+  monkeypatch.setattr(bench_rl, 'tiny_runs', too_late)
   with pytest.raises(ConfigError, match='more than'):
     bench_rl.run(tiny(rules_init_from=str(bench[0] / 'runs' / 'policy')), str(tmp_path))
 
