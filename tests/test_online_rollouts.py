@@ -76,3 +76,31 @@ def test_texts_and_eos_flags_of_rows():
   np.testing.assert_array_equal(rollouts.has_eos(ro, 2, 3), [True, False, False])
   both = rollouts.Rollout.concat([ro.take([2]), ro.take([0])])
   np.testing.assert_array_equal(both.lengths, [0, 2])
+
+
+def test_stop_strings_end_rows_after_the_first_occurrence(params):
+  """rollout.stop: an engine row ends with the token that completes its first stop string (kept,
+  masked in), nothing after; checked against the static greedy rows cut by hand."""
+  ps = prompts()
+  static = gen(params, ps, False, eos=None)
+  detok = lambda ids: ''.join(chr(97 + int(t) % 26) for t in ids)   # a made-up text per token
+  resp = [list(static.tokens[i, 12:12 + static.lengths[i]]) for i in range(len(ps))]
+  # a two-character stop string that some rows contain mid-response and some never do
+  stop = next(detok(r[j:j + 2]) for r in resp for j in range(2, 6))
+  cut = []
+  for r in resp:
+    j = next((j for j in range(1, len(r) + 1) if stop in detok(r[:j])), len(r))
+    cut.append(r[:j])
+  assert any(len(c) < 10 for c in cut) and any(len(c) == 10 for c in cut)
+  eng = rollouts.generate(params, ps, jax.random.key(1), cfg=CFG, width=12, max_new_tokens=10,
+                          temperature=0.0, eos=None, use_engine=True, stop=(stop,), detokenize=detok)
+  for i, c in enumerate(cut):
+    assert eng.lengths[i] == len(c)
+    np.testing.assert_array_equal(eng.tokens[i, 12:12 + len(c)], c)
+    assert eng.mask[i, 12:12 + len(c)].all() and not eng.mask[i, 12 + len(c):].any()
+  assert rollouts.through_stop('ab\n\ncd\n\n', ('\n\n',)) == 'ab\n\n'
+  assert rollouts.through_stop('abc', ('\n\n', 'x')) == 'abc'
+  assert rollouts.through_stop('a#b\n\n', ('\n\n', '#')) == 'a#'
+  with pytest.raises(ValueError, match='stop strings need use_engine=True'):
+    rollouts.generate(params, ps, jax.random.key(1), cfg=CFG, width=12, max_new_tokens=10,
+                      temperature=0.0, eos=None, stop=(stop,))

@@ -46,6 +46,8 @@ def online(experiment: str) -> ConfigDict:
       temperature=1.0,                # sampling AND every log-prob (ratios, KL) use it
       engine=False,                   # True: generate through lm/engine (continuous batching)
       engine_slots=0,                 # engine: rows at a time (0: one slot per row)
+      stop=(),                        # engine: stop strings; a response ends with the first
+                                      #   (kept: the loss and the rewards see up to it)
       dynamic_sampling=False,         # DAPO: drop all-equal groups, refill (GRPO/RLOO, rules)
       max_refills=3))                 # dynamic_sampling: refill rounds at most
   c.kl = ConfigDict(dict(

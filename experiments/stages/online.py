@@ -179,6 +179,12 @@ def check(config: ConfigDict, algo: Algorithm) -> None:
     if r.get('max_refills', -1) < 0:
       raise ConfigError(f"rollout.max_refills={r.get('max_refills')} must be >= 0 (refill rounds "
                         'of rollout.prompts fresh prompts each).')
+  stop = r.get('stop', ())
+  if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
+    raise ConfigError(f"rollout.stop={stop!r} must be a tuple of non-empty strings, e.g. "
+                      "--config.rollout.stop=\"('\\n\\n',)\".")
+  if stop and not r.get('engine', False):
+    raise ConfigError('rollout.stop needs rollout.engine=True (the static batch ends rows only at EOS).')
   if r.get('engine_slots', 0) < 0:
     raise ConfigError(f"rollout.engine_slots={r.engine_slots} must be >= 0 (0: a slot per rollout row).")
   if r.max_new_tokens < 1 or not r.temperature > 0:
@@ -410,7 +416,8 @@ def generate_rows(run: Run, params, idx: list, key) -> rollouts.Rollout:
   return rollouts.generate(params, [ctx.train_ids[i] for i in idx], key, cfg=ctx.pol.cfg, width=ctx.width,
                            max_new_tokens=r.max_new_tokens, temperature=r.temperature, eos=ctx.pol.eos,
                            use_engine=bool(r.get('engine', False)), mesh=ctx.mesh,
-                           slots=int(r.get('engine_slots', 0)))
+                           slots=int(r.get('engine_slots', 0)), stop=tuple(r.get('stop', ())),
+                           detokenize=ctx.pol.tok.decode)
 
 
 def refill_indices(run: Run, it_key, round_: int, used: set) -> list | None:
@@ -638,12 +645,14 @@ def held_out_reward(ctx: Context, frozen, n_new: int):
   decoded and scored against the next held-out examples."""
   if ctx.rules is None:
     return (lambda tk, m: ctx.reward(frozen, tk, m)), dict
-  seen = []
+  seen, stop = [], tuple(ctx.config.rollout.get('stop', ()))
 
   def reward(tokens, mask):
     toks, m = np.asarray(tokens)[:, -n_new:], np.asarray(mask)[:, -n_new:]
     texts = [ctx.pol.tok.decode([int(t) for t, on in zip(row, mr) if on and int(t) != ctx.pol.eos])
              for row, mr in zip(toks, m)]
+    # held-out samples come from the static batch: cut them where a training rollout would end
+    texts = [rollouts.through_stop(t, stop) for t in texts]
     start = sum(len(s.total) for s in seen)
     seen.append(rule_scores(ctx, texts, ctx.eval_examples[start:start + len(texts)], m.sum(1)))
     return seen[-1].total

@@ -41,6 +41,13 @@ def texts(pol, ro: Rollout, width: int) -> list[str]:
           for row, n in zip(ro.tokens, ro.lengths)]
 
 
+def through_stop(text: str, stop: Sequence[str]) -> str:
+  """The text up to and including its first stop string (what an engine row with `stop`
+  keeps); the whole text when none occurs."""
+  ends = [text.find(s) + len(s) for s in stop if s and s in text]
+  return text[:min(ends)] if ends else text
+
+
 def has_eos(ro: Rollout, width: int, eos: int) -> np.ndarray:
   """[B] whether each response ended with eos (rl.rollout.has_eos on the host)."""
   n = ro.lengths
@@ -55,13 +62,18 @@ def request_seeds(key, n: int) -> np.ndarray:
 
 def generate(params, prompts: Sequence[np.ndarray], key, *, cfg, width: int, max_new_tokens: int,
              temperature: float, eos: int | None, use_engine: bool = False, mesh=None,
-             sync_every: int = 8, slots: int = 0) -> Rollout:
-  """Rows for `prompts` (each at most `width` tokens); temperature 0 is greedy; eos None: none."""
+             sync_every: int = 8, slots: int = 0, stop: Sequence[str] = (),
+             detokenize=None) -> Rollout:
+  """Rows for `prompts` (each at most `width` tokens); temperature 0 is greedy; eos None: none.
+  stop (engine only; needs detokenize): a row ends with the token that completes the first
+  stop string in its text, that token kept."""
   eos_ids = () if eos is None else (eos,)
   if use_engine:
     return _engine_rows(params, prompts, key, cfg=cfg, width=width, n_new=max_new_tokens,
                         temperature=temperature, eos_ids=eos_ids, sync_every=sync_every,
-                        slots=slots)
+                        slots=slots, stop=tuple(stop), detokenize=detokenize)
+  if stop:
+    raise ValueError('stop strings need use_engine=True')
   toks, pmask = decode.left_pad(prompts, width)
   s = decode.SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=0)
   gen = decode.generate_padded(params, toks, pmask, key, cfg, s, mesh=mesh)
@@ -70,17 +82,18 @@ def generate(params, prompts: Sequence[np.ndarray], key, *, cfg, width: int, max
                  np.asarray(jax.device_get(gen.lengths), np.int32))
 
 
-def _engine_rows(params, prompts, key, *, cfg, width, n_new, temperature, eos_ids, sync_every, slots):
+def _engine_rows(params, prompts, key, *, cfg, width, n_new, temperature, eos_ids, sync_every, slots,
+                 stop=(), detokenize=None):
   """One engine of `slots` rows (0: one per row, the static batch's cache memory; fewer: rows
   join as others end, each slot W+N columns); a fresh engine per iteration: its prefix LRU
   holds KV of the params it was built with."""
   b = len(prompts)
   # The k samples of a prompt are adjacent: an LRU of 2 prompts serves them from one prefill.
   eng = engine.Engine(params, cfg, slots=min(slots or b, b), max_len=width + n_new,
-                      sync_every=sync_every, prefix_cache=2)
+                      sync_every=sync_every, prefix_cache=2, detokenize=detokenize)
   seeds = request_seeds(key, b)
   reqs = [engine.Request(prompt=[int(t) for t in np.asarray(p).reshape(-1)], max_tokens=n_new,
-                         eos_ids=eos_ids, temperature=temperature, seed=int(s))
+                         eos_ids=eos_ids, temperature=temperature, seed=int(s), stop=stop)
           for p, s in zip(prompts, seeds)]
   out = eng.generate(reqs)
   tokens = np.zeros((b, width + n_new), np.int32)
