@@ -281,6 +281,12 @@ def table(results: dict) -> str:
   return '\n'.join(lines)
 
 
+def _bars(y, cis):
+  """Error bar lengths below and above; clipped at 0, as Wilson's upper bound of n/n rounds to
+  just under 1 and matplotlib refuses a negative bar."""
+  return [[max(0.0, y_ - lo) for y_, (lo, _) in zip(y, cis)], [max(0.0, hi - y_) for y_, (_, hi) in zip(y, cis)]]
+
+
 def plot(results: dict, path: str) -> str:
   import matplotlib
   matplotlib.use('Agg')
@@ -294,14 +300,12 @@ def plot(results: dict, path: str) -> str:
     for c, label, colour in (('phrasing_train', 'trained phrasings', 'tab:blue'),
                              ('phrasing_test', 'paraphrased at test time', 'tab:orange')):
       y = [r[c][f'{key}_rate'] for r in rows]
-      lo = [y_ - r[c][f'{key}_ci'][0] for y_, r in zip(y, rows)]
-      hi = [r[c][f'{key}_ci'][1] - y_ for y_, r in zip(y, rows)]
-      ax.errorbar(ks, y, yerr=[lo, hi], marker='o', capsize=3, label=label, color=colour)
+      ax.errorbar(ks, y, yerr=_bars(y, [r[c][f'{key}_ci'] for r in rows]), marker='o', capsize=3,
+                  label=label, color=colour)
       ax.axhline(base[c][f'{key}_rate'], ls=':', color=colour, alpha=0.7)
     if key == 'exact':   # the run's own families on held-out words: what there is to compose
       y = [r['seen']['exact_rate'] for r in rows]
-      ax.errorbar(ks, y, yerr=[[y_ - r['seen']['exact_ci'][0] for y_, r in zip(y, rows)],
-                               [r['seen']['exact_ci'][1] - y_ for y_, r in zip(y, rows)]],
+      ax.errorbar(ks, y, yerr=_bars(y, [r['seen']['exact_ci'] for r in rows]),
                   marker='s', capsize=3, ls='--', color='tab:green', label='trained families')
     if key == 'choice':
       ax.axhline(results['chance'], ls='--', color='grey', label='chance')

@@ -48,6 +48,12 @@ def test_pool_sums_counts_and_forms_by_hand():
   assert p['form'] == form(1, 1, 1, 2) and 'diagnosis' not in p   # only pooled where every run has it
 
 
+def test_error_bars_never_negative():
+  # Wilson's upper bound of 300/300 is 0.9999999999999999, under the rate itself
+  lo, hi = td._bars([1.0, 0.5], [composed_eval.wilson(300, 300), (0.4, 0.7)])
+  assert hi == [0.0, pytest.approx(0.2)] and lo == [pytest.approx(1 - 0.98736, abs=1e-5), pytest.approx(0.1)]
+
+
 def test_bad_config_is_one_sentence_before_anything_runs(tmp_path):
   for key, value, match in (('families', '1,10', 'between 1 and 9'), ('families', 'a', 'comma-separated'),
                             ('seeds', '', 'comma-separated'), ('base_from', str(tmp_path), 'pretraining workdir')):

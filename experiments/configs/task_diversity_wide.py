@@ -15,5 +15,5 @@ from experiments.configs import task_diversity
 def get_config():
   c = task_diversity.get_config()
   c.study.update(grid='wide', families='1,4,16,all', seeds='0')
-  c.sft.train.steps = 1000
+  c.sft.train.steps = 3000
   return c
