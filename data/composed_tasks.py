@@ -19,7 +19,7 @@ the 'paraphrased at test time' condition. Words are lowercase words from the wor
 letters), split by a hash into training and evaluation words, so held-out inputs are never
 trained on. Everything is a pure function of (seed, arguments).
 
-GRIDS['wide'] (grid='wide' in every function below; the default is the 3 x 4 grid above) is
+GRIDS['wide'] (grid_name='wide' in every function below; the default is the 3 x 4 grid above) is
 5 cases x 7 layouts = 35 families, made so that a layout is only "what goes between the
 letters", independent of the case: cases lower | upper | title | last (last letter capital) |
 alternate (every second letter capital: 'mOoN'), layouts plain | space | dash | dot | comma |
@@ -27,6 +27,9 @@ underscore | slash (' - . , _ /', all characters of the works, so in the pretrai
 vocabulary). Its HELD_OUT is again a diagonal, one family per case (lower-space, upper-dash,
 title-dot, last-comma, alternate-underscore): 30 seen families, each primitive of a held-out
 family in 4 to 6 of them. Its examples carry 'grid': 'wide' (diagnose reads it).
+
+`form` scores an answer's primitives with the letters aside (the case pattern and the
+separators right, a letter miscopied or not), so composing can be told from copying.
 
 (Tried first, on the same model: four listed words, a selector of one of them by position x
 five transforms; a 104k-parameter character model tuned 1000 steps on all 16 seen families
