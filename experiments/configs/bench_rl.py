@@ -1,11 +1,15 @@
-"""RL throughput benchmark: the PPO iteration's time split and overhead, GRPO and DPO beside TRL.
+"""RL throughput benchmark: the PPO iteration's time split and overhead, GRPO (a cheap reward,
+and the `answer` rule on arith prompts: grpo_rules) and DPO beside TRL.
 
 python -m experiments.run --config=experiments/configs/bench_rl.py --workdir=/tmp/bench_rl
 
 A random GPT-2-shaped policy (d_model 128, 4 layers, char tokenizer) and a reward model on
 its own trunk, written in a second; or --config.init_from=runs/rlhf/sft
 --config.reward_from=runs/rlhf/rm (GPT-2-shaped runs, for the TRL export). TRL's column
-needs the [bench] extra (pip install -e '.[bench]'); without it the bench says so.
+needs the [bench] extra (pip install -e '.[bench]'); without it the bench says so. The rule
+row's policy is --config.rules_init_from (its context must hold the arith prompts + the
+response: checked at start-up), else a tiny random one sized for them. Figures measured on
+this config: experiments/bench_rl.py's docstring.
 """
 from ml_collections import ConfigDict
 
