@@ -5,9 +5,22 @@ layout) pairs fits the seen families worse than one that composes them.
 
 python -m experiments.run --config=experiments/configs/task_diversity_wide.py --workdir=runs/diversity_wide
 
-Tunes 1, 4, 16 and all 30 seen families, one seed, 1000 SFT steps (the small grid's
-all-families model needed 1000 to learn its own families: 0.96 exact match, against 0.13 at
-400), 100 held-out examples per family and condition (500 per run).
+Tunes 1, 4, 16 and all 30 seen families, seed 0, 3000 SFT steps, and evaluates 100 held-out
+examples per family and condition (500 per run); the model and its pretraining are the default study's
+(--config.study.base_from=runs/diversity/base reuses its pretraining).
+
+Measured at commit 8ebad5a (one seed; 2 shared cores, load average 5-10: 8-10 min of SFT per
+model, ~35 min in all), held-out exact match [95% Wilson] with trained phrasings / seen
+families' exact match / held-out answers with both primitives' form, letters aside:
+   1 family    0.000 [0.000,0.008]   0.000   0.000
+   4           0.000 [0.000,0.008]   0.719   0.000
+  16           0.010 [0.004,0.023]   0.281   0.018   (68% the right layout's form, a wrong case)
+  30           0.760 [0.721,0.795]   0.685   0.996   (each held-out family 0.71-0.84)
+Rank classification 0.242 / 0.560 / 0.274 / 1.000 (chance 0.25, base 0.030). Paraphrased
+instructions (words never trained) 0.000 at every point. The 30-family model composes: its
+held-out families are as good as its seen ones, and its misses are miscopied letters in the
+right form. The small grid at the same 3000 steps does not (task_diversity_long.py: 0.017),
+nor does this grid at 1000 steps (30 families: 0.000, seen 0.002, form 0.402).
 """
 from experiments.configs import task_diversity
 
