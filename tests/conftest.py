@@ -7,9 +7,9 @@ import sys
 #   and slower only to run; results agree with -O2 to float rounding (~1e-7 relative).
 # - XLA:CPU's older elemental emitters for fusions instead of its MLIR fusion emitters: about
 #   half the backend compile time again for these small programs, run time unchanged.
-# - No persistent compilation cache: with one (a session-only temp dir) the full suite
-#   segfaulted in XLA:CPU's executable.serialize() at the same test (943 of 991) in CI and on
-#   this machine, every time, though that test passes alone (jax 0.10.2, 9fc9214).
+# - No persistent compilation cache (a session-only one was used until 9fc9214): the suite's
+#   crashes near its end, first seen in the cache's executable.serialize(), were the memory-map
+#   limit (see _free_compiled_programs); each test file compiles its own programs anyway.
 # - XLA:CPU's collective timeouts at an hour (as the launcher sets them): the 8 fake devices'
 #   threads wait on each other in every collective, and on a loaded machine (a laptop, CI) the
 #   default timeouts abort the whole pytest process instead of letting it run slower.
