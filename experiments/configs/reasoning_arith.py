@@ -71,6 +71,26 @@ off programs onto worse rationales, and the program reward sharpened the program
 pass@1 29.1 vs 11.1 (2.6x), greedy 35.0 vs 29.2 (1-digit 80.8 vs 65.4), pass@32 40.8 vs 44.2 -
 pass@1 up, large-k down, the sharpening the field reports. 2-digit problems stay ~0 for both
 (the programs miscopy the question's numbers: 'x = 2' for 92).
+
+pass@k to 256 (sampling.n=256 on the first 60 of the held-out problems, data.n_eval=60, prompt.k=0;
+at 4c054dc, 9 and 16 min on 2 loaded cores): RL sharpens; the base wins at large k.
+  policy  greedy  p@1  p@2  p@4  p@8 p@16 p@32 p@64 p@128 p@256 | 1 digit p@1/p@256 | 2 digits
+  base     0.0    2.0  3.8  7.2 12.9 21.4 32.4 43.9 52.8  56.7  |  3.7 / 100.0      | 0.4 / 16.1
+  dapo     6.7    4.0  7.3 12.3 19.0 26.7 34.1 39.9 43.9  46.7  |  7.8 /  82.8      | 0.6 / 12.9
+The curves cross between k = 32 and 64; at k = 256 DAPO's policy solves 10 points fewer problems
+(every 1-digit problem is solved by some base sample, 82.8% by DAPO's).
+
+With one worked demonstration in every RL prompt (rlvr_arith --config.prompts.shots=1: the base's
+1-shot greedy is 9.2%, pass@8 20.6), GRPO did not improve the held-out answer reward (sampled,
+128 held-out 1-digit prompts) in 30 iterations (3bb9824, 02f8016):
+  lr 3e-4: 0.086 -> 0.031 / 0.062 / 0.055 at iterations 10 / 20 / 30 (entropy 0.25 -> 0.30);
+  lr 1e-3 and 3e-3: entropy 0.25 -> 0.54 / 0.79 by iteration 6, reward -> 0.02 / 0.00 (stopped);
+  lr 3e-4 with rollout.stop=('\n\n',) (responses end after the answer's blank line, 47 -> 13-27
+  tokens): 0.086 -> 0.047 / 0.039 / 0.055; the policy drops the rationale and writes '#### N'
+  directly, which the base's rationales ('1 + 1 = 20') do not beat.
+The limit is the base: its rationales' steps are wrong too often for a correct rationale to be
+more likely than a guess, so the answer reward favours guessing. A stronger CoT base (longer
+cot_arith pretraining) is the next lever.
 """
 from ml_collections import ConfigDict
 
