@@ -73,7 +73,7 @@ pass@1 up, large-k down, the sharpening the field reports. 2-digit problems stay
 (the programs miscopy the question's numbers: 'x = 2' for 92).
 
 pass@k to 256 (sampling.n=256 on the first 60 of the held-out problems, data.n_eval=60, prompt.k=0;
-at 4c054dc, 9 and 16 min on 2 loaded cores): RL sharpens; the base wins at large k.
+at 4c054dc, 547 s and 488 s on 2 loaded cores): RL sharpens; the base wins at large k.
   policy  greedy  p@1  p@2  p@4  p@8 p@16 p@32 p@64 p@128 p@256 | 1 digit p@1/p@256 | 2 digits
   base     0.0    2.0  3.8  7.2 12.9 21.4 32.4 43.9 52.8  56.7  |  3.7 / 100.0      | 0.4 / 16.1
   dapo     6.7    4.0  7.3 12.3 19.0 26.7 34.1 39.9 43.9  46.7  |  7.8 /  82.8      | 0.6 / 12.9
