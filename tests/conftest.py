@@ -36,7 +36,8 @@ def _free_compiled_programs():
   """Drop JAX's compiled programs after each test file. XLA:CPU maps each executable's code
   into memory; kept for the whole session they passed 12,000 memory maps in the first 30 files
   and, near the end of the suite, the kernel's limit (vm.max_map_count, 65,530): the process then
-  aborted or segfaulted inside XLA (seen in CI and on this machine at 94% of the suite)."""
+  aborted or segfaulted inside XLA (seen in CI and on this machine at 94% of the suite). With the
+  limit lowered to 12,000, the first 30 files segfault without this fixture and pass with it."""
   yield
   import gc
   import jax
