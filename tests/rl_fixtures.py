@@ -62,6 +62,15 @@ def policy_run(workdir, seed: int = 0, text: str = TEXT, **model_kw) -> str:
   return workdir
 
 
+def arith_policy_run(workdir) -> str:
+  """policy_run (1 layer, 96 positions) over the characters of 1-step, 1-digit arith problems
+  and the CoT layout: a policy for rule-reward stages on arith prompts."""
+  from data import arith
+  probs = arith.generate(50, seed=0, steps=(1, 1), digits=(1, 1))
+  chars = ''.join(sorted({ch for p in probs for ch in p['question'] + p['answer']} | set('Q:A#\n')))
+  return policy_run(workdir, text=chars, n_layers=1, max_seq_len=96)
+
+
 def reward_run(workdir, policy_dir, seed: int = 1, gain: float = 2.0, bias: float = -0.5) -> str:
   """A full-parameter reward model on the policy's trunk, with its normaliser."""
   workdir, policy_dir = os.fspath(workdir), os.fspath(policy_dir)

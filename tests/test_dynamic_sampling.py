@@ -23,11 +23,7 @@ P, K = 4, 2
 
 @pytest.fixture(scope='module')
 def policy(tmp_path_factory):
-  from data import arith
-  probs = arith.generate(50, seed=0, steps=(1, 1), digits=(1, 1))
-  chars = ''.join(sorted({ch for p in probs for ch in p['question'] + p['answer']} | set('Q:A#\n')))
-  return rl_fixtures.policy_run(tmp_path_factory.mktemp('dyn') / 'sft', text=chars, n_layers=1,
-                                max_seq_len=96)
+  return rl_fixtures.arith_policy_run(tmp_path_factory.mktemp('dyn') / 'sft')
 
 
 def config(policy, **rollout):

@@ -359,11 +359,8 @@ def test_grpo_with_rule_rewards_on_arith_prompts(tmp_path, monkeypatch):
     return real_rules(ctx, texts, examples, lengths)
   monkeypatch.setattr(online.decode, 'generate_padded', generate_padded)
   monkeypatch.setattr(online, 'rule_scores', rule_scores)
-  from data import arith
   from experiments.configs import rlvr_arith
-  probs = arith.generate(50, seed=0, steps=(1, 1), digits=(1, 1))
-  chars = ''.join(sorted({ch for p in probs for ch in p['question'] + p['answer']} | set('Q:A#\n')))
-  pol = rl_fixtures.policy_run(tmp_path / 'sft', text=chars, n_layers=1, max_seq_len=96)
+  pol = rl_fixtures.arith_policy_run(tmp_path / 'sft')
   c = rlvr_arith.get_config()
   c.init_from = pol
   c.prompts.update(n_train=12, n_eval=4, steps=(1, 1), digits=(1, 1))
@@ -491,11 +488,8 @@ def test_prompt_shots_are_the_labs_demonstrations_and_never_trained_on(tmp_path)
 def test_rule_reward_update_on_8_devices_equals_1(tmp_path):
   """reward.kind='rules': the host's scores enter the scoring jit as frozen['rule_scores'];
   one scored and updated rollout on 8 devices equals 1 (as for the reward-model runs)."""
-  from data import arith
   from experiments.configs import rlvr_arith
-  probs = arith.generate(50, seed=0, steps=(1, 1), digits=(1, 1))
-  chars = ''.join(sorted({ch for p in probs for ch in p['question'] + p['answer']} | set('Q:A#\n')))
-  pol = rl_fixtures.policy_run(tmp_path / 'sft', text=chars, n_layers=1, max_seq_len=96)
+  pol = rl_fixtures.arith_policy_run(tmp_path / 'sft')
   out = {}
   for n in (8, 1):
     c = rlvr_arith.get_config()

@@ -24,7 +24,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from data import arith, formats, openings, tokenizers
-from experiments.evaluation import prompting
+from experiments.evaluation import answers, prompting
 from experiments.stages import gold_model, reward_model, stage
 from lm import model, peft
 from lm import compiled, decode, paths
@@ -82,25 +82,23 @@ def prompt_examples(config: ConfigDict, split: str) -> list[dict]:
     try:
       train = arith.generate(d.n_train + shots, seed=d.seed, split='train', steps=tuple(d.steps),
                              digits=tuple(d.digits), ops=d.ops)
-      out = train if split == 'train' else arith.generate(
+      out = train[shots:] if split == 'train' else arith.generate(
           d.n_eval, seed=d.seed, split='test', steps=tuple(d.steps), digits=tuple(d.digits), ops=d.ops,
           exclude=[t['question'] for t in train])
     except arith.ArithError as e:
       raise ConfigError(str(e)) from None
-    demos, train = train[:shots], train[shots:]
-    out = train if split == 'train' else out
+    demos = train[:shots]
     return [{**p, 'prompt': _demos(demos) + d.template.format(question=p['question'])} for p in out]
   if d.source == 'jsonl':
     records = _jsonl(d.path)
     held, rest = records[len(records) - d.n_eval:], records[:len(records) - d.n_eval]
     demos, rest = rest[:shots], rest[shots:]
     out = rest[:d.n_train] if split == 'train' else held
-    if shots and len(demos) < shots or not out:
+    if len(demos) < shots or not out:
       raise ConfigError(f'prompts.path={d.path} leaves no {split} prompts ({len(records)} records, '
                         f'prompts.n_eval={d.n_eval} held out).')
-    try:
-      demos = [{'question': r['question'], **_gsm8k_solution(r['answer'])} for r in demos]
-    except (KeyError, TypeError):
+    demos = [_gsm8k_demo(r) for r in demos]
+    if None in demos:
       raise ConfigError(f'prompts.shots={shots} needs an "answer" ("rationale ... #### N") in each of '
                         f'the first {shots} records of {d.path}.') from None
     return [{'id': r.get('id', f'{split}-{i}'), **r,
@@ -116,12 +114,14 @@ def _demos(demos: Sequence[dict]) -> str:
   return ''.join(fmt.demo(e, 'cot') + fmt.sep for e in demos)
 
 
-def _gsm8k_solution(answer: str) -> dict:
-  """A GSM8K answer ('rationale lines\\n#### N') as {'rationale', 'final'}."""
-  head, mark, final = answer.rpartition('####')
-  if not mark:
-    raise KeyError('####')
-  return {'rationale': head.strip(), 'final': final.strip().replace(',', '')}
+def _gsm8k_demo(record: dict) -> dict | None:
+  """A GSM8K record as a demonstration {question, rationale, final}; None without an answer
+  that ends in '#### N'."""
+  a = record.get('answer')
+  final = answers.gsm8k_gold(a) if isinstance(a, str) else None
+  if final is None:
+    return None
+  return {'question': record['question'], 'rationale': a.rsplit('####', 1)[0].strip(), 'final': final}
 
 
 def _jsonl(path: str) -> list[dict]:
